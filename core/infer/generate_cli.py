@@ -1,0 +1,56 @@
+"""`koifish generate`: open a model, tokenize the prompt, sample, decode."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from koifish_core.errors import KoifishError
+
+
+@dataclass
+class GenerateResult:
+    ids: list[int]
+    text: str | None
+
+
+def parse_prompt_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise KoifishError(f"--prompt-ids: expected comma-separated token ids like 1,2,3, got {text!r}") from None
+    if not ids:
+        raise KoifishError("--prompt-ids: expected at least one token id")
+    return ids
+
+
+def generate_from_path(model_path: Path, *, prompt: str | None, prompt_ids: str | None, max_new_tokens: int,
+                       temperature: float, top_k: int | None, seed: int | None, device: str = "cpu",
+                       on_text=None) -> GenerateResult:
+    from koifish_core.infer.generate import generate
+    from koifish_core.models.from_path import open_model
+
+    if (prompt is None) == (prompt_ids is None):
+        raise KoifishError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+    if device != "cpu":
+        raise KoifishError(f"--device {device}: `koifish generate` runs on the CPU path for now")
+    if temperature < 0:
+        raise KoifishError(f"--temperature: expected 0 (greedy) or a positive number, got {temperature}")
+    if max_new_tokens <= 0:
+        raise KoifishError(f"--max-new-tokens: expected a positive number, got {max_new_tokens}")
+    opened = open_model(model_path)
+    enc = opened.encoding
+    if prompt is not None:
+        if enc is None:
+            raise KoifishError(f"{model_path}: this model folder has no tokenizer files; use --prompt-ids 1,2,3")
+        ids = enc.encode(prompt, allowed_special="all")
+    else:
+        ids = parse_prompt_ids(prompt_ids)
+    vocab = getattr(opened.model.config, "vocab_size", None)
+    if vocab is not None and max(ids) >= vocab:
+        raise KoifishError(f"--prompt-ids: token id {max(ids)} is outside the model's vocabulary of {vocab}")
+    new_ids = generate(opened.model, ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+    text = enc.decode(new_ids) if enc is not None else None
+    if on_text is not None and text is not None:
+        on_text(text)
+    return GenerateResult(ids=list(map(int, new_ids)), text=text)
