@@ -135,9 +135,11 @@ class GPT2:
         self.grads[...] = 0.0
 
     # ---- forward ----------------------------------------------------------------------------
-    def forward(self, idx: np.ndarray, targets: np.ndarray | None = None, need_backward: bool | None = None):
+    def forward(self, idx: np.ndarray, targets: np.ndarray | None = None, need_backward: bool | None = None,
+                return_logits: bool = True):
         """idx (B, T) ints -> (logits (B, T, V), mean loss or None). Keeps activations for backward
-        when targets are given (need_backward=False skips that, e.g. for evaluation)."""
+        when targets are given (need_backward=False skips that, e.g. for evaluation). Training
+        passes return_logits=False: the gradient then overwrites the logits buffer (logits is None)."""
         cfg, p = self.config, self.p
         idx = np.asarray(idx)
         B, T = idx.shape
@@ -171,8 +173,11 @@ class GPT2:
         if targets is not None:
             targets = np.asarray(targets)
             if keep:
-                losses, dlogits = fused_classifier_ref(logits, targets.ravel(), 1.0 / targets.size)
+                losses, dlogits = fused_classifier_ref(logits, targets.ravel(), 1.0 / targets.size,
+                                                       inplace=not return_logits)
                 self._cache = (idx, layers, x, lnf, mf, rf, dlogits)
+                if not return_logits:
+                    return None, float(losses.mean())
             else:
                 losses = crossentropy_forward_ref(logits, targets.ravel())
             loss = float(losses.mean())
