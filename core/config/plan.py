@@ -1,0 +1,63 @@
+"""What a case will cost before it runs: parameters, tokens per step, memory, FLOPs per token."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from koifish_core.config.schema import Case
+
+
+@dataclass
+class Plan:
+    parameters: int
+    """Trainable parameters (unpadded, as Hugging Face counts them)."""
+    tokens_per_step: int
+    """B * T * grad_accum."""
+    flops_per_token: float
+    """Training FLOPs per token: 6 N + 12 L T C (nanoGPT's estimate, attention included)."""
+    memory_weights: int
+    memory_gradients: int
+    memory_optimizer: int
+    memory_activations: int
+    memory_total: int
+    """Bytes: weights in their stored precision, gradients, AdamW state (+ fp32 master weights
+    when weights are stored in fewer than 32 bits), activations kept for the backward."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def activation_bytes(case: Case, bytes_per_value: int) -> int:
+    """Activations kept for the backward of one micro-batch (llm.c's inventory)."""
+    m, B, T = case.model, case.data.batch_size, case.data.seq_len
+    C, L, nh = m.n_embd, m.n_layer, m.n_head
+    F = m.ffn or 4 * C
+    Vp = m.vocab_size if m.vocab_size <= 1024 else -(-m.vocab_size // 128) * 128
+    if m.remat == 2:  # only each block's input survives; one block is rebuilt at a time
+        per_layer_kept = B * T * C
+        rebuilt = B * T * (8 * C + 3 * C + 2 * F) + B * nh * T * T
+        return (L * per_layer_kept + rebuilt + B * T * (2 * C + Vp)) * bytes_per_value
+    per_layer = B * T * (8 * C + 3 * C + 2 * F) + B * nh * T * T
+    if m.remat == 1:  # LayerNorm outputs (2C) and GELU output (F) are recomputed
+        per_layer -= B * T * (2 * C + F)
+    return (L * per_layer + B * T * (2 * C + Vp)) * bytes_per_value
+
+
+def make_plan(case: Case) -> Plan:
+    from koifish_core.models.gpt2 import GPT2Config
+
+    m = case.model
+    cfg = GPT2Config.from_model_config(m)
+    n = cfg.num_parameters()
+    n_stored = sum(math.prod(s) for s in cfg.param_shapes().values())  # padded wte included
+    wbits = case.precision.weights
+    weights = n_stored * wbits // 8
+    grads = n_stored * (2 if case.precision.compute == "bf16" else 4)
+    optimizer = n_stored * 8 + (n_stored * 4 if wbits < 32 else 0)
+    acts = activation_bytes(case, 2 if case.precision.compute == "bf16" else 4)
+    tokens = case.data.batch_size * case.data.seq_len * case.optimizer.grad_accum
+    flops = 6 * n + 12 * m.n_layer * case.data.seq_len * m.n_embd
+    return Plan(parameters=n, tokens_per_step=tokens, flops_per_token=float(flops), memory_weights=weights,
+                memory_gradients=grads, memory_optimizer=optimizer, memory_activations=acts,
+                memory_total=weights + grads + optimizer + acts)

@@ -1,0 +1,111 @@
+"""Case files: validation messages, the original Koifish layout, the plan."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from koifish_cases import CASES_DIR
+from koifish_core.config import case_to_dict, load_case
+from koifish_core.config.load import build_case
+from koifish_core.config.plan import make_plan
+from koifish_core.errors import ConfigError
+
+ORIGINALS = sorted((CASES_DIR / "koifish").glob("*.json"))
+
+
+def _write(tmp_path, obj, name="case.json"):
+    p = tmp_path / name
+    p.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    return p
+
+
+def test_default_case_loads():
+    loaded = load_case(None)
+    assert loaded.case.model.arch == "gpt2" and loaded.case.data.train == "builtin:kjv:train"
+    assert loaded.warnings == [] and loaded.format == "koifish"
+
+
+@pytest.mark.parametrize("path", ORIGINALS, ids=lambda p: p.name)
+def test_every_original_koifish_case_loads(path):
+    loaded = load_case(path)
+    assert loaded.format == "koifish-original"
+    assert loaded.case.model.n_layer >= 1 and loaded.case.model.n_embd % loaded.case.model.n_head == 0
+
+
+def test_original_124m_is_mapped():
+    loaded = load_case(CASES_DIR / "koifish" / "gpt2_124M.json")
+    c = loaded.case
+    assert (c.model.n_layer, c.model.n_head, c.model.n_embd, c.model.n_ctx) == (12, 12, 768, 1024)
+    assert (c.data.batch_size, c.data.seq_len, c.data.max_shards) == (80, 1024, 10)
+    assert c.optimizer.lr == 0.0006 and c.eval.every == 100 and c.checkpoint.every == 500
+    assert c.data.train == "/hy-tmp/edu_fineweb1B/*train*.bin"
+    assert any("HellaSwag" in w for w in loaded.warnings)
+    assert make_plan(c).parameters == 124_439_808
+
+
+def test_original_fuyou_and_string_sizes():
+    c = load_case(CASES_DIR / "koifish" / "gpt2_124M_shard50_F6_lr0.001_F6_lr0.001.json").case
+    assert c.model.n_embd == 768  # written as the string "768" there
+    assert c.fuyou["method"] == "pso_ga" and c.precision.compute == "bf16"
+    assert c.optimizer.weight_decay == 0.1 and c.seed == 42
+
+
+def test_unsupported_optimizer_warns():
+    loaded = load_case(CASES_DIR / "koifish" / "gpt2_1558M.json")
+    assert any("muon" in w for w in loaded.warnings)
+
+
+@pytest.mark.parametrize("case, words", [
+    ({"data": {"batch_size": -4}}, "data.batch_size: expected an integer >= 1, got -4"),
+    ({"model": {"n_embd": 100, "n_head": 3}}, "model.n_head: 3 heads do not divide model.n_embd 100"),
+    ({"model": {"arch": "llama9"}}, "model.arch: expected one of gpt2, qwen3, got \"llama9\""),
+    ({"optimizer": {"lr": "fast"}}, "optimizer.lr: expected a number, got \"fast\""),
+    ({"optimizr": {}}, "optimizr: unknown key (did you mean 'optimizer'?)"),
+    ({"model": {"n_layers": 2}}, "model.n_layers: unknown key (did you mean 'n_layer'?)"),
+    ({"data": {"seq_len": 512}}, "data.seq_len: expected at most model.n_ctx (128), got 512"),
+    ({"precision": {"rules": {"h.*": 5}}}, "precision.rules.h.*: expected one of 32, 16, 8, 4, 3, 2, 1, got 5"),
+])
+def test_bad_values_name_file_and_key(tmp_path, case, words):
+    p = _write(tmp_path, case)
+    with pytest.raises(ConfigError) as e:
+        load_case(p)
+    assert str(p) in str(e.value) and words in str(e.value)
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    p = _write(tmp_path, {"data": {"batch_size": 0}, "optimizer": {"lr": -1}, "train": {"device": "tpu"}})
+    with pytest.raises(ConfigError, match="3 problems") as e:
+        load_case(p)
+    for key in ("data.batch_size", "optimizer.lr", "train.device"):
+        assert key in str(e.value)
+
+
+def test_json_syntax_error_gives_line_and_column(tmp_path):
+    p = _write(tmp_path, '{\n  "model": {"n_layer": 2,}\n}')
+    with pytest.raises(ConfigError, match=r"JSON syntax error at line 2, column \d+"):
+        load_case(p)
+
+
+def test_unknown_original_arch(tmp_path):
+    p = _write(tmp_path, {"model": {"arch": "MAMBA", "parameter": {"Layer": 2}}, "datasets": {}})
+    with pytest.raises(ConfigError, match="unknown architecture 'MAMBA'"):
+        load_case(p)
+
+
+def test_missing_case_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such case file"):
+        load_case(tmp_path / "nope.json")
+
+
+def test_round_trip_through_dict():
+    case = load_case(CASES_DIR / "gpt2_774M.json").case
+    assert build_case(case_to_dict(case), "x") == case
+
+
+@pytest.mark.parametrize("name, params", [("gpt2_124M", 124_439_808), ("gpt2_355M", 354_823_168),
+                                          ("gpt2_774M", 774_030_080), ("gpt2_1558M", 1_557_611_200)])
+def test_plan_parameter_counts(name, params):
+    plan = make_plan(load_case(CASES_DIR / f"{name}.json").case)
+    assert plan.parameters == params
+    assert plan.tokens_per_step == 524_288 and plan.memory_total > plan.memory_weights > 0
