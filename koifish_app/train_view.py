@@ -120,7 +120,8 @@ def run_train(case_path, *, steps, out_dir, device, resume, dry_run, as_json, in
 
     run_dir = Path(out_dir) if out_dir is not None else Path("runs") / case.name
     out.print(f"[bold]koifish[/] training {escape(case.name)}: {plan['parameters']:,} parameters, "
-              f"{plan['tokens_per_step']:,} tokens/step, {case.train.steps} steps on {case.train.device} -> {escape(str(run_dir))}")
+              f"{plan['tokens_per_step']:,} tokens/step, {case.train.steps} steps on {case.train.device} -> {escape(str(run_dir))}",
+              soft_wrap=True)
     renderer = _TrainRenderer(case.train.steps, case.train.log_every, out)
     with renderer.progress:
         result = train(loaded, run_dir, steps=case.train.steps, device=case.train.device, resume=resume,

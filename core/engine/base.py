@@ -1,0 +1,39 @@
+"""Where a training step runs. The trainer talks to an Engine only; CPU and CUDA engines differ
+inside, and hold the same named tensors, so checkpoints move freely between them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass
+class StepResult:
+    loss: float
+    """Mean loss over the step's micro-batches."""
+    grad_norm: float
+    """Global gradient norm before clipping."""
+    applied: bool = True
+    """False when the update was skipped (non-finite gradients)."""
+
+
+class Engine(Protocol):
+    n_params: int
+
+    def train_step(self, batches: list[tuple[np.ndarray, np.ndarray]], lr: float) -> StepResult:
+        """Forward and backward over the micro-batches, gradient mean, clipping, one AdamW update."""
+
+    def eval_loss(self, x: np.ndarray, y: np.ndarray) -> float:
+        """Mean loss of one batch, no gradients."""
+
+    def model_tensors(self) -> dict[str, np.ndarray]:
+        """Weights by name (float32 host arrays), as checkpoints store them."""
+
+    def optim_tensors(self) -> dict[str, np.ndarray]:
+        """Optimizer state by name (host arrays)."""
+
+    def load_tensors(self, model: dict[str, np.ndarray], optim: dict[str, np.ndarray] | None, where) -> None:
+        """Restore weights (and optimizer state when given) bit for bit."""

@@ -1,0 +1,57 @@
+"""The CPU engine: the NumPy GPT-2 and AdamW, float32, one step at a time."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from koifish_cuda.adamw import adamw_update_ref, global_norm_ref
+from koifish_core.engine.base import StepResult
+from koifish_core.models.gpt2 import GPT2, GPT2Config
+from koifish_core.train.checkpoint import copy_into
+
+
+class CPUEngine:
+    def __init__(self, case, seed: int | None = None):
+        self.case = case
+        self.model = GPT2(GPT2Config.from_model_config(case.model), dtype=np.float32)
+        self.model.init_weights(case.seed if seed is None else seed)
+        self.n_params = self.model.num_parameters()
+        self.m = np.zeros_like(self.model.params)
+        self.v = np.zeros_like(self.model.params)
+        self.adam_step = 0
+        self.decay_mask = self.model.decay_mask()
+
+    def train_step(self, batches, lr: float) -> StepResult:
+        opt = self.case.optimizer
+        model = self.model
+        model.zero_grad()
+        losses = []
+        for x, y in batches:
+            _, loss = model.forward(x, y, return_logits=False)
+            model.backward(grad_scale=1.0 / len(batches))
+            losses.append(loss)
+        loss = float(np.mean(losses))
+        norm = global_norm_ref(model.grads)
+        if not np.isfinite(norm):
+            return StepResult(loss, norm, applied=False)
+        if opt.grad_clip and norm > opt.grad_clip:
+            model.grads *= np.float32(opt.grad_clip / (norm + 1e-6))
+        self.adam_step += 1
+        adamw_update_ref(model.params, model.grads, self.m, self.v, self.decay_mask, self.adam_step, lr,
+                         opt.beta1, opt.beta2, opt.eps, opt.weight_decay)
+        return StepResult(loss, norm)
+
+    def eval_loss(self, x, y) -> float:
+        return self.model.forward(x, y, need_backward=False)[1]
+
+    def model_tensors(self) -> dict[str, np.ndarray]:
+        return {k: v.copy() for k, v in self.model.param_views().items()}
+
+    def optim_tensors(self) -> dict[str, np.ndarray]:
+        return {"m": self.m.copy(), "v": self.v.copy(), "step": np.array([self.adam_step], dtype=np.int64)}
+
+    def load_tensors(self, model, optim, where) -> None:
+        copy_into(self.model.param_views(), model, where)
+        if optim is not None:
+            copy_into({"m": self.m, "v": self.v}, {k: optim[k] for k in ("m", "v") if k in optim}, where)
+            self.adam_step = int(optim["step"][0])
