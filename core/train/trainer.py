@@ -159,9 +159,10 @@ def train(loaded: LoadedCase, run_dir: str | Path, steps: int | None = None, dev
     resolved = case_to_dict(case)
     resolved["train"]["steps"] = total_steps
     resolved["train"]["device"] = device
-    (run_dir / "case.json").write_text(json.dumps(dict(resolved, source=loaded.source), indent=2) + "\n")
+    (run_dir / "case.json").write_text(json.dumps(resolved, indent=2) + "\n")
     if ckpt is None:
-        (run_dir / "env.json").write_text(json.dumps(_environment(device), indent=2) + "\n")
+        env = dict(_environment(device), case_source=loaded.source, case_format=loaded.format)
+        (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
     writer = MetricsWriter(run_dir)
     if ckpt is not None:
         writer.truncate_after(start_step)
