@@ -143,13 +143,14 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}: cannot read the text file: {e.strerror}") from None
 
 
-def _pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
+def _pieces(text: str, size: int | None = None) -> Iterator[str]:
     """Cut text into pieces of about `size` characters that tokenize exactly as the whole would.
 
     A safe cut is just after a newline that sits between two non-space characters ("x\\nY"):
     GPT-2's pre-tokenizer then makes that newline a token of its own and never joins across it.
     Text with no such point in a window goes whole.
     """
+    size = size or PIECE_CHARS
     start = 0
     while start < len(text):
         end = start + size
