@@ -12,6 +12,7 @@ import hashlib
 import lzma
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from koifish_core.errors import DataError
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 BUILTIN = {"kjv": CORPUS_DIR / "kjv.txt.xz"}
 VAL_EVERY = 20  # chapters 20, 40, 60, ... (canonical order) are the validation split
+_BUILD_LOCK = threading.Lock()  # threads of one process build once; processes race safely (see below)
 
 
 def cache_root() -> Path:
@@ -67,12 +69,19 @@ def cache_folder(name: str = "kjv") -> Path:
 
 def builtin_shards(name: str = "kjv") -> tuple[list[Path], list[Path]]:
     """(train paths, val paths) of the builtin corpus, tokenized on first use (about a second)."""
-    from koifish_core.data.shards import write_shard
-
     folder = cache_folder(name)
     train, val = folder / f"{name}_train_000000.bin", folder / f"{name}_val_000000.bin"
     if train.exists() and val.exists():
         return [train], [val]
+    with _BUILD_LOCK:
+        if not (train.exists() and val.exists()):
+            _build(name, folder, train, val)
+    return [train], [val]
+
+
+def _build(name: str, folder: Path, train: Path, val: Path) -> None:
+    from koifish_core.data.shards import write_shard
+
     # Build in a private folder, then rename it into place in one step: a concurrent run sees
     # either no folder or a complete one. If two runs race, the loser's identical copy is dropped.
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
@@ -89,4 +98,3 @@ def builtin_shards(name: str = "kjv") -> tuple[list[Path], list[Path]]:
             why = e if isinstance(e, DataError) else e.strerror
             raise DataError(f"{folder}: cannot create the builtin:{name} token cache ({why}); "
                             "set KOIFISH_CACHE to a writable folder, or delete this one if it is damaged") from None
-    return [train], [val]
