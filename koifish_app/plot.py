@@ -36,11 +36,12 @@ def plot_run(run_dir: Path, png: Path | None = None, x_axis: str = "tokens") -> 
     matplotlib.use("Agg")  # files only: no display on servers
     import matplotlib.pyplot as plt
 
-    # Eval lines may not carry the tokens seen; map their step onto the train records' tokens.
+    # Only train lines carry the tokens seen so far (an eval line's `tokens` counts what it
+    # evaluated): place every line by its step on the train lines' token axis.
     tokens_at = {r["step"]: r.get("tokens", r["step"]) for r in train}
 
     def xs(rs):
-        return np.array([r["step"] if x_axis == "step" else r.get("tokens", tokens_at.get(r["step"], r["step"])) for r in rs])
+        return np.array([r["step"] if x_axis == "step" else tokens_at.get(r["step"], r["step"]) for r in rs])
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     loss = np.array([r["loss"] for r in train], dtype=float)
@@ -49,7 +50,7 @@ def plot_run(run_dir: Path, png: Path | None = None, x_axis: str = "tokens") -> 
     if evals:
         ax.plot(xs(evals), [r["loss"] for r in evals], "o-", color="tab:orange", label="eval")
     for r in events:
-        ax.axvline(tokens_at.get(r["step"], r["step"]) if x_axis == "tokens" else r["step"], color="tab:red", alpha=0.4, linewidth=0.8)
+        ax.axvline(xs([r])[0], color="tab:red", alpha=0.4, linewidth=0.8)
     ax.set_xlabel("tokens" if x_axis == "tokens" else "step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(run_dir.name)
