@@ -117,7 +117,7 @@ def test_load_state_refuses_a_different_setup(shards, tmp_path):
         TokenLoader([paths[0], paths[3]], 2, 16).load_state(state)
     with pytest.raises(DataError, match="not a step boundary"):
         TokenLoader(paths, 2, 16).load_state({**state, "position": state["position"] + 5})
-    with pytest.raises(DataError, match="expected integer"):
+    with pytest.raises(DataError, match="expected integer shard_index"):
         TokenLoader(paths, 2, 16).load_state({"position": 3})
 
 

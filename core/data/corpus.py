@@ -96,5 +96,5 @@ def _build(name: str, folder: Path, train: Path, val: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (train.exists() and val.exists()):
             why = e if isinstance(e, DataError) else e.strerror
-            raise DataError(f"{folder}: cannot create the builtin:{name} token cache ({why}); "
-                            "set KOIFISH_CACHE to a writable folder, or delete this one if it is damaged") from None
+            raise DataError(f"{folder}: cannot create the builtin:{name} token cache ({why}); set "
+                            "KOIFISH_CACHE to a writable folder, or delete this one if it is damaged") from None

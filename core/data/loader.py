@@ -76,9 +76,9 @@ class TokenLoader:
         if not any(self._step_fits(0, n) for n in self._sizes):
             need = self.world * self.B * self.T + 1
             largest = max(range(len(self.paths)), key=self._sizes.__getitem__)
-            raise DataError(f"no shard holds the {need:,} tokens one step needs (B={batch_size}, T={seq_len}, "
-                            f"{world_size} rank(s)); the largest, {self.paths[largest]}, has "
-                            f"{self._sizes[largest]:,}")
+            raise DataError(f"no shard holds the {need:,} tokens one step needs (B={batch_size}, "
+                            f"T={seq_len}, {world_size} rank(s)); the largest, {self.paths[largest]}, "
+                            f"has {self._sizes[largest]:,}")
         self._tokens = None
         self.reset()
 
@@ -99,7 +99,8 @@ class TokenLoader:
 
     def _skip_until_fits(self) -> None:
         # Ends: __init__ checked that at least one shard fits a step.
-        while not self._step_fits(self.position - self.rank * self.B * self.T, self._sizes[self.shard_index]):
+        while not self._step_fits(self.position - self.rank * self.B * self.T,
+                                  self._sizes[self.shard_index]):
             nxt = self.shard_index + 1
             if nxt == len(self.paths):
                 nxt, self.epoch = 0, self.epoch + 1
@@ -122,22 +123,24 @@ class TokenLoader:
                 "batch_size": self.B, "seq_len": self.T, "rank": self.rank, "world_size": self.world}
 
     def load_state(self, state: dict) -> None:
+        """Continue from a state() of a loader over the same shards, with the same B, T, rank, world."""
         try:
             index, position, epoch = int(state["shard_index"]), int(state["position"]), int(state["epoch"])
         except (KeyError, TypeError, ValueError):
-            raise DataError(f"loader state {state!r}: expected integer shard_index, position and epoch") from None
+            raise DataError(f"loader state {state!r}: expected integer shard_index, position, epoch") from None
         saved = (state.get("batch_size"), state.get("seq_len"), state.get("rank", 0), state.get("world_size", 1))
         if saved != (self.B, self.T, self.rank, self.world):
-            raise DataError(f"loader state was saved for B={saved[0]}, T={saved[1]}, rank {saved[2]} of {saved[3]}; "
-                            f"this run has B={self.B}, T={self.T}, rank {self.rank} of {self.world}")
-        if not 0 <= index < len(self.paths) or self.paths[index].name != state.get("shard", self.paths[index].name):
+            raise DataError(f"loader state was saved for B={saved[0]}, T={saved[1]}, rank {saved[2]} of "
+                            f"{saved[3]}; this run has B={self.B}, T={self.T}, rank {self.rank} of {self.world}")
+        name = self.paths[index].name if 0 <= index < len(self.paths) else None
+        if name is None or name != state.get("shard", name):
             raise DataError(f"loader state points at shard {state.get('shard')!r} (#{index}), which is not "
-                            f"shard #{index} of the {len(self.paths)} now; the data set changed since it was saved")
+                            f"shard #{index} of the {len(self.paths)} now; the data set changed since")
         step_start = position - self.rank * self.B * self.T
-        if step_start < 0 or step_start % (self.world * self.B * self.T) or not self._step_fits(
-                step_start, self._sizes[index]):
+        on_boundary = step_start >= 0 and step_start % (self.world * self.B * self.T) == 0
+        if not (on_boundary and self._step_fits(step_start, self._sizes[index])):
             raise DataError(f"loader state: position {position:,} is not a step boundary inside "
-                            f"{self.paths[index]} ({self._sizes[index]:,} tokens); the shard changed since it was saved")
+                            f"{self.paths[index]} ({self._sizes[index]:,} tokens); the shard changed since")
         self._open(index)
         self.position, self.epoch = position, epoch
 

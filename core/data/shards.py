@@ -59,11 +59,13 @@ def read_header(path: str | os.PathLike) -> ShardHeader:
     if magic in _LLMC:
         want_version, dtype = _LLMC[magic]
         if version != want_version:
-            raise DataError(f"{path}: unknown version {version} for magic {magic} (expected version {want_version})")
+            raise DataError(f"{path}: unknown version {version} for magic {magic} "
+                            f"(expected version {want_version})")
     elif magic == MAGIC_KOIFISH:
         width = int(header[3])
         if width not in (2, 4):
-            raise DataError(f"{path}: Koifish shard header[3] (bytes per token) must be 2 or 4, got {width}")
+            raise DataError(f"{path}: Koifish shard header[3] (bytes per token) must be 2 or 4, "
+                            f"got {width}")
         dtype = np.uint16 if width == 2 else np.uint32
     else:
         raise DataError(f"{path}: not a token shard: magic number {magic}, expected {MAGIC_V1} (llm.c, uint16), "
@@ -86,7 +88,8 @@ def open_tokens(path: str | os.PathLike) -> np.ndarray:
     h = read_header(path)
     if h.num_tokens == 0:
         return np.zeros(0, dtype=h.dtype)
-    return np.memmap(h.path, dtype=h.dtype.newbyteorder("<"), mode="r", offset=HEADER_BYTES, shape=(h.num_tokens,))
+    return np.memmap(h.path, dtype=h.dtype.newbyteorder("<"), mode="r", offset=HEADER_BYTES,
+                     shape=(h.num_tokens,))
 
 
 def write_shard(path: str | os.PathLike, tokens, dtype=None) -> Path:
