@@ -131,6 +131,7 @@ def data_prepare(
     val_fraction: float = typer.Option(0.05, "--val-fraction", help="Share of tokens held out for validation."),
     shard_tokens: int = typer.Option(100_000_000, "--shard-tokens", help="Tokens per shard."),
     name: Optional[str] = typer.Option(None, "--name", help="Shard name prefix (default: the out folder's name)."),
+    split_docs: bool = typer.Option(False, "--split-docs", help="Blank-line separated blocks are separate documents."),
 ):
     """Tokenize plain text (GPT-2 BPE) into llm.c shards."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
@@ -141,7 +142,7 @@ def data_prepare(
         raise KoifishError(f"--val-fraction: expected a number in [0, 1), got {val_fraction}")
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                   console=err, transient=True) as progress:
-        kwargs = dict(val_fraction=val_fraction, shard_tokens=shard_tokens, progress=progress)
+        kwargs = dict(val_fraction=val_fraction, shard_tokens=shard_tokens, progress=progress, split_docs=split_docs)
         if name:
             kwargs["name"] = name
         result = prepare_texts(files, out_dir, **kwargs)
