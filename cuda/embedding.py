@@ -16,3 +16,44 @@ def encoder_backward_ref(dwte: np.ndarray, dwpe: np.ndarray, dout: np.ndarray, i
     B, T, C = dout.shape
     np.add.at(dwte, idx.ravel(), dout.reshape(B * T, C))
     dwpe[:T] += dout.sum(axis=0)
+
+
+# ---- CUDA ------------------------------------------------------------------------------------
+import koifish_cuda.compat  # noqa: E402,F401  (before numba compiles)
+from numba import cuda  # noqa: E402
+
+
+@cuda.jit(cache=True)
+def encoder_forward_kernel(out, idx, wte, wpe):
+    """out (N, C) with N = B*T rows; one thread per element."""
+    N, C = out.shape
+    T = idx.shape[1]
+    i = cuda.grid(1)
+    if i < N * C:
+        row, c = i // C, i % C
+        b, t = row // T, row % T
+        out[row, c] = wte[idx[b, t], c] + wpe[t, c]
+
+
+@cuda.jit(cache=True)
+def encoder_backward_kernel(dwte, dwpe, dout, idx):
+    """Atomic adds: rows sharing a token (or a position) add into the same weights."""
+    N, C = dout.shape
+    T = idx.shape[1]
+    i = cuda.grid(1)
+    if i < N * C:
+        row, c = i // C, i % C
+        b, t = row // T, row % T
+        g = dout[row, c]
+        cuda.atomic.add(dwte, (idx[b, t], c), g)
+        cuda.atomic.add(dwpe, (t, c), g)
+
+
+def encoder_forward(out, idx, wte, wpe, stream=0):
+    n = out.shape[0] * out.shape[1]
+    encoder_forward_kernel[(n + 255) // 256, 256, stream](out, idx, wte, wpe)
+
+
+def encoder_backward(dwte, dwpe, dout, idx, stream=0):
+    n = dout.shape[0] * dout.shape[1]
+    encoder_backward_kernel[(n + 255) // 256, 256, stream](dwte, dwpe, dout, idx)

@@ -24,3 +24,82 @@ def layernorm_backward_ref(dout: np.ndarray, x: np.ndarray, w: np.ndarray, mean:
                             - norm * (dnorm * norm).mean(axis=-1, keepdims=True))
     axes = tuple(range(dout.ndim - 1))
     return dx, (dout * norm).sum(axis=axes), dout.sum(axis=axes)
+
+
+# ---- CUDA ------------------------------------------------------------------------------------
+import math  # noqa: E402
+
+import koifish_cuda.compat  # noqa: E402,F401
+from koifish_cuda.reduce import THREADS, block_sum  # noqa: E402
+from numba import cuda, float32  # noqa: E402
+
+
+@cuda.jit(cache=True)
+def layernorm_forward_kernel(out, mean, rstd, x, w, b, eps):
+    """One block per row of x (N, C); the row stays in L1 between the passes."""
+    N, C = x.shape
+    buf = cuda.shared.array(THREADS, float32)
+    row, t = cuda.blockIdx.x, cuda.threadIdx.x
+    s = float32(0.0)
+    for c in range(t, C, THREADS):
+        s += x[row, c]
+    m = block_sum(s, buf) / C
+    s = float32(0.0)
+    for c in range(t, C, THREADS):
+        d = x[row, c] - m
+        s += d * d
+    r = float32(1.0) / math.sqrt(block_sum(s, buf) / C + eps)
+    for c in range(t, C, THREADS):
+        out[row, c] = (x[row, c] - m) * r * w[c] + b[c]
+    if t == 0:
+        mean[row] = m
+        rstd[row] = r
+
+
+@cuda.jit(cache=True)
+def layernorm_backward_kernel(dx, dw, db, dout, x, w, mean, rstd):
+    """A block walks rows (grid-stride); each thread owns columns t, t+THREADS, ... and keeps
+    their dw/db partial sums in registers, so the block adds into dw/db once, not once per row."""
+    N, C = x.shape
+    buf = cuda.shared.array(THREADS, float32)
+    t = cuda.threadIdx.x
+    acc_w = cuda.local.array(16, float32)  # C <= 16 * THREADS
+    acc_b = cuda.local.array(16, float32)
+    for k in range(16):
+        acc_w[k] = 0.0
+        acc_b[k] = 0.0
+    for row in range(cuda.blockIdx.x, N, cuda.gridDim.x):
+        m, r = mean[row], rstd[row]
+        a = float32(0.0)
+        bs = float32(0.0)
+        k = 0
+        for c in range(t, C, THREADS):
+            n = (x[row, c] - m) * r
+            g = dout[row, c]
+            dn = g * w[c]
+            a += dn
+            bs += dn * n
+            acc_w[k] += g * n
+            acc_b[k] += g
+            k += 1
+        a = block_sum(a, buf) / C
+        bs = block_sum(bs, buf) / C
+        for c in range(t, C, THREADS):
+            n = (x[row, c] - m) * r
+            dx[row, c] += r * (dout[row, c] * w[c] - a - n * bs)  # += : dx also carries the residual path
+    k = 0
+    for c in range(t, C, THREADS):
+        cuda.atomic.add(dw, c, acc_w[k])
+        cuda.atomic.add(db, c, acc_b[k])
+        k += 1
+
+
+def layernorm_forward(out, mean, rstd, x, w, b, stream=0, eps=EPS):
+    layernorm_forward_kernel[x.shape[0], THREADS, stream](out, mean, rstd, x, w, b, eps)
+
+
+def layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, stream=0, blocks=528):
+    """Adds into dx, dw and db."""
+    if x.shape[1] > 16 * THREADS:
+        raise ValueError(f"layernorm_backward supports widths up to {16 * THREADS}, got {x.shape[1]}")
+    layernorm_backward_kernel[min(blocks, x.shape[0]), THREADS, stream](dx, dw, db, dout, x, w, mean, rstd)

@@ -54,3 +54,29 @@ def tiny_case(tmp_path, tiny_data):
         return path
 
     return make
+
+
+def _gpu_present() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # noqa: BLE001
+        return False
+
+
+# Kernel tests run under Numba's CUDA simulator when no GPU is here; it must be switched on
+# before numba.cuda is first imported, so it happens at collection time, once.
+import os  # noqa: E402
+
+if "NUMBA_ENABLE_CUDASIM" not in os.environ and not _gpu_present():
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    if _gpu_present():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
