@@ -1,0 +1,159 @@
+"""Group-wise quantization references, bit packing, and AWQ/GPTQ unpacking against packers written from the specs."""
+
+import numpy as np
+import pytest
+
+from koifish_core.infer.quant import (
+    AWQ_ORDER,
+    QuantizedWeight,
+    awq_pack,
+    awq_unpack,
+    fake_quantize,
+    gptq_pack,
+    gptq_unpack,
+    quantize_weight,
+)
+from koifish_cuda.quant import (
+    dequant_matmul_ref,
+    dequantize_groupwise_ref,
+    pack_codes_ref,
+    quantize_groupwise_ref,
+    unpack_codes_ref,
+)
+
+
+def _w(N=16, K=256, seed=0):
+    return np.random.default_rng(seed).standard_normal((N, K)).astype(np.float32) * 0.05
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3])
+def test_quantize_error_is_at_most_half_a_step_and_zero_is_exact(bits):
+    w = _w()
+    w[0, :5] = 0.0
+    codes, scales, zeros = quantize_groupwise_ref(w, bits, 128)
+    assert codes.max() <= 2**bits - 1 and scales.dtype == np.float16 and scales.shape == (16, 2)
+    back = dequantize_groupwise_ref(codes, scales, zeros, 128)
+    step = np.repeat(scales.astype(np.float64), 128, axis=1)
+    assert np.all(np.abs(back - w) <= step / 2 + 1e-7)
+    assert np.all(back[0, :5] == 0.0)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3])
+def test_dequantize_equals_an_explicit_float64_loop(bits):
+    w = _w(N=3, K=64, seed=1)
+    G = 16
+    codes, scales, zeros = quantize_groupwise_ref(w, bits, G)
+    got = dequantize_groupwise_ref(codes, scales, zeros, G)
+    for n in range(3):
+        for k in range(64):
+            expected = (int(codes[n, k]) - int(zeros[n, k // G])) * float(scales[n, k // G])
+            assert got[n, k] == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
+def test_error_shrinks_with_more_bits():
+    w = _w(seed=2)
+    errors = [np.sqrt(np.mean((fake_quantize(w, b) - w) ** 2)) for b in (3, 4, 8)]
+    assert errors[0] > errors[1] > errors[2] > 0
+    assert errors[2] < 0.01 * np.std(w)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3])
+def test_bit_packing_round_trips_and_lays_codes_out_little_endian(bits):
+    rng = np.random.default_rng(3)
+    codes = rng.integers(0, 2**bits, (5, 64)).astype(np.uint8)
+    packed = pack_codes_ref(codes, bits)
+    assert packed.shape == (5, 64 * bits // 8)
+    np.testing.assert_array_equal(unpack_codes_ref(packed, bits, 64), codes)
+    # independent: the row as one Python integer, code k at bit k*bits
+    for row in range(5):
+        number = sum(int(c) << (k * bits) for k, c in enumerate(codes[row]))
+        assert packed[row].tobytes() == number.to_bytes(64 * bits // 8, "little")
+
+
+def test_quantized_weight_apply_and_rows():
+    w = _w(N=12, K=256, seed=4)
+    qw = quantize_weight(w, 4, 128)
+    dense = qw.dequantize()
+    x = np.random.default_rng(5).standard_normal((3, 256)).astype(np.float32)
+    np.testing.assert_allclose(qw.apply(x), x @ dense.T, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dequant_matmul_ref(x, qw.codes(), qw.scales, qw.zeros, 128), x @ dense.T, rtol=1e-5)
+    np.testing.assert_array_equal(qw.rows(np.array([[3, 0], [11, 3]])), dense[[[3, 0], [11, 3]]])
+    assert qw.nbytes < w.nbytes / 6
+
+
+def test_narrow_matrices_use_one_group_and_bad_widths_are_refused():
+    assert quantize_weight(_w(N=4, K=64), 4, 128).group_size == 64
+    with pytest.raises(ValueError, match="multiple of the group size"):
+        quantize_weight(_w(N=4, K=200), 4, 128)
+    with pytest.raises(ValueError, match="bits"):
+        quantize_weight(_w(), 5)
+
+
+# ---- AWQ ----
+
+def test_awq_nibble_order_by_hand():
+    # output columns 0..7 of input row 0 hold codes 0..7; nibble i takes column AWQ_ORDER[i]
+    codes = np.zeros((8, 8), np.uint8)
+    codes[:, 0] = np.arange(8)
+    qweight, _, _ = awq_pack(codes, np.zeros((8, 1), np.uint8), np.ones((8, 1), np.float16))
+    assert qweight.shape == (8, 1) and qweight.dtype == np.int32
+    assert int(qweight[0, 0]) & 0xFFFFFFFF == 0x75316420
+    assert AWQ_ORDER == (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def test_awq_round_trip_is_exact():
+    rng = np.random.default_rng(6)
+    N, K, G = 32, 256, 64
+    codes = rng.integers(0, 16, (N, K)).astype(np.uint8)
+    zeros = rng.integers(0, 16, (N, K // G)).astype(np.uint8)
+    scales = (rng.random((N, K // G)) * 0.01 + 1e-3).astype(np.float16)
+    qweight, qzeros, s = awq_pack(codes, zeros, scales)
+    assert qweight.shape == (K, N // 8) and qzeros.shape == (K // G, N // 8) and s.shape == (K // G, N)
+    qw = awq_unpack(qweight, qzeros, s, G)
+    np.testing.assert_array_equal(qw.codes(), codes)
+    np.testing.assert_array_equal(qw.zeros, zeros)
+    np.testing.assert_array_equal(qw.scales, scales)
+    ref = (codes.astype(np.float64) - np.repeat(zeros, G, 1)) * np.repeat(scales.astype(np.float64), G, 1)
+    np.testing.assert_allclose(qw.dequantize(), ref, rtol=1e-6)
+
+
+# ---- GPTQ ----
+
+def test_gptq_layout_by_hand():
+    # input rows 0..7 of output 0 hold codes 0..7, packed sequentially along the input dimension
+    codes = np.zeros((8, 8), np.uint8)
+    codes[0, :] = np.arange(8)
+    zeros = np.full((8, 1), 8, np.uint8)  # symmetric 4-bit: zero point 8, stored as 7 by v1
+    qweight, qzeros, _, _ = gptq_pack(codes, zeros, np.ones((8, 1)), np.zeros(8), bits=4, zero_offset=1)
+    assert qweight.shape == (1, 8) and int(qweight[0, 0]) & 0xFFFFFFFF == 0x76543210
+    assert qzeros.shape == (1, 1) and int(qzeros[0, 0]) & 0xFFFFFFFF == 0x77777777
+
+
+@pytest.mark.parametrize("bits,zero_offset", [(4, 1), (4, 0), (8, 1)])
+def test_gptq_round_trip_with_act_order_is_exact(bits, zero_offset):
+    rng = np.random.default_rng(7)
+    N, K, G = 16, 256, 32
+    codes = rng.integers(0, 2**bits, (N, K)).astype(np.uint8)
+    zeros = rng.integers(0, 2**bits, (N, K // G)).astype(np.uint8)  # includes 0, which v1 stores as 2^b - 1
+    zeros[0, 0] = 0
+    scales = (rng.random((N, K // G)) * 0.01 + 1e-3).astype(np.float16)
+    g_idx = rng.permutation(np.arange(K) // G)  # act-order: each input's group, in permuted order
+    qweight, qzeros, s, gi = gptq_pack(codes, zeros, scales, g_idx, bits, zero_offset)
+    assert qweight.shape == (K * bits // 32, N) and qzeros.shape == (K // G, N * bits // 32)
+    qw = gptq_unpack(qweight, qzeros, s, gi, bits, G, zero_offset)
+    np.testing.assert_array_equal(qw.codes(), codes)
+    np.testing.assert_array_equal(qw.zeros, zeros)
+    got = qw.dequantize()
+    for k in rng.choice(K, 20, replace=False):
+        g = g_idx[k]
+        expected = (codes[:, k].astype(np.float64) - zeros[:, g]) * scales[:, g].astype(np.float64)
+        np.testing.assert_allclose(got[:, k], expected, rtol=1e-6)
+
+
+def test_gptq_plain_group_order_drops_g_idx():
+    N, K, G = 8, 64, 32
+    codes = np.ones((N, K), np.uint8)
+    packed = gptq_pack(codes, np.ones((N, 2), np.uint8), np.ones((N, 2)), np.arange(K) // G, 4)
+    qw = gptq_unpack(*packed, bits=4, group_size=G)
+    assert qw.g_idx is None
+    assert isinstance(qw, QuantizedWeight) and np.all(qw.dequantize() == 0)
