@@ -24,3 +24,56 @@ def adamw_update_ref(params: np.ndarray, grads: np.ndarray, m: np.ndarray, v: np
 
 def global_norm_ref(grads: np.ndarray) -> float:
     return float(np.sqrt(np.dot(grads.astype(np.float64, copy=False), grads.astype(np.float64, copy=False))))
+
+
+# ---- CUDA ------------------------------------------------------------------------------------
+import math  # noqa: E402
+
+import koifish_cuda.compat  # noqa: E402,F401
+from koifish_cuda.reduce import THREADS, block_sum  # noqa: E402
+from numba import cuda, float32  # noqa: E402
+
+
+@cuda.jit(cache=True)
+def sum_squares_kernel(out, x):
+    """out[0] += sum(x^2) (grid-stride, one atomic per block)."""
+    buf = cuda.shared.array(THREADS, float32)
+    s = float32(0.0)
+    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        s += x[i] * x[i]
+    s = block_sum(s, buf)
+    if cuda.threadIdx.x == 0:
+        cuda.atomic.add(out, 0, s)
+
+
+@cuda.jit(cache=True)
+def adamw_kernel(params, grads, m, v, decay_mask, norm_sq, hyper):
+    """One launch over every tensor. hyper (device, float32): lr, beta1, beta2, eps, weight_decay,
+    1 - beta1^t, 1 - beta2^t, grad_clip (0 = off). The clip factor comes from norm_sq[0], computed
+    on the device earlier in the same graph, so no host sync is needed."""
+    i = cuda.grid(1)
+    if i >= params.size:
+        return
+    lr, b1, b2, eps, wd, bc1, bc2, clip = (hyper[0], hyper[1], hyper[2], hyper[3], hyper[4], hyper[5],
+                                          hyper[6], hyper[7])
+    norm = math.sqrt(norm_sq[0])
+    scale = float32(1.0)
+    if clip > 0.0 and norm > clip:
+        scale = clip / (norm + 1e-6)
+    g = grads[i] * scale
+    mi = b1 * m[i] + (1.0 - b1) * g
+    vi = b2 * v[i] + (1.0 - b2) * g * g
+    m[i] = mi
+    v[i] = vi
+    p = params[i]
+    if decay_mask[i]:
+        p -= lr * wd * p
+    params[i] = p - (lr / bc1) * mi / (math.sqrt(vi / bc2) + eps)
+
+
+def sum_squares(out, x, stream=0, blocks=528):
+    sum_squares_kernel[min(blocks, (x.size + THREADS - 1) // THREADS), THREADS, stream](out, x)
+
+
+def adamw_update(params, grads, m, v, decay_mask, norm_sq, hyper, stream=0):
+    adamw_kernel[(params.size + 255) // 256, 256, stream](params, grads, m, v, decay_mask, norm_sq, hyper)

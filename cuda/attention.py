@@ -42,3 +42,95 @@ def attention_backward_ref(dout: np.ndarray, qkv: np.ndarray, att: np.ndarray, n
     dk = dscores.transpose(0, 1, 3, 2) @ q
     merge = lambda t: t.transpose(0, 2, 1, 3).reshape(B, T, C)  # noqa: E731
     return np.concatenate([merge(dq), merge(dk), merge(dv)], axis=-1)
+
+
+# ---- CUDA ------------------------------------------------------------------------------------
+# The products q k^T, att v and their gradients are batched cuBLAS GEMMs (koifish_cuda.gemm);
+# these kernels move heads in and out of (B*nh, T, hs) and do the causal softmax.
+import math  # noqa: E402
+
+import koifish_cuda.compat  # noqa: E402,F401
+from koifish_cuda.reduce import NEG_INF, THREADS, block_max, block_sum  # noqa: E402
+from numba import cuda, float32  # noqa: E402
+
+
+@cuda.jit(cache=True)
+def split_heads_kernel(dst, src, col0):
+    """dst (B*nh, T, hs) <- src[:, col0:col0+C] with src (B*T, W)."""
+    BH, T, hs = dst.shape
+    i = cuda.grid(1)
+    if i < BH * T * hs:
+        bh, rest = i // (T * hs), i % (T * hs)
+        t, d = rest // hs, rest % hs
+        nh = BH // (src.shape[0] // T)
+        b, h = bh // nh, bh % nh
+        dst[bh, t, d] = src[b * T + t, col0 + h * hs + d]
+
+
+@cuda.jit(cache=True)
+def merge_heads_kernel(dst, src, col0):
+    """dst[:, col0:col0+C] <- src (B*nh, T, hs) with dst (B*T, W)."""
+    BH, T, hs = src.shape
+    i = cuda.grid(1)
+    if i < BH * T * hs:
+        bh, rest = i // (T * hs), i % (T * hs)
+        t, d = rest // hs, rest % hs
+        nh = BH // (dst.shape[0] // T)
+        b, h = bh // nh, bh % nh
+        dst[b * T + t, col0 + h * hs + d] = src[bh, t, d]
+
+
+@cuda.jit(cache=True)
+def softmax_causal_forward_kernel(att, scale):
+    """att (BH, T, T) holds q k^T; becomes softmax(scale * scores) over keys <= query, 0 after."""
+    BH, T, _ = att.shape
+    buf = cuda.shared.array(THREADS, float32)
+    row = cuda.blockIdx.x
+    bh, t = row // T, row % T
+    tid = cuda.threadIdx.x
+    m = NEG_INF
+    for j in range(tid, t + 1, THREADS):
+        m = max(m, att[bh, t, j] * scale)
+    m = block_max(m, buf)
+    s = float32(0.0)
+    for j in range(tid, t + 1, THREADS):
+        e = math.exp(att[bh, t, j] * scale - m)
+        att[bh, t, j] = e
+        s += e
+    inv = float32(1.0) / block_sum(s, buf)
+    for j in range(tid, T, THREADS):
+        att[bh, t, j] = att[bh, t, j] * inv if j <= t else 0.0
+
+
+@cuda.jit(cache=True)
+def softmax_causal_backward_kernel(datt, att, scale):
+    """datt (BH, T, T) holds dL/d(att); becomes dL/d(q k^T) (the scale folded in)."""
+    BH, T, _ = att.shape
+    buf = cuda.shared.array(THREADS, float32)
+    row = cuda.blockIdx.x
+    bh, t = row // T, row % T
+    tid = cuda.threadIdx.x
+    s = float32(0.0)
+    for j in range(tid, t + 1, THREADS):
+        s += datt[bh, t, j] * att[bh, t, j]
+    s = block_sum(s, buf)
+    for j in range(tid, T, THREADS):
+        datt[bh, t, j] = att[bh, t, j] * (datt[bh, t, j] - s) * scale if j <= t else 0.0
+
+
+def split_heads(dst, src, col0, stream=0):
+    n = dst.size
+    split_heads_kernel[(n + 255) // 256, 256, stream](dst, src, col0)
+
+
+def merge_heads(dst, src, col0, stream=0):
+    n = src.size
+    merge_heads_kernel[(n + 255) // 256, 256, stream](dst, src, col0)
+
+
+def softmax_causal_forward(att, scale, stream=0):
+    softmax_causal_forward_kernel[att.shape[0] * att.shape[1], THREADS, stream](att, scale)
+
+
+def softmax_causal_backward(datt, att, scale, stream=0):
+    softmax_causal_backward_kernel[att.shape[0] * att.shape[1], THREADS, stream](datt, att, scale)

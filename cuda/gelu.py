@@ -18,3 +18,44 @@ def gelu_backward_ref(x: np.ndarray, dout: np.ndarray) -> np.ndarray:
     t = np.tanh(GELU_SCALE * x * (1.0 + 0.044715 * x2))
     dtanh = GELU_SCALE * (1.0 + 3 * 0.044715 * x2)
     return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dtanh)
+
+
+# ---- CUDA ------------------------------------------------------------------------------------
+import math  # noqa: E402
+
+import koifish_cuda.compat  # noqa: E402,F401
+from numba import cuda  # noqa: E402
+
+
+@cuda.jit(cache=True)
+def bias_gelu_forward_kernel(out, pre, bias):
+    """pre += bias (kept for the backward), out = gelu(pre); pre, out (N, F)."""
+    N, F = pre.shape
+    i = cuda.grid(1)
+    if i < N * F:
+        r, c = i // F, i % F
+        x = pre[r, c] + bias[c]
+        pre[r, c] = x
+        out[r, c] = 0.5 * x * (1.0 + math.tanh(GELU_SCALE * x * (1.0 + 0.044715 * x * x)))
+
+
+@cuda.jit(cache=True)
+def gelu_backward_kernel(dpre, pre, dout):
+    N, F = pre.shape
+    i = cuda.grid(1)
+    if i < N * F:
+        r, c = i // F, i % F
+        x = pre[r, c]
+        t = math.tanh(GELU_SCALE * x * (1.0 + 0.044715 * x * x))
+        dt = GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x)
+        dpre[r, c] = dout[r, c] * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dt)
+
+
+def bias_gelu_forward(out, pre, bias, stream=0):
+    n = pre.shape[0] * pre.shape[1]
+    bias_gelu_forward_kernel[(n + 255) // 256, 256, stream](out, pre, bias)
+
+
+def gelu_backward(dpre, pre, dout, stream=0):
+    n = pre.shape[0] * pre.shape[1]
+    gelu_backward_kernel[(n + 255) // 256, 256, stream](dpre, pre, dout)

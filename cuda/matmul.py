@@ -17,3 +17,43 @@ def matmul_forward_ref(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None
 def matmul_backward_ref(dout: np.ndarray, x: np.ndarray, w: np.ndarray):
     """Returns (dx, dw, db) for dout (N, OC)."""
     return dout @ w, dout.T @ x, dout.sum(axis=0)
+
+
+# ---- CUDA ------------------------------------------------------------------------------------
+# The products themselves are cuBLAS GEMMs (koifish_cuda.gemm); these kernels do the rest.
+import koifish_cuda.compat  # noqa: E402,F401
+from numba import cuda, float32  # noqa: E402
+
+
+@cuda.jit(cache=True)
+def add_bias_kernel(out, bias):
+    N, C = out.shape
+    i = cuda.grid(1)
+    if i < N * C:
+        out[i // C, i % C] += bias[i % C]
+
+
+@cuda.jit(cache=True)
+def bias_grad_kernel(dbias, dout, rows_per_block):
+    """dbias += column sums of dout (N, C): a thread per column over a slab of rows, one atomic
+    add per column per slab (coalesced reads across the threads of a block)."""
+    N, C = dout.shape
+    c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if c >= C:
+        return
+    start = cuda.blockIdx.y * rows_per_block
+    s = float32(0.0)
+    for r in range(start, min(start + rows_per_block, N)):
+        s += dout[r, c]
+    cuda.atomic.add(dbias, c, s)
+
+
+def add_bias(out, bias, stream=0):
+    n = out.shape[0] * out.shape[1]
+    add_bias_kernel[(n + 255) // 256, 256, stream](out, bias)
+
+
+def bias_grad(dbias, dout, stream=0, rows_per_block=256):
+    N, C = dout.shape
+    grid = ((C + 127) // 128, (N + rows_per_block - 1) // rows_per_block)
+    bias_grad_kernel[grid, 128, stream](dbias, dout, rows_per_block)
