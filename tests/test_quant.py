@@ -109,6 +109,7 @@ def test_awq_round_trip_is_exact():
     scales = (rng.random((N, K // G)) * 0.01 + 1e-3).astype(np.float16)
     qweight, qzeros, s = awq_pack(codes, zeros, scales)
     assert qweight.shape == (K, N // 8) and qzeros.shape == (K // G, N // 8) and s.shape == (K // G, N)
+    assert qweight.flags.c_contiguous and qzeros.flags.c_contiguous  # safetensors saves memory as it lies
     qw = awq_unpack(qweight, qzeros, s, G)
     np.testing.assert_array_equal(qw.codes(), codes)
     np.testing.assert_array_equal(qw.zeros, zeros)

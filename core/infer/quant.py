@@ -107,7 +107,8 @@ def _fields(words: np.ndarray, bits: int) -> np.ndarray:
 def _words(fields: np.ndarray, bits: int) -> np.ndarray:
     """Inverse of _fields: (..., W, 32/bits) -> int32 (..., W)."""
     shifts = np.arange(0, 32, bits, dtype=np.uint32)
-    return np.bitwise_or.reduce(fields.astype(np.uint32) << shifts, axis=-1).view(np.int32)
+    # C order matters: safetensors writes an array's memory as it lies
+    return np.ascontiguousarray(np.bitwise_or.reduce(fields.astype(np.uint32) << shifts, axis=-1)).view(np.int32)
 
 
 def _awq_unpack_cols(packed: np.ndarray) -> np.ndarray:
