@@ -57,6 +57,8 @@ def adamw_kernel(params, grads, m, v, decay_mask, norm_sq, hyper):
     lr, b1, b2, eps, wd, bc1, bc2, clip = (hyper[0], hyper[1], hyper[2], hyper[3], hyper[4], hyper[5],
                                           hyper[6], hyper[7])
     norm = math.sqrt(norm_sq[0])
+    if not norm < 3.0e38:  # NaN or Inf gradients: skip the update everywhere (the trainer logs it)
+        return
     scale = float32(1.0)
     if clip > 0.0 and norm > clip:
         scale = clip / (norm + 1e-6)

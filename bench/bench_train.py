@@ -1,0 +1,181 @@
+"""GPT-2 training throughput: koifish's CUDA engine against PyTorch on the same GPU, same run.
+
+    python bench/bench_train.py --sizes 124M,355M --batch 16 --steps 30 --out bench/train.json
+
+Each framework runs in its own subprocess (so peak memory is its own): random tokens, T=1024,
+warm-up steps, then `--steps` timed steps. PyTorch gets what a user would pick: torch.compile,
+bf16 autocast, SDPA (flash) attention, fused AdamW, the same B, T, model and optimizer.
+Prints a table; writes JSON with the GPU name and the koifish commit. torch is a benchmark
+reference only, never a koifish dependency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+SIZES = {"124M": (12, 12, 768), "355M": (24, 16, 1024), "774M": (36, 20, 1280), "1558M": (48, 25, 1600)}
+H100_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM, for MFU
+
+
+def flops_per_token(L, C, T, n_params):
+    return 6 * n_params + 12 * L * T * C
+
+
+def run_koifish(size, B, T, steps, warmup):
+    import numpy as np
+
+    import koifish_cuda.compat  # noqa: F401
+    import cupy as cp
+
+    from koifish_core.config.load import build_case
+    from koifish_core.engine.cuda_gpt2 import CUDAEngine
+
+    L, H, C = SIZES[size]
+    case = build_case({"model": {"n_layer": L, "n_head": H, "n_embd": C, "n_ctx": T},
+                       "data": {"batch_size": B, "seq_len": T}, "train": {"device": "cuda"}}, "bench")
+    t0 = time.perf_counter()
+    eng = CUDAEngine(case)
+    rng = np.random.default_rng(0)
+    batch = lambda: (rng.integers(0, 50257, (B, T)), rng.integers(0, 50257, (B, T)))  # noqa: E731
+    eng.train_step([batch()], 1e-4)
+    first = time.perf_counter() - t0
+    for _ in range(warmup):
+        eng.train_step([batch()], 1e-4)
+    cp.cuda.Device().synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        r = eng.train_step([batch()], 1e-4)
+    dt = time.perf_counter() - t0
+    return {"tokens_per_s": steps * B * T / dt, "first_step_s": first, "loss": r.loss,
+            "peak_vram_bytes": cp.get_default_memory_pool().total_bytes(), "n_params": eng.n_params}
+
+
+def run_torch(size, B, T, steps, warmup):
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    L, H, C = SIZES[size]
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.ln_2 = nn.LayerNorm(C), nn.LayerNorm(C)
+            self.c_attn, self.c_proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
+            self.c_fc, self.mlp_proj = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
+
+        def forward(self, x):
+            Bx, Tx, _ = x.shape
+            q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+            q, k, v = (t.view(Bx, Tx, H, C // H).transpose(1, 2) for t in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(Bx, Tx, C)
+            x = x + self.c_proj(y)
+            return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.wpe = nn.Embedding(50304, C), nn.Embedding(T, C)
+            self.h = nn.ModuleList(Block() for _ in range(L))
+            self.ln_f = nn.LayerNorm(C)
+
+        def forward(self, idx, targets):
+            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+            for b in self.h:
+                x = b(x)
+            logits = self.ln_f(x) @ self.wte.weight.T
+            return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    t0 = time.perf_counter()
+    model = GPT().cuda()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                            lr=1e-4, betas=(0.9, 0.95), fused=True)
+    cmodel = torch.compile(model)
+
+    def step():
+        x = torch.randint(0, 50257, (B, T), device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = cmodel(x, x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    step().item()
+    first = time.perf_counter() - t0
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    loss.item()
+    dt = time.perf_counter() - t0
+    n_params = sum(p.numel() for p in model.parameters()) - (50304 - 50257) * C
+    return {"tokens_per_s": steps * B * T / dt, "first_step_s": first, "loss": float(loss),
+            "peak_vram_bytes": torch.cuda.max_memory_allocated(), "n_params": n_params}
+
+
+def child(args):
+    fn = run_koifish if args.child == "koifish" else run_torch
+    res = fn(args.size, args.batch, args.seq, args.steps, args.warmup)
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="124M")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--frameworks", default="koifish,torch")
+    ap.add_argument("--out", default="bench/train.json")
+    ap.add_argument("--child", default=None)
+    ap.add_argument("--size", default=None)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+    rows = []
+    for size in args.sizes.split(","):
+        for fw in args.frameworks.split(","):
+            cmd = [sys.executable, __file__, "--child", fw, "--size", size, "--batch", str(args.batch),
+                   "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            if proc.returncode or not line:
+                rows.append({"size": size, "framework": fw, "error": (proc.stderr or proc.stdout)[-1500:]})
+                print(f"{size} {fw}: FAILED\n{rows[-1]['error']}", flush=True)
+                continue
+            res = json.loads(line[0][7:])
+            L, H, C = SIZES[size]
+            res["mfu"] = flops_per_token(L, C, args.seq, res["n_params"]) * res["tokens_per_s"] / H100_BF16_PEAK
+            rows.append({"size": size, "framework": fw, **res})
+            print(f"{size} {fw}: {res['tokens_per_s']:,.0f} tok/s, MFU {res['mfu']:.1%}, "
+                  f"peak {res['peak_vram_bytes'] / 2**30:.1f} GiB, first step {res['first_step_s']:.1f} s", flush=True)
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    report = {"gpu": gpu, "commit": commit, "batch": args.batch, "seq": args.seq, "steps": args.steps, "rows": rows}
+    print(f"\n{'size':>6} {'framework':>9} {'tok/s':>10} {'MFU':>6} {'VRAM GiB':>9} {'1st step s':>10}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['size']:>6} {r['framework']:>9} {'failed':>10}")
+        else:
+            print(f"{r['size']:>6} {r['framework']:>9} {r['tokens_per_s']:>10,.0f} {r['mfu']:>6.1%} "
+                  f"{r['peak_vram_bytes'] / 2**30:>9.1f} {r['first_step_s']:>10.1f}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""The CUDA engine: GPT-2 resident on the GPU, Numba kernels + cuBLAS, the step replayed as
+CUDA graphs.
+
+Everything lives in preallocated CuPy buffers (shapes below, N = B*T rows, BH = B*n_head), so a
+step launches no allocation and can be captured once and replayed: three graphs, `zero`
+(gradients and accumulators), `micro` (forward + backward of one micro-batch, adding into the
+gradients) and `update` (global norm, clipping and AdamW, one kernel over all tensors). A Python
+launch costs ~50 us on an H100 and a step has several hundred launches; a replay costs a few us.
+
+This first engine keeps activations and weights in float32 and runs the GEMMs on TF32 tensor
+cores; parameters, names and shapes are exactly the CPU model's, so checkpoints move between
+the two engines unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+import koifish_cuda.compat  # noqa: F401  (before numba compiles)
+from koifish_core.engine.base import StepResult
+from koifish_core.errors import KoifishError
+from koifish_core.models.gpt2 import GPT2, GPT2Config, _views
+from koifish_core.train.checkpoint import copy_into
+
+
+class CUDAEngine:
+    def __init__(self, case, seed: int | None = None):
+        try:
+            import cupy as cp
+            from numba import cuda
+        except ImportError as e:
+            raise KoifishError(f"the CUDA engine needs CuPy and numba-cuda ({e}); pip install 'koifish[cuda12]' "
+                               "or 'koifish[cuda13]'") from None
+        if cp.cuda.runtime.getDeviceCount() == 0:
+            raise KoifishError("--device cuda: no CUDA GPU is visible")
+        from koifish_cuda.gemm import use_tf32
+
+        self.cp, self.case = cp, case
+        self.cfg = cfg = GPT2Config.from_model_config(case.model)
+        host = GPT2(cfg, dtype=np.float32)
+        host.init_weights(case.seed if seed is None else seed)
+        self.n_params = host.num_parameters()
+        self.shapes = cfg.param_shapes()
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        self.ns = cuda.external_stream(self.stream.ptr)
+        with self.stream:
+            use_tf32(True)
+            self.params = cp.asarray(host.params)
+            self.grads = cp.zeros_like(self.params)
+            self.m = cp.zeros_like(self.params)
+            self.v = cp.zeros_like(self.params)
+            self.decay = cp.asarray(host.decay_mask().astype(np.uint8))
+            self.p = _views(self.params, self.shapes)
+            self.g = _views(self.grads, self.shapes)
+            self._alloc(case.data.batch_size, case.data.seq_len)
+        self.adam_step = 0
+        self.graphs = None
+
+    # ---- buffers ------------------------------------------------------------------------------
+    def _alloc(self, B: int, T: int) -> None:
+        cp, cfg = self.cp, self.cfg
+        C, F, L, nh, Vp = cfg.n_embd, cfg.d_ff, cfg.n_layer, cfg.n_head, cfg.padded_vocab_size
+        N, BH, hs = B * T, B * nh, C // nh
+        self.B, self.T, self.N, self.BH, self.hs = B, T, N, BH, hs
+        f = lambda *s: cp.zeros(s, dtype=cp.float32)  # noqa: E731
+        self.idx = cp.zeros((B, T), dtype=cp.int32)
+        self.targets = cp.zeros(N, dtype=cp.int32)
+        self.x0 = f(N, C)
+        self.act = [dict(ln1=f(N, C), m1=f(N), r1=f(N), qkv=f(N, 3 * C), q=f(BH, T, hs), k=f(BH, T, hs),
+                         v=f(BH, T, hs), att=f(BH, T, T), atty=f(N, C), res2=f(N, C), ln2=f(N, C), m2=f(N),
+                         r2=f(N), fch=f(N, F), fch_gelu=f(N, F), res3=f(N, C)) for _ in range(L)]
+        self.lnf, self.mf, self.rf = f(N, C), f(N), f(N)
+        self.logits, self.losses, self.loss_sum = f(N, Vp), f(N), f(1)
+        # scratch shared by the layers
+        self.yh, self.dyh, self.dqh, self.dkh, self.dvh = (f(BH, T, hs) for _ in range(5))
+        self.datt = f(BH, T, T)
+        self.proj, self.dres, self.dln = f(N, C), f(N, C), f(N, C)
+        self.dqkv, self.dfch = f(N, 3 * C), f(N, F)
+        self.norm_sq = f(1)
+        self.hyper = f(8)
+
+    # ---- the step, as kernels -----------------------------------------------------------------
+    def _forward(self, dloss: float) -> None:
+        from koifish_cuda.attention import merge_heads, softmax_causal_forward, split_heads
+        from koifish_cuda.classifier import fused_classifier
+        from koifish_cuda.embedding import encoder_forward
+        from koifish_cuda.gelu import bias_gelu_forward
+        from koifish_cuda.gemm import batched_gemm, gemm
+        from koifish_cuda.layernorm import layernorm_forward
+        from koifish_cuda.matmul import add_bias
+        from koifish_cuda.residual import residual_forward
+
+        p, s, C = self.p, self.ns, self.cfg.n_embd
+        scale = 1.0 / math.sqrt(self.hs)
+        encoder_forward(self.x0, self.idx, p["wte"], p["wpe"], s)
+        resid = self.x0
+        for l, a in enumerate(self.act):
+            h = f"h.{l}."
+            layernorm_forward(a["ln1"], a["m1"], a["r1"], resid, p[h + "ln_1.weight"], p[h + "ln_1.bias"], s)
+            gemm(a["qkv"], a["ln1"], p[h + "attn.c_attn.weight"], trans_b=True)
+            add_bias(a["qkv"], p[h + "attn.c_attn.bias"], s)
+            for i, dst in enumerate((a["q"], a["k"], a["v"])):
+                split_heads(dst, a["qkv"], i * C, s)
+            batched_gemm(a["att"], a["q"], a["k"], trans_b=True)  # (BH, T, T) scores
+            softmax_causal_forward(a["att"], scale, s)
+            batched_gemm(self.yh, a["att"], a["v"])  # (BH, T, hs)
+            merge_heads(a["atty"], self.yh, 0, s)
+            gemm(self.proj, a["atty"], p[h + "attn.c_proj.weight"], trans_b=True)
+            add_bias(self.proj, p[h + "attn.c_proj.bias"], s)
+            residual_forward(a["res2"], resid, self.proj, s)
+            layernorm_forward(a["ln2"], a["m2"], a["r2"], a["res2"], p[h + "ln_2.weight"], p[h + "ln_2.bias"], s)
+            gemm(a["fch"], a["ln2"], p[h + "mlp.c_fc.weight"], trans_b=True)
+            bias_gelu_forward(a["fch_gelu"], a["fch"], p[h + "mlp.c_fc.bias"], s)
+            gemm(self.proj, a["fch_gelu"], p[h + "mlp.c_proj.weight"], trans_b=True)
+            add_bias(self.proj, p[h + "mlp.c_proj.bias"], s)
+            residual_forward(a["res3"], a["res2"], self.proj, s)
+            resid = a["res3"]
+        layernorm_forward(self.lnf, self.mf, self.rf, resid, p["ln_f.weight"], p["ln_f.bias"], s)
+        gemm(self.logits, self.lnf, p["wte"], trans_b=True)  # (N, Vp); padded rows of wte are zero
+        fused_classifier(self.logits, self.losses, self.loss_sum, self.targets, self.cfg.vocab_size, dloss, s)
+
+    def _backward(self) -> None:
+        from koifish_cuda.attention import merge_heads, softmax_causal_backward, split_heads
+        from koifish_cuda.embedding import encoder_backward
+        from koifish_cuda.gelu import gelu_backward
+        from koifish_cuda.gemm import batched_gemm, gemm
+        from koifish_cuda.layernorm import layernorm_backward
+        from koifish_cuda.matmul import bias_grad
+
+        p, g, s, C = self.p, self.g, self.ns, self.cfg.n_embd
+        scale = 1.0 / math.sqrt(self.hs)
+        dlogits = self.logits  # the classifier wrote the gradient over the logits
+        gemm(g["wte"], dlogits, self.lnf, trans_a=True, beta=1.0)  # (Vp, C) += dlogits^T lnf
+        gemm(self.dln, dlogits, p["wte"])  # (N, C)
+        self.dres.fill(0)
+        last = self.act[-1]["res3"]
+        layernorm_backward(self.dres, g["ln_f.weight"], g["ln_f.bias"], self.dln, last, p["ln_f.weight"],
+                           self.mf, self.rf, s)
+        for l in reversed(range(self.cfg.n_layer)):
+            a, h = self.act[l], f"h.{l}."
+            resid_in = self.x0 if l == 0 else self.act[l - 1]["res3"]
+            # MLP: res3 = res2 + c_proj(gelu(c_fc(ln2(res2))))
+            bias_grad(g[h + "mlp.c_proj.bias"], self.dres, s)
+            gemm(g[h + "mlp.c_proj.weight"], self.dres, a["fch_gelu"], trans_a=True, beta=1.0)
+            gemm(self.dfch, self.dres, p[h + "mlp.c_proj.weight"])
+            gelu_backward(self.dfch, a["fch"], self.dfch, s)
+            bias_grad(g[h + "mlp.c_fc.bias"], self.dfch, s)
+            gemm(g[h + "mlp.c_fc.weight"], self.dfch, a["ln2"], trans_a=True, beta=1.0)
+            gemm(self.dln, self.dfch, p[h + "mlp.c_fc.weight"])
+            layernorm_backward(self.dres, g[h + "ln_2.weight"], g[h + "ln_2.bias"], self.dln, a["res2"],
+                               p[h + "ln_2.weight"], a["m2"], a["r2"], s)
+            # attention: res2 = resid_in + c_proj(attn(c_attn(ln1(resid_in))))
+            bias_grad(g[h + "attn.c_proj.bias"], self.dres, s)
+            gemm(g[h + "attn.c_proj.weight"], self.dres, a["atty"], trans_a=True, beta=1.0)
+            gemm(self.dln, self.dres, p[h + "attn.c_proj.weight"])  # d(atty)
+            split_heads(self.dyh, self.dln, 0, s)
+            batched_gemm(self.datt, self.dyh, a["v"], trans_b=True)
+            batched_gemm(self.dvh, a["att"], self.dyh, trans_a=True)
+            softmax_causal_backward(self.datt, a["att"], scale, s)
+            batched_gemm(self.dqh, self.datt, a["k"])
+            batched_gemm(self.dkh, self.datt, a["q"], trans_a=True)
+            for i, src in enumerate((self.dqh, self.dkh, self.dvh)):
+                merge_heads(self.dqkv, src, i * C, s)
+            bias_grad(g[h + "attn.c_attn.bias"], self.dqkv, s)
+            gemm(g[h + "attn.c_attn.weight"], self.dqkv, a["ln1"], trans_a=True, beta=1.0)
+            gemm(self.dln, self.dqkv, p[h + "attn.c_attn.weight"])
+            layernorm_backward(self.dres, g[h + "ln_1.weight"], g[h + "ln_1.bias"], self.dln, resid_in,
+                               p[h + "ln_1.weight"], a["m1"], a["r1"], s)
+        encoder_backward(g["wte"], g["wpe"], self.dres, self.idx, s)
+
+    def _zero(self) -> None:
+        self.grads.fill(0)
+        self.loss_sum.fill(0)
+        self.norm_sq.fill(0)
+
+    def _update(self) -> None:
+        from koifish_cuda.adamw import adamw_update, sum_squares
+
+        sum_squares(self.norm_sq, self.grads, self.ns)
+        adamw_update(self.params, self.grads, self.m, self.v, self.decay, self.norm_sq, self.hyper, self.ns)
+
+    def _capture(self, accum: int) -> None:
+        """Run each phase once eagerly (cuBLAS and CuPy set up their workspaces), then capture."""
+        cp = self.cp
+        dloss = 1.0 / (self.N * accum)
+        phases = {"zero": self._zero, "micro": lambda: (self._forward(dloss), self._backward()), "update": self._update}
+        saved = (self.params.copy(), self.m.copy(), self.v.copy())
+        with self.stream:
+            for fn in phases.values():
+                fn()
+            self.stream.synchronize()
+            self.params[...], self.m[...], self.v[...] = saved  # the warm-up must not count as a step
+            graphs = {}
+            for name, fn in phases.items():
+                self.stream.begin_capture()
+                fn()
+                graphs[name] = self.stream.end_capture()
+        self.graphs, self.graph_accum = graphs, accum
+        cp.cuda.Device().synchronize()
+
+    # ---- the Engine interface -------------------------------------------------------------------
+    def _load_batch(self, x, y) -> None:
+        self.idx.set(np.ascontiguousarray(x, dtype=np.int32), stream=self.stream)
+        self.targets.set(np.ascontiguousarray(y, dtype=np.int32).reshape(-1), stream=self.stream)
+
+    def train_step(self, batches, lr: float) -> StepResult:
+        opt = self.case.optimizer
+        if self.graphs is None or self.graph_accum != len(batches):
+            self._capture(len(batches))
+        self.adam_step += 1
+        t = self.adam_step
+        hyper = np.array([lr, opt.beta1, opt.beta2, opt.eps, opt.weight_decay, 1 - opt.beta1**t, 1 - opt.beta2**t,
+                          opt.grad_clip], dtype=np.float32)
+        self.graphs["zero"].launch(self.stream)
+        for x, y in batches:
+            self._load_batch(x, y)
+            self.graphs["micro"].launch(self.stream)
+        self.hyper.set(hyper, stream=self.stream)
+        self.graphs["update"].launch(self.stream)
+        loss = float(self.loss_sum.get(stream=self.stream)[0])  # one sync per step
+        norm = math.sqrt(float(self.norm_sq.get(stream=self.stream)[0]))
+        applied = math.isfinite(norm)
+        if not applied:
+            self.adam_step -= 1  # the kernel skipped the update: Adam's clock does not move
+        return StepResult(loss, norm, applied=applied)
+
+    def eval_loss(self, x, y) -> float:
+        with self.stream:
+            self.loss_sum.fill(0)
+            self._load_batch(x, y)
+            self._forward(1.0 / self.N)
+            return float(self.loss_sum.get(stream=self.stream)[0])
+
+    def model_tensors(self) -> dict[str, np.ndarray]:
+        self.stream.synchronize()
+        return {k: self.cp.asnumpy(v) for k, v in self.p.items()}
+
+    def optim_tensors(self) -> dict[str, np.ndarray]:
+        self.stream.synchronize()
+        return {"m": self.cp.asnumpy(self.m), "v": self.cp.asnumpy(self.v),
+                "step": np.array([self.adam_step], dtype=np.int64)}
+
+    def load_tensors(self, model, optim, where) -> None:
+        host = {k: np.empty(s, np.float32) for k, s in self.shapes.items()}
+        copy_into(host, model, where)
+        with self.stream:
+            for k, v in host.items():
+                self.p[k].set(v, stream=self.stream)
+            if optim is not None:
+                flat = {"m": np.empty(self.params.size, np.float32), "v": np.empty(self.params.size, np.float32)}
+                copy_into(flat, {k: optim[k] for k in ("m", "v") if k in optim}, where)
+                self.m.set(flat["m"], stream=self.stream)
+                self.v.set(flat["v"], stream=self.stream)
+                self.adam_step = int(optim["step"][0])
+        self.stream.synchronize()
