@@ -45,7 +45,7 @@ def attention_backward_ref(dout: np.ndarray, qkv: np.ndarray, att: np.ndarray, n
 
 
 # ---- CUDA ------------------------------------------------------------------------------------
-# The products q k^T, att v and their gradients are batched cuBLAS GEMMs (koifish_cuda.gemm);
+# The products q k^T, att v and their gradients are batched cuBLAS GEMMs (koifish_cuda.cublas_raw);
 # these kernels move heads in and out of (B*nh, T, hs) and do the causal softmax.
 import math  # noqa: E402
 

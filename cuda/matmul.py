@@ -20,7 +20,7 @@ def matmul_backward_ref(dout: np.ndarray, x: np.ndarray, w: np.ndarray):
 
 
 # ---- CUDA ------------------------------------------------------------------------------------
-# The products themselves are cuBLAS GEMMs (koifish_cuda.gemm); these kernels do the rest.
+# The products themselves are cuBLAS GEMMs (koifish_cuda.cublas_raw); these kernels do the rest.
 import koifish_cuda.compat  # noqa: E402,F401
 from numba import cuda, float32  # noqa: E402
 

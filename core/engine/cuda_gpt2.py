@@ -35,7 +35,7 @@ class CUDAEngine:
                                "or 'koifish[cuda13]'") from None
         if cp.cuda.runtime.getDeviceCount() == 0:
             raise KoifishError("--device cuda: no CUDA GPU is visible")
-        from koifish_cuda.gemm import use_tf32
+        from koifish_cuda.cublas_raw import Cublas
 
         self.cp, self.case = cp, case
         self.cfg = cfg = GPT2Config.from_model_config(case.model)
@@ -46,7 +46,7 @@ class CUDAEngine:
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.ns = cuda.external_stream(self.stream.ptr)
         with self.stream:
-            use_tf32(True)
+            self.blas = Cublas(self.stream, tf32=True)
             self.params = cp.asarray(host.params)
             self.grads = cp.zeros_like(self.params)
             self.m = cp.zeros_like(self.params)
@@ -87,12 +87,12 @@ class CUDAEngine:
         from koifish_cuda.classifier import fused_classifier
         from koifish_cuda.embedding import encoder_forward
         from koifish_cuda.gelu import bias_gelu_forward
-        from koifish_cuda.gemm import batched_gemm, gemm
         from koifish_cuda.layernorm import layernorm_forward
         from koifish_cuda.matmul import add_bias
         from koifish_cuda.residual import residual_forward
 
         p, s, C = self.p, self.ns, self.cfg.n_embd
+        gemm, batched_gemm = self.blas.gemm, self.blas.batched_gemm
         scale = 1.0 / math.sqrt(self.hs)
         encoder_forward(self.x0, self.idx, p["wte"], p["wpe"], s)
         resid = self.x0
@@ -125,11 +125,11 @@ class CUDAEngine:
         from koifish_cuda.attention import merge_heads, softmax_causal_backward, split_heads
         from koifish_cuda.embedding import encoder_backward
         from koifish_cuda.gelu import gelu_backward
-        from koifish_cuda.gemm import batched_gemm, gemm
         from koifish_cuda.layernorm import layernorm_backward
         from koifish_cuda.matmul import bias_grad
 
         p, g, s, C = self.p, self.g, self.ns, self.cfg.n_embd
+        gemm, batched_gemm = self.blas.gemm, self.blas.batched_gemm
         scale = 1.0 / math.sqrt(self.hs)
         dlogits = self.logits  # the classifier wrote the gradient over the logits
         gemm(g["wte"], dlogits, self.lnf, trans_a=True, beta=1.0)  # (Vp, C) += dlogits^T lnf
