@@ -1,0 +1,92 @@
+"""Bandwidth of the memory-bound kernels against a device-to-device copy measured in the same run.
+
+    python bench/bench_kernels.py --out bench/kernels.json
+
+Bytes are the fewest each kernel must move (every input read once, every output written once);
+times are CUDA-event medians over repeated launches on GPT-2 124M shapes (B=8, T=1024).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+
+import numpy as np
+
+import koifish_cuda.compat  # noqa: F401
+
+
+def median_time(fn, reps=50):
+    import cupy as cp
+
+    fn()
+    times = []
+    for _ in range(reps):
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(cp.cuda.get_elapsed_time(a, b) / 1e3)
+    return float(np.median(times))
+
+
+def main():
+    import cupy as cp
+
+    from koifish_cuda.adamw import adamw_update, sum_squares
+    from koifish_cuda.attention import softmax_causal_forward
+    from koifish_cuda.classifier import fused_classifier
+    from koifish_cuda.gelu import bias_gelu_forward, gelu_backward
+    from koifish_cuda.layernorm import layernorm_backward, layernorm_forward
+    from koifish_cuda.residual import residual_forward
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench/kernels.json")
+    args = ap.parse_args()
+    B, T, C, nh, V, Vp = 8, 1024, 768, 12, 50257, 50304
+    N, F4 = B * T, 4 * 768
+    rnd = lambda *s: cp.random.standard_normal(s, dtype=cp.float32)  # noqa: E731
+    big = cp.empty(1 << 30, dtype=cp.uint8)
+    dst = cp.empty_like(big)
+    copy_bw = 2 * big.nbytes / median_time(lambda: dst.__setitem__(Ellipsis, big), 20)
+    del big, dst
+
+    x, w, b, out, mean, rstd = rnd(N, C), rnd(C), rnd(C), rnd(N, C), rnd(N), rnd(N)
+    dx, dw, db, dout = rnd(N, C), rnd(C), rnd(C), rnd(N, C)
+    pre, act = rnd(N, F4), rnd(N, F4)
+    att = rnd(B * nh, T, T)
+    logits, losses, loss_sum, targets = rnd(N, Vp), rnd(N), rnd(1), cp.random.randint(0, V, N).astype(cp.int32)
+    n_par = 124_475_904
+    params, grads, m, v = rnd(n_par), rnd(n_par), rnd(n_par), cp.abs(rnd(n_par))
+    mask, norm_sq = cp.ones(n_par, cp.uint8), cp.zeros(1, cp.float32)
+    hyper = cp.asarray(np.array([1e-4, 0.9, 0.95, 1e-8, 0.1, 0.1, 0.05, 0.0], np.float32))
+    f = 4  # bytes per float32
+    cases = [
+        ("layernorm_forward", lambda: layernorm_forward(out, mean, rstd, x, w, b), (2 * N * C + 2 * N) * f),
+        ("layernorm_backward", lambda: layernorm_backward(dx, dw, db, dout, x, w, mean, rstd), (4 * N * C + 2 * N) * f),
+        ("bias_gelu_forward", lambda: bias_gelu_forward(act, pre, w[:1].repeat(F4)), 3 * N * F4 * f),
+        ("gelu_backward", lambda: gelu_backward(act, pre, act), 3 * N * F4 * f),
+        ("residual_forward", lambda: residual_forward(out, x, dout), 3 * N * C * f),
+        ("softmax_causal (T=1024)", lambda: softmax_causal_forward(att, 0.125), 2 * att.size * f),
+        ("fused_classifier", lambda: fused_classifier(logits, losses, loss_sum, targets, V, 1.0 / N), 2 * N * Vp * f),
+        ("sum_squares (124M)", lambda: sum_squares(norm_sq, grads), n_par * f),
+        ("adamw (124M)", lambda: adamw_update(params, grads, m, v, mask, norm_sq, hyper), (7 * n_par * f + n_par)),
+    ]
+    rows = []
+    print(f"{'kernel':<26} {'time ms':>9} {'GB/s':>8} {'% copy':>7}")
+    for name, fn, nbytes in cases:
+        t = median_time(fn)
+        bw = nbytes / t
+        rows.append({"kernel": name, "ms": t * 1e3, "GBps": bw / 1e9, "share_of_copy": bw / copy_bw})
+        print(f"{name:<26} {t * 1e3:>9.3f} {bw / 1e9:>8.0f} {bw / copy_bw:>7.0%}")
+    print(f"{'device copy':<26} {'':>9} {copy_bw / 1e9:>8.0f} {1:>7.0%}")
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    with open(args.out, "w") as fh:
+        json.dump({"gpu": gpu, "commit": commit, "copy_GBps": copy_bw / 1e9, "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
