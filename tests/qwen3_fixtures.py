@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 
-def tiny_hf_qwen3(tie: bool = False, kv_heads: int = 2, seed: int = 0, vocab: int = 200):
+def tiny_hf_qwen3(tie: bool = False, kv_heads: int = 2, seed: int = 0, vocab: int = 200, n_ctx: int = 64):
     """A float32 transformers Qwen3ForCausalLM: hidden 64, 2 layers, 4 heads of 16, SwiGLU 128."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     cfg = Qwen3Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=16, tie_word_embeddings=tie,
-                      max_position_embeddings=64, rope_theta=10000.0, rms_norm_eps=1e-6)
+                      max_position_embeddings=n_ctx, rope_theta=10000.0, rms_norm_eps=1e-6)
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(cfg).eval()
     with torch.no_grad():
@@ -135,3 +137,42 @@ QWEN3_TOKENIZER_CONFIG = {
     "add_bos_token": False, "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
     "model_max_length": 131072, "tokenizer_class": "Qwen2Tokenizer", "chat_template": QWEN3_CHAT_TEMPLATE,
 }
+
+
+CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+CORPUS = ["The quick brown fox jumps over the lazy dog.", "Hello there! How are you today?",
+          "I think, therefore I am.", "def add(a, b):\n    return a + b\n", "你好，世界", "2 + 2 = 4"] * 20
+
+
+def tiny_chat_tokenizer():
+    """A byte-level BPE with Qwen's pre-tokenizer, trained on a few lines (~330 tokens), HF `tokenizers`."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    pattern = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=330, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.add_tokens([AddedToken(t, special=t.startswith("<|"), normalized=False) for t in CHAT_SPECIALS])
+    return tok
+
+
+def tiny_chat_folder(folder, seed: int = 0):
+    """A complete Qwen3 chat folder: weights, tokenizer.json, tokenizer_config.json, generation_config.json.
+
+    Returns (folder, transformers model, HF tokenizer)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = tiny_chat_tokenizer()
+    tok.save(str(folder / "tokenizer.json"))
+    model = tiny_hf_qwen3(tie=False, kv_heads=2, seed=seed, vocab=tok.get_vocab_size(), n_ctx=512)
+    model.save_pretrained(folder, safe_serialization=True)
+    (folder / "tokenizer_config.json").write_text(json.dumps(QWEN3_TOKENIZER_CONFIG))
+    im_end, eot = tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [im_end, eot], "do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95}))
+    return folder, model, tok
