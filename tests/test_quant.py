@@ -158,3 +158,64 @@ def test_gptq_plain_group_order_drops_g_idx():
     qw = gptq_unpack(*packed, bits=4, group_size=G)
     assert qw.g_idx is None
     assert isinstance(qw, QuantizedWeight) and np.all(qw.dequantize() == 0)
+
+
+# ---- perplexity at each bit width (quant_quality) ----
+
+def _gpt2_folder(tmp_path):
+    from koifish_core.models.gpt2 import GPT2, GPT2Config
+    from koifish_core.models.hf_gpt2 import save_hf_folder
+
+    model = GPT2(GPT2Config(vocab_size=97, n_ctx=16, n_layer=2, n_head=2, n_embd=32))
+    model.init_weights(0)
+    for view in model.param_views().values():
+        view *= 8.0  # larger weights than the init's, so rounding them moves the loss visibly
+    return save_hf_folder(model, tmp_path / "gpt2")
+
+
+def test_perplexity_by_bits_on_gpt2_matches_eval_and_reference_dequantization(tmp_path, tiny_data):
+    from koifish_core.infer.evaluate_model import evaluate_model
+    from koifish_core.infer.quant_quality import GPT2_LINEARS, perplexity_by_bits
+    from koifish_core.models.hf_gpt2 import load_hf_folder
+
+    folder = _gpt2_folder(tmp_path)
+    data = str(tiny_data / "tiny_val_*.bin")
+    results = perplexity_by_bits(folder, data, bits_list=(8, 4, 3), seq_len=16, batch_size=4, max_windows=10,
+                                 group_size=16)
+    assert [r.bits for r in results] == [32, 8, 4, 3]
+    fp = evaluate_model(folder, data, seq_len=16, batch_size=4, max_windows=10)
+    assert results[0].loss == pytest.approx(fp.loss, rel=1e-6) and results[0].tokens == fp.tokens
+
+    from koifish_core.data.loader import iter_windows, resolve_paths
+
+    windows = list(iter_windows(resolve_paths(data), 16))[:10]
+    x, y = np.stack([w[0] for w in windows]), np.stack([w[1] for w in windows])
+    for r in results[1:]:
+        model = load_hf_folder(folder)
+        for name, view in model.param_views().items():
+            if name.endswith(GPT2_LINEARS):
+                codes, scales, zeros = quantize_groupwise_ref(view, r.bits, 16)
+                view[...] = dequantize_groupwise_ref(codes, scales, zeros, 16)
+        assert r.loss == pytest.approx(float(model.forward(x, y)[1]), rel=1e-5)
+    gaps = [abs(r.loss - results[0].loss) for r in results[1:]]
+    assert gaps[0] < gaps[2] and gaps[0] < 0.05
+
+
+def test_perplexity_by_bits_on_a_qwen3_folder(tmp_path, tiny_data):
+    pytest.importorskip("torch")
+    from koifish_core.infer.quant_quality import perplexity_by_bits
+    from tests.qwen3_fixtures import tiny_hf_qwen3
+
+    tiny_hf_qwen3(seed=4).save_pretrained(tmp_path / "q", safe_serialization=True)
+    results = perplexity_by_bits(tmp_path / "q", str(tiny_data / "tiny_val_*.bin"), bits_list=(8, 3), seq_len=16,
+                                 max_windows=6, group_size=32)
+    assert [r.bits for r in results] == [32, 8, 3]
+    from koifish_core.data.loader import iter_windows, resolve_paths
+    from koifish_core.models.hf_qwen3 import load_hf_folder
+
+    windows = list(iter_windows(resolve_paths(str(tiny_data / "tiny_val_*.bin")), 16))[:6]
+    x, y = np.stack([w[0] for w in windows]), np.stack([w[1] for w in windows])
+    for r in results:  # the same losses through the quantize-at-load path (QuantizedWeight, not float copies)
+        model = load_hf_folder(tmp_path / "q", bits=None if r.bits == 32 else r.bits, group_size=32)
+        assert r.loss == pytest.approx(model.forward(x, y)[1], rel=1e-5)
+    assert results[2].loss != results[0].loss

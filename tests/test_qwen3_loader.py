@@ -221,3 +221,24 @@ def test_registry_dispatches_and_names_what_it_supports(src, tmp_path):
     (odd / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelError, match="quant_method 'bitsandbytes' is not supported; expected awq, gptq or koifish"):
         load_hf_folder(odd)
+
+
+def test_generate_and_eval_open_qwen3_folders(src, hf_model, tmp_path):
+    from koifish_core.data.shards import write_shard
+    from koifish_core.infer.evaluate_model import evaluate_model
+    from koifish_core.infer.generate_cli import generate_from_path
+    from tests.qwen3_fixtures import hf_greedy
+
+    result = generate_from_path(src, prompt=None, prompt_ids="5,17,99", max_new_tokens=6, temperature=0.0,
+                                top_k=None, seed=None)
+    assert result.ids == hf_greedy(hf_model, [5, 17, 99], 6) and result.text is None  # no tokenizer files
+    tokens = np.random.default_rng(9).integers(0, 200, 4 * 16 + 1).astype(np.uint32)
+    write_shard(tmp_path / "val_000000.bin", tokens, dtype=np.uint32)
+    got = evaluate_model(src, str(tmp_path / "val_*.bin"), seq_len=16, batch_size=2)
+    x, y = tokens[:-1].reshape(4, 16), tokens[1:].reshape(4, 16)
+    with torch.no_grad():
+        ref = hf_model(torch.tensor(x.astype(np.int64)), labels=torch.tensor(x.astype(np.int64)))
+    logits = ref.logits.numpy().astype(np.float64)  # loss over the same 64 targets, from transformers' logits
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    expected = float(np.mean(lse - np.take_along_axis(logits, y[..., None].astype(np.int64), -1)[..., 0]))
+    assert got.tokens == 64 and got.loss == pytest.approx(expected, rel=1e-5)
