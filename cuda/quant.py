@@ -69,3 +69,94 @@ def unpack_codes_ref(packed: np.ndarray, bits: int, K: int) -> np.ndarray:
 def dequant_matmul_ref(x: np.ndarray, codes, scales, zeros, group_size: int, g_idx=None) -> np.ndarray:
     """x (M, K) @ dequant(W).T -> (M, N): what the fused dequantize + GEMV/GEMM kernels compute."""
     return x @ dequantize_groupwise_ref(codes, scales, zeros, group_size, g_idx, dtype=x.dtype).T
+
+
+# ---- CUDA ------------------------------------------------------------------------------------
+# On the device a packed row is read as uint32 words (the same little-endian bit stream), and
+# 32 codes fill exactly `bits` words for bits in (3, 4, 8): a thread takes such a chunk whole.
+# Groups are multiples of 32 codes, so a chunk sits in one group: one scale and zero per chunk.
+# Scales are float32 on the device (converted once at load; 1/32 of the 4-bit weight bytes).
+import koifish_cuda.compat  # noqa: E402,F401
+from koifish_cuda.reduce import THREADS, block_sum  # noqa: E402
+from numba import cuda, float32  # noqa: E402
+
+MAX_BATCH = 8  # rows of x the decode kernel handles in one pass (decode batch 1 to 8)
+
+
+@cuda.jit(device=True)
+def _code(words, n, c, j, bits, mask):
+    """Code j (0..31) of chunk c in row n."""
+    off = j * bits
+    w = c * bits + (off >> 5)
+    sh = off & 31
+    v = words[n, w] >> sh
+    if sh + bits > 32:  # a 3-bit code straddling two words
+        v |= words[n, w + 1] << (32 - sh)
+    return v & mask
+
+
+@cuda.jit(cache=True)
+def dequant_matvec_kernel(out, x, words, scales, zeros, bits, group_size):
+    """out (M, N) = x (M, K) @ dequant(W).T; one block per output row n, M <= MAX_BATCH.
+
+    Every weight is read once for all M rows of x: decode is bound by reading the weights.
+    """
+    M, K = x.shape
+    n, t = cuda.blockIdx.x, cuda.threadIdx.x
+    buf = cuda.shared.array(THREADS, float32)
+    acc = cuda.local.array(MAX_BATCH, float32)
+    for m in range(MAX_BATCH):
+        acc[m] = 0.0
+    mask = (1 << bits) - 1
+    for c in range(t, K // 32, THREADS):
+        g = (c * 32) // group_size
+        s = scales[n, g]
+        z = float32(zeros[n, g])
+        for j in range(32):
+            w = (float32(_code(words, n, c, j, bits, mask)) - z) * s
+            k = c * 32 + j
+            for m in range(M):
+                acc[m] += w * x[m, k]
+    for m in range(M):
+        total = block_sum(acc[m], buf)
+        if t == 0:
+            out[m, n] = total
+
+
+@cuda.jit(cache=True)
+def dequantize_kernel(out, words, scales, zeros, bits, group_size):
+    """out (N, K) float32 = dequant(W): the scratch matrix a prefill GEMM (cuBLAS) reads."""
+    N, K = out.shape
+    chunks = K // 32
+    mask = (1 << bits) - 1
+    i = cuda.grid(1)
+    if i >= N * chunks:
+        return
+    n, c = i // chunks, i % chunks
+    g = (c * 32) // group_size
+    s = scales[n, g]
+    z = float32(zeros[n, g])
+    for j in range(32):
+        out[n, c * 32 + j] = (float32(_code(words, n, c, j, bits, mask)) - z) * s
+
+
+def _check(K: int, bits: int, group_size: int) -> None:
+    if bits not in SUPPORTED_BITS or K % 32 or group_size % 32:
+        raise ValueError(f"device kernels need bits in {SUPPORTED_BITS} and K, group_size multiples of 32; "
+                         f"got bits {bits}, K {K}, group_size {group_size}")
+
+
+def dequant_matvec(out, x, words, scales, zeros, bits: int, group_size: int, stream=0):
+    """words: the packed rows viewed as uint32 (N, K*bits/32); scales float32 (N, ng); zeros uint8."""
+    M, K = x.shape
+    _check(K, bits, group_size)
+    if M > MAX_BATCH:
+        raise ValueError(f"dequant_matvec handles up to {MAX_BATCH} rows of x; use dequantize + GEMM for {M}")
+    dequant_matvec_kernel[out.shape[1], THREADS, stream](out, x, words, scales, zeros, bits, group_size)
+
+
+def dequantize(out, words, scales, zeros, bits: int, group_size: int, stream=0):
+    N, K = out.shape
+    _check(K, bits, group_size)
+    total = N * (K // 32)
+    dequantize_kernel[(total + THREADS - 1) // THREADS, THREADS, stream](out, words, scales, zeros, bits, group_size)

@@ -219,3 +219,29 @@ def test_perplexity_by_bits_on_a_qwen3_folder(tmp_path, tiny_data):
         model = load_hf_folder(tmp_path / "q", bits=None if r.bits == 32 else r.bits, group_size=32)
         assert r.loss == pytest.approx(model.forward(x, y)[1], rel=1e-5)
     assert results[2].loss != results[0].loss
+
+
+# ---- device kernels (GPU when present, else Numba's simulator) ----
+
+@pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerformanceWarning")
+@pytest.mark.parametrize("bits", [8, 4, 3])
+def test_dequant_kernels_match_the_reference(bits):
+    from koifish_cuda.quant import dequant_matvec, dequantize
+    from tests.cuda_harness import ON_GPU, dev, host, rel_err
+
+    rng = np.random.default_rng()
+    N, K, G, M = (4096, 4096, 128, 4) if ON_GPU else (3, 64, 32, 2)
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    codes, scales, zeros = quantize_groupwise_ref(w, bits, G)
+    words = pack_codes_ref(codes, bits).view(np.uint32)  # the same bit stream, read 32 bits at a time
+    ref = dequantize_groupwise_ref(codes, scales, zeros, G, dtype=np.float64)
+    d_words, d_scales, d_zeros = dev(words), dev(scales.astype(np.float32)), dev(zeros)
+    out = dev(np.full((N, K), np.nan, np.float32))
+    dequantize(out, d_words, d_scales, d_zeros, bits, G)
+    assert rel_err(host(out), ref) < 1e-6
+    x = rng.standard_normal((M, K))
+    y = dev(np.full((M, N), np.nan, np.float32))
+    dequant_matvec(y, dev(x.astype(np.float32)), d_words, d_scales, d_zeros, bits, G)
+    assert rel_err(host(y), x @ ref.T) < 2e-5
+    with pytest.raises(ValueError, match="up to 8 rows"):
+        dequant_matvec(y, dev(np.zeros((9, K), np.float32)), d_words, d_scales, d_zeros, bits, G)
