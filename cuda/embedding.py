@@ -25,14 +25,14 @@ from numba import cuda  # noqa: E402
 
 @cuda.jit(cache=True)
 def encoder_forward_kernel(out, idx, wte, wpe):
-    """out (N, C) with N = B*T rows; one thread per element."""
-    N, C = out.shape
-    T = idx.shape[1]
-    i = cuda.grid(1)
-    if i < N * C:
-        row, c = i // C, i % C
-        b, t = row // T, row % T
-        out[row, c] = wte[idx[b, t], c] + wpe[t, c]
+    """out (N, C) with N = B*T rows; a 2-D grid: columns x (b, t)."""
+    B, T = idx.shape
+    C = out.shape[1]
+    c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if c < C:
+        for row in range(cuda.blockIdx.y, B * T, cuda.gridDim.y):
+            b, t = row // T, row % T  # once per row, not per element
+            out[row, c] = wte[idx[b, t], c] + wpe[t, c]
 
 
 @cuda.jit(cache=True)
@@ -50,8 +50,8 @@ def encoder_backward_kernel(dwte, dwpe, dout, idx):
 
 
 def encoder_forward(out, idx, wte, wpe, stream=0):
-    n = out.shape[0] * out.shape[1]
-    encoder_forward_kernel[(n + 255) // 256, 256, stream](out, idx, wte, wpe)
+    N, C = out.shape
+    encoder_forward_kernel[((C + 255) // 256, min(N, 65535)), 256, stream](out, idx, wte, wpe)
 
 
 def encoder_backward(dwte, dwpe, dout, idx, stream=0):

@@ -27,10 +27,13 @@ from numba import cuda, float32  # noqa: E402
 
 @cuda.jit(cache=True)
 def add_bias_kernel(out, bias):
+    """2-D grid (columns x rows): no index division."""
     N, C = out.shape
-    i = cuda.grid(1)
-    if i < N * C:
-        out[i // C, i % C] += bias[i % C]
+    c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if c < C:
+        b = bias[c]
+        for r in range(cuda.blockIdx.y, N, cuda.gridDim.y):
+            out[r, c] += b
 
 
 @cuda.jit(cache=True)
@@ -49,8 +52,8 @@ def bias_grad_kernel(dbias, dout, rows_per_block):
 
 
 def add_bias(out, bias, stream=0):
-    n = out.shape[0] * out.shape[1]
-    add_bias_kernel[(n + 255) // 256, 256, stream](out, bias)
+    N, C = out.shape
+    add_bias_kernel[((C + 255) // 256, min(N, 65535)), 256, stream](out, bias)
 
 
 def bias_grad(dbias, dout, stream=0, rows_per_block=256):
