@@ -61,6 +61,10 @@ def pack_codes_ref(codes: np.ndarray, bits: int) -> np.ndarray:
 
 def unpack_codes_ref(packed: np.ndarray, bits: int, K: int) -> np.ndarray:
     N = packed.shape[0]
+    if bits == 8:
+        return packed[:, :K].copy()
+    if bits == 4:  # byte j holds code 2j in its low nibble, 2j+1 in its high one
+        return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(N, -1)[:, :K]
     bitplanes = np.unpackbits(packed, axis=-1, count=K * bits, bitorder="little").reshape(N, K, bits)
     weights = (1 << np.arange(bits, dtype=np.uint8)).astype(np.uint8)
     return (bitplanes * weights).sum(axis=-1, dtype=np.uint8)

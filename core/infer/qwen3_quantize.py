@@ -96,6 +96,8 @@ def quantize_folder(src: str | Path, out: str | Path, bits: int = 4, group_size:
         if extra.is_file() and extra.name not in WEIGHT_FILES + ("config.json",) and \
                 not extra.name.endswith(".safetensors"):
             shutil.copy2(extra, tmp / extra.name)
+    for f in tmp.glob("*.safetensors"):  # safetensors writes 0600; the other files of a model folder are 0644
+        f.chmod(0o644)
     if out.exists():
         out.rmdir()
     os.replace(tmp, out)
