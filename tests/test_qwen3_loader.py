@@ -242,3 +242,12 @@ def test_generate_and_eval_open_qwen3_folders(src, hf_model, tmp_path):
     lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     expected = float(np.mean(lse - np.take_along_axis(logits, y[..., None].astype(np.int64), -1)[..., 0]))
     assert got.tokens == 64 and got.loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_model_too_big_for_memory_is_refused_up_front(src, monkeypatch):
+    import koifish_core.models.hf_qwen3 as hq
+
+    monkeypatch.setattr(hq, "host_memory_bytes", lambda: 200_000)  # the tiny model needs ~ 270 KB at float32
+    with pytest.raises(ModelError, match=r"needs about 0.0 GiB .* load with --bits 4"):
+        load_hf_folder(src)
+    assert load_hf_folder(src, bits=4, group_size=G, embed_bits=4, head_bits=4).config.n_layer == 2

@@ -9,6 +9,7 @@ embeddings and the head take their own widths (embed_bits, head_bits; None keeps
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +129,27 @@ def _fit(name: str, array: np.ndarray, shape, bits: int | None, group_size: int,
     return quantize_weight(np.asarray(array, dtype=np.float32), bits, group_size)
 
 
+def host_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_memory(config: Qwen3Config, width: dict, quant, dtype, folder: Path) -> None:
+    """Refuse up front a load that cannot fit, rather than swapping for an hour."""
+    item = np.dtype(dtype).itemsize
+    need = 0
+    for name, shape in config.shapes().items():
+        bits = 4 if quant is not None and name not in ("embed_tokens", "lm_head") and len(shape) == 2 else width[name]
+        per = item if bits is None or bits >= 16 or len(shape) != 2 else bits / 8 + 1 / 32
+        need += int(np.prod(shape) * per)
+    have = host_memory_bytes()
+    if have is not None and need > 0.9 * have:
+        raise ModelError(f"{folder}: needs about {need / 2**30:.1f} GiB of memory on the CPU path as loaded, this "
+                         f"machine has {have / 2**30:.1f} GiB; load with --bits 4 (or `koifish quantize` it once)")
+
+
 def load_hf_folder(folder: str | Path, bits: int | None = None, group_size: int = 128, embed_bits: int | None = None,
                    head_bits: int | None = None, dtype=np.float32, on_tensor=None) -> Qwen3:
     """Qwen3 from a Hugging Face folder. bits quantizes plain linear weights at load (8, 4 or 3).
@@ -148,6 +170,7 @@ def load_hf_folder(folder: str | Path, bits: int | None = None, group_size: int 
              for name in shapes}
     if config.tie_word_embeddings:
         width["embed_tokens"] = embed_bits if embed_bits is not None else head_bits
+    _check_memory(config, width, quant, dtype, folder)
     weights: dict = {}
     pending: dict[str, dict] = {}
     for hf_name, array, path in iter_tensors(folder):
