@@ -198,7 +198,8 @@ def test_broken_folders(src, tmp_path):
     (folder / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes()[:5000])
     with pytest.raises(ModelError, match="cannot read as safetensors"):
         load_hf_folder(folder)
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00002-of-00002.safetensors"}}))
+    index = {"weight_map": {"a": "model-00002-of-00002.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ModelError, match="not in the folder: model-00002-of-00002.safetensors"):
         load_hf_folder(folder)
     (folder / "config.json").write_text("{oops")

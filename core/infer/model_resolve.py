@@ -88,7 +88,8 @@ def resolve_model(model: str | Path, models_dir: str | Path | None = None) -> Pa
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ModelError(f"{path}: expected a model folder (config.json, *.safetensors, tokenizer.json), got a file")
+            raise ModelError(f"{path}: expected a model folder (config.json, *.safetensors, tokenizer.json), "
+                             "got a file")
         if path.name.startswith("models--") and (path / "snapshots").is_dir():
             snapshot = snapshot_of(path)
             if snapshot is None:

@@ -41,7 +41,8 @@ def config_from_hf(cfg: dict, where: Path) -> Qwen3Config:
         raise ModelError(f"{where}: model_type {cfg.get('model_type')!r} is not qwen3")
     scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")  # transformers 5 writes rope_parameters
     if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-        raise ModelError(f"{where}: rope_scaling {scaling!r} is not supported; koifish reads plain RoPE (rope_scaling null)")
+        raise ModelError(f"{where}: rope_scaling {scaling!r} is not supported; "
+                         "koifish reads plain RoPE (rope_scaling null)")
     if cfg.get("use_sliding_window"):
         raise ModelError(f"{where}: use_sliding_window true is not supported (Qwen3 ships it false)")
     if cfg.get("hidden_act", "silu") != "silu":
@@ -85,7 +86,8 @@ def stored_quant(cfg: dict, where: Path) -> StoredQuant | None:
     if method == "awq":
         if str(q.get("version", "gemm")).lower() != "gemm" or bits != 4 or not q.get("zero_point", True):
             raise ModelError(f"{where}: quantization_config: AWQ {q.get('version')} {bits}-bit "
-                             f"zero_point={q.get('zero_point')} is not supported; expected version gemm, 4 bits, zero_point true")
+                             f"zero_point={q.get('zero_point')} is not supported; "
+                             "expected version gemm, 4 bits, zero_point true")
         return StoredQuant("awq", 4, group)
     if method == "gptq":
         if bits not in (4, 8):
