@@ -252,3 +252,14 @@ def test_a_model_too_big_for_memory_is_refused_up_front(src, monkeypatch):
     with pytest.raises(ModelError, match=r"needs about 0.0 GiB .* load with --bits 4"):
         load_hf_folder(src)
     assert load_hf_folder(src, bits=4, group_size=G, embed_bits=4, head_bits=4).config.n_layer == 2
+
+
+def test_keeping_dequantized_copies_changes_speed_not_numbers(src):
+    model = load_hf_folder(src, bits=4, group_size=G, embed_bits=8, head_bits=8)
+    idx = _ids(7)
+    before = model.forward(idx)[0]
+    assert not model.keep_dequantized(budget_bytes=1000)  # too small a budget: nothing kept
+    assert model.keep_dequantized(budget_bytes=10**9)
+    np.testing.assert_array_equal(model.forward(idx)[0], before)
+    np.testing.assert_array_equal(model.forward(idx)[0], before)  # the second call reads the kept copies
+    assert model.weights["layers.0.mlp.up_proj"]._dense is not None

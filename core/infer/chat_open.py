@@ -65,6 +65,11 @@ def open_chat(model: str | Path, models_dir: str | Path | None = None, bits: int
     template = load_chat_template(folder)
     gen = generation_defaults(folder)
     net = load_hf_folder(folder, bits=bits, on_tensor=on_tensor)
+    from koifish_core.models.hf_qwen3 import host_memory_bytes
+
+    memory = host_memory_bytes()
+    if memory is not None:  # quantized weights stay small on disk; on the CPU, decode from float copies if they fit
+        net.keep_dequantized(memory // 3)
     stop = stop_ids_of(gen, tokenizer)
     if not stop:
         raise ModelError(f"{folder}: no end-of-turn token (generation_config.json eos_token_id, or <|im_end|>)")
