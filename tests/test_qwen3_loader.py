@@ -188,6 +188,17 @@ def test_wrong_shape_missing_and_unexpected_tensors(src, tmp_path):
     with pytest.raises(ModelError, match="unexpected tensor model.layers.0.mystery.weight"):
         load_hf_folder(_copy_with(src, tmp_path / "c", extra))
 
+    def zero_bias(t):  # GPTQ packers add zero biases; harmless, so accepted
+        t["model.layers.0.self_attn.q_proj.bias"] = np.zeros(64, np.float16)
+
+    load_hf_folder(_copy_with(src, tmp_path / "d", zero_bias))
+
+    def real_bias(t):
+        t["model.layers.0.self_attn.q_proj.bias"] = np.ones(64, np.float16)
+
+    with pytest.raises(ModelError, match="unexpected tensor model.layers.0.self_attn.q_proj.bias"):
+        load_hf_folder(_copy_with(src, tmp_path / "e", real_bias))
+
 
 def test_broken_folders(src, tmp_path):
     folder = tmp_path / "broken"

@@ -194,6 +194,8 @@ def load_hf_folder(folder: str | Path, bits: int | None = None, group_size: int 
             weights[name] = _fit(name, array, shapes[name], width[name], group_size, dtype)
         elif name == "lm_head" and config.tie_word_embeddings:
             continue  # some tied checkpoints still carry a copy of the embedding
+        elif part == "bias" and module in shapes and not np.any(array):
+            continue  # GPTQ packers write zero biases for every linear; they change nothing
         else:
             raise ModelError(f"{path}: unexpected tensor {hf_name} (not part of a Qwen3 with this config.json)")
         if on_tensor is not None:
