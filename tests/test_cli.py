@@ -112,3 +112,19 @@ def test_data_prepare(tmp_path):
     assert res.returncode == 0, res.stderr
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["shards_train_000000.bin", "shards_val_000000.bin"]
     assert_clean_error(koifish("data", "prepare", tmp_path / "missing.txt", "--out", tmp_path / "x"), "missing.txt")
+
+
+def test_chat_reads_stdin_when_not_a_terminal(tmp_path):
+    from tests.qwen3_fixtures import tiny_chat_folder
+
+    folder = tiny_chat_folder(tmp_path / "chat")[0]
+    env = dict(os.environ, COLUMNS="200")
+    res = subprocess.run([sys.executable, "-m", "koifish_app.cli", "chat", str(folder), "--no-think",
+                          "--max-new-tokens", "8", "--temperature", "0"], input="hello there", capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() != "" or "loading" in res.stderr
+    missing = subprocess.run([sys.executable, "-m", "koifish_app.cli", "chat", "qwen3-nonexistent-9b",
+                              "--models-dir", str(tmp_path)], input="hi", capture_output=True, text=True, env=env,
+                             timeout=300)
+    assert_clean_error(missing, "qwen3-nonexistent-9b")
