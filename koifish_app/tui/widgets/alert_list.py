@@ -21,7 +21,7 @@ class AlertList(Static):
             ev = watch.alerts[i]
             fresh = i >= watch.acked
             line = (f"step {ev.get('step', '?'):>7} {str(ev.get('signal', '?')):<16} "
-                    f"{num(ev.get('value'), 3):>9} -> {ev.get('action', '?')}")
+                    f"{num(ev.get('value'), 4):>9} -> {ev.get('action', '?')}")
             text.append(("● " if fresh else "  ") + line + "\n", style="bold black on yellow" if fresh else "")
         text.rstrip()
         self.update(text)

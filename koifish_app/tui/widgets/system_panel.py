@@ -19,14 +19,14 @@ class SystemPanel(Static):
         table.add_column(style="dim")
         table.add_column(justify="right")
         for i, gpu in enumerate(reading.gpus):
-            prefix = f"gpu{i} " if len(reading.gpus) > 1 else "gpu "
+            prefix = f"{i} " if len(reading.gpus) > 1 else ""
+            if not prefix:
+                table.add_row("gpu", gpu.name.removeprefix("NVIDIA ")[:16])
             table.add_row(prefix + "mem", f"{size_bytes(gpu.mem_used)}/{size_bytes(gpu.mem_total)}")
             table.add_row(prefix + "util", _pct(gpu.util))
-            temp = "-" if gpu.temp_c is None else f"{gpu.temp_c:.0f}°C"
-            power = "-" if gpu.power_w is None else f"{gpu.power_w:.0f}W"
-            if gpu.power_limit_w:
-                power += f"/{gpu.power_limit_w:.0f}"
-            table.add_row(prefix + "temp/pwr", f"{temp} {power}")
+            table.add_row(prefix + "temp", "-" if gpu.temp_c is None else f"{gpu.temp_c:.0f}°C")
+            power = "-" if gpu.power_w is None else f"{gpu.power_w:.0f}"
+            table.add_row(prefix + "power", power + (f"/{gpu.power_limit_w:.0f}W" if gpu.power_limit_w else "W"))
         if not reading.gpus:
             table.add_row("cpu", _pct(reading.cpu_percent))
             table.add_row("ram", f"{size_bytes(reading.ram_used)}/{size_bytes(reading.ram_total)}")
