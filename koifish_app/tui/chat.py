@@ -78,6 +78,7 @@ class ChatScreen(Screen):
         picker.display = True
         if self.models:
             self._title("pick a model folder (enter)")
+            picker.highlighted = 0
             picker.focus()
         else:
             self._title("no model folders found: pass --models-dir DIR or download one (`hf download "
