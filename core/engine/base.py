@@ -23,8 +23,17 @@ class StepResult:
 class Engine(Protocol):
     n_params: int
 
-    def train_step(self, batches: list[tuple[np.ndarray, np.ndarray]], lr: float) -> StepResult:
-        """Forward and backward over the micro-batches, gradient mean, clipping, one AdamW update."""
+    def train_step(self, batches: list[tuple[np.ndarray, np.ndarray]], lr: float, gate=None,
+                   poison_grads: bool = False) -> StepResult:
+        """Forward and backward over the micro-batches, gradient mean, clipping, one AdamW update.
+        gate(loss, grad_norm) -> bool is asked before the update (False: no update); poison_grads
+        makes the gradient non-finite (fault injection)."""
+
+    def poison_params(self) -> None:
+        """Fault injection: one weight becomes infinite."""
+
+    def nonfinite_tensor(self) -> str | None:
+        """Name of the first parameter tensor holding NaN or Inf, if any."""
 
     def eval_loss(self, x: np.ndarray, y: np.ndarray) -> float:
         """Mean loss of one batch, no gradients."""

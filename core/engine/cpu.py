@@ -21,7 +21,7 @@ class CPUEngine:
         self.adam_step = 0
         self.decay_mask = self.model.decay_mask()
 
-    def train_step(self, batches, lr: float) -> StepResult:
+    def train_step(self, batches, lr: float, gate=None, poison_grads: bool = False) -> StepResult:
         opt = self.case.optimizer
         model = self.model
         model.zero_grad()
@@ -30,9 +30,11 @@ class CPUEngine:
             _, loss = model.forward(x, y, return_logits=False)
             model.backward(grad_scale=1.0 / len(batches))
             losses.append(loss)
+        if poison_grads:  # fault injection: a non-finite gradient
+            model.grads[0] = np.nan
         loss = float(np.mean(losses))
         norm = global_norm_ref(model.grads)
-        if not np.isfinite(norm):
+        if not np.isfinite(norm) or (gate is not None and not gate(loss, norm)):
             return StepResult(loss, norm, applied=False)
         if opt.grad_clip and norm > opt.grad_clip:
             model.grads *= np.float32(opt.grad_clip / (norm + 1e-6))
@@ -40,6 +42,16 @@ class CPUEngine:
         adamw_update_ref(model.params, model.grads, self.m, self.v, self.decay_mask, self.adam_step, lr,
                          opt.beta1, opt.beta2, opt.eps, opt.weight_decay)
         return StepResult(loss, norm)
+
+    def poison_params(self) -> None:
+        """Fault injection: one weight becomes infinite."""
+        self.model.params[0] = np.inf
+
+    def nonfinite_tensor(self) -> str | None:
+        """Name of the first parameter tensor holding NaN or Inf, if any."""
+        if np.isfinite(self.model.params).all():
+            return None
+        return next(k for k, v in self.model.param_views().items() if not np.isfinite(v).all())
 
     def eval_loss(self, x, y) -> float:
         return self.model.forward(x, y, need_backward=False)[1]

@@ -175,17 +175,22 @@ class CUDAEngine:
         self.loss_sum.fill(0)
         self.norm_sq.fill(0)
 
-    def _update(self) -> None:
-        from koifish_cuda.adamw import adamw_update, sum_squares
+    def _norm(self) -> None:
+        from koifish_cuda.adamw import sum_squares
 
         sum_squares(self.norm_sq, self.grads, self.ns)
+
+    def _update(self) -> None:
+        from koifish_cuda.adamw import adamw_update
+
         adamw_update(self.params, self.grads, self.m, self.v, self.decay, self.norm_sq, self.hyper, self.ns)
 
     def _capture(self, accum: int) -> None:
         """Run each phase once eagerly (cuBLAS and CuPy set up their workspaces), then capture."""
         cp = self.cp
         dloss = 1.0 / (self.N * accum)
-        phases = {"zero": self._zero, "micro": lambda: (self._forward(dloss), self._backward()), "update": self._update}
+        phases = {"zero": self._zero, "micro": lambda: (self._forward(dloss), self._backward()), "norm": self._norm,
+                  "update": self._update}
         saved = (self.params.copy(), self.m.copy(), self.v.copy())
         with self.stream:
             for fn in phases.values():
@@ -205,7 +210,7 @@ class CUDAEngine:
         self.idx.set(np.ascontiguousarray(x, dtype=np.int32), stream=self.stream)
         self.targets.set(np.ascontiguousarray(y, dtype=np.int32).reshape(-1), stream=self.stream)
 
-    def train_step(self, batches, lr: float) -> StepResult:
+    def train_step(self, batches, lr: float, gate=None, poison_grads: bool = False) -> StepResult:
         opt = self.case.optimizer
         if self.graphs is None or self.graph_accum != len(batches):
             self._capture(len(batches))
@@ -217,14 +222,29 @@ class CUDAEngine:
         for x, y in batches:
             self._load_batch(x, y)
             self.graphs["micro"].launch(self.stream)
-        self.hyper.set(hyper, stream=self.stream)
-        self.graphs["update"].launch(self.stream)
-        loss = float(self.loss_sum.get(stream=self.stream)[0])  # one sync per step
+        if poison_grads:  # fault injection: a non-finite gradient
+            with self.stream:
+                self.grads[:1].fill(float("nan"))
+        self.graphs["norm"].launch(self.stream)
+        loss = float(self.loss_sum.get(stream=self.stream)[0])  # one sync per step, before the update
         norm = math.sqrt(float(self.norm_sq.get(stream=self.stream)[0]))
-        applied = math.isfinite(norm)
-        if not applied:
-            self.adam_step -= 1  # the kernel skipped the update: Adam's clock does not move
+        applied = math.isfinite(norm) and (gate is None or gate(loss, norm))
+        if applied:
+            self.hyper.set(hyper, stream=self.stream)
+            self.graphs["update"].launch(self.stream)
+        else:
+            self.adam_step -= 1  # no update: Adam's clock does not move
         return StepResult(loss, norm, applied=applied)
+
+    def poison_params(self) -> None:
+        with self.stream:
+            self.params[:1].fill(float("inf"))
+
+    def nonfinite_tensor(self) -> str | None:
+        with self.stream:
+            if bool(self.cp.isfinite(self.params).all().get()):
+                return None
+            return next(k for k, v in self.p.items() if not bool(self.cp.isfinite(v).all().get()))
 
     def eval_loss(self, x, y) -> float:
         with self.stream:

@@ -138,6 +138,9 @@ def train(loaded: LoadedCase, run_dir: str | Path, steps: int | None = None, dev
     train_loader = TokenLoader(case.data.train, case.data.batch_size, case.data.seq_len, max_shards=case.data.max_shards)
     val_paths = resolve_paths(case.data.val) if case.data.val else None
     engine = make_engine(case, device)
+    from koifish_core.train.run_hooks import RunHooks
+
+    hooks = RunHooks(case, inject or [], run_dir, log=lambda *a, **k: log(*a, **k))
     if case.checkpoint.init_from and not resume:
         _init_from(engine, case.checkpoint.init_from)
 
@@ -180,28 +183,27 @@ def train(loaded: LoadedCase, run_dir: str | Path, steps: int | None = None, dev
 
     log("run", start_step, status="resumed" if ckpt else "started", case=case.name, device=device,
         parameters=engine.n_params, total_steps=total_steps)
+    if ckpt is None and hooks.cfg.enabled:
+        save(0)  # the initial weights: a rollback before the first periodic checkpoint has somewhere to go
     accum = case.optimizer.grad_accum
     tokens_per_step = case.data.batch_size * case.data.seq_len * accum
     loss = val_loss = None
     train_time, status, step = 0.0, "finished", start_step
-    from koifish_core.train.run_hooks import RunHooks
-
-    hooks = RunHooks(case, inject or [], run_dir, log)
     try:
         with _StopFlag(run_dir) as stop:
             for step in range(start_step + 1, total_steps + 1):
                 lr = lr_at(step - 1, total_steps, case.optimizer.lr, case.schedule) * hooks.lr_factor(step)
-                batches = [train_loader.next_batch() for _ in range(accum)]
-                batches = hooks.before_step(step, batches, engine)
+                batches = hooks.before_step(step, [train_loader.next_batch() for _ in range(accum)])
                 t0 = time.perf_counter()
-                result = engine.train_step(batches, lr)
+                result = engine.train_step(batches, lr, gate=hooks.gate(step), poison_grads=hooks.poison_grads(step))
                 dt = time.perf_counter() - t0
                 train_time += dt
                 tokens_seen += tokens_per_step
                 loss = result.loss
+                extra = {} if result.applied else {"skipped": True}
                 log("train", step, loss=loss, lr=lr, grad_norm=result.grad_norm, tokens=tokens_seen,
-                    tokens_per_s=tokens_per_step / dt, step_ms=dt * 1000.0)
-                hooks.after_step(step, result, engine, train_loader, save)
+                    tokens_per_s=tokens_per_step / dt, step_ms=dt * 1000.0, **extra)
+                hooks.after_step(step, result, engine, train_loader)
                 last = step == total_steps
                 if val_paths and ((case.eval.every and step % case.eval.every == 0) or last):
                     val_loss, n = _evaluate(engine, val_paths, case)
