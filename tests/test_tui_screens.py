@@ -263,3 +263,25 @@ def test_help_lists_bindings_with_ids_and_compare_overlays_runs(tmp_path):
             assert "loss 4.8" in text and "loss 4.7" in text
 
     run(body())
+
+
+def test_a_long_backlog_is_read_off_the_ui_thread(tmp_path, monkeypatch):
+    import koifish_app.tui.home as home
+    import koifish_app.tui.run as run_screen
+
+    monkeypatch.setattr(run_screen, "BACKLOG_BYTES", 1000)
+    monkeypatch.setattr(home, "BACKLOG_BYTES", 1000)
+    runs = tmp_path / "runs"
+    write_run(runs / "long", steps=300, total=300, status="finished")
+    write_run(runs / "long2", steps=200, total=300, status="finished")
+
+    async def body():
+        app = app_for(tmp_path, run_dir=runs / "long")
+        async with app.run_test(size=SIZE) as pilot:
+            chart = app.screen.query_one(LossChart)
+            assert await wait_until(pilot, lambda: chart.drawn and chart.drawn[0].x[-1] == 300)
+            assert "step 300/300" in screen_text(app)
+            await pilot.press("escape")
+            assert await wait_until(pilot, lambda: "200/300" in screen_text(app))
+
+    run(body())

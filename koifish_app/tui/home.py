@@ -12,6 +12,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
 from koifish_app.tui.model_folders import ModelFolder, find_model_folders
+from koifish_app.tui.run import BACKLOG_BYTES
 from koifish_app.tui.run_watch import RunWatch
 from koifish_app.tui.widgets.format import num
 from koifish_app.tui.widgets.run_header import status_text
@@ -100,6 +101,12 @@ class HomeScreen(Screen):
         now = time.time()
         for run_dir in self.run_dirs:
             watch = self.app.watcher_for(run_dir)
+            if watch.loading:
+                continue
+            if watch.unread_bytes() > BACKLOG_BYTES:  # a long run seen for the first time: off the UI thread
+                self.run_worker(watch.poll, thread=True, group="backlog")
+                table.update_cell(str(run_dir), "step", "reading…")
+                continue
             watch.poll()
             for column, value in self._cells(watch, now).items():
                 table.update_cell(str(run_dir), column, value)

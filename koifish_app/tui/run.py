@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 from rich.text import Text
+from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -21,6 +22,10 @@ from koifish_app.tui.widgets.loss_chart import ChartOptions, LossChart
 from koifish_app.tui.widgets.run_header import RunHeader
 from koifish_app.tui.widgets.run_values import RunValues
 from koifish_app.tui.widgets.system_panel import SystemPanel
+
+
+BACKLOG_BYTES = 4 << 20
+"""Unread metrics beyond this are parsed in a worker thread (100,000 steps are ~18 MB, ~0.6 s)."""
 
 
 def options_text(options: ChartOptions) -> str:
@@ -76,6 +81,14 @@ class RunScreen(Screen):
     def refresh_data(self) -> None:
         t0 = time.perf_counter()
         watch = self.watch_
+        if watch.loading:
+            return
+        backlog = watch.unread_bytes()
+        if backlog > BACKLOG_BYTES:
+            self.query_one("#run-message", Static).update(Text(f"reading {backlog / 2**20:.0f} MB of metrics…",
+                                                               style="dim"))
+            self._read_backlog()
+            return
         watch.poll()
         status = watch.status()
         self.query_one(RunHeader).show(watch, status)
@@ -90,6 +103,11 @@ class RunScreen(Screen):
         except Exception as e:  # a stats reader must never take the run view down
             self.query_one(SystemPanel).update(Text(f"stats: {e}", style="dim"))
         self.refresh_ms = 1000 * (time.perf_counter() - t0)
+
+    @work(thread=True, exclusive=True, group="backlog")
+    def _read_backlog(self) -> None:
+        self.watch_.poll()
+        self.app.call_from_thread(self.refresh_data)
 
     def _message(self, status: str) -> Text | str:
         watch = self.watch_

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -49,11 +50,32 @@ class RunWatch:
         self._case_mtime: float | None = None
         self.child: subprocess.Popen | None = None
         """The trainer process when this dashboard launched it (then its exit code is known)."""
+        self._lock = threading.Lock()  # a worker thread may be reading a large backlog
 
     # ---- reading ----
 
+    @property
+    def loading(self) -> bool:
+        """A poll is under way (in a worker thread, for a long file opened the first time)."""
+        return self._lock.locked()
+
+    def unread_bytes(self) -> int:
+        try:
+            return max(self.tail.path.stat().st_size - self.tail.size, 0)
+        except OSError:
+            return 0
+
     def poll(self) -> bool:
-        """Reads what changed on disk; True when anything shown may differ."""
+        """Reads what changed on disk; True when anything shown may differ. Returns at once
+        (False) while another thread is polling this run."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            return self._poll()
+        finally:
+            self._lock.release()
+
+    def _poll(self) -> bool:
         before = (self.version, self.error)
         try:
             if not self.run_dir.exists():
