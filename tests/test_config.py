@@ -109,3 +109,18 @@ def test_plan_parameter_counts(name, params):
     plan = make_plan(load_case(CASES_DIR / f"{name}.json").case)
     assert plan.parameters == params
     assert plan.tokens_per_step == 524_288 and plan.memory_total > plan.memory_weights > 0
+
+
+def test_case_format_doc_lists_every_field():
+    import dataclasses
+    import typing
+
+    from koifish_core.config import schema
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "case-format.md").read_text()
+    hints = typing.get_type_hints(schema.Case)
+    for f in dataclasses.fields(schema.Case):
+        assert f"`{f.name}`" in doc, f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            for sub in dataclasses.fields(hints[f.name]):
+                assert f"| `{sub.name}` |" in doc, f"{f.name}.{sub.name}"

@@ -145,6 +145,9 @@ def load_case(path: str | Path | None = None) -> LoadedCase:
         fmt = "koifish-original"
         raw, warnings = map_original(raw, source)
     case = build_case(raw, source)
+    if case.model.remat:
+        warnings.append(f"model.remat {case.model.remat}: rematerialisation is not implemented yet; "
+                        "all activations are kept (the plan's memory estimate assumes the level asked for)")
     if path is not None and "name" not in raw:
         case.name = source_path.stem
     return LoadedCase(case=case, source=source, format=fmt, warnings=warnings)
