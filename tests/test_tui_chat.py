@@ -58,6 +58,10 @@ def test_chat_streams_pieces_with_thinking_folded(tmp_path):
             assert f"{len(PIECES)} tokens" in text and "tok/s" in text and "stop" in text
             await pilot.press(*"/think off", "enter")
             assert session.options.think is False and "thinking off" in flat(screen_text(app))
+            await pilot.press("ctrl+t")
+            assert session.options.think is True and "thinking on" in flat(screen_text(app))
+            await pilot.press("f1")
+            assert "chat.think" in screen_text(app)
 
     asyncio.run(body())
 

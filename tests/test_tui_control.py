@@ -34,9 +34,13 @@ def test_start_stop_resume_a_real_run(tmp_path, tiny_case):
             stopped_at = watch.step
             assert watch.checkpoints()[-1] == f"step_{stopped_at:08d}"  # written on the way out
             assert watch.child.wait(10) == 0
-            assert "stopped" in screen_text(app)
+            assert await wait_until(pilot, lambda: "stopped" in screen_text(app))  # the next refresh
 
             await pilot.press("r")
+            assert watch.status() == "running"  # our child, before it writes its "resumed" record
+            resumed_child = watch.child
+            await pilot.press("r")  # refused: never two trainers on one folder
+            assert watch.child is resumed_child
             assert await wait_until(pilot, lambda: (watch.step or 0) >= stopped_at + 5, timeout=30)
             steps = [r["step"] for r in read_metrics(watch.run_dir) if r["kind"] == "train"]
             assert steps == list(range(1, len(steps) + 1))  # one continuous run across the resume

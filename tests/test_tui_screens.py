@@ -251,7 +251,7 @@ def test_help_lists_bindings_with_ids_and_compare_overlays_runs(tmp_path):
             await pilot.press("question_mark")
             assert isinstance(app.screen, HelpScreen)
             text = screen_text(app)
-            assert "home.compare" in text and "app.quit" in text
+            assert "home.compare" in text and "app.quit" in text and "home.open" in text
             await pilot.press("escape")
             assert isinstance(app.screen, HomeScreen)
             await pilot.press("space", "down", "space", "c")  # mark a and b

@@ -47,6 +47,7 @@ class KoifishApp(App):
     CSS = "Screen { background: $surface; } .error { color: $error; text-style: bold; }"
     BINDINGS = [
         Binding("question_mark", "help", "Help", id="app.help"),
+        Binding("f1", "help", "Help", id="app.help_f1", show=False),  # where ? is typed into an input
         Binding("q", "quit", "Quit", id="app.quit"),
     ]
 

@@ -92,7 +92,7 @@ class ChatScreen(Screen):
         self.query_one("#chat-title", Static).update(Text(text, style="bold red" if error else "bold"))
 
     def _model_name(self) -> str:
-        return self.model.name if isinstance(self.model, ModelFolder) else str(self.model)
+        return self.model.name if isinstance(self.model, ModelFolder) else Path(self.model).name
 
     def _load(self, model: ModelFolder | Path) -> None:
         self.model = model

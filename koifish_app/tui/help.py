@@ -18,8 +18,12 @@ def bindings_table(screen: Screen, app) -> Table:
     table.add_column("key")
     table.add_column("does")
     table.add_column("id", style="dim")
-    for binding in [*screen.BINDINGS, *app.BINDINGS]:
-        if isinstance(binding, Binding):
+    # Widgets' own bindings count when they carry an id (ours do; Textual's built-in ones do not).
+    widget_bindings = [b for w in screen.query("*") for b in type(w).BINDINGS if isinstance(b, Binding) and b.id]
+    seen = set()
+    for binding in [*screen.BINDINGS, *widget_bindings, *app.BINDINGS]:
+        if isinstance(binding, Binding) and (binding.id or binding.action) not in seen:
+            seen.add(binding.id or binding.action)
             table.add_row(KEY_NAMES.get(binding.key, binding.key), binding.description or binding.action,
                           binding.id or "")
     return table

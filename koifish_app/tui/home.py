@@ -16,6 +16,7 @@ from koifish_app.tui.run import BACKLOG_BYTES
 from koifish_app.tui.run_watch import RunWatch
 from koifish_app.tui.widgets.format import num
 from koifish_app.tui.widgets.run_header import status_text
+from koifish_app.tui.widgets.select_tables import ModelsTable, RunsTable
 
 RUN_MARKERS = ("metrics.jsonl", "case.json", "run.pid", "checkpoints")
 
@@ -32,7 +33,6 @@ class HomeScreen(Screen):
             "run. Model folders come from --models-dir and the Hugging Face cache: select one and press "
             "enter (or m) to chat.")
     BINDINGS = [
-        Binding("enter", "open", "Open", id="home.open", show=True),
         Binding("space", "mark", "Mark", id="home.mark"),
         Binding("c", "compare", "Compare", id="home.compare"),
         Binding("n", "new_run", "New run", id="home.new_run"),
@@ -48,10 +48,10 @@ class HomeScreen(Screen):
 
     def compose(self) -> ComposeResult:
         yield Static("", id="home-title")
-        yield DataTable(id="runs-table", cursor_type="row", zebra_stripes=True)
+        yield RunsTable(id="runs-table", cursor_type="row", zebra_stripes=True)
         yield Static("", id="home-message")
         yield Static("models for chat", id="models-title")
-        yield DataTable(id="models-table", cursor_type="row")
+        yield ModelsTable(id="models-table", cursor_type="row")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -105,11 +105,11 @@ class HomeScreen(Screen):
                 continue
             if watch.unread_bytes() > BACKLOG_BYTES:  # a long run seen for the first time: off the UI thread
                 self.run_worker(watch.poll, thread=True, group="backlog")
-                table.update_cell(str(run_dir), "step", "reading…")
+                table.update_cell(str(run_dir), "step", "reading…", update_width=True)
                 continue
             watch.poll()
             for column, value in self._cells(watch, now).items():
-                table.update_cell(str(run_dir), column, value)
+                table.update_cell(str(run_dir), column, value, update_width=True)
 
     def _rebuild(self, table: DataTable, found: list[Path]) -> None:
         selected = self.selected_run()

@@ -213,11 +213,11 @@ class RunWatch:
         if self.error is not None:
             return "missing"
         last = self.run_records[-1].get("status") if self.run_records else None
+        alive = self.trainer_alive()
+        if alive:  # before the last record: a resumed trainer has not written "resumed" yet
+            return "running" if self.tail.mtime is not None else "starting"
         if last in ENDED:
             return last
-        alive = self.trainer_alive()
-        if alive:
-            return "running" if self.tail.mtime is not None else "starting"
         if self.child is not None and self.tail.mtime is None:
             return "failed"  # our child ended before writing a single record: see its log
         if alive is None and self.tail.mtime is not None:
