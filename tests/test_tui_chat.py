@@ -44,7 +44,8 @@ def test_chat_streams_pieces_with_thinking_folded(tmp_path):
             await pilot.pause()
             screen = app.screen
             assert isinstance(screen, ChatScreen)
-            assert await wait_until(pilot, lambda: screen.session is not None and not screen.query_one("#chat-input").disabled)
+            box = screen.query_one("#chat-input")
+            assert await wait_until(pilot, lambda: screen.session is not None and not box.disabled)
             assert opened == [tmp_path / "tiny-qwen"]
             await pilot.press(*"hi", "enter")
             assert await wait_until(pilot, lambda: not screen.generating)

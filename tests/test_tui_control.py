@@ -58,7 +58,8 @@ def test_a_case_that_fails_shows_why(tmp_path):
     bad.write_text('{"name": "broken", "optimizer": {"lr": -1}}')
 
     async def body():
-        app = make_app(runs_dir=tmp_path / "runs", refresh_s=0.1, system_stats=FakeStats(), hub_roots=[], cwd=tmp_path)
+        app = make_app(runs_dir=tmp_path / "runs", refresh_s=0.1, system_stats=FakeStats(), hub_roots=[],
+                       cwd=tmp_path)
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("n", *"missing.json", "enter")
             assert "no such case file" in flat(screen_text(app))

@@ -84,8 +84,10 @@ def test_watch_status_from_records_pid_and_freshness(tmp_path):
 
 def test_watch_series_progress_alerts_and_marks(tmp_path):
     t0 = 1_000_000.0
-    events = [{"kind": "event", "step": 7, "time": t0 + 7, "signal": "loss_spike", "value": "inf", "action": "skip"},
-              {"kind": "event", "step": 9, "time": t0 + 9, "signal": "expert_switch", "expert": 2, "action": "switch"}]
+    events = [
+        {"kind": "event", "step": 7, "time": t0 + 7, "signal": "loss_spike", "value": "inf", "action": "skip"},
+        {"kind": "event", "step": 9, "time": t0 + 9, "signal": "expert_switch", "expert": 2, "action": "switch"},
+    ]
     write_run(tmp_path / "r", steps=40, total=100, events=events, t0=t0)
     w = RunWatch(tmp_path / "r")
     assert w.poll()

@@ -63,7 +63,8 @@ def test_home_lists_runs_with_status_step_and_loss(tmp_path):
             assert isinstance(app.screen, HomeScreen)
             assert app.screen.run_dirs == [runs / "alpha", runs / "beta", runs / "gamma"]
             text = screen_text(app)
-            lines = {name: next(line for line in text.splitlines() if f" {name} " in line) for name in ("alpha", "beta", "gamma")}
+            lines = {name: next(line for line in text.splitlines() if f" {name} " in line)
+                     for name in ("alpha", "beta", "gamma")}
             assert "finished" in lines["alpha"] and "30/50" in lines["alpha"]
             assert f"{5.0 - 0.3:.4g}" in lines["alpha"]
             assert "failed" in lines["beta"] and "other" in lines["beta"]
@@ -283,5 +284,28 @@ def test_a_long_backlog_is_read_off_the_ui_thread(tmp_path, monkeypatch):
             assert "step 300/300" in screen_text(app)
             await pilot.press("escape")
             assert await wait_until(pilot, lambda: "200/300" in screen_text(app))
+
+    run(body())
+
+
+def test_following_100k_steps_refreshes_under_100ms(tmp_path):
+    run_dir = tmp_path / "runs" / "long"
+    records = write_run(run_dir, steps=100_000, total=200_000, pid=os.getpid())
+    t0 = records[0]["time"]
+
+    async def body():
+        app = app_for(tmp_path, run_dir=run_dir, refresh_s=0.2)
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            chart = screen.query_one(LossChart)
+            assert await wait_until(pilot, lambda: chart.drawn and chart.drawn[0].x[-1] == 100_000, timeout=20)
+            append_records(run_dir, [train_record(s, t0) for s in range(100_001, 100_011)])
+            assert await wait_until(pilot, lambda: chart.drawn[0].x[-1] == 100_010)
+            start = time.perf_counter()
+            screen.refresh_data()  # a refresh with new data: read, recompute the curves, redraw
+            chart._key = None
+            chart.show_runs([screen.watch_], screen.options)
+            chart.render()
+            assert 1000 * (time.perf_counter() - start) < 100
 
     run(body())

@@ -11,8 +11,9 @@ from koifish_app.tui.system_stats import GPUReading, SystemReading
 
 
 def train_record(step: int, t0: float, loss: float | None = None, **extra) -> dict:
-    rec = {"kind": "train", "step": step, "time": round(t0 + step, 3), "loss": 5.0 - 0.01 * step if loss is None else loss,
-           "lr": 1e-3, "grad_norm": 0.5 + 0.001 * step, "tokens": 1024 * step, "tokens_per_s": 2048.0, "step_ms": 500.0}
+    rec = {"kind": "train", "step": step, "time": round(t0 + step, 3),
+           "loss": 5.0 - 0.01 * step if loss is None else loss, "lr": 1e-3, "grad_norm": 0.5 + 0.001 * step,
+           "tokens": 1024 * step, "tokens_per_s": 2048.0, "step_ms": 500.0}
     rec.update(extra)
     return rec
 
@@ -35,7 +36,8 @@ def write_run(run_dir: Path, steps: int = 40, total: int = 100, case: str = "tin
     for step in range(1, steps + 1):
         records.append(train_record(step, t0))
         if step % 20 == 0:
-            records.append({"kind": "eval", "step": step, "time": t0 + step, "loss": 4.9 - 0.01 * step, "tokens": 4096})
+            records.append({"kind": "eval", "step": step, "time": t0 + step, "loss": 4.9 - 0.01 * step,
+                            "tokens": 4096})
     records += events or []
     if status is not None:
         extra = {"message": "boom: out of memory"} if status == "failed" else {}

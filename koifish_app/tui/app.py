@@ -101,8 +101,8 @@ class KoifishApp(App):
             self.push_screen(HelpScreen(self.screen))
 
 
-def make_app(run_dir: Path | str | None = None, runs_dir: Path | str = Path("runs"), models_dir: Path | str | None = None,
-             *, refresh_s: float = 1.0, system_stats=None, chat_opener: Callable | None = None,
+def make_app(run_dir: Path | str | None = None, runs_dir: Path | str = Path("runs"),
+             models_dir: Path | str | None = None, *, refresh_s: float = 1.0, system_stats=None, chat_opener: Callable | None = None,
              hub_roots: list[Path] | None = None, cwd: Path | None = None) -> KoifishApp:
     """The dashboard. system_stats (an object with read() -> SystemReading) and chat_opener
     (folder -> a ChatSession-like object) replace the real NVML reader and chat engine in tests."""

@@ -125,7 +125,8 @@ class HomeScreen(Screen):
         step_text = "-" if step is None else f"{step:,}" + (f"/{total:,}" if total else "")
         mark = "●" if watch.run_dir in self.marked else " "
         alerts = Text(f" ⚠{watch.unacked}", style="bold yellow") if watch.unacked else ""
-        return {"mark": mark, "case": watch.case_name, "status": Text.assemble(status_text(watch.status(now)), alerts),
+        status = Text.assemble(status_text(watch.status(now)), alerts)
+        return {"mark": mark, "case": watch.case_name, "status": status,
                 "step": step_text, "loss": num(watch.latest_loss), "eval": num(watch.latest_eval)}
 
     def selected_run(self) -> Path | None:
@@ -164,7 +165,8 @@ class HomeScreen(Screen):
         if run_dir is None:
             return
         self.marked.symmetric_difference_update({run_dir})
-        self.query_one("#runs-table", DataTable).update_cell(str(run_dir), "mark", "●" if run_dir in self.marked else " ")
+        mark = "●" if run_dir in self.marked else " "
+        self.query_one("#runs-table", DataTable).update_cell(str(run_dir), "mark", mark)
 
     def action_compare(self) -> None:
         chosen = [d for d in self.run_dirs if d in self.marked] or list(self.run_dirs)

@@ -108,7 +108,8 @@ class RunWatch:
         self._case_mtime = mtime
         try:
             case = json.loads(path.read_text())
-            self.case, self.case_error = (case, None) if isinstance(case, dict) else (None, f"{path}: not a JSON object")
+            ok = isinstance(case, dict)
+            self.case, self.case_error = (case, None) if ok else (None, f"{path}: expected a JSON object")
         except json.JSONDecodeError as e:
             self.case, self.case_error = None, f"{path}: not valid JSON (line {e.lineno}): {e.msg}"
         self.version += 1

@@ -8,8 +8,8 @@ from textual.widgets import Static
 from koifish_app.tui.run_watch import RunWatch
 from koifish_app.tui.widgets.format import bar, duration
 
-STATUS_STYLES = {"running": "bold green", "starting": "bold green", "finished": "bold blue", "stopped": "bold yellow",
-                 "failed": "bold red", "missing": "bold red", "unknown": "dim"}
+STATUS_STYLES = {"running": "bold green", "starting": "bold green", "finished": "bold blue",
+                 "stopped": "bold yellow", "failed": "bold red", "missing": "bold red", "unknown": "dim"}
 
 
 def status_text(status: str) -> Text:
