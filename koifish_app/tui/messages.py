@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-
 from textual.message import Message
 
 
@@ -32,9 +30,3 @@ class ChatReady(Message):
     name: str
     error: str | None = None
 
-
-@dataclass
-class RunStarted(Message):
-    """A trainer child process was launched for this run folder."""
-
-    run_dir: Path

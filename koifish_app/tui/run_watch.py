@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from koifish_app.tui.metrics_tail import MetricsTail
-from koifish_app.tui.series import Columns, as_float
+from koifish_app.tui.series import Columns
 
 PID_FILE = "run.pid"  # written by the trainer while it runs (koifish_core.train.trainer.PID_FILE)
 STOP_FILE = "STOP"  # the trainer checks it after every step
@@ -262,7 +262,3 @@ class RunWatch:
 LAUNCH_LOG = "tui-train.log"
 """Where a trainer started from the dashboard writes its console output (inside its run folder)."""
 
-
-def as_number(value) -> float | None:
-    v = as_float(value)
-    return None if v != v else v
