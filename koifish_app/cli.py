@@ -47,10 +47,19 @@ def train(
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate the case, print the plan and exit."),
     as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the plan as JSON on the last line."),
     inject: List[str] = typer.Option([], "--inject", help="Fault injection for testing recovery: KIND@STEP (nan, spike, inf-param). Repeatable."),
+    gpus: int = typer.Option(1, "--gpus", help="Data-parallel over this many processes on this host (one per GPU)."),
 ):
     """Train a model from a case file (headless; `koifish tui` watches the run)."""
     from koifish_app.train_view import run_train
 
+    if gpus > 1 and not dry_run:
+        from koifish_core.dist.launch_env import from_environ
+        from koifish_core.dist.spawn import launch, strip_gpus
+
+        if from_environ().world_size == 1:  # not yet inside a launched job: start the ranks
+            raise typer.Exit(launch(strip_gpus(sys.argv[1:]), gpus))
+    elif gpus < 1:
+        raise KoifishError(f"--gpus: expected 1 or more, got {gpus}")
     run_train(case, steps=steps, out_dir=out_dir, device=device, resume=resume, dry_run=dry_run,
               as_json=as_json, inject=inject, out=out, err=err, json_line=_json_last_line)
 

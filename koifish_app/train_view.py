@@ -116,16 +116,31 @@ def run_train(case_path, *, steps, out_dir, device, resume, dry_run, as_json, in
 
         faults = parse_inject(inject)
 
+    from koifish_core.dist.launch_env import from_environ
     from koifish_core.train.trainer import train
 
+    env = from_environ()
+    dist, rdv = None, None
+    if env.world_size > 1:
+        from koifish_core.dist.setup import join
+
+        dist, rdv = join(env, case.train.device)
+        if not env.is_main:  # rank 0 speaks for the job
+            out = Console(quiet=True)
     run_dir = Path(out_dir) if out_dir is not None else Path("runs") / case.name
     out.print(f"[bold]koifish[/] training {escape(case.name)}: {plan['parameters']:,} parameters, "
               f"{plan['tokens_per_step']:,} tokens/step, {case.train.steps} steps on {case.train.device} -> {escape(str(run_dir))}",
               soft_wrap=True)
     renderer = _TrainRenderer(case.train.steps, case.train.log_every, out)
-    with renderer.progress:
-        result = train(loaded, run_dir, steps=case.train.steps, device=case.train.device, resume=resume,
-                       on_log=renderer, inject=faults)
+    try:
+        with renderer.progress:
+            result = train(loaded, run_dir, steps=case.train.steps, device=case.train.device, resume=resume,
+                           on_log=renderer, inject=faults, dist=dist)
+    finally:
+        if rdv is not None:
+            rdv.close()
+    if env.world_size > 1 and not env.is_main:
+        return
     val = f", val loss {result.final_val_loss:.4f}" if result.final_val_loss is not None else ""
     out.print(f"[green]done[/]: {result.steps} steps, loss {_num(result.final_loss)}{val}, "
               f"{_rate(result.tokens_per_s)} -> {escape(str(run_dir))}")

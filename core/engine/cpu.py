@@ -20,6 +20,7 @@ class CPUEngine:
         self.v = np.zeros_like(self.model.params)
         self.adam_step = 0
         self.decay_mask = self.model.decay_mask()
+        self.collective = None  # data-parallel: averages gradients and loss across ranks
 
     def train_step(self, batches, lr: float, gate=None, poison_grads: bool = False) -> StepResult:
         opt = self.case.optimizer
@@ -33,6 +34,11 @@ class CPUEngine:
         if poison_grads:  # fault injection: a non-finite gradient
             model.grads[0] = np.nan
         loss = float(np.mean(losses))
+        if self.collective is not None:
+            self.collective.all_reduce_mean(model.grads)
+            shared = np.array([loss], dtype=np.float64)
+            self.collective.all_reduce_mean(shared)
+            loss = float(shared[0])
         norm = global_norm_ref(model.grads)
         if not np.isfinite(norm) or (gate is not None and not gate(loss, norm)):
             return StepResult(loss, norm, applied=False)

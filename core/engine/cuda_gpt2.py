@@ -57,6 +57,7 @@ class CUDAEngine:
             self._alloc(case.data.batch_size, case.data.seq_len)
         self.adam_step = 0
         self.graphs = None
+        self.collective = None  # data-parallel: NCCL all-reduce of gradients and loss between graphs
 
     # ---- buffers ------------------------------------------------------------------------------
     def _alloc(self, B: int, T: int) -> None:
@@ -225,6 +226,9 @@ class CUDAEngine:
         if poison_grads:  # fault injection: a non-finite gradient
             with self.stream:
                 self.grads[:1].fill(float("nan"))
+        if self.collective is not None:
+            self.collective.all_reduce_mean(self.grads)
+            self.collective.all_reduce_mean(self.loss_sum)
         self.graphs["norm"].launch(self.stream)
         loss = float(self.loss_sum.get(stream=self.stream)[0])  # one sync per step, before the update
         norm = math.sqrt(float(self.norm_sq.get(stream=self.stream)[0]))

@@ -111,21 +111,45 @@ class _StopFlag:
         return self.requested
 
 
-def _evaluate(engine, val_paths, case) -> tuple[float, int]:
+def _evaluate(engine, val_paths, case, world: int = 1) -> tuple[float, int]:
+    """Mean loss over the first eval.batches global batches, read in per-rank pieces (the same
+    tokens whatever the number of ranks)."""
     total, tokens = 0.0, 0
-    for x, y in eval_batches(val_paths, case.data.batch_size, case.data.seq_len, case.eval.batches):
+    B = case.data.batch_size // world
+    for x, y in eval_batches(val_paths, B, case.data.seq_len, case.eval.batches * world):
         total += engine.eval_loss(x, y) * y.size
         tokens += y.size
     return total / max(tokens, 1), tokens
 
 
+@dataclass
+class DistContext:
+    """This process's place in a data-parallel run; only rank 0 writes files."""
+    rank: int = 0
+    world_size: int = 1
+    collective: object = None
+
+
+def _rows(batches, rank: int, world: int):
+    """Rank r trains on rows r*B/W .. (r+1)*B/W of every global batch: the data position, and so
+    every checkpoint, is independent of the number of ranks."""
+    if world == 1:
+        return batches
+    b = batches[0][0].shape[0] // world
+    return [(x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b]) for x, y in batches]
+
+
 def train(loaded: LoadedCase, run_dir: str | Path, steps: int | None = None, device: str = "cpu",
-          resume: bool = False, on_log=None, inject=None) -> TrainResult:
+          resume: bool = False, on_log=None, inject=None, dist: DistContext | None = None) -> TrainResult:
     case = loaded.case
     run_dir = Path(run_dir)
+    dist = dist or DistContext()
+    main, world = dist.rank == 0, dist.world_size
+    if case.data.batch_size % world:
+        raise KoifishError(f"data.batch_size {case.data.batch_size} does not split evenly over {world} ranks")
     total_steps = steps or case.train.steps
     metrics_path = run_dir / "metrics.jsonl"
-    if not resume and metrics_path.exists():
+    if main and not resume and metrics_path.exists():
         raise KoifishError(f"{run_dir} already holds a run; use --resume to continue it or choose another --out")
     ckpt = None
     if resume:
@@ -137,7 +161,15 @@ def train(loaded: LoadedCase, run_dir: str | Path, steps: int | None = None, dev
     # Open the data before touching the run folder: a bad glob must not leave a half-made run.
     train_loader = TokenLoader(case.data.train, case.data.batch_size, case.data.seq_len, max_shards=case.data.max_shards)
     val_paths = resolve_paths(case.data.val) if case.data.val else None
-    engine = make_engine(case, device)
+    if world > 1:  # the engine holds one rank's rows
+        import copy
+
+        rank_case = copy.deepcopy(case)
+        rank_case.data.batch_size //= world
+        engine = make_engine(rank_case, device)
+        engine.collective = dist.collective
+    else:
+        engine = make_engine(case, device)
     from koifish_core.train.run_hooks import RunHooks
 
     hooks = RunHooks(case, inject or [], run_dir, log=lambda *a, **k: log(*a, **k))
@@ -156,30 +188,43 @@ def train(loaded: LoadedCase, run_dir: str | Path, steps: int | None = None, dev
             raise KoifishError(f"{run_dir}: the newest checkpoint is at step {start_step}; "
                                f"ask for more steps (--steps > {start_step}) to continue")
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / STOP_FILE).unlink(missing_ok=True)
-    (run_dir / PID_FILE).write_text(str(os.getpid()))
-    resolved = case_to_dict(case)
-    resolved["train"]["steps"] = total_steps
-    resolved["train"]["device"] = device
-    (run_dir / "case.json").write_text(json.dumps(resolved, indent=2) + "\n")
-    if ckpt is None:
-        env = dict(_environment(device), case_source=loaded.source, case_format=loaded.format)
-        (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
-    writer = MetricsWriter(run_dir)
-    if ckpt is not None:
-        writer.truncate_after(start_step)
+    writer = None
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / STOP_FILE).unlink(missing_ok=True)
+        (run_dir / PID_FILE).write_text(str(os.getpid()))
+        resolved = case_to_dict(case)
+        resolved["train"]["steps"] = total_steps
+        resolved["train"]["device"] = device
+        (run_dir / "case.json").write_text(json.dumps(resolved, indent=2) + "\n")
+        if ckpt is None:
+            env = dict(_environment(device), case_source=loaded.source, case_format=loaded.format, ranks=world)
+            (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+        writer = MetricsWriter(run_dir)
+        if ckpt is not None:
+            writer.truncate_after(start_step)
 
     def log(kind, step, **fields):
+        if writer is None:  # ranks other than 0 write nothing
+            return {"kind": kind, "step": step, **fields}
         rec = writer.write(kind, step, **fields)
         if on_log is not None:
             on_log(rec)
         return rec
 
     def save(step):
+        if not main:
+            return
         state = {"loader": train_loader.state(), "rng": rng.bit_generator.state, "tokens": tokens_seen,
                  "best_val_loss": best_val, "case_name": case.name, "koifish": _version()}
         checkpoint.save(run_dir, step, engine.model_tensors(), engine.optim_tensors(), state, case.checkpoint.keep_last)
+
+    def stop_agreed(stop) -> bool:
+        if world == 1:
+            return stop.check()
+        flag = np.array([1.0 if stop.check() else 0.0])  # every rank must stop at the same step
+        dist.collective.all_reduce_mean(flag)
+        return flag[0] > 0
 
     log("run", start_step, status="resumed" if ckpt else "started", case=case.name, device=device,
         parameters=engine.n_params, total_steps=total_steps)
@@ -194,6 +239,7 @@ def train(loaded: LoadedCase, run_dir: str | Path, steps: int | None = None, dev
             for step in range(start_step + 1, total_steps + 1):
                 lr = lr_at(step - 1, total_steps, case.optimizer.lr, case.schedule) * hooks.lr_factor(step)
                 batches = hooks.before_step(step, [train_loader.next_batch() for _ in range(accum)])
+                batches = _rows(batches, dist.rank, world)
                 t0 = time.perf_counter()
                 result = engine.train_step(batches, lr, gate=hooks.gate(step), poison_grads=hooks.poison_grads(step))
                 dt = time.perf_counter() - t0
@@ -205,11 +251,11 @@ def train(loaded: LoadedCase, run_dir: str | Path, steps: int | None = None, dev
                     tokens_per_s=tokens_per_step / dt, step_ms=dt * 1000.0, **extra)
                 hooks.after_step(step, result, engine, train_loader)
                 last = step == total_steps
-                if val_paths and ((case.eval.every and step % case.eval.every == 0) or last):
-                    val_loss, n = _evaluate(engine, val_paths, case)
+                if main and val_paths and ((case.eval.every and step % case.eval.every == 0) or last):
+                    val_loss, n = _evaluate(engine, val_paths, case, world)
                     best_val = val_loss if best_val is None else min(best_val, val_loss)
                     log("eval", step, loss=val_loss, tokens=n)
-                if stop.check():
+                if stop_agreed(stop):
                     save(step)
                     status = "stopped"
                     log("run", step, status="stopped", message="stop requested; checkpoint written")
@@ -223,9 +269,10 @@ def train(loaded: LoadedCase, run_dir: str | Path, steps: int | None = None, dev
         log("run", step, status="failed", message=f"{type(e).__name__}: {e}")
         raise
     finally:
-        writer.close()
-        (run_dir / PID_FILE).unlink(missing_ok=True)
-    if status == "finished":
+        if writer is not None:
+            writer.close()
+            (run_dir / PID_FILE).unlink(missing_ok=True)
+    if status == "finished" and main:
         with MetricsWriter(run_dir) as w:
             rec = w.write("run", step, status="finished", tokens=tokens_seen)
         if on_log is not None:
