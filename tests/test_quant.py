@@ -243,5 +243,8 @@ def test_dequant_kernels_match_the_reference(bits):
     y = dev(np.full((M, N), np.nan, np.float32))
     dequant_matvec(y, dev(x.astype(np.float32)), d_words, d_scales, d_zeros, bits, G)
     assert rel_err(host(y), x @ ref.T) < 2e-5
+    y1 = dev(np.full((1, N), np.nan, np.float32))  # batch 1 takes the decode fast path at 4 bits
+    dequant_matvec(y1, dev(x[:1].astype(np.float32)), d_words, d_scales, d_zeros, bits, G)
+    assert rel_err(host(y1), x[:1] @ ref.T) < 2e-5
     with pytest.raises(ValueError, match="up to 8 rows"):
         dequant_matvec(y, dev(np.zeros((9, K), np.float32)), d_words, d_scales, d_zeros, bits, G)
