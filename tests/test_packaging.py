@@ -38,3 +38,26 @@ def test_numba_cuda_imports_from_the_repo_root():
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "ok"
+
+
+def test_every_data_file_is_installed():
+    """`pip install .` (not editable) must carry the shipped corpus, the cases and the styles."""
+    import fnmatch
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    patterns = config["package-data"]
+    missing = []
+    for folder, name in FOLDER_TO_IMPORT.items():
+        for path in (ROOT / folder).rglob("*"):
+            if path.is_dir() or path.suffix in (".py", ".pyc") or "__pycache__" in path.parts:
+                continue
+            rel_parts = path.relative_to(ROOT / folder).parts
+            # the package holding the file is the deepest folder with an __init__.py
+            depth = max(i for i in range(len(rel_parts)) if (ROOT / folder / Path(*rel_parts[:i]) / "__init__.py").exists()
+                        or i == 0)
+            package = ".".join((name, *rel_parts[:depth]))
+            inner = "/".join(rel_parts[depth:])
+            pats = patterns.get(package, []) + patterns.get("*", [])
+            if not any(fnmatch.fnmatch(inner, p) for p in pats):
+                missing.append(f"{folder}/{'/'.join(rel_parts)}")
+    assert not missing, f"add to [tool.setuptools.package-data]: {missing}"
