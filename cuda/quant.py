@@ -81,7 +81,7 @@ def dequant_matmul_ref(x: np.ndarray, codes, scales, zeros, group_size: int, g_i
 # Groups are multiples of 32 codes, so a chunk sits in one group: one scale and zero per chunk.
 # Scales are float32 on the device (converted once at load; 1/32 of the 4-bit weight bytes).
 import koifish_cuda.compat  # noqa: E402,F401
-from koifish_cuda.reduce import THREADS, block_sum  # noqa: E402
+from koifish_cuda.reduce import THREADS, block_sum, warp_sum  # noqa: E402
 from numba import cuda, float32  # noqa: E402
 
 MAX_BATCH = 8  # rows of x the decode kernel handles in one pass (decode batch 1 to 8)
@@ -127,29 +127,36 @@ def dequant_matvec_kernel(out, x, words, scales, zeros, bits, group_size):
             out[m, n] = total
 
 
+ROWS4 = 8  # rows of W per block in the 4-bit decode kernel: a warp each
+
+
 @cuda.jit(cache=True)
 def dequant_matvec4_kernel(out, x, words, scales, zeros, group_size):
-    """The batch-1, 4-bit decode case: thread t reads words t, t+THREADS, ... of row n, so a warp's
-    loads are one contiguous 128-byte line, and keeps one accumulator in a register (the general
-    kernel's per-batch accumulators live in local memory, which made it 25x slower)."""
+    """The batch-1, 4-bit decode case: a warp per row of W. Lane l reads words l, l+32, ..., so a
+    warp's loads are one contiguous 128-byte line, the sum stays in a register and is reduced with
+    5 shuffles (one block per row with a shared-memory tree, as before, spent most of its time in
+    barriers)."""
+    N = words.shape[0]
     K = x.shape[1]
-    n, t = cuda.blockIdx.x, cuda.threadIdx.x
-    buf = cuda.shared.array(THREADS, float32)
+    buf = cuda.shared.array(32 * ROWS4, float32)
+    lane = cuda.threadIdx.x % 32
+    n = cuda.blockIdx.x * ROWS4 + cuda.threadIdx.x // 32
     acc = float32(0.0)
-    words_per_group = group_size // 8
-    for w in range(t, K // 8, THREADS):
-        word = words[n, w]
-        g = w // words_per_group
-        k = w * 8
-        dot = float32(0.0)
-        xs = float32(0.0)
-        for j in range(8):
-            xj = x[0, k + j]
-            dot += float32((word >> (4 * j)) & 15) * xj
-            xs += xj
-        acc += scales[n, g] * (dot - float32(zeros[n, g]) * xs)
-    total = block_sum(acc, buf)
-    if t == 0:
+    if n < N:
+        words_per_group = group_size // 8
+        for w in range(lane, K // 8, 32):
+            word = words[n, w]
+            g = w // words_per_group
+            k = w * 8
+            dot = float32(0.0)
+            xs = float32(0.0)
+            for j in range(8):
+                xj = x[0, k + j]
+                dot += float32((word >> (4 * j)) & 15) * xj
+                xs += xj
+            acc += scales[n, g] * (dot - float32(zeros[n, g]) * xs)
+    total = warp_sum(acc, buf)
+    if n < N and lane == 0:
         out[0, n] = total
 
 
@@ -183,7 +190,8 @@ def dequant_matvec(out, x, words, scales, zeros, bits: int, group_size: int, str
     if M > MAX_BATCH:
         raise ValueError(f"dequant_matvec handles up to {MAX_BATCH} rows of x; use dequantize + GEMM for {M}")
     if bits == 4 and M == 1:
-        dequant_matvec4_kernel[out.shape[1], THREADS, stream](out, x, words, scales, zeros, group_size)
+        grid = (out.shape[1] + ROWS4 - 1) // ROWS4
+        dequant_matvec4_kernel[grid, 32 * ROWS4, stream](out, x, words, scales, zeros, group_size)
         return
     dequant_matvec_kernel[out.shape[1], THREADS, stream](out, x, words, scales, zeros, bits, group_size)
 

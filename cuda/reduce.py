@@ -43,3 +43,30 @@ def block_max(v, buf):
 
 
 NEG_INF = float32(-3.0e38)
+
+
+# Warp-wide sums: shuffles on a GPU. The simulator has no shuffles, so there the same function
+# goes through shared memory; it then needs every thread of the block to call it (the kernels do).
+from numba import config  # noqa: E402
+
+if config.ENABLE_CUDASIM:
+
+    @cuda.jit(device=True)
+    def warp_sum(v, buf):
+        t = cuda.threadIdx.x
+        buf[t] = v
+        cuda.syncthreads()
+        base = t - t % 32
+        s = float32(0.0)
+        for i in range(32):
+            s += buf[base + i]
+        cuda.syncthreads()
+        return s
+
+else:
+
+    @cuda.jit(device=True)
+    def warp_sum(v, buf):  # buf is unused on a GPU
+        for off in (16, 8, 4, 2, 1):
+            v += cuda.shfl_xor_sync(0xFFFFFFFF, v, off)
+        return v
