@@ -26,7 +26,7 @@ def flops_per_token(L, C, T, n_params):
     return 6 * n_params + 12 * L * T * C
 
 
-def run_koifish(size, B, T, steps, warmup):
+def run_koifish(size, B, T, steps, warmup, remat=0):
     import numpy as np
 
     import koifish_cuda.compat  # noqa: F401
@@ -36,7 +36,7 @@ def run_koifish(size, B, T, steps, warmup):
     from koifish_core.engine.cuda_gpt2 import CUDAEngine
 
     L, H, C = SIZES[size]
-    case = build_case({"model": {"n_layer": L, "n_head": H, "n_embd": C, "n_ctx": T},
+    case = build_case({"model": {"n_layer": L, "n_head": H, "n_embd": C, "n_ctx": T, "remat": remat},
                        "data": {"batch_size": B, "seq_len": T}, "train": {"device": "cuda"}}, "bench")
     t0 = time.perf_counter()
     eng = CUDAEngine(case)
@@ -126,8 +126,10 @@ def run_torch(size, B, T, steps, warmup):
 
 
 def child(args):
-    fn = run_koifish if args.child == "koifish" else run_torch
-    res = fn(args.size, args.batch, args.seq, args.steps, args.warmup)
+    if args.child == "koifish":
+        res = run_koifish(args.size, args.batch, args.seq, args.steps, args.warmup, args.remat)
+    else:
+        res = run_torch(args.size, args.batch, args.seq, args.steps, args.warmup)
     print("RESULT " + json.dumps(res), flush=True)
 
 
@@ -139,6 +141,7 @@ def main():
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--frameworks", default="koifish,torch")
+    ap.add_argument("--remat", type=int, default=0, help="koifish's model.remat (0, 1, 2)")
     ap.add_argument("--out", default="bench/train.json")
     ap.add_argument("--child", default=None)
     ap.add_argument("--size", default=None)
@@ -149,7 +152,7 @@ def main():
     for size in args.sizes.split(","):
         for fw in args.frameworks.split(","):
             cmd = [sys.executable, __file__, "--child", fw, "--size", size, "--batch", str(args.batch),
-                   "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+                   "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--remat", str(args.remat)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if proc.returncode or not line:
@@ -164,7 +167,8 @@ def main():
                   f"peak {res['peak_vram_bytes'] / 2**30:.1f} GiB, first step {res['first_step_s']:.1f} s", flush=True)
     gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    report = {"gpu": gpu, "commit": commit, "batch": args.batch, "seq": args.seq, "steps": args.steps, "rows": rows}
+    commit = commit or os.environ.get("KOIFISH_COMMIT", "")  # copies without .git name it themselves
+    report = {"gpu": gpu, "commit": commit, "remat": args.remat, "batch": args.batch, "seq": args.seq, "steps": args.steps, "rows": rows}
     print(f"\n{'size':>6} {'framework':>9} {'tok/s':>10} {'MFU':>6} {'VRAM GiB':>9} {'1st step s':>10}")
     for r in rows:
         if "error" in r:

@@ -9,7 +9,9 @@ launch costs ~50 us on an H100 and a step has several hundred launches; a replay
 
 This first engine keeps activations and weights in float32 and runs the GEMMs on TF32 tensor
 cores; parameters, names and shapes are exactly the CPU model's, so checkpoints move between
-the two engines unchanged.
+the two engines unchanged. model.remat trades compute for memory: 1 rebuilds the LayerNorm and
+GELU outputs in the backward, 2 keeps only each block's output and reruns the block's forward
+just before its backward (about a third more forward work; activations shrink by ~L times).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class CUDAEngine:
         host.init_weights(case.seed if seed is None else seed)
         self.n_params = host.num_parameters()
         self.shapes = cfg.param_shapes()
+        self.remat = case.model.remat
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.ns = cuda.external_stream(self.stream.ptr)
         with self.stream:
@@ -69,9 +72,18 @@ class CUDAEngine:
         self.idx = cp.zeros((B, T), dtype=cp.int32)
         self.targets = cp.zeros(N, dtype=cp.int32)
         self.x0 = f(N, C)
-        self.act = [dict(ln1=f(N, C), m1=f(N), r1=f(N), qkv=f(N, 3 * C), q=f(BH, T, hs), k=f(BH, T, hs),
-                         v=f(BH, T, hs), att=f(BH, T, T), atty=f(N, C), res2=f(N, C), ln2=f(N, C), m2=f(N),
-                         r2=f(N), fch=f(N, F), fch_gelu=f(N, F), res3=f(N, C)) for _ in range(L)]
+        # Per-layer activations kept for the backward. Keys listed in `shared` get one buffer for all
+        # layers: qkv always (the backward reads the head-split q, k, v), and with remat the values
+        # the backward rebuilds: level 1 the LayerNorm and GELU outputs, level 2 everything but each
+        # block's output (one block is rebuilt at a time, just before its backward).
+        sizes = dict(ln1=(N, C), m1=(N,), r1=(N,), qkv=(N, 3 * C), q=(BH, T, hs), k=(BH, T, hs), v=(BH, T, hs),
+                     att=(BH, T, T), atty=(N, C), res2=(N, C), ln2=(N, C), m2=(N,), r2=(N,), fch=(N, F),
+                     fch_gelu=(N, F), res3=(N, C))
+        shared = {"qkv"} | ({"ln1", "ln2", "fch_gelu"} if self.remat == 1 else set())
+        if self.remat == 2:
+            shared = set(sizes) - {"res3"}
+        one = {k: f(*sizes[k]) for k in shared}
+        self.act = [{k: one[k] if k in shared else f(*s) for k, s in sizes.items()} for _ in range(L)]
         self.lnf, self.mf, self.rf = f(N, C), f(N), f(N)
         self.logits, self.losses, self.loss_sum = f(N, Vp), f(N), f(1)
         # scratch shared by the layers
@@ -84,43 +96,63 @@ class CUDAEngine:
 
     # ---- the step, as kernels -----------------------------------------------------------------
     def _forward(self, dloss: float) -> None:
-        from koifish_cuda.attention import merge_heads, softmax_causal_forward, split_heads
         from koifish_cuda.classifier import fused_classifier
         from koifish_cuda.embedding import encoder_forward
+        from koifish_cuda.layernorm import layernorm_forward
+
+        p, s = self.p, self.ns
+        encoder_forward(self.x0, self.idx, p["wte"], p["wpe"], s)
+        resid = self.x0
+        for l in range(self.cfg.n_layer):
+            self._block_forward(l, resid)
+            resid = self.act[l]["res3"]
+        layernorm_forward(self.lnf, self.mf, self.rf, resid, p["ln_f.weight"], p["ln_f.bias"], s)
+        self.blas.gemm(self.logits, self.lnf, p["wte"], trans_b=True)  # (N, Vp); padded wte rows are 0
+        fused_classifier(self.logits, self.losses, self.loss_sum, self.targets, self.cfg.vocab_size, dloss, s)
+
+    def _block_forward(self, l: int, resid, full: bool = True) -> None:
+        """Block l from its input `resid`; full=False stops before the MLP's output projection
+        (all a rebuild for the backward needs, and it leaves the block's output untouched)."""
+        from koifish_cuda.attention import merge_heads, softmax_causal_forward, split_heads
         from koifish_cuda.gelu import bias_gelu_forward
         from koifish_cuda.layernorm import layernorm_forward
         from koifish_cuda.matmul import add_bias
         from koifish_cuda.residual import residual_forward
 
-        p, s, C = self.p, self.ns, self.cfg.n_embd
+        p, s, C, a, h = self.p, self.ns, self.cfg.n_embd, self.act[l], f"h.{l}."
         gemm, batched_gemm = self.blas.gemm, self.blas.batched_gemm
-        scale = 1.0 / math.sqrt(self.hs)
-        encoder_forward(self.x0, self.idx, p["wte"], p["wpe"], s)
-        resid = self.x0
-        for l, a in enumerate(self.act):
-            h = f"h.{l}."
-            layernorm_forward(a["ln1"], a["m1"], a["r1"], resid, p[h + "ln_1.weight"], p[h + "ln_1.bias"], s)
-            gemm(a["qkv"], a["ln1"], p[h + "attn.c_attn.weight"], trans_b=True)
-            add_bias(a["qkv"], p[h + "attn.c_attn.bias"], s)
-            for i, dst in enumerate((a["q"], a["k"], a["v"])):
-                split_heads(dst, a["qkv"], i * C, s)
-            batched_gemm(a["att"], a["q"], a["k"], trans_b=True)  # (BH, T, T) scores
-            softmax_causal_forward(a["att"], scale, s)
-            batched_gemm(self.yh, a["att"], a["v"])  # (BH, T, hs)
-            merge_heads(a["atty"], self.yh, 0, s)
-            gemm(self.proj, a["atty"], p[h + "attn.c_proj.weight"], trans_b=True)
-            add_bias(self.proj, p[h + "attn.c_proj.bias"], s)
-            residual_forward(a["res2"], resid, self.proj, s)
-            layernorm_forward(a["ln2"], a["m2"], a["r2"], a["res2"], p[h + "ln_2.weight"], p[h + "ln_2.bias"], s)
-            gemm(a["fch"], a["ln2"], p[h + "mlp.c_fc.weight"], trans_b=True)
-            bias_gelu_forward(a["fch_gelu"], a["fch"], p[h + "mlp.c_fc.bias"], s)
+        layernorm_forward(a["ln1"], a["m1"], a["r1"], resid, p[h + "ln_1.weight"], p[h + "ln_1.bias"], s)
+        gemm(a["qkv"], a["ln1"], p[h + "attn.c_attn.weight"], trans_b=True)
+        add_bias(a["qkv"], p[h + "attn.c_attn.bias"], s)
+        for i, dst in enumerate((a["q"], a["k"], a["v"])):
+            split_heads(dst, a["qkv"], i * C, s)
+        batched_gemm(a["att"], a["q"], a["k"], trans_b=True)  # (BH, T, T) scores
+        softmax_causal_forward(a["att"], 1.0 / math.sqrt(self.hs), s)
+        batched_gemm(self.yh, a["att"], a["v"])  # (BH, T, hs)
+        merge_heads(a["atty"], self.yh, 0, s)
+        gemm(self.proj, a["atty"], p[h + "attn.c_proj.weight"], trans_b=True)
+        add_bias(self.proj, p[h + "attn.c_proj.bias"], s)
+        residual_forward(a["res2"], resid, self.proj, s)
+        layernorm_forward(a["ln2"], a["m2"], a["r2"], a["res2"], p[h + "ln_2.weight"], p[h + "ln_2.bias"], s)
+        gemm(a["fch"], a["ln2"], p[h + "mlp.c_fc.weight"], trans_b=True)
+        bias_gelu_forward(a["fch_gelu"], a["fch"], p[h + "mlp.c_fc.bias"], s)
+        if full:
             gemm(self.proj, a["fch_gelu"], p[h + "mlp.c_proj.weight"], trans_b=True)
             add_bias(self.proj, p[h + "mlp.c_proj.bias"], s)
             residual_forward(a["res3"], a["res2"], self.proj, s)
-            resid = a["res3"]
-        layernorm_forward(self.lnf, self.mf, self.rf, resid, p["ln_f.weight"], p["ln_f.bias"], s)
-        gemm(self.logits, self.lnf, p["wte"], trans_b=True)  # (N, Vp); padded rows of wte are zero
-        fused_classifier(self.logits, self.losses, self.loss_sum, self.targets, self.cfg.vocab_size, dloss, s)
+
+    def _rebuild(self, l: int, resid_in) -> None:
+        """Recompute what remat dropped from block l, just before its backward."""
+        from koifish_cuda.gelu import bias_gelu_forward
+        from koifish_cuda.layernorm import layernorm_forward
+
+        p, s, a, h = self.p, self.ns, self.act[l], f"h.{l}."
+        if self.remat == 2 and l < self.cfg.n_layer - 1:  # the last block's values are still there
+            self._block_forward(l, resid_in, full=False)
+        elif self.remat == 1:
+            layernorm_forward(a["ln1"], a["m1"], a["r1"], resid_in, p[h + "ln_1.weight"], p[h + "ln_1.bias"], s)
+            layernorm_forward(a["ln2"], a["m2"], a["r2"], a["res2"], p[h + "ln_2.weight"], p[h + "ln_2.bias"], s)
+            bias_gelu_forward(a["fch_gelu"], a["fch"], p[h + "mlp.c_fc.bias"], s)
 
     def _backward(self) -> None:
         from koifish_cuda.attention import merge_heads, softmax_causal_backward, split_heads
@@ -142,6 +174,7 @@ class CUDAEngine:
         for l in reversed(range(self.cfg.n_layer)):
             a, h = self.act[l], f"h.{l}."
             resid_in = self.x0 if l == 0 else self.act[l - 1]["res3"]
+            self._rebuild(l, resid_in)
             # MLP: res3 = res2 + c_proj(gelu(c_fc(ln2(res2))))
             bias_grad(g[h + "mlp.c_proj.bias"], self.dres, s)
             gemm(g[h + "mlp.c_proj.weight"], self.dres, a["fch_gelu"], trans_a=True, beta=1.0)
@@ -187,17 +220,26 @@ class CUDAEngine:
         adamw_update(self.params, self.grads, self.m, self.v, self.decay, self.norm_sq, self.hyper, self.ns)
 
     def _capture(self, accum: int) -> None:
-        """Run each phase once eagerly (cuBLAS and CuPy set up their workspaces), then capture."""
+        """Run each phase once eagerly (kernels compile, cuBLAS sets up its workspace), then capture."""
+        from koifish_cuda.adamw import adamw_update
+
         cp = self.cp
         dloss = 1.0 / (self.N * accum)
         phases = {"zero": self._zero, "micro": lambda: (self._forward(dloss), self._backward()), "norm": self._norm,
                   "update": self._update}
-        saved = (self.params.copy(), self.m.copy(), self.v.copy())
+        # The eager warm-up updates only a short prefix (it compiles the same kernel), restored
+        # after: it must not count as a step, and a full copy of the state would not fit beside
+        # the largest models.
+        head = slice(0, 256)
+        saved = (self.params[head].copy(), self.m[head].copy(), self.v[head].copy())
+        warm = {**phases, "update": lambda: adamw_update(self.params[head], self.grads[head], self.m[head],
+                                                         self.v[head], self.decay[head], self.norm_sq,
+                                                         self.hyper, self.ns)}
         with self.stream:
-            for fn in phases.values():
+            for fn in warm.values():
                 fn()
             self.stream.synchronize()
-            self.params[...], self.m[...], self.v[...] = saved  # the warm-up must not count as a step
+            self.params[head], self.m[head], self.v[head] = saved
             graphs = {}
             for name, fn in phases.items():
                 self.stream.begin_capture()
