@@ -128,6 +128,7 @@ def dequant_matvec_kernel(out, x, words, scales, zeros, bits, group_size):
 
 
 ROWS4 = 8  # rows of W per block in the 4-bit decode kernel: a warp each
+BUF4 = 32 * ROWS4  # a compile-time constant for the shared array
 
 
 @cuda.jit(cache=True)
@@ -138,7 +139,7 @@ def dequant_matvec4_kernel(out, x, words, scales, zeros, group_size):
     barriers)."""
     N = words.shape[0]
     K = x.shape[1]
-    buf = cuda.shared.array(32 * ROWS4, float32)
+    buf = cuda.shared.array(BUF4, float32)
     lane = cuda.threadIdx.x % 32
     n = cuda.blockIdx.x * ROWS4 + cuda.threadIdx.x // 32
     acc = float32(0.0)
