@@ -127,38 +127,66 @@ def dequant_matvec_kernel(out, x, words, scales, zeros, bits, group_size):
             out[m, n] = total
 
 
-ROWS4 = 8  # rows of W per block in the 4-bit decode kernel: a warp each
-BUF4 = 32 * ROWS4  # a compile-time constant for the shared array
+WARPS4 = 8  # warps per block in the 4-bit decode kernel
+BUF4 = 32 * WARPS4  # a compile-time constant for the shared array
+
+
+@cuda.jit(device=True, inline=True)
+def _nib(word, j):
+    return float32((word >> (4 * j)) & 15)
 
 
 @cuda.jit(cache=True)
 def dequant_matvec4_kernel(out, x, words, scales, zeros, group_size):
-    """The batch-1, 4-bit decode case: a warp per row of W. Lane l reads words l, l+32, ..., so a
-    warp's loads are one contiguous 128-byte line, the sum stays in a register and is reduced with
-    5 shuffles (one block per row with a shared-memory tree, as before, spent most of its time in
-    barriers)."""
+    """The batch-1, 4-bit decode case. A warp owns 4 rows of W; lane l reads words l, l+32, ...
+    of each (a warp's loads of one row are a contiguous 128-byte line), and every x value it loads
+    serves the 4 rows: with one row per warp, reading x (4 bytes per 4-bit weight) from cache cost
+    more than reading the weights. Sums stay in registers and end in 5 shuffles."""
     N = words.shape[0]
     K = x.shape[1]
     buf = cuda.shared.array(BUF4, float32)
     lane = cuda.threadIdx.x % 32
-    n = cuda.blockIdx.x * ROWS4 + cuda.threadIdx.x // 32
-    acc = float32(0.0)
-    if n < N:
-        words_per_group = group_size // 8
+    n0 = (cuda.blockIdx.x * WARPS4 + cuda.threadIdx.x // 32) * 4
+    a0 = float32(0.0)
+    a1 = float32(0.0)
+    a2 = float32(0.0)
+    a3 = float32(0.0)
+    if n0 < N:
+        n1, n2, n3 = min(n0 + 1, N - 1), min(n0 + 2, N - 1), min(n0 + 3, N - 1)  # clamped: extra rows are dropped
+        wpg = group_size // 8
         for w in range(lane, K // 8, 32):
-            word = words[n, w]
-            g = w // words_per_group
+            w0, w1, w2, w3 = words[n0, w], words[n1, w], words[n2, w], words[n3, w]
             k = w * 8
-            dot = float32(0.0)
+            d0 = float32(0.0)
+            d1 = float32(0.0)
+            d2 = float32(0.0)
+            d3 = float32(0.0)
             xs = float32(0.0)
             for j in range(8):
                 xj = x[0, k + j]
-                dot += float32((word >> (4 * j)) & 15) * xj
                 xs += xj
-            acc += scales[n, g] * (dot - float32(zeros[n, g]) * xs)
-    total = warp_sum(acc, buf)
-    if n < N and lane == 0:
-        out[0, n] = total
+                d0 += _nib(w0, j) * xj
+                d1 += _nib(w1, j) * xj
+                d2 += _nib(w2, j) * xj
+                d3 += _nib(w3, j) * xj
+            g = w // wpg
+            a0 += scales[n0, g] * (d0 - float32(zeros[n0, g]) * xs)
+            a1 += scales[n1, g] * (d1 - float32(zeros[n1, g]) * xs)
+            a2 += scales[n2, g] * (d2 - float32(zeros[n2, g]) * xs)
+            a3 += scales[n3, g] * (d3 - float32(zeros[n3, g]) * xs)
+    t0 = warp_sum(a0, buf)
+    t1 = warp_sum(a1, buf)
+    t2 = warp_sum(a2, buf)
+    t3 = warp_sum(a3, buf)
+    if lane == 0:
+        if n0 < N:
+            out[0, n0] = t0
+        if n0 + 1 < N:
+            out[0, n0 + 1] = t1
+        if n0 + 2 < N:
+            out[0, n0 + 2] = t2
+        if n0 + 3 < N:
+            out[0, n0 + 3] = t3
 
 
 @cuda.jit(cache=True)
@@ -191,8 +219,9 @@ def dequant_matvec(out, x, words, scales, zeros, bits: int, group_size: int, str
     if M > MAX_BATCH:
         raise ValueError(f"dequant_matvec handles up to {MAX_BATCH} rows of x; use dequantize + GEMM for {M}")
     if bits == 4 and M == 1:
-        grid = (out.shape[1] + ROWS4 - 1) // ROWS4
-        dequant_matvec4_kernel[grid, 32 * ROWS4, stream](out, x, words, scales, zeros, group_size)
+        rows_per_block = 4 * WARPS4
+        grid = (out.shape[1] + rows_per_block - 1) // rows_per_block
+        dequant_matvec4_kernel[grid, 32 * WARPS4, stream](out, x, words, scales, zeros, group_size)
         return
     dequant_matvec_kernel[out.shape[1], THREADS, stream](out, x, words, scales, zeros, bits, group_size)
 
