@@ -145,9 +145,9 @@ def load_case(path: str | Path | None = None) -> LoadedCase:
         fmt = "koifish-original"
         raw, warnings = map_original(raw, source)
     case = build_case(raw, source)
-    if case.model.remat:
-        warnings.append(f"model.remat {case.model.remat}: rematerialisation is not implemented yet; "
-                        "all activations are kept (the plan's memory estimate assumes the level asked for)")
+    if case.model.remat and case.train.device == "cpu":
+        warnings.append(f"model.remat {case.model.remat}: the CPU engine keeps all activations; "
+                        "rematerialisation is done by the CUDA engine (--device cuda)")
     if path is not None and "name" not in raw:
         case.name = source_path.stem
     return LoadedCase(case=case, source=source, format=fmt, warnings=warnings)

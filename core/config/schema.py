@@ -34,8 +34,8 @@ class ModelConfig:
     """Hidden width of the MLP; null means 4 * n_embd."""
     remat: int = field(default=0, metadata={"choices": (0, 1, 2)})
     """Rematerialisation: 0 keeps all activations, 1 recomputes LayerNorm and GELU outputs in
-    backward, 2 keeps only each block's input and recomputes the block. Not implemented yet:
-    both engines keep all activations, and a case asking for 1 or 2 gets a warning."""
+    backward, 2 keeps only each block's input and recomputes the block. The CUDA engine does
+    all three; the CPU engine keeps all activations (and warns)."""
 
 
 @dataclass
