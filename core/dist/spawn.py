@@ -1,45 +1,84 @@
 """`koifish train CASE --gpus N`: start N copies of the same command on this host, one per GPU,
-with the environment torchrun would give them; each copy finds its place with launch_env."""
+with the environment torchrun would give them; each copy finds its place with launch_env.
+
+If one rank fails the others would wait for it in a collective until their timeout, so the
+launcher ends them (SIGTERM: they stop gracefully) and returns the first failure's exit code.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 from koifish_core.dist.launch_env import nccl_safe_environment
 
+GRACE_S = 30.0  # how long ranks get to stop after SIGTERM before they are killed
+
 
 def free_port() -> int:
+    """A TCP port free on this host now (the OS picks it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def launch(argv: list[str], world_size: int) -> int:
-    """Run `python -m koifish_app.cli *argv` as ranks 0..N-1; the exit code is the first failure's."""
+def rank_environment(rank: int, world_size: int, port: int, base=None) -> dict[str, str]:
+    """What rank `rank` of a one-host job gets: torchrun's variables, NVLink multicast off."""
+    env = dict(os.environ if base is None else base)
+    env.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NCCL_NVLS_ENABLE="0")
+    return env
+
+
+def launch_command(cmd: list[str], world_size: int, poll_s: float = 0.2) -> int:
+    """Run `cmd` as ranks 0..N-1 of a one-host job; 0 if all succeed, else the first failure's code."""
     nccl_safe_environment()
     port = free_port()
-    procs = []
-    for rank in range(world_size):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NCCL_NVLS_ENABLE="0")
-        procs.append(subprocess.Popen([sys.executable, "-m", "koifish_app.cli", *argv], env=env))
-    codes = [p.wait() for p in procs]
-    return next((c for c in codes if c != 0), 0)
+    procs = [subprocess.Popen(cmd, env=rank_environment(r, world_size, port)) for r in range(world_size)]
+    failure = None
+    try:
+        while failure is None and any(p.poll() is None for p in procs):
+            failure = next((p.returncode for p in procs if p.returncode not in (None, 0)), None)
+            time.sleep(poll_s)
+        if failure is None:
+            failure = next((p.returncode for p in procs if p.returncode != 0), None)
+    except KeyboardInterrupt:  # Ctrl-C reached us (and the ranks, same process group): let them checkpoint
+        failure = 130
+    _stop(procs)
+    return failure or 0
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """End the ranks still running: SIGTERM (they checkpoint and stop), then SIGKILL after GRACE_S."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + GRACE_S
+    for p in procs:
+        try:
+            p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def launch(argv: list[str], world_size: int) -> int:
+    """Run `python -m koifish_app.cli *argv` as ranks 0..N-1 (the CLI's --gpus N)."""
+    return launch_command([sys.executable, "-m", "koifish_app.cli", *argv], world_size)
 
 
 def strip_gpus(argv: list[str]) -> list[str]:
+    """argv without --gpus N / --gpus=N (the ranks must not spawn again)."""
     out, skip = [], False
-    for i, a in enumerate(argv):
+    for a in argv:
         if skip:
             skip = False
-            continue
-        if a == "--gpus":
+        elif a == "--gpus":
             skip = True
-            continue
-        if a.startswith("--gpus="):
-            continue
-        out.append(a)
+        elif not a.startswith("--gpus="):
+            out.append(a)
     return out
