@@ -131,6 +131,13 @@ WARPS4 = 8  # warps per block in the 4-bit decode kernel
 BUF4 = 32 * WARPS4  # a compile-time constant for the shared array
 
 
+@cuda.jit(cache=True)
+def zero_kernel(a):
+    i = cuda.grid(1)
+    if i < a.size:
+        a[i] = 0.0
+
+
 @cuda.jit(device=True, inline=True)
 def _nib(word, j):
     return float32((word >> (4 * j)) & 15)
@@ -147,6 +154,10 @@ def dequant_matvec4_kernel(out, x, words, scales, zeros, group_size):
     buf = cuda.shared.array(BUF4, float32)
     lane = cuda.threadIdx.x % 32
     n0 = (cuda.blockIdx.x * WARPS4 + cuda.threadIdx.x // 32) * 4
+    # split-K: block column y sums words [y * span, (y + 1) * span) and adds its part into out
+    span = (K // 8 + cuda.gridDim.y - 1) // cuda.gridDim.y
+    w_begin = cuda.blockIdx.y * span
+    w_end = min(K // 8, w_begin + span)
     a0 = float32(0.0)
     a1 = float32(0.0)
     a2 = float32(0.0)
@@ -154,7 +165,7 @@ def dequant_matvec4_kernel(out, x, words, scales, zeros, group_size):
     if n0 < N:
         n1, n2, n3 = min(n0 + 1, N - 1), min(n0 + 2, N - 1), min(n0 + 3, N - 1)  # clamped: extra rows are dropped
         wpg = group_size // 8
-        for w in range(lane, K // 8, 32):
+        for w in range(w_begin + lane, w_end, 32):
             w0, w1, w2, w3 = words[n0, w], words[n1, w], words[n2, w], words[n3, w]
             k = w * 8
             d0 = float32(0.0)
@@ -178,15 +189,15 @@ def dequant_matvec4_kernel(out, x, words, scales, zeros, group_size):
     t1 = warp_sum(a1, buf)
     t2 = warp_sum(a2, buf)
     t3 = warp_sum(a3, buf)
-    if lane == 0:
+    if lane == 0:  # out was zeroed by the launcher; the K-splits add up
         if n0 < N:
-            out[0, n0] = t0
+            cuda.atomic.add(out, (0, n0), t0)
         if n0 + 1 < N:
-            out[0, n0 + 1] = t1
+            cuda.atomic.add(out, (0, n0 + 1), t1)
         if n0 + 2 < N:
-            out[0, n0 + 2] = t2
+            cuda.atomic.add(out, (0, n0 + 2), t2)
         if n0 + 3 < N:
-            out[0, n0 + 3] = t3
+            cuda.atomic.add(out, (0, n0 + 3), t3)
 
 
 @cuda.jit(cache=True)
@@ -220,8 +231,12 @@ def dequant_matvec(out, x, words, scales, zeros, bits: int, group_size: int, str
         raise ValueError(f"dequant_matvec handles up to {MAX_BATCH} rows of x; use dequantize + GEMM for {M}")
     if bits == 4 and M == 1:
         rows_per_block = 4 * WARPS4
-        grid = (out.shape[1] + rows_per_block - 1) // rows_per_block
-        dequant_matvec4_kernel[grid, 32 * WARPS4, stream](out, x, words, scales, zeros, group_size)
+        row_blocks = (out.shape[1] + rows_per_block - 1) // rows_per_block
+        # enough blocks to fill the GPU (~4 per SM on an H100) when W has few rows, each split
+        # still long enough (>= 4 words per lane) to amortise its reduction
+        splits = max(1, min(K // 8 // 128, -(-528 // row_blocks)))
+        zero_kernel[(out.size + 255) // 256, 256, stream](out.reshape(-1))
+        dequant_matvec4_kernel[(row_blocks, splits), 32 * WARPS4, stream](out, x, words, scales, zeros, group_size)
         return
     dequant_matvec_kernel[out.shape[1], THREADS, stream](out, x, words, scales, zeros, bits, group_size)
 
