@@ -80,15 +80,21 @@ class Rendezvous:
                 listener.settimeout(left)
                 conn, _ = listener.accept()
                 conn.settimeout(max(deadline - time.monotonic(), 0.1))  # a silent stranger must not stall us
-                rank = self._greeting(conn)
+                try:
+                    rank = self._greeting(conn)
+                except KoifishError:
+                    conn.close()  # the refused rank learns at once instead of at its timeout
+                    raise
                 conn.settimeout(self.timeout)
                 if rank is None or rank in by_rank:
                     conn.close()  # not one of ours, or a duplicate: keep waiting for the real rank
                     continue
                 by_rank[rank] = conn
-        except socket.timeout:
+        except (socket.timeout, KoifishError) as e:
             for conn in by_rank.values():
                 conn.close()
+            if isinstance(e, KoifishError):
+                raise
             missing = sorted(set(range(1, env.world_size)) - set(by_rank))
             raise KoifishError(f"{self.where}: ranks {missing} did not arrive within {self.timeout:.0f} s "
                                f"({len(by_rank) + 1} of {env.world_size} here)") from None
