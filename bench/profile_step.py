@@ -1,0 +1,102 @@
+"""Where a training step's time goes: the CUDA engine's micro-batch graph (forward + backward)
+re-captured with only one group of launches kept, each replay timed with CUDA events.
+
+    python bench/profile_step.py --size 124M --batch 16 --out bench/profile.json
+
+Groups: the cuBLAS GEMMs (dense and batched) and each kernel module's launchers. Launches left
+out are replaced by no-ops, so each row is the time of that group alone on the real buffers;
+the rows add up to about the full graph (the remainder is launch gaps between kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+GROUPS = {
+    "embedding": ("koifish_cuda.embedding", ("encoder_forward", "encoder_backward")),
+    "layernorm": ("koifish_cuda.layernorm", ("layernorm_forward", "layernorm_backward")),
+    "gelu": ("koifish_cuda.gelu", ("bias_gelu_forward", "gelu_backward")),
+    "bias": ("koifish_cuda.matmul", ("add_bias", "bias_grad")),
+    "residual": ("koifish_cuda.residual", ("residual_forward",)),
+    "heads split/merge": ("koifish_cuda.attention", ("split_heads", "merge_heads")),
+    "softmax causal": ("koifish_cuda.attention", ("softmax_causal_forward", "softmax_causal_backward")),
+    "classifier": ("koifish_cuda.classifier", ("fused_classifier",)),
+}
+
+
+def replay_ms(eng, reps=10):
+    import cupy as cp
+
+    graph = eng.graphs["micro"]
+    graph.launch(eng.stream)
+    a, b = cp.cuda.Event(), cp.cuda.Event()
+    a.record(eng.stream)
+    for _ in range(reps):
+        graph.launch(eng.stream)
+    b.record(eng.stream)
+    b.synchronize()
+    return cp.cuda.get_elapsed_time(a, b) / reps
+
+
+def main():
+    import importlib
+
+    import numpy as np
+
+    from bench_train import SIZES
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="124M")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--out", default="bench/profile.json")
+    args = ap.parse_args()
+
+    import koifish_cuda.compat  # noqa: F401
+    from koifish_core.config.load import build_case
+    from koifish_core.engine.cuda_gpt2 import CUDAEngine
+
+    L, H, C = SIZES[args.size]
+    B, T = args.batch, args.seq
+    case = build_case({"model": {"n_layer": L, "n_head": H, "n_embd": C, "n_ctx": T},
+                       "data": {"batch_size": B, "seq_len": T}, "train": {"device": "cuda"}}, "profile")
+    eng = CUDAEngine(case)
+    rng = np.random.default_rng(0)
+    eng.train_step([(rng.integers(0, 50257, (B, T)), rng.integers(0, 50257, (B, T)))], 1e-4)
+    rows = [{"group": "full micro-batch graph", "ms": replay_ms(eng)}]
+
+    originals = {(mod, fn): getattr(importlib.import_module(mod), fn) for mod, fns in GROUPS.values() for fn in fns}
+    blas = {"gemm": eng.blas.gemm, "batched_gemm": eng.blas.batched_gemm}
+    noop = lambda *a, **k: None  # noqa: E731
+
+    def keep(group):
+        for (mod, fn), f in originals.items():
+            kept = group in GROUPS and mod == GROUPS[group][0] and fn in GROUPS[group][1]
+            setattr(importlib.import_module(mod), fn, f if kept else noop)
+        for name, f in blas.items():
+            setattr(eng.blas, name, f if group == "cuBLAS GEMMs" else noop)
+        eng._capture(1)
+
+    for group in ["cuBLAS GEMMs", *GROUPS]:
+        keep(group)
+        rows.append({"group": group, "ms": replay_ms(eng)})
+    total = rows[0]["ms"]
+    for r in rows:
+        r["share"] = r["ms"] / total
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                         text=True).stdout.strip()
+    print(f"{args.size} B={B} T={T} on {gpu}\n{'group':>24} {'ms':>8} {'share':>6}")
+    for r in rows:
+        print(f"{r['group']:>24} {r['ms']:>8.2f} {r['share']:>6.1%}")
+    with open(args.out, "w") as fh:
+        json.dump({"gpu": gpu, "size": args.size, "batch": B, "seq": T, "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
