@@ -65,53 +65,14 @@ def load_state_dict_into(model: GPT2, tensors: dict[str, np.ndarray], where: str
         target[...] = t
 
 
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    try:
-        return load_file(str(path))
-    except FileNotFoundError:
-        raise ModelError(f"{path.parent}: no model.safetensors") from None
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ModelError(f"{path}: cannot read safetensors (truncated or damaged file?): {e}") from None
-
-
-def _bf16_to_f32(path: Path) -> dict[str, np.ndarray]:
-    """safetensors.numpy cannot hold bf16; read those tensors' raw bits and widen them."""
-    import json as _json
-    import struct
-
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = _json.loads(raw[8:8 + n])
-    out = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = meta["data_offsets"]
-        buf = raw[8 + n + start:8 + n + end]
-        if meta["dtype"] == "BF16":
-            out[name] = (np.frombuffer(buf, dtype="<u2").astype(np.uint32) << 16).view(np.float32).reshape(meta["shape"])
-        else:
-            out[name] = np.frombuffer(buf, dtype={"F32": "<f4", "F16": "<f2", "F64": "<f8"}[meta["dtype"]]).reshape(meta["shape"])
-    return out
-
-
 def load_hf_folder(folder: str | Path, dtype=np.float32) -> GPT2:
+    from koifish_core.models.safetensors_reader import iter_tensors
+
     folder = Path(folder)
     cfg = config_from_hf(read_config(folder), folder)
-    path = folder / "model.safetensors"
-    if not path.exists():
-        raise ModelError(f"{folder}: no model.safetensors (sharded or .bin checkpoints are not supported for GPT-2)")
-    try:
-        tensors = _read_safetensors(path)
-    except ModelError as e:
-        if "bfloat16" not in str(e) and "BF16" not in str(e):
-            raise
-        tensors = _bf16_to_f32(path)
+    tensors = {name: array for name, array, _ in iter_tensors(folder)}  # single or sharded; bf16 widened
     model = GPT2(cfg, dtype=dtype)
-    load_state_dict_into(model, tensors, str(path))
+    load_state_dict_into(model, tensors, str(folder))
     return model
 
 

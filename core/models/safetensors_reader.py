@@ -80,4 +80,4 @@ def iter_tensors(folder: Path) -> Iterator[tuple[str, np.ndarray, Path]]:
                     else:
                         yield name, f.get_tensor(name), path
         except (SafetensorError, OSError) as e:
-            raise ModelError(f"{path}: cannot read as safetensors ({e})") from None
+            raise ModelError(f"{path}: cannot read as safetensors (truncated or damaged file?): {e}") from None
