@@ -41,11 +41,12 @@ def launch_command(cmd: list[str], world_size: int, poll_s: float = 0.2) -> int:
     procs = [subprocess.Popen(cmd, env=rank_environment(r, world_size, port)) for r in range(world_size)]
     failure = None
     try:
-        while failure is None and any(p.poll() is None for p in procs):
-            failure = next((p.returncode for p in procs if p.returncode not in (None, 0)), None)
+        while True:
+            codes = [p.poll() for p in procs]  # poll every rank: returncode is only set by poll
+            failure = next((c for c in codes if c not in (None, 0)), None)
+            if failure is not None or all(c is not None for c in codes):
+                break
             time.sleep(poll_s)
-        if failure is None:
-            failure = next((p.returncode for p in procs if p.returncode != 0), None)
     except KeyboardInterrupt:  # Ctrl-C reached us (and the ranks, same process group): let them checkpoint
         failure = 130
     _stop(procs)
