@@ -9,6 +9,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 
+from koifish_app.tui.chart_actions import ChartActions
 from koifish_app.tui.chart_data import SMOOTHING
 from koifish_app.tui.run import options_text
 from koifish_app.tui.run_watch import RunWatch
@@ -17,7 +18,7 @@ from koifish_app.tui.widgets.loss_chart import COLORS, ChartOptions, LossChart
 from koifish_app.tui.widgets.run_header import status_text
 
 
-class CompareScreen(Screen):
+class CompareScreen(ChartActions, Screen):
     CSS_PATH = "compare.tcss"
     HELP = ("Train loss of the marked runs (or of all runs) on one chart. Tokens on the x axis compare runs "
             "with different batch sizes fairly; smoothing helps with noisy small-batch curves.")
@@ -57,15 +58,3 @@ class CompareScreen(Screen):
                            f"loss {num(watch.latest_loss)}", f"eval {num(watch.latest_eval)}")
         self.query_one("#compare-legend", Static).update(legend)
 
-    def action_toggle_log(self) -> None:
-        self.options.log_y = not self.options.log_y
-        self.refresh_data()
-
-    def action_cycle_smoothing(self) -> None:
-        i = SMOOTHING.index(self.options.smoothing) if self.options.smoothing in SMOOTHING else 0
-        self.options.smoothing = SMOOTHING[(i + 1) % len(SMOOTHING)]
-        self.refresh_data()
-
-    def action_toggle_x(self) -> None:
-        self.options.x_axis = "tokens" if self.options.x_axis == "step" else "step"
-        self.refresh_data()

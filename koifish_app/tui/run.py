@@ -13,7 +13,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 
-from koifish_app.tui.chart_data import SMOOTHING
+from koifish_app.tui.chart_actions import ChartActions
 from koifish_app.tui.run_control import ControlError, request_stop, resume
 from koifish_app.tui.run_watch import RunWatch
 from koifish_app.tui.widgets.alert_badge import AlertBadge
@@ -33,7 +33,7 @@ def options_text(options: ChartOptions) -> str:
     return f"x: {options.x_axis} · {smooth} · {'log' if options.log_y else 'linear'}"
 
 
-class RunScreen(Screen):
+class RunScreen(ChartActions, Screen):
     CSS_PATH = "run.tcss"
     HELP = ("One run, refreshed every second while it writes. The chart shows train loss (and eval loss as "
             "dots) against steps or tokens; magenta lines mark expert switches and evolution (EOE). The "
@@ -130,18 +130,6 @@ class RunScreen(Screen):
 
     # ---- actions ----
 
-    def action_toggle_log(self) -> None:
-        self.options.log_y = not self.options.log_y
-        self.refresh_data()
-
-    def action_cycle_smoothing(self) -> None:
-        i = SMOOTHING.index(self.options.smoothing) if self.options.smoothing in SMOOTHING else 0
-        self.options.smoothing = SMOOTHING[(i + 1) % len(SMOOTHING)]
-        self.refresh_data()
-
-    def action_toggle_x(self) -> None:
-        self.options.x_axis = "tokens" if self.options.x_axis == "step" else "step"
-        self.refresh_data()
 
     def action_toggle_eval(self) -> None:
         self.options.show_eval = not self.options.show_eval
