@@ -44,12 +44,15 @@ def test_a_failed_rank_ends_the_others_and_its_code_is_returned(tmp_path, monkey
     assert time.monotonic() - t0 < 20
 
 
-def test_rank_environment_and_strip_gpus():
+def test_rank_environment_pins_a_gpu_per_rank_and_strip_gpus():
     env = rank_environment(2, 4, 1234, base={"PATH": "/bin", "NCCL_NVLS_ENABLE": "1"})
     assert {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
                                 "NCCL_NVLS_ENABLE")} == {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "2",
                                                          "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1234",
                                                          "NCCL_NVLS_ENABLE": "0"}
+    assert env["CUDA_VISIBLE_DEVICES"] == "2"
+    picked = [rank_environment(r, 2, 1, base={"CUDA_VISIBLE_DEVICES": "5,7"})["CUDA_VISIBLE_DEVICES"] for r in range(2)]
+    assert picked == ["5", "7"]
     assert strip_gpus(["train", "c.json", "--gpus", "4", "--out", "r", "--gpus=2"]) == ["train", "c.json", "--out", "r"]
 
 
@@ -72,3 +75,22 @@ def test_koifish_train_under_srun_joins_the_job(tmp_path, tiny_case):
     got = [r["loss"] for r in read_metrics(tmp_path / "run", kinds=("train",))]
     want = [r["loss"] for r in read_metrics(tmp_path / "one", kinds=("train",))]
     assert np.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_pin_gpu_under_launchers_that_show_every_gpu(monkeypatch):
+    import pytest
+
+    from koifish_core.dist.setup import pin_gpu
+    from koifish_core.errors import KoifishError
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,6")
+    pin_gpu(2)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "6"
+    pin_gpu(0)  # already one GPU: left alone
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "6"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    pin_gpu(1)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(KoifishError, match="local rank 4 has no GPU: CUDA_VISIBLE_DEVICES lists 2"):
+        pin_gpu(4)

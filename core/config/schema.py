@@ -118,6 +118,17 @@ class CheckpointConfig:
 
 
 @dataclass
+class DistConfig:
+    zero1: bool = False
+    """ZeRO-1: shard AdamW's moments over the data-parallel ranks (1/N of the optimizer memory;
+    gradients reduce-scattered, parameters all-gathered). Checkpoints stay independent of N."""
+    bucket_mb: float = field(default=25.0, metadata={"min": 0.001})
+    """Size of the gradient buckets whose all-reduce overlaps the backward pass."""
+    overlap: bool = True
+    """All-reduce each bucket as soon as backward has produced it (false: one all-reduce after backward)."""
+
+
+@dataclass
 class Case:
     name: str = "default"
     """Name of the run; the run folder defaults to runs/<name>."""
@@ -131,6 +142,8 @@ class Case:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    """Data-parallel training over several GPUs (`--gpus N`, torchrun, srun, mpirun; docs/distributed.md)."""
     instability: dict = field(default_factory=dict)
     """Instability detection and recovery (see docs/instability.md); empty means defaults."""
     fuyou: dict = field(default_factory=dict)

@@ -193,7 +193,7 @@ class TCPCollective:
 class NCCLCollective:
     """NCCL through CuPy; the unique id travels through the TCP rendezvous. Arrays are CuPy arrays
     on this rank's GPU. Written against cupy.cuda.nccl's documented API; no machine with several
-    GPUs was lent while it was written, so it has not run yet (see docs/distributed.md).
+    GPUs was lent while it was written; docs/distributed.md says what has run since.
 
     `stream`: the CuPy stream the engine computes on. Set it (collective.stream = engine.stream)
     so collectives queue behind backward without a host sync; while it is None every call
@@ -245,6 +245,11 @@ class NCCLCollective:
         return self._avg if self._avg is not None else self.nccl.NCCL_SUM
 
     def all_reduce_mean(self, array) -> None:
+        if isinstance(array, np.ndarray):  # host values (the trainer's stop flag): through the GPU and back
+            on_gpu = self.cp.asarray(array)
+            self.all_reduce_mean(on_gpu)
+            array[...] = on_gpu.get(stream=self.stream or self.comm_stream)
+            return
         ptr, dt = array.data.ptr, self._dtype(array)
         self._run(lambda s: self.comm.allReduce(ptr, ptr, array.size, dt, self._mean_op(), s), array)
 
@@ -258,6 +263,11 @@ class NCCLCollective:
         self._run(lambda s: self.comm.allGather(shard.data.ptr, full.data.ptr, shard.size, dt, s))
 
     def broadcast(self, array, root: int = 0) -> None:
+        if isinstance(array, np.ndarray):
+            on_gpu = self.cp.asarray(array)
+            self.broadcast(on_gpu, root)
+            array[...] = on_gpu.get(stream=self.stream or self.comm_stream)
+            return
         ptr, dt = array.data.ptr, self._dtype(array)
         self._run(lambda s: self.comm.broadcast(ptr, ptr, array.size, dt, root, s))
 

@@ -27,10 +27,14 @@ def free_port() -> int:
 
 
 def rank_environment(rank: int, world_size: int, port: int, base=None) -> dict[str, str]:
-    """What rank `rank` of a one-host job gets: torchrun's variables, NVLink multicast off."""
+    """What rank `rank` of a one-host job gets: torchrun's variables, NVLink multicast off and
+    its own GPU (the rank-th of CUDA_VISIBLE_DEVICES, or GPU `rank`)."""
     env = dict(os.environ if base is None else base)
     env.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NCCL_NVLS_ENABLE="0")
+    visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if not visible or rank < len(visible):  # one GPU per rank, chosen before CUDA starts (CPU runs ignore it)
+        env["CUDA_VISIBLE_DEVICES"] = visible[rank] if visible else str(rank)
     return env
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 import koifish_cuda.compat  # noqa: F401  (before numba compiles)
 from koifish_core.engine.base import StepResult
+from koifish_core.engine.cuda_dp import GradSync, ZeroShards, block_of, host_spans
 from koifish_core.errors import KoifishError
 from koifish_core.models.gpt2 import GPT2, GPT2Config, _views
 from koifish_core.train.checkpoint import copy_into
@@ -46,6 +47,8 @@ class CUDAEngine:
         host.init_weights(case.seed if seed is None else seed)
         self.n_params = host.num_parameters()
         self.shapes = cfg.param_shapes()
+        self.spans = host_spans(host)  # where each tensor lies in the flat arrays (gradient buckets)
+        self.n_flat = host.params.size  # elements of the flat arrays (ZeRO-1 pads them further)
         self.remat = case.model.remat
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.ns = cuda.external_stream(self.stream.ptr)
@@ -61,7 +64,48 @@ class CUDAEngine:
             self._alloc(case.data.batch_size, case.data.seq_len)
         self.adam_step = 0
         self.graphs = None
-        self.collective = None  # data-parallel: NCCL all-reduce of gradients and loss between graphs
+        self.collective = None  # data-parallel (attach_collective): NCCL between ranks
+        self.sync = None  # GradSync: bucket all-reduces captured inside the last micro-batch graph
+        self.zero = None  # ZeroShards: ZeRO-1, m and v hold only this rank's slice
+
+    # ---- data parallel ------------------------------------------------------------------------
+    def attach_collective(self, collective, dist_cfg) -> None:
+        """Join a data-parallel job: before the first step and before a checkpoint is loaded."""
+        self.collective, self.graphs = collective, None
+        if collective is None or collective.world_size == 1:
+            return
+        collective.stream = self.stream  # NCCL queues behind the kernels: no host sync
+        cp, n = self.cp, self.params.size
+        if dist_cfg.zero1:
+            # The flat arrays are padded to N equal shards (NCCL's reduce-scatter and all-gather
+            # need them); reduce-scatter and all-gather then run in place.
+            self.zero = z = ZeroShards(n, collective)
+            with self.stream:
+                params, grads, decay = cp.zeros(z.plan.padded, cp.float32), cp.zeros(z.plan.padded, cp.float32), \
+                    cp.zeros(z.plan.padded, cp.uint8)
+                params[:n], decay[:n] = self.params, self.decay
+                self.params, self.grads, self.decay = params, grads, decay
+                self.m, self.v = (cp.zeros(z.hi - z.lo, cp.float32) for _ in range(2))
+                self.p, self.g = _views(self.params, self.shapes), _views(self.grads, self.shapes)
+            self.stream.synchronize()
+        elif dist_cfg.overlap:
+            self.sync = GradSync(collective, self.spans, int(dist_cfg.bucket_mb * 2**20), self.stream)
+
+    @property
+    def shards_optimizer(self) -> bool:
+        """True when every rank must take part in optim_tensors() (it gathers the shards)."""
+        return self.zero is not None
+
+    def _opt_arrays(self):
+        """(params, grads, m, v, decay) that AdamW updates: all of them, or this rank's ZeRO-1 slice."""
+        if self.zero is None:
+            return self.params, self.grads, self.m, self.v, self.decay
+        lo, hi = self.zero.lo, self.zero.hi
+        return self.params[lo:hi], self.grads[lo:hi], self.m, self.v, self.decay[lo:hi]
+
+    def _ready(self, names) -> None:
+        if self.sync is not None:
+            self.sync.tensors_ready(self.grads, names)
 
     # ---- buffers ------------------------------------------------------------------------------
     def _alloc(self, B: int, T: int) -> None:
@@ -172,6 +216,7 @@ class CUDAEngine:
         last = self.act[-1]["res3"]
         layernorm_backward(self.dres, g["ln_f.weight"], g["ln_f.bias"], self.dln, last, p["ln_f.weight"],
                            self.mf, self.rf, s)
+        self._ready(("ln_f.weight", "ln_f.bias"))
         for l in reversed(range(self.cfg.n_layer)):
             a, h = self.act[l], f"h.{l}."
             resid_in = self.x0 if l == 0 else self.act[l - 1]["res3"]
@@ -203,7 +248,9 @@ class CUDAEngine:
             gemm(self.dln, self.dqkv, p[h + "attn.c_attn.weight"])
             layernorm_backward(self.dres, g[h + "ln_1.weight"], g[h + "ln_1.bias"], self.dln, resid_in,
                                p[h + "ln_1.weight"], a["m1"], a["r1"], s)
+            self._ready([k for k in self.shapes if block_of(k) == l])
         encoder_backward(g["wte"], g["wpe"], self.dres, self.idx, s)
+        self._ready(("wte", "wpe"))
 
     def _zero(self) -> None:
         self.grads.fill(0)
@@ -213,12 +260,12 @@ class CUDAEngine:
     def _norm(self) -> None:
         from koifish_cuda.adamw import sum_squares
 
-        sum_squares(self.norm_sq, self.grads, self.ns)
+        sum_squares(self.norm_sq, self._opt_arrays()[1], self.ns)  # ZeRO-1: this rank's part of the sum
 
     def _update(self) -> None:
         from koifish_cuda.adamw import adamw_update
 
-        adamw_update(self.params, self.grads, self.m, self.v, self.decay, self.norm_sq, self.hyper, self.ns)
+        adamw_update(*self._opt_arrays(), self.norm_sq, self.hyper, self.ns)
 
     def _capture(self, accum: int) -> None:
         """Run each phase once eagerly (kernels compile, cuBLAS sets up its workspace), then capture."""
@@ -226,21 +273,34 @@ class CUDAEngine:
 
         cp = self.cp
         dloss = 1.0 / (self.N * accum)
-        phases = {"zero": self._zero, "micro": lambda: (self._forward(dloss), self._backward()), "norm": self._norm,
-                  "update": self._update}
+
+        def micro(last: bool):
+            def run():
+                if self.sync is not None:
+                    self.sync.begin(last)  # the last micro-batch all-reduces the gradient buckets
+                self._forward(dloss)
+                self._backward()
+                if self.sync is not None:
+                    self.sync.end()
+            return run
+
+        phases = {"zero": self._zero, "micro_last": micro(True), "norm": self._norm, "update": self._update}
+        if accum > 1:
+            phases["micro"] = micro(False)
         # The eager warm-up updates only a short prefix (it compiles the same kernel), restored
         # after: it must not count as a step, and a full copy of the state would not fit beside
-        # the largest models.
+        # the largest models. It also makes the first NCCL calls, which set up connections and
+        # cannot be captured.
         head = slice(0, 256)
-        saved = (self.params[head].copy(), self.m[head].copy(), self.v[head].copy())
-        warm = {**phases, "update": lambda: adamw_update(self.params[head], self.grads[head], self.m[head],
-                                                         self.v[head], self.decay[head], self.norm_sq,
-                                                         self.hyper, self.ns)}
+        params, grads, m, v, decay = self._opt_arrays()
+        saved = (params[head].copy(), m[head].copy(), v[head].copy())
+        warm = {**phases, "update": lambda: adamw_update(params[head], grads[head], m[head], v[head], decay[head],
+                                                         self.norm_sq, self.hyper, self.ns)}
         with self.stream:
             for fn in warm.values():
                 fn()
             self.stream.synchronize()
-            self.params[head], self.m[head], self.v[head] = saved
+            params[head], m[head], v[head] = saved
             graphs = {}
             for name, fn in phases.items():
                 self.stream.begin_capture()
@@ -263,25 +323,43 @@ class CUDAEngine:
         hyper = np.array([lr, opt.beta1, opt.beta2, opt.eps, opt.weight_decay, 1 - opt.beta1**t, 1 - opt.beta2**t,
                           opt.grad_clip], dtype=np.float32)
         self.graphs["zero"].launch(self.stream)
-        for x, y in batches:
+        for i, (x, y) in enumerate(batches):
             self._load_batch(x, y)
-            self.graphs["micro"].launch(self.stream)
+            self.graphs["micro_last" if i == len(batches) - 1 else "micro"].launch(self.stream)
         if poison_grads:  # fault injection: a non-finite gradient
             with self.stream:
                 self.grads[:1].fill(float("nan"))
-        if self.collective is not None:
-            self.collective.all_reduce_mean(self.grads)
-            self.collective.all_reduce_mean(self.loss_sum)
+        self._average_gradients()
         self.graphs["norm"].launch(self.stream)
+        if self.zero is not None:  # each rank summed the squares of its shard: add them up
+            self.collective.all_reduce_mean(self.norm_sq)
+            with self.stream:
+                self.norm_sq *= self.collective.world_size
         loss = float(self.loss_sum.get(stream=self.stream)[0])  # one sync per step, before the update
         norm = math.sqrt(float(self.norm_sq.get(stream=self.stream)[0]))
         applied = math.isfinite(norm) and (gate is None or gate(loss, norm))
         if applied:
             self.hyper.set(hyper, stream=self.stream)
             self.graphs["update"].launch(self.stream)
+            if self.zero is not None:  # every rank updated its slice: share them
+                lo, hi = self.zero.lo, self.zero.hi
+                self.collective.all_gather(self.params[lo:hi], self.params)
         else:
             self.adam_step -= 1  # no update: Adam's clock does not move
         return StepResult(loss, norm, applied=applied)
+
+    def _average_gradients(self) -> None:
+        """After the micro-batches: the mean gradient and loss over the ranks (the buckets were
+        already queued inside the last micro-batch graph when they overlap backward)."""
+        c = self.collective
+        if c is None or c.world_size == 1:
+            return
+        if self.zero is not None:
+            lo, hi = self.zero.lo, self.zero.hi
+            c.reduce_scatter_mean(self.grads, self.grads[lo:hi])  # in place: this rank's slice of the mean
+        elif self.sync is None:
+            c.all_reduce_mean(self.grads)
+        c.all_reduce_mean(self.loss_sum)
 
     def poison_params(self) -> None:
         with self.stream:
@@ -305,9 +383,19 @@ class CUDAEngine:
         return {k: self.cp.asnumpy(v) for k, v in self.p.items()}
 
     def optim_tensors(self) -> dict[str, np.ndarray]:
-        self.stream.synchronize()
-        return {"m": self.cp.asnumpy(self.m), "v": self.cp.asnumpy(self.v),
-                "step": np.array([self.adam_step], dtype=np.int64)}
+        """AdamW's state for a checkpoint, whole (with ZeRO-1 gathered from every rank, which must
+        all call this), so that the checkpoint does not depend on the number of ranks."""
+        step = np.array([self.adam_step], dtype=np.int64)
+        if self.zero is None:
+            self.stream.synchronize()
+            return {"m": self.cp.asnumpy(self.m), "v": self.cp.asnumpy(self.v), "step": step}
+        out = {"step": step}
+        for key in ("m", "v"):  # one at a time: a full copy of each is large
+            full = self.cp.empty(self.zero.plan.padded, self.cp.float32)
+            self.collective.all_gather(getattr(self, key), full)
+            out[key] = full[:self.zero.plan.n].get(stream=self.stream)
+            del full
+        return out
 
     def load_tensors(self, model, optim, where) -> None:
         host = {k: np.empty(s, np.float32) for k, s in self.shapes.items()}
@@ -316,9 +404,13 @@ class CUDAEngine:
             for k, v in host.items():
                 self.p[k].set(v, stream=self.stream)
             if optim is not None:
-                flat = {"m": np.empty(self.params.size, np.float32), "v": np.empty(self.params.size, np.float32)}
+                n = self.n_flat
+                flat = {"m": np.empty(n, np.float32), "v": np.empty(n, np.float32)}
                 copy_into(flat, {k: optim[k] for k in ("m", "v") if k in optim}, where)
-                self.m.set(flat["m"], stream=self.stream)
-                self.v.set(flat["v"], stream=self.stream)
+                lo, hi = (0, n) if self.zero is None else (self.zero.lo, self.zero.hi)
+                for key in ("m", "v"):  # ZeRO-1: this rank's slice (zero past the end: padding)
+                    part = np.zeros(hi - lo, np.float32)
+                    part[:max(min(hi, n) - lo, 0)] = flat[key][lo:min(hi, n)]
+                    getattr(self, key).set(part, stream=self.stream)
                 self.adam_step = int(optim["step"][0])
         self.stream.synchronize()

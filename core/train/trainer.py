@@ -167,7 +167,10 @@ def train(loaded: LoadedCase, run_dir: str | Path, steps: int | None = None, dev
         rank_case = copy.deepcopy(case)
         rank_case.data.batch_size //= world
         engine = make_engine(rank_case, device)
-        engine.collective = dist.collective
+        if hasattr(engine, "attach_collective"):
+            engine.attach_collective(dist.collective, case.dist)
+        else:
+            engine.collective = dist.collective
     else:
         engine = make_engine(case, device)
     from koifish_core.train.run_hooks import RunHooks
@@ -213,11 +216,14 @@ def train(loaded: LoadedCase, run_dir: str | Path, steps: int | None = None, dev
         return rec
 
     def save(step):
+        # A sharded optimizer (ZeRO-1) gathers its state from every rank; only rank 0 writes.
+        optim = engine.optim_tensors() if getattr(engine, "shards_optimizer", False) else None
         if not main:
             return
         state = {"loader": train_loader.state(), "rng": rng.bit_generator.state, "tokens": tokens_seen,
                  "best_val_loss": best_val, "case_name": case.name, "koifish": _version()}
-        checkpoint.save(run_dir, step, engine.model_tensors(), engine.optim_tensors(), state, case.checkpoint.keep_last)
+        checkpoint.save(run_dir, step, engine.model_tensors(), optim if optim is not None else engine.optim_tensors(),
+                        state, case.checkpoint.keep_last)
 
     def stop_agreed(stop) -> bool:
         if world == 1:
@@ -246,7 +252,7 @@ def train(loaded: LoadedCase, run_dir: str | Path, steps: int | None = None, dev
                 train_time += dt
                 tokens_seen += tokens_per_step
                 loss = result.loss
-                extra = {} if result.applied else {"skipped": True}
+                extra = hooks.train_fields() if result.applied else {"skipped": True}
                 log("train", step, loss=loss, lr=lr, grad_norm=result.grad_norm, tokens=tokens_seen,
                     tokens_per_s=tokens_per_step / dt, step_ms=dt * 1000.0, **extra)
                 hooks.after_step(step, result, engine, train_loader)
