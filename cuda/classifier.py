@@ -2,7 +2,9 @@
 
     logits (N, V) , targets (N,) -> losses (N,), dlogits = (softmax - onehot) * dloss
 The GPU kernel does both in one pass and writes dlogits over the logits, so probabilities and
-logits never exist side by side; the reference below computes the same numbers.
+logits never exist side by side; the reference below computes the same numbers. Both also raise
+max_logit[0] to the largest logit seen (the softmax needs each row's maximum anyway): logits that
+grow without bound are an instability signal, and once dlogits overwrite them they are gone.
 """
 
 import numpy as np
@@ -15,11 +17,17 @@ def crossentropy_forward_ref(logits: np.ndarray, targets: np.ndarray) -> np.ndar
     return lse - np.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
 
 
-def fused_classifier_ref(logits: np.ndarray, targets: np.ndarray, dloss: float, inplace: bool = False):
+def fused_classifier_ref(logits: np.ndarray, targets: np.ndarray, dloss: float, inplace: bool = False,
+                         max_logit: np.ndarray | None = None):
     """Returns (losses, dlogits). dloss is the gradient of the total loss w.r.t. each row's loss
-    (1/N for a mean). With inplace=True the logits buffer is overwritten by dlogits."""
+    (1/N for a mean). With inplace=True the logits buffer is overwritten by dlogits. max_logit (a
+    1-element array), when given, is raised to the largest logit (NaN counts as missing, as in
+    cuda.atomic.max), so one buffer collects the maximum over several calls."""
     probs = logits if inplace else logits.copy()
-    probs -= probs.max(axis=-1, keepdims=True)
+    row_max = probs.max(axis=-1, keepdims=True)
+    if max_logit is not None and row_max.size:
+        max_logit[0] = np.fmax(max_logit[0], np.nanmax(row_max) if not np.isnan(row_max).all() else np.nan)
+    probs -= row_max
     np.exp(probs, out=probs)
     sums = probs.sum(axis=-1, keepdims=True)
     probs /= sums
@@ -41,10 +49,11 @@ from numba import cuda, float32  # noqa: E402
 
 
 @cuda.jit(cache=True)
-def fused_classifier_kernel(logits, losses, loss_sum, targets, V, dloss):
+def fused_classifier_kernel(logits, losses, loss_sum, targets, V, dloss, max_logit):
     """One block per row of logits (N, Vp): loss of the row, and the row overwritten by
     dloss * (softmax - onehot) over the first V columns, 0 over the padding. loss_sum[0]
-    collects the mean loss (dloss = 1/N)."""
+    collects the mean loss (dloss = 1/N); max_logit[0] is raised to the row's largest logit
+    (one atomic per row; the caller resets it to -inf when a new maximum is wanted)."""
     N, Vp = logits.shape
     buf = cuda.shared.array(THREADS, float32)
     row, tid = cuda.blockIdx.x, cuda.threadIdx.x
@@ -69,7 +78,35 @@ def fused_classifier_kernel(logits, losses, loss_sum, targets, V, dloss):
     if tid == 0:
         losses[row] = loss
         cuda.atomic.add(loss_sum, 0, loss * dloss)
+        cuda.atomic.max(max_logit, 0, m)
 
 
-def fused_classifier(logits, losses, loss_sum, targets, V, dloss, stream=0):
-    fused_classifier_kernel[logits.shape[0], THREADS, stream](logits, losses, loss_sum, targets, V, dloss)
+_bound = {}  # address of a logits buffer -> (logits, the 1-element buffer its largest logit goes to)
+_scratch = {}  # device id -> a 1-element buffer for calls whose largest logit nobody wants
+
+
+def _address(a) -> int:
+    face = getattr(a, "__cuda_array_interface__", None) or a.__array_interface__
+    return face["data"][0]
+
+
+def record_max_logit(logits, max_logit) -> None:
+    """From now on every fused_classifier over this logits buffer that is not given max_logit=
+    raises max_logit[0] to its largest logit: for a caller that owns the buffers but not the call
+    (the CUDA engine's forward pass). The binding keeps both buffers alive."""
+    _bound[_address(logits)] = (logits, max_logit)
+
+
+def fused_classifier(logits, losses, loss_sum, targets, V, dloss, stream=0, max_logit=None):
+    """max_logit: a 1-element float32 device buffer raised to the largest logit of these rows; None:
+    the buffer bound to `logits` by record_max_logit, else a scratch buffer (not recorded)."""
+    if max_logit is None:
+        bound = _bound.get(_address(logits))
+        if bound is not None and bound[0] is logits:
+            max_logit = bound[1]
+        else:
+            dev = getattr(cuda.get_current_device(), "id", 0)  # the simulator's device has no id
+            if dev not in _scratch:
+                _scratch[dev] = cuda.device_array(1, np.float32)
+            max_logit = _scratch[dev]
+    fused_classifier_kernel[logits.shape[0], THREADS, stream](logits, losses, loss_sum, targets, V, dloss, max_logit)
