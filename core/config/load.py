@@ -95,6 +95,9 @@ def _semantic_checks(case: Case, errors: list[str]) -> None:
         errors.append(f"model.n_head: {m.n_head} heads do not divide model.n_embd {m.n_embd}")
     if d.seq_len > m.n_ctx:
         errors.append(f"data.seq_len: expected at most model.n_ctx ({m.n_ctx}), got {d.seq_len}")
+    from koifish_core.train.instability import InstabilityConfig
+
+    errors += InstabilityConfig.parse(case.instability)[1]  # a bad setting fails at load, not at step 1
 
 
 def build_case(raw: dict, source: str) -> Case:

@@ -8,6 +8,7 @@ from koifish_cuda.adamw import adamw_update_ref, global_norm_ref
 from koifish_core.engine.base import StepResult
 from koifish_core.models.gpt2 import GPT2, GPT2Config
 from koifish_core.train.checkpoint import copy_into
+from koifish_core.train.instability import largest_tensor, update_ratios
 
 
 class CPUEngine:
@@ -26,9 +27,10 @@ class CPUEngine:
         opt = self.case.optimizer
         model = self.model
         model.zero_grad()
-        losses = []
+        losses, max_logit = [], -np.inf
         for x, y in batches:
             _, loss = model.forward(x, y, return_logits=False)
+            max_logit = max(max_logit, model.last_max_logit)  # kept by the classifier before it overwrites them
             model.backward(grad_scale=1.0 / len(batches))
             losses.append(loss)
         if poison_grads:  # fault injection: a non-finite gradient
@@ -36,17 +38,29 @@ class CPUEngine:
         loss = float(np.mean(losses))
         if self.collective is not None:
             self.collective.all_reduce_mean(model.grads)
-            shared = np.array([loss], dtype=np.float64)
+            shared = np.array([loss, max_logit], dtype=np.float64)  # every rank must judge the same numbers
             self.collective.all_reduce_mean(shared)
-            loss = float(shared[0])
+            loss, max_logit = float(shared[0]), float(shared[1])
         norm = global_norm_ref(model.grads)
-        if not np.isfinite(norm) or (gate is not None and not gate(loss, norm)):
+        if not np.isfinite(norm):
             return StepResult(loss, norm, applied=False)
+        if gate is not None:
+            # The update is made, measured, and undone if the gate refuses it: the update ratio is a
+            # property of the update itself. Three copies of the parameters are cheap next to a step.
+            blame = largest_tensor({k: float(np.dot(g.ravel(), g.ravel())) for k, g in model.grad_views().items()})
+            saved = (model.params.copy(), self.m.copy(), self.v.copy(), self.adam_step)
         if opt.grad_clip and norm > opt.grad_clip:
             model.grads *= np.float32(opt.grad_clip / (norm + 1e-6))
         self.adam_step += 1
         adamw_update_ref(model.params, model.grads, self.m, self.v, self.decay_mask, self.adam_step, lr,
                          opt.beta1, opt.beta2, opt.eps, opt.weight_decay)
+        if gate is not None:
+            views = model.param_views()
+            before = _views_like(saved[0], views)
+            ratios = update_ratios(before, {k: views[k] - before[k] for k in before})
+            if not gate(loss, norm, {"update_ratio": ratios, "max_logit": max_logit, "tensor": blame}):
+                model.params[...], self.m[...], self.v[...], self.adam_step = saved
+                return StepResult(loss, norm, applied=False)
         return StepResult(loss, norm)
 
     def poison_params(self) -> None:
@@ -73,3 +87,13 @@ class CPUEngine:
         if optim is not None:
             copy_into({"m": self.m, "v": self.v}, {k: optim[k] for k in ("m", "v") if k in optim}, where)
             self.adam_step = int(optim["step"][0])
+
+
+def _views_like(flat: np.ndarray, views: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Views into a copy of the flat parameter array, named and shaped as the model's (which lie
+    back to back in the same order)."""
+    out, offset = {}, 0
+    for name, v in views.items():
+        out[name] = flat[offset:offset + v.size].reshape(v.shape)
+        offset += v.size
+    return out

@@ -98,6 +98,8 @@ class GPT2:
         self.p = _views(self.params, self.shapes)
         self.g = _views(self.grads, self.shapes)
         self._cache = None
+        self.last_max_logit: float | None = None
+        """The largest logit of the last forward that ran the fused classifier (training)."""
 
     # ---- parameters -------------------------------------------------------------------------
     def param_views(self) -> dict[str, np.ndarray]:
@@ -173,8 +175,10 @@ class GPT2:
         if targets is not None:
             targets = np.asarray(targets)
             if keep:
+                top = np.full(1, -np.inf)
                 losses, dlogits = fused_classifier_ref(logits, targets.ravel(), 1.0 / targets.size,
-                                                       inplace=not return_logits)
+                                                       inplace=not return_logits, max_logit=top)
+                self.last_max_logit = float(top[0])
                 self._cache = (idx, layers, x, lnf, mf, rf, dlogits)
                 if not return_logits:
                     return None, float(losses.mean())

@@ -6,7 +6,7 @@ from __future__ import annotations
 from koifish_core.errors import KoifishError
 from koifish_core.train import checkpoint
 from koifish_core.train.faults import corrupt_batches
-from koifish_core.train.instability import InstabilityConfig, InstabilityMonitor
+from koifish_core.train.instability import SEVERITY, InstabilityConfig, InstabilityMonitor
 
 
 class RunHooks:
@@ -16,6 +16,7 @@ class RunHooks:
         self.cfg = InstabilityConfig.from_dict(case.instability, "case: instability")
         self.monitor = InstabilityMonitor(self.cfg)
         self.pending = None  # the verdict of this step, taken inside the engine's gate
+        self.last_signals = {}
         self.rollbacks = 0
 
     def lr_factor(self, step: int) -> float:
@@ -30,12 +31,24 @@ class RunHooks:
         return ("nan", step) in self.faults
 
     def gate(self, step: int):
-        """The engine calls this with the step's loss and gradient norm before updating."""
-        def decide(loss: float, grad_norm: float) -> bool:
-            self.pending = self.monitor.before_update(step, loss, grad_norm)
+        """The engine calls this with the step's loss and gradient norm before updating, and with
+        what else it measured (update_ratio, max_logit, tensor) where it can."""
+        def decide(loss: float, grad_norm: float, signals: dict | None = None) -> bool:
+            signals = signals or {}
+            self.pending = self.monitor.observe(step, loss, grad_norm, **signals)
+            self.last_signals = signals
             return self.pending.apply_update
-        self.pending = None
+        self.pending, self.last_signals = None, {}
         return decide
+
+    def train_fields(self) -> dict:
+        """Extra fields of this step's train record: the largest update ratio and logit, when measured."""
+        s, out = self.last_signals, {}
+        if s.get("update_ratio"):
+            out["update_ratio"] = max(s["update_ratio"].values())
+        if s.get("max_logit") is not None:
+            out["max_logit"] = s["max_logit"]
+        return out
 
     def after_step(self, step: int, result, engine, loader) -> None:
         decision, self.pending = self.pending, None
@@ -51,13 +64,13 @@ class RunHooks:
                                "action": "rollback"})
         for ev in events:
             self.log("event", step, **ev)
-        last = events[-1] if events else None
-        if last is None:
+        if not events:
             return
-        if last["action"] == "stop":
-            raise KoifishError(self._stop_message(step, last, "instability.spike_action is stop"))
-        if last["action"] == "rollback":
-            self._rollback(step, last, engine)
+        worst = max(events, key=lambda e: SEVERITY[e["action"]])
+        if worst["action"] == "stop":
+            raise KoifishError(self._stop_message(step, worst, "instability.spike_action is stop"))
+        if worst["action"] == "rollback":
+            self._rollback(step, worst, engine)
 
     def _rollback(self, step: int, event: dict, engine) -> None:
         if self.rollbacks >= self.cfg.max_recoveries:
