@@ -138,6 +138,15 @@ class CUDAEngine:
         self.dqkv, self.dfch = f(N, 3 * C), f(N, F)
         self.norm_sq = f(1)
         self.hyper = f(8)
+        # Instability signals, read at the step's one sync (_read_signals): loss, squared gradient
+        # norm, largest logit, then per tensor (self.spans order) the sums of the squared coming
+        # update, squared weights and squared gradient (koifish_cuda.update_stats).
+        self.report = f(3 + 3 * len(self.shapes))
+        self.stats = self.report[3:].reshape(len(self.shapes), 3)
+        self.max_logit = cp.full(1, -math.inf, dtype=cp.float32)
+        from koifish_cuda.classifier import record_max_logit
+
+        record_max_logit(self.logits, self.max_logit)  # the forward's classifier raises it (eval's too)
 
     # ---- the step, as kernels -----------------------------------------------------------------
     def _forward(self, dloss: float) -> None:
@@ -261,6 +270,9 @@ class CUDAEngine:
         from koifish_cuda.adamw import sum_squares
 
         sum_squares(self.norm_sq, self._opt_arrays()[1], self.ns)  # ZeRO-1: this rank's part of the sum
+        if self.zero is None:  # ZeRO-1 needs the whole norm first: its statistics follow the all-reduce
+            self._update_stats()
+        self._collect_signals()
 
     def _update(self) -> None:
         from koifish_cuda.adamw import adamw_update
@@ -330,16 +342,15 @@ class CUDAEngine:
             with self.stream:
                 self.grads[:1].fill(float("nan"))
         self._average_gradients()
+        self.hyper.set(hyper, stream=self.stream)  # before the norm graph: its update statistics read it
         self.graphs["norm"].launch(self.stream)
         if self.zero is not None:  # each rank summed the squares of its shard: add them up
             self.collective.all_reduce_mean(self.norm_sq)
             with self.stream:
                 self.norm_sq *= self.collective.world_size
-        loss = float(self.loss_sum.get(stream=self.stream)[0])  # one sync per step, before the update
-        norm = math.sqrt(float(self.norm_sq.get(stream=self.stream)[0]))
-        applied = math.isfinite(norm) and (gate is None or gate(loss, norm))
+        loss, norm, signals = self._read_signals()  # one sync per step, before the update
+        applied = math.isfinite(norm) and (gate is None or gate(loss, norm, signals))
         if applied:
-            self.hyper.set(hyper, stream=self.stream)
             self.graphs["update"].launch(self.stream)
             if self.zero is not None:  # every rank updated its slice: share them
                 lo, hi = self.zero.lo, self.zero.hi
@@ -414,3 +425,67 @@ class CUDAEngine:
                     getattr(self, key).set(part, stream=self.stream)
                 self.adam_step = int(optim["step"][0])
         self.stream.synchronize()
+
+    # ---- instability signals: judged before the update, read at the step's one sync ---------------
+    def _update_stats(self) -> None:
+        """Per tensor, what the coming AdamW update will do (koifish_cuda.update_stats) into
+        self.stats: one launch per tensor, inside a captured graph. With ZeRO-1 each rank measures
+        the part of each tensor it updates (the rows are summed over the ranks afterwards)."""
+        from koifish_cuda.update_stats import update_stats
+
+        params, grads, m, v, decay = self._opt_arrays()
+        lo = self.zero.lo if self.zero is not None else 0
+        hi = lo + params.size
+        self.stats.fill(0)
+        for i, span in enumerate(self.spans):
+            a, b = max(span.start, lo), min(span.stop, hi)
+            if a < b:
+                sl = slice(a - lo, b - lo)
+                update_stats(self.stats, i, params[sl], grads[sl], m[sl], v[sl], decay[sl], self.norm_sq,
+                             self.hyper, self.ns)
+
+    def _collect_signals(self) -> None:
+        """The step's loss and largest logit into the report; the next step's maximum starts over
+        (what an eval_loss between steps forwards also counts: the same weights' logits)."""
+        self.report[0:1] = self.loss_sum
+        self.report[2:3] = self.max_logit
+        self.max_logit.fill(-math.inf)
+
+    def _zero1_update_stats(self) -> None:
+        """ZeRO-1: the clip factor needs the whole gradient norm, known only after the all-reduce
+        that follows the norm graph, so the statistics get a small graph of their own (captured on
+        first use, again whenever the step graphs are)."""
+        graph = getattr(self, "_stats_graph", None)
+        if graph is not None and graph[0] is self.graphs:
+            graph[1].launch(self.stream)
+            return
+        with self.stream:
+            self._update_stats()  # this step's statistics, eagerly (the kernel compiles here)
+            self.stream.begin_capture()
+            self._update_stats()
+            self._stats_graph = (self.graphs, self.stream.end_capture())
+
+    def _read_signals(self) -> tuple[float, float, dict]:
+        """Loss, gradient norm and the instability signals (update_ratio per tensor group, max_logit,
+        tensor: the one with the largest gradient norm) from one copy of self.report: the step's
+        one host sync, before any update."""
+        from koifish_core.train.instability import group_ratios, largest_tensor
+
+        c = self.collective
+        if self.zero is not None:
+            self._zero1_update_stats()
+        with self.stream:
+            if c is not None and c.world_size > 1:
+                # Every rank must judge the same numbers: the largest logit differs between ranks
+                # (their mean, as the CPU engine), and under ZeRO-1 each rank measured its slice.
+                c.all_reduce_mean(self.report[2:])
+                if self.zero is not None:
+                    self.report[3:] *= c.world_size
+            self.report[1:2] = self.norm_sq
+        host = self.report.get(stream=self.stream)
+        stats = host[3:].reshape(-1, 3).astype(np.float64)
+        names = [span.name for span in self.spans]
+        signals = {"update_ratio": group_ratios(dict(zip(names, stats[:, 0])), dict(zip(names, stats[:, 1]))),
+                   "max_logit": float(host[2]),
+                   "tensor": largest_tensor(dict(zip(names, stats[:, 2])))}
+        return float(host[0]), math.sqrt(float(host[1])), signals
