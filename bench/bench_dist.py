@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -81,13 +82,26 @@ def run_job(args, size: str, world: int, mode: str) -> dict:
            "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--remat", str(args.remat),
            "--mode", mode]
     port = free_port()
-    procs = [subprocess.Popen(cmd, env=rank_environment(r, world, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    logs = [tempfile.TemporaryFile("w+") for _ in range(world)]
+    procs = [subprocess.Popen(cmd, env=rank_environment(r, world, port), stdout=logs[r], stderr=subprocess.STDOUT,
                               text=True) for r in range(world)]
-    outs = [p.communicate(timeout=args.timeout) for p in procs]
-    line = [l for l in outs[0][0].splitlines() if l.startswith("RESULT ")]
+    deadline = time.monotonic() + args.timeout
+    while any(p.poll() is None for p in procs):  # a failed rank ends the job at once
+        if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+            break
+        time.sleep(0.2)
+    for p in procs:
+        p.wait()
+    texts = []
+    for f in logs:
+        f.seek(0)
+        texts.append(f.read())
+    line = [l for l in texts[0].splitlines() if l.startswith("RESULT ")]
     if any(p.returncode for p in procs) or not line:
-        err = "\n".join(o[1][-1500:] for o in outs)
-        return {"error": err}
+        return {"error": "\n".join(t[-1500:] for t in texts)}
     return json.loads(line[0][7:])
 
 

@@ -206,8 +206,11 @@ class NCCLCollective:
 
         self.cp, self.nccl = cp, nccl
         self.rank, self.world_size = rendezvous.env.rank, rendezvous.env.world_size
-        uid = tuple(np.frombuffer(rendezvous.payload, dtype=np.int8).tolist())  # NCCL's id is a char[128]
-        self.comm = nccl.NcclCommunicator(self.world_size, uid, self.rank)
+        try:  # CuPy 14 takes NCCL's id (a char[128]) as bytes, earlier versions as a tuple of ints
+            self.comm = nccl.NcclCommunicator(self.world_size, bytes(rendezvous.payload), self.rank)
+        except TypeError:
+            uid = tuple(np.frombuffer(rendezvous.payload, dtype=np.int8).tolist())
+            self.comm = nccl.NcclCommunicator(self.world_size, uid, self.rank)
         self.stream = stream
         self.comm_stream = cp.cuda.Stream(non_blocking=True)  # buckets overlap backward on this one
         self._avg = getattr(nccl, "NCCL_AVG", None)  # NCCL >= 2.10 divides inside the reduction
@@ -216,7 +219,8 @@ class NCCLCollective:
     def unique_id() -> bytes:
         from cupy.cuda import nccl
 
-        return np.array(nccl.get_unique_id(), dtype=np.int8).tobytes()
+        uid = nccl.get_unique_id()
+        return bytes(uid) if isinstance(uid, (bytes, bytearray)) else np.array(uid, dtype=np.int8).tobytes()
 
     def _dtype(self, array) -> int:
         nccl = self.nccl
