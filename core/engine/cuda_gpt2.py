@@ -88,6 +88,7 @@ class CUDAEngine:
                 self.m, self.v = (cp.zeros(z.hi - z.lo, cp.float32) for _ in range(2))
                 self.p, self.g = _views(self.params, self.shapes), _views(self.grads, self.shapes)
             self.stream.synchronize()
+            cp.get_default_memory_pool().free_all_blocks()  # the unsharded buffers go back to the GPU
         elif dist_cfg.overlap:
             self.sync = GradSync(collective, self.spans, int(dist_cfg.bucket_mb * 2**20), self.stream)
 
