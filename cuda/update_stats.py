@@ -83,7 +83,7 @@ def update_stats_kernel(out, index, params, grads, m, v, decay_mask, norm_sq, hy
         cuda.atomic.add(out, (index, 2), sg)
 
 
-def update_stats(out, index: int, params, grads, m, v, decay_mask, norm_sq, hyper, stream=0, blocks=132):
+def update_stats(out, index: int, params, grads, m, v, decay_mask, norm_sq, hyper, stream=0, blocks=1056):
     """out: float32 (n_tensors, 3), zeroed by the caller; params..decay_mask: the tensor's slices
     of the flat arrays adamw_update is given; norm_sq, hyper: the same device buffers."""
     n = params.size
