@@ -25,6 +25,7 @@ TILE = THREADS  # keys per tile: one per thread when scoring
 G_MAX = 16  # query heads per kv head
 ACC = 8  # outputs per thread: n_rep * head_dim <= ACC * THREADS
 QBUF = ACC * THREADS
+SCBUF = G_MAX * TILE  # shared sizes must be module constants, not expressions
 
 
 def attention_ref(q, k, v, past: int, B: int, nh: int):
@@ -65,7 +66,7 @@ def attention_split_kernel(part_o, part_m, part_l, q, k_cache, v_cache, pos, T, 
     GH = n_rep * hd
     h0 = kvh * n_rep
     qs = cuda.shared.array(QBUF, float32)
-    sc = cuda.shared.array(G_MAX * TILE, float32)
+    sc = cuda.shared.array(SCBUF, float32)
     mrow = cuda.shared.array(G_MAX, float32)
     lrow = cuda.shared.array(G_MAX, float32)
     alpha = cuda.shared.array(G_MAX, float32)

@@ -118,6 +118,8 @@ def sample_kernel(tokens, seen, zbuf, zkey, logits, params, rng, emit):
         s //= 2
     zmax = buf[0]
     amax = ibuf[0]
+    if amax >= V:  # every logit NaN: still a valid id, so the next embedding lookup stays in range
+        amax = 0
     cuda.syncthreads()
     if temp <= float32(0.0):
         if t == 0:

@@ -93,7 +93,7 @@ def generate(
     temperature: float = typer.Option(1.0, "--temperature", help="0 is greedy."),
     top_k: Optional[int] = typer.Option(None, "--top-k"),
     seed: Optional[int] = typer.Option(None, "--seed"),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help="auto (the GPU engine for Qwen3 when a GPU is visible), cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print {\"ids\": [...], \"text\": ...} on the last line."),
 ):
     """Continue a prompt with MODEL."""
@@ -175,7 +175,7 @@ def chat(
     model: str = typer.Argument(..., help="A Hugging Face Qwen3 folder or a name such as qwen3-32b."),
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="Another folder to look for models in."),
     bits: Optional[int] = typer.Option(None, "--bits", help="Quantize weights at load: 8, 4 or 3."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help="auto (the GPU when one is visible), cpu or cuda."),
     think: bool = typer.Option(True, "--think/--no-think", help="Let Qwen3 think before answering."),
     max_new_tokens: int = typer.Option(1024, "--max-new-tokens"),
     temperature: Optional[float] = typer.Option(None, "--temperature"),

@@ -8,6 +8,9 @@ thinking, so only the tail is computed again).
 The model is anything with the decoder protocol of koifish_core.models.qwen3.Qwen3:
     new_cache(batch, max_len) -> cache with .length, .max_len and .truncate(n)
     forward(ids (1, T), cache=cache, last_only=True) -> (logits (1, 1, V), None)
+or the GPU engine's (koifish_core.infer.qwen3_gpu.Qwen3GPU), which samples on the device:
+    set_sampling(params, seed), prefill_sample(ids (1, T), cache, context) -> (1,) token,
+    decode_sample(cache) -> (1,) token (feeds the token it drew last)
 
 Commands: /reset, /system [TEXT], /think [on|off], /exit, /help.
 Stopping a reply: press Ctrl-C during `ask` (KeyboardInterrupt is caught), or call stop() from
@@ -90,6 +93,8 @@ class ChatSession:
         self._stop = threading.Event()
         self._cache = None
         self._cached: list[int] = []  # ids whose keys/values the cache holds, in order
+        # A model with prefill_sample/decode_sample (koifish_core.infer.qwen3_gpu) draws tokens itself
+        self._on_device = hasattr(model, "decode_sample")
 
     # ---- commands ----
 
@@ -137,6 +142,8 @@ class ChatSession:
         """Logits after the prompt, reusing the cached prefix; returns (logits (V,), tokens computed)."""
         if self._cache is None:
             self._cache = self.model.new_cache(batch=1, max_len=self.options.max_context or self.model.config.n_ctx)
+            if self._on_device:
+                self.model.set_sampling(self.options.sampling, self.options.sampling.seed)
         limit = self._cache.max_len
         if len(ids) >= limit:
             raise KoifishError(f"the conversation is {len(ids)} tokens and the context holds {limit}; "
@@ -149,6 +156,10 @@ class ChatSession:
             same += 1
         self._cache.truncate(same)
         self._cached = self._cached[:same]
+        if self._on_device:  # the GPU engine samples on the device: the first token, not logits
+            token = self.model.prefill_sample(np.array([ids[same:]]), self._cache, context=[ids])
+            self._cached = list(ids)
+            return int(token[0]), len(ids) - same
         logits, _ = self.model.forward(np.array([ids[same:]]), cache=self._cache, last_only=True)
         self._cached = list(ids)
         return logits[0, -1], len(ids) - same
@@ -160,7 +171,7 @@ class ChatSession:
         start = time.perf_counter()
         ids = self.prompt_ids()
         try:
-            logits, computed = self._prefill(ids)
+            pending, computed = self._prefill(ids)  # logits (V,), or the drawn token on the device
         except BaseException:
             self.messages.pop()  # no reply came: the turn never happened
             raise
@@ -170,7 +181,7 @@ class ChatSession:
         finish = "length"
         try:
             for _ in range(self.options.max_new_tokens):
-                token = self.sampler(logits, ids + out)
+                token = pending if self._on_device else self.sampler(pending, ids + out)
                 if token in self.stop_ids:
                     finish = "stop"
                     break
@@ -184,8 +195,11 @@ class ChatSession:
                     break
                 if self._cache.length + 1 > self._cache.max_len:
                     break
-                logits, _ = self.model.forward(np.array([[token]]), cache=self._cache, last_only=True)
-                logits = logits[0, -1]
+                if self._on_device:
+                    pending = int(self.model.decode_sample(self._cache)[0])
+                else:
+                    logits, _ = self.model.forward(np.array([[token]]), cache=self._cache, last_only=True)
+                    pending = logits[0, -1]
                 self._cached.append(token)
             tail = decoder.decode(b"", final=True)  # a reply cut inside a UTF-8 sequence ends in U+FFFD
             if tail:

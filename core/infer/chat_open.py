@@ -51,8 +51,9 @@ def open_chat(model: str | Path, models_dir: str | Path | None = None, bits: int
     from koifish_core.infer.tokenizer_hf import load_tokenizer_json
     from koifish_core.models.hf_qwen3 import load_hf_folder, read_json
 
-    if device != "cpu":
-        raise KoifishError(f"--device {device}: chat runs on the CPU path for now (the GPU engine is not wired in yet)")
+    from koifish_core.infer.qwen3_gpu import resolve_device
+
+    on_gpu = resolve_device(device) == "cuda"
     if bits is not None and bits not in (8, 4, 3):
         raise KoifishError(f"--bits: expected 8, 4 or 3, got {bits}")
     folder = resolve_model(model, models_dir)
@@ -65,11 +66,17 @@ def open_chat(model: str | Path, models_dir: str | Path | None = None, bits: int
     template = load_chat_template(folder)
     gen = generation_defaults(folder)
     net = load_hf_folder(folder, bits=bits, on_tensor=on_tensor)
-    from koifish_core.models.hf_qwen3 import host_memory_bytes
+    if on_gpu:  # weights resident on the GPU, decode as one CUDA graph, sampling on the device
+        from koifish_core.infer.qwen3_gpu import GPU_DEFAULT_CONTEXT, Qwen3GPU
 
-    memory = host_memory_bytes()
-    if memory is not None:  # quantized weights stay small on disk; on the CPU, decode from float copies if they fit
-        net.keep_dequantized(memory // 3)
+        net = Qwen3GPU.from_model(net)
+        max_context = max_context or min(net.config.n_ctx, GPU_DEFAULT_CONTEXT)
+    else:
+        from koifish_core.models.hf_qwen3 import host_memory_bytes
+
+        memory = host_memory_bytes()
+        if memory is not None:  # quantized weights stay small on disk; on the CPU, decode from float copies if they fit
+            net.keep_dequantized(memory // 3)
     stop = stop_ids_of(gen, tokenizer)
     if not stop:
         raise ModelError(f"{folder}: no end-of-turn token (generation_config.json eos_token_id, or <|im_end|>)")

@@ -32,8 +32,9 @@ def generate_from_path(model_path: Path, *, prompt: str | None, prompt_ids: str 
 
     if (prompt is None) == (prompt_ids is None):
         raise KoifishError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
-    if device != "cpu":
-        raise KoifishError(f"--device {device}: `koifish generate` runs on the CPU path for now")
+    from koifish_core.infer.qwen3_gpu import resolve_device
+
+    requested, device = device, resolve_device(device)
     if temperature < 0:
         raise KoifishError(f"--temperature: expected 0 (greedy) or a positive number, got {temperature}")
     if max_new_tokens <= 0:
@@ -49,8 +50,35 @@ def generate_from_path(model_path: Path, *, prompt: str | None, prompt_ids: str 
     vocab = getattr(opened.model.config, "vocab_size", None)
     if vocab is not None and max(ids) >= vocab:
         raise KoifishError(f"--prompt-ids: token id {max(ids)} is outside the model's vocabulary of {vocab}")
-    new_ids = generate(opened.model, ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+    if device == "cuda" and opened.kind == "qwen3":
+        new_ids = _generate_gpu(opened.model, ids, max_new_tokens, temperature, top_k, seed)
+    elif device == "cuda" and requested == "cuda":
+        raise KoifishError(f"--device cuda: the GPU generation engine runs Qwen3 models; {model_path} is "
+                           f"{opened.kind} (use --device cpu)")
+    else:
+        new_ids = generate(opened.model, ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
     text = enc.decode(new_ids) if enc is not None else None
     if on_text is not None and text is not None:
         on_text(text)
     return GenerateResult(ids=list(map(int, new_ids)), text=text)
+
+
+def _generate_gpu(model, ids: list[int], max_new_tokens: int, temperature: float, top_k: int | None,
+                  seed: int | None) -> list[int]:
+    """Prefill once, then one CUDA-graph replay per token with sampling on the device."""
+    import numpy as np
+
+    from koifish_core.infer.qwen3_gpu import Qwen3GPU
+    from koifish_core.infer.sampling import SamplingParams
+
+    need = len(ids) + max_new_tokens
+    if need > model.config.n_ctx:
+        raise KoifishError(f"--max-new-tokens: prompt ({len(ids)}) + new tokens ({max_new_tokens}) exceed the "
+                           f"model's context of {model.config.n_ctx}")
+    engine = Qwen3GPU.from_model(model)
+    cache = engine.new_cache(1, need)
+    engine.set_sampling(SamplingParams(temperature=temperature, top_k=top_k or 0, seed=seed), seed)
+    new = [int(engine.prefill_sample(np.array([ids]), cache)[0])]
+    while len(new) < max_new_tokens:
+        new.append(int(engine.decode_sample(cache)[0]))
+    return new

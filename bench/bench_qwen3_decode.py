@@ -1,0 +1,129 @@
+"""Qwen3 decode and prefill on the GPU engine, random weights with Qwen3-32B's exact shapes.
+
+    python bench/bench_qwen3_decode.py --out bench/results/qwen3_decode.json [--layers 64] [--bits 4]
+
+Weights are made on the GPU (koifish_core.infer.qwen3_gpu.Qwen3GPU.random): every linear layer,
+the embedding and the head at `bits` (group 128). Measures, in one run:
+    copy bandwidth   a 1 GiB device-to-device copy (read + write bytes / time)
+    prefill          tokens/s of a --prompt token prompt (dequantize + cuBLAS TF32, eager launches)
+    decode           tokens/s at batch 1 (one CUDA-graph replay + a 4-byte read per token), at the
+                     context after the prompt and at each --contexts length (the cache is filled
+                     to that length without computing it: the attention reads the same bytes)
+    roofline         bytes one token reads (weights + the KV cache at that length) / copy bandwidth
+    memory           peak device memory in use (cudaMemGetInfo, sampled after each phase) and the
+                     CuPy pool (weights, cache, buffers)
+--layers N keeps Qwen3-32B's widths with fewer layers (quick runs); tokens/s then scale ~64/N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+import koifish_cuda.compat  # noqa: F401
+
+
+def main():
+    import cupy as cp
+
+    from bench.bench_kernels import median_time
+    from koifish_core.infer.qwen3_gpu import Qwen3GPU
+    from koifish_core.infer.sampling import SamplingParams
+    from koifish_core.models.qwen3 import Qwen3Config
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=64)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=64, help="decode steps timed at each context")
+    ap.add_argument("--contexts", default="8192", help="extra decode context lengths, comma separated ('' for none)")
+    ap.add_argument("--out", default="bench/results/qwen3_decode.json")
+    args = ap.parse_args()
+    contexts = [int(c) for c in args.contexts.split(",") if c]
+    free0, total = cp.cuda.runtime.memGetInfo()
+    peak = [0]
+
+    def sample_mem():
+        cp.cuda.Device().synchronize()
+        peak[0] = max(peak[0], free0 - cp.cuda.runtime.memGetInfo()[0])
+
+    big = cp.empty(1 << 30, dtype=cp.uint8)
+    dst = cp.empty_like(big)
+    copy_bw = 2 * big.nbytes / median_time(lambda s: dst.__setitem__(Ellipsis, big), 10, 2)
+    del big, dst
+    cp.get_default_memory_pool().free_all_blocks()
+    free0 = cp.cuda.runtime.memGetInfo()[0]
+
+    cfg = Qwen3Config(n_layer=args.layers)  # the defaults are Qwen3-32B's shapes
+    t0 = time.perf_counter()
+    eng = Qwen3GPU.random(cfg, bits=args.bits, group_size=128, seed=0)
+    eng.sync()
+    load_s = time.perf_counter() - t0
+    max_len = max([args.prompt + 2 * args.steps + 16] + [c + args.steps + 1 for c in contexts])
+    cache = eng.new_cache(1, max_len)
+    eng.set_sampling(SamplingParams(temperature=0.6, top_k=20, top_p=0.95), seed=1)  # Qwen3's defaults
+    sample_mem()
+    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, args.prompt))
+
+    eng.prefill_sample(prompt, cache)  # compiles the kernels
+    eng.decode_sample(cache)  # eager step (compiles the rest), then the graph is captured
+    eng.decode_sample(cache)
+    sample_mem()
+    cache.truncate(0)
+    eng.sync()
+    t0 = time.perf_counter()
+    eng.prefill_sample(prompt, cache)
+    prefill_s = time.perf_counter() - t0
+    sample_mem()
+
+    kv_per_pos = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * np.dtype(eng.cache_dtype).itemsize
+    weights_read = eng.decode_bytes_per_token()
+    rows = []
+
+    def decode_at(length: int, sampling: str = "top-k 20, top-p 0.95, T 0.6"):
+        cache.length = length
+        eng._set(eng.pos, [length])
+        eng.decode_sample(cache)  # the graph exists; one untimed replay
+        eng.sync()
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            eng.decode_sample(cache)
+        dt = (time.perf_counter() - t) / args.steps
+        ctx = length + args.steps // 2
+        nbytes = weights_read + kv_per_pos * ctx
+        roof = copy_bw / nbytes
+        rows.append({"context": ctx, "sampling": sampling, "tokens_per_s": 1 / dt, "ms_per_token": dt * 1e3, "bytes_per_token": nbytes,
+                     "roofline_tokens_per_s": roof, "share_of_roofline": (1 / dt) / roof})
+        sample_mem()
+
+    decode_at(args.prompt)
+    for c in contexts:
+        decode_at(c)
+    eng.set_sampling(SamplingParams(temperature=0.0), seed=1)  # argmax: what the filters cost
+    decode_at(args.prompt, "greedy")
+    pool = cp.get_default_memory_pool().total_bytes()
+    res = {"model": f"Qwen3-32B shapes, {args.layers} layers, random {args.bits}-bit weights (group 128)",
+           "device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "copy_GBps": copy_bw / 1e9,
+           "weights_GB": eng.weight_bytes() / 1e9, "load_s": load_s, "max_len": max_len,
+           "prefill_tokens": args.prompt, "prefill_s": prefill_s, "prefill_tokens_per_s": args.prompt / prefill_s,
+           "decode": rows, "peak_device_GB": peak[0] / 1e9, "pool_GB": pool / 1e9,
+           "device_total_GB": total / 1e9, "kv_cache_dtype": np.dtype(eng.cache_dtype).name}
+    print(f"{res['model']} on {res['device']}; copy {copy_bw / 1e9:.0f} GB/s; weights {res['weights_GB']:.2f} GB "
+          f"(made on the GPU in {load_s:.1f} s)")
+    print(f"{'phase':<22}{'tokens/s':>10}{'ms/token':>10}{'GB/token':>10}{'roofline':>10}{'share':>8}")
+    print(f"{'prefill ' + str(args.prompt):<22}{res['prefill_tokens_per_s']:>10.0f}"
+          f"{prefill_s / args.prompt * 1e3:>10.3f}")
+    for r in rows:
+        print(f"{('decode ctx ' + str(r['context'])) + (' greedy' if r['sampling'] == 'greedy' else ''):<22}{r['tokens_per_s']:>10.1f}{r['ms_per_token']:>10.2f}"
+              f"{r['bytes_per_token'] / 1e9:>10.2f}{r['roofline_tokens_per_s']:>10.1f}{r['share_of_roofline']:>8.0%}")
+    print(f"peak device memory {res['peak_device_GB']:.2f} GB (CuPy pool {res['pool_GB']:.2f} GB; "
+          f"KV cache {kv_per_pos * max_len / 1e9:.2f} GB for {max_len} positions)")
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,472 @@
+"""Qwen3 on the GPU: weights resident, the decode step replayed as one CUDA graph.
+
+Weights: the linear layers of a block as three device matrices (q|k|v and gate|up concatenated
+by rows, so one GEMV each), 4/8/3-bit group-wise (koifish_cuda.quant) or float32; norms float32;
+embeddings and head float32 or quantized. Activations are float32; the KV cache float16 (or
+float32), preallocated for max_len positions.
+
+One decode step (B sequences, one token each), as the graph runs it:
+    embed_rows(tok) -> per layer: add_rmsnorm, qkv GEMV, q/k norm + RoPE (+ KV store),
+    split attention + merge, o GEMV, add_rmsnorm, gate|up GEMV, SwiGLU, down GEMV
+    -> final norm -> head GEMV -> sample (writes the next tok) -> advance (pos += 1, rng counter)
+Everything it reads is a static device buffer: the token (tok), the position (pos), the sampling
+parameters, the seed/counter and the context flags for the repetition penalty; so the same
+graph replays every step, and the host only reads back the sampled token (4 bytes per row).
+
+Prefill: prompt chunks of up to PREFILL_CHUNK tokens per sequence, launched eagerly (not
+captured): quantized matrices are dequantized into a float32 scratch slab and multiplied with
+cuBLAS (TF32); attention runs the same split kernel with T query rows per sequence.
+
+Without a GPU (NUMBA_ENABLE_CUDASIM=1) the same code runs on NumPy arrays under Numba's
+simulator, GEMMs in NumPy and no graph: that is how the tests check the engine on a CPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+import koifish_cuda.compat  # noqa: F401  (before numba compiles)
+from koifish_core.errors import KoifishError
+from koifish_core.infer.quant import QuantizedWeight
+from koifish_core.infer.sampling import SamplingParams
+
+PREFILL_CHUNK = 512  # tokens per sequence per prefill pass (static buffer sizes)
+PREFILL_SPLITS = 4  # key splits of the attention kernel in prefill
+DEQUANT_SCRATCH = 64 << 20  # float32 elements of the prefill dequantization slab (256 MiB)
+
+
+GPU_DEFAULT_CONTEXT = 8192  # KV positions chat allocates on the GPU unless told (Qwen3's 40,960 would take 10.7 GB at 32B)
+
+
+def resolve_device(device: str) -> str:
+    """"cpu" or "cuda" from --device cpu|cuda|auto (auto: the GPU when one is visible)."""
+    if device not in ("cpu", "cuda", "auto"):
+        raise KoifishError(f"--device: expected cpu, cuda or auto, got {device!r}")
+    if device == "auto":
+        return "cuda" if gpu_available() else "cpu"
+    if device == "cuda" and not gpu_available():
+        raise KoifishError("--device cuda: no CUDA GPU is visible (or CuPy / numba-cuda are missing); "
+                           "use --device cpu or auto")
+    return device
+
+
+def simulated() -> bool:
+    return os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+
+
+def gpu_available() -> bool:
+    if simulated():
+        return False
+    try:
+        import cupy as cp
+
+        return cp.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # noqa: BLE001  (no CuPy, no driver, no device)
+        return False
+
+
+@dataclass
+class DeviceLinear:
+    """W (N, K) on the device: float32 `w`, or packed codes (words uint32, scales float32, zeros uint8)."""
+
+    N: int
+    K: int
+    w: object = None
+    words: object = None
+    scales: object = None
+    zeros: object = None
+    bits: int = 0
+    group_size: int = 0
+
+    @property
+    def quantized(self) -> bool:
+        return self.words is not None
+
+    @property
+    def nbytes(self) -> int:
+        if self.quantized:
+            return int(self.words.nbytes + self.scales.nbytes + self.zeros.nbytes)
+        return int(self.w.nbytes)
+
+
+class GPUCache:
+    """The chat/generate view of the engine's KV cache: length and max_len (the keys live in the engine)."""
+
+    def __init__(self, engine, batch: int, max_len: int):
+        self.engine, self.batch, self.max_len, self.length = engine, batch, max_len, 0
+
+    def truncate(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+
+def _can_concat(ws) -> bool:
+    return all(isinstance(w, QuantizedWeight) and w.g_idx is None for w in ws) and \
+        len({(w.bits, w.group_size) for w in ws}) == 1 and all((w.shape[1] * w.bits) % 32 == 0 for w in ws) and \
+        ws[0].shape[1] % 32 == 0 and ws[0].group_size % 32 == 0
+
+
+class Qwen3GPU:
+    """Decoder protocol of koifish_core.models.qwen3.Qwen3 (new_cache, forward), plus sampling on the device:
+    set_sampling, prefill_sample, decode_sample."""
+
+    def __init__(self, config, tf32: bool = True, cache_dtype=np.float16, decode_splits: int = 32):
+        self.config = config
+        self.sim = simulated()
+        if not self.sim and not gpu_available():
+            raise KoifishError("--device cuda: no CUDA GPU is visible (or CuPy / numba-cuda are missing)")
+        from numba import cuda
+
+        if config.attention_bias:
+            raise KoifishError("the GPU engine does not take attention biases (no released Qwen3 has them)")
+        if self.sim:
+            self.xp, self.stream, self.ns, self.blas = np, None, 0, None
+        else:
+            import cupy as cp
+
+            from koifish_cuda.cublas_raw import Cublas
+
+            self.xp = cp
+            self.stream = cp.cuda.Stream(non_blocking=True)
+            self.ns = cuda.external_stream(self.stream.ptr)
+            with self.stream:
+                self.blas = Cublas(self.stream, tf32=tf32)
+        from koifish_cuda.attention_decode import check_shapes
+
+        check_shapes(config.n_head, config.n_kv_head, config.head_dim)
+        self.cache_dtype = cache_dtype
+        self.decode_splits = decode_splits
+        self.layers: list[dict] = []
+        self.embed = self.head = self.norm = None
+        self.batch = self.max_len = 0
+        self.graph = None
+        self._eager_steps = 0
+        self._cache: GPUCache | None = None
+
+    # ---- weights ------------------------------------------------------------------------------
+    def _put(self, a):
+        if self.sim:
+            return np.ascontiguousarray(a)
+        with self.stream:
+            return self.xp.asarray(np.ascontiguousarray(a))
+
+    def _linear(self, ws) -> DeviceLinear:
+        """Device matrix of the rows of ws stacked (one GEMV for q|k|v and gate|up)."""
+        K = ws[0].shape[1]
+        N = sum(w.shape[0] for w in ws)
+        if _can_concat(ws):
+            packed = np.concatenate([w.packed for w in ws])
+            return DeviceLinear(N, K, words=self._put(packed.view(np.uint32)),
+                                scales=self._put(np.concatenate([w.scales for w in ws]).astype(np.float32)),
+                                zeros=self._put(np.concatenate([w.zeros for w in ws])), bits=ws[0].bits,
+                                group_size=ws[0].group_size)
+        dense = [w.dequantize(np.float32) if isinstance(w, QuantizedWeight) else np.asarray(w, np.float32) for w in ws]
+        return DeviceLinear(N, K, w=self._put(np.concatenate(dense)))
+
+    @classmethod
+    def from_model(cls, model, **kw) -> "Qwen3GPU":
+        """Upload a koifish_core.models.qwen3.Qwen3 (float or QuantizedWeight matrices)."""
+        eng = cls(model.config, **kw)
+        W = model.weights
+        for l in range(model.config.n_layer):
+            p = f"layers.{l}."
+            a, m = p + "self_attn.", p + "mlp."
+            eng.layers.append(dict(
+                ln1=eng._put(np.asarray(W[p + "input_layernorm"], np.float32)),
+                ln2=eng._put(np.asarray(W[p + "post_attention_layernorm"], np.float32)),
+                qn=eng._put(np.asarray(W[a + "q_norm"], np.float32)), kn=eng._put(np.asarray(W[a + "k_norm"], np.float32)),
+                qkv=eng._linear([W[a + "q_proj"], W[a + "k_proj"], W[a + "v_proj"]]), o=eng._linear([W[a + "o_proj"]]),
+                gu=eng._linear([W[m + "gate_proj"], W[m + "up_proj"]]), down=eng._linear([W[m + "down_proj"]])))
+        eng.norm = eng._put(np.asarray(W["norm"], np.float32))
+        eng.embed = eng._linear([W["embed_tokens"]])
+        eng.head = eng.embed if W["lm_head"] is W["embed_tokens"] else eng._linear([W["lm_head"]])
+        return eng
+
+    @classmethod
+    def random(cls, config, bits: int = 4, group_size: int = 128, seed: int = 0, **kw) -> "Qwen3GPU":
+        """Random quantized weights made on the device (benchmarks at full size: nothing crosses from the host).
+
+        Codes are uniform, zero points at mid-range, scales ~ 1/sqrt(K) / 2^(bits-1) so each layer keeps
+        activations in range."""
+        eng = cls(config, **kw)
+        xp = eng.xp
+        rs = xp.random.RandomState(seed) if not eng.sim else np.random.RandomState(seed)
+
+        def q(N, K):
+            ng = K // group_size
+            with eng._ctx():
+                words = rs.randint(0, 2**31, size=(N, K * bits // 32), dtype=np.int64).astype(np.uint32)
+                words ^= rs.randint(0, 2, size=(N, K * bits // 32), dtype=np.int64).astype(np.uint32) << 31
+                scales = (rs.random_sample((N, ng)).astype(np.float32) + 0.5) * np.float32(1.0 / np.sqrt(K) / 2 ** (bits - 1))
+                zeros = xp.full((N, ng), 2 ** (bits - 1), dtype=np.uint8)
+            return DeviceLinear(N, K, words=words, scales=scales, zeros=zeros, bits=bits, group_size=group_size)
+
+        c = config
+        C, F, hd = c.hidden_size, c.intermediate_size, c.head_dim
+        ones = lambda n: eng._put(np.ones(n, np.float32))  # noqa: E731
+        for _ in range(c.n_layer):
+            eng.layers.append(dict(ln1=ones(C), ln2=ones(C), qn=ones(hd), kn=ones(hd),
+                                   qkv=q((c.n_head + 2 * c.n_kv_head) * hd, C), o=q(C, c.n_head * hd),
+                                   gu=q(2 * F, C), down=q(C, F)))
+        eng.norm = ones(C)
+        eng.embed = q(c.vocab_size, C)
+        eng.head = eng.embed if c.tie_word_embeddings else q(c.vocab_size, C)
+        return eng
+
+    def weight_bytes(self) -> int:
+        mats = [L[k] for L in self.layers for k in ("qkv", "o", "gu", "down")]
+        mats += [self.embed] + ([self.head] if self.head is not self.embed else [])
+        vecs = sum(int(L[k].nbytes) for L in self.layers for k in ("ln1", "ln2", "qn", "kn")) + int(self.norm.nbytes)
+        return sum(m.nbytes for m in mats) + vecs
+
+    def decode_bytes_per_token(self) -> int:
+        """Weight bytes one decode step reads (every layer matrix, the head and the norms; one embedding row)."""
+        mats = [L[k] for L in self.layers for k in ("qkv", "o", "gu", "down")] + [self.head]
+        vecs = sum(int(L[k].nbytes) for L in self.layers for k in ("ln1", "ln2", "qn", "kn")) + int(self.norm.nbytes)
+        return sum(m.nbytes for m in mats) + vecs
+
+    # ---- buffers ------------------------------------------------------------------------------
+    def _ctx(self):
+        import contextlib
+
+        return contextlib.nullcontext() if self.sim else self.stream
+
+    def new_cache(self, batch: int = 1, max_len: int | None = None) -> GPUCache:
+        """A fresh cache; the engine's buffers are (re)sized for batch and max_len when these change."""
+        from koifish_cuda.attention_decode import attention_scratch
+        from koifish_cuda.quant import MAX_BATCH
+        from koifish_cuda.rope import rope_tables
+
+        c = self.config
+        max_len = int(max_len or c.n_ctx)
+        if not 1 <= batch <= MAX_BATCH:
+            raise KoifishError(f"the GPU engine decodes batches of 1 to {MAX_BATCH} sequences, got {batch}")
+        if (batch, max_len) != (self.batch, self.max_len):
+            xp, f = self.xp, np.float32
+            C, F, hd, nh, nkv, V = c.hidden_size, c.intermediate_size, c.head_dim, c.n_head, c.n_kv_head, c.vocab_size
+            self.graph = None
+            self.kv = None  # free the old cache before the new one is made
+            R = batch * min(PREFILL_CHUNK, max_len)
+            with self._ctx():
+                kv_shape = (c.n_layer, batch, nkv, max_len, hd)
+                self.kv = (xp.zeros(kv_shape, self.cache_dtype), xp.zeros(kv_shape, self.cache_dtype))
+                cos, sin = rope_tables(max_len, hd, c.rope_theta)
+                self.cos, self.sin = self._put(cos), self._put(sin)
+                self.x, self.xn, self.delta = (xp.zeros((R, C), f) for _ in range(3))
+                self.qkv = xp.zeros((R, (nh + 2 * nkv) * hd), f)
+                self.q, self.att = xp.zeros((R, nh * hd), f), xp.zeros((R, nh * hd), f)
+                self.gu, self.h = xp.zeros((R, 2 * F), f), xp.zeros((R, F), f)
+                self.ids = xp.zeros(R, np.int32)
+                self.hl = xp.zeros((batch, C), f)
+                self.logits, self.zbuf = xp.zeros((batch, V), f), xp.zeros((batch, V), f)
+                self.tok = xp.zeros(batch, np.int32)
+                self.pos = xp.zeros(1, np.int32)
+                self.rng = xp.zeros(2, np.int64)
+                self.params = self._put(np.array([0, 0, 1, 0, 1], np.float32))  # greedy until set_sampling
+                self.seen = xp.zeros((batch, V), np.uint8)
+                splits = max(1, min(self.decode_splits, max_len // 64))
+                self.dec_scratch = attention_scratch(xp, batch, nh, hd, splits)
+                self.pre_scratch = attention_scratch(xp, R, nh, hd, PREFILL_SPLITS)
+                big = max([L[k].K for L in self.layers for k in ("qkv", "o", "gu", "down")] + [self.head.K])
+                quant = any(L[k].quantized for L in self.layers for k in ("qkv", "o", "gu", "down")) or self.head.quantized
+                self.slab = xp.zeros(DEQUANT_SCRATCH if quant and not self.sim else big * 64 if quant else 1, f)
+            self.batch, self.max_len = batch, max_len
+            self._eager_steps = 0
+        self._cache = GPUCache(self, batch, max_len)
+        return self._cache
+
+    def _set(self, dst, values) -> None:
+        values = np.asarray(values, dtype=dst.dtype).reshape(dst.shape)
+        if self.sim:
+            dst[...] = values
+        else:
+            dst.set(values, stream=self.stream)
+
+    def _get(self, src) -> np.ndarray:
+        return np.array(src) if self.sim else src.get(stream=self.stream)
+
+    def sync(self) -> None:
+        if not self.sim:
+            self.stream.synchronize()
+
+    # ---- the math -----------------------------------------------------------------------------
+    def _gemm(self, out, x, w, n0: int = 0) -> None:
+        """out[:, n0:n0+n] = x @ w.T for x (M, K) and w (n, K), float32, all C-contiguous but out's slice."""
+        M, K = x.shape
+        n = w.shape[0]
+        if self.sim:
+            out[:, n0:n0 + n] = x @ w.T
+            return
+        from koifish_cuda.cublas_raw import CUBLAS_OP_N, CUBLAS_OP_T, _check
+
+        b = self.blas
+        _check(b._sgemm(b.handle, CUBLAS_OP_T, CUBLAS_OP_N, n, M, K, ctypes.byref(ctypes.c_float(1.0)), w.data.ptr, K,
+                        x.data.ptr, K, ctypes.byref(ctypes.c_float(0.0)), out.data.ptr + 4 * n0, out.shape[1]), "sgemm")
+
+    def _apply(self, out, x, lin: DeviceLinear) -> None:
+        from koifish_cuda.quant import MAX_BATCH, dequant_matvec, dequantize
+
+        if not lin.quantized:
+            self._gemm(out, x, lin.w)
+        elif x.shape[0] <= MAX_BATCH:
+            dequant_matvec(out, x, lin.words, lin.scales, lin.zeros, lin.bits, lin.group_size, self.ns)
+        else:  # prefill: dequantize a band of rows into the slab, GEMM it, next band
+            rows = max(1, min(lin.N, self.slab.size // lin.K))
+            for n0 in range(0, lin.N, rows):
+                n = min(rows, lin.N - n0)
+                w = self.slab[:n * lin.K].reshape(n, lin.K)
+                dequantize(w, lin.words[n0:n0 + n], lin.scales[n0:n0 + n], lin.zeros[n0:n0 + n], lin.bits,
+                           lin.group_size, self.ns)
+                self._gemm(out, x, w, n0)
+
+    def _embed(self, out, ids) -> None:
+        from koifish_cuda.embedding_rows import embed_rows
+
+        e = self.embed
+        if e.quantized:
+            embed_rows(out, ids, quant=(e.words, e.scales, e.zeros, e.bits, e.group_size), stream=self.ns)
+        else:
+            embed_rows(out, ids, table=e.w, stream=self.ns)
+
+    def _layers(self, R: int, T: int, scratch) -> None:
+        """The blocks over rows x[:R] (R = B*T, positions pos[0] + t); leaves the final normed states in xn[:R]."""
+        from koifish_cuda.attention_decode import attention_decode
+        from koifish_cuda.rmsnorm import add_rmsnorm
+        from koifish_cuda.rope import qk_norm_rope
+        from koifish_cuda.swiglu import swiglu
+
+        c, s = self.config, self.ns
+        eps = c.rms_norm_eps
+        x, xn, delta = self.x[:R], self.xn[:R], self.delta[:R]
+        qkv, q, att, gu, h = self.qkv[:R], self.q[:R], self.att[:R], self.gu[:R], self.h[:R]
+        kc, vc = self.kv
+        for l, L in enumerate(self.layers):
+            add_rmsnorm(xn, x, None if l == 0 else delta, L["ln1"], eps, s)
+            self._apply(qkv, xn, L["qkv"])
+            qk_norm_rope(q, kc[l], vc[l], qkv, L["qn"], L["kn"], self.cos, self.sin, self.pos, T, c.n_head, eps, s)
+            attention_decode(att, q, kc[l], vc[l], self.pos, T, scratch, s)
+            self._apply(delta, att, L["o"])
+            add_rmsnorm(xn, x, delta, L["ln2"], eps, s)
+            self._apply(gu, xn, L["gu"])
+            swiglu(h, gu, s)
+            self._apply(delta, h, L["down"])
+        add_rmsnorm(xn, x, delta, self.norm, eps, s)
+
+    def _decode_body(self) -> None:
+        from koifish_cuda.sampling import advance, sample
+
+        B = self.batch
+        self._embed(self.x[:B], self.tok)
+        self._layers(B, 1, self.dec_scratch)
+        self._apply(self.logits, self.xn[:B], self.head)
+        sample(self.tok, self.seen, self.zbuf, self.logits, self.params, self.rng, stream=self.ns)
+        advance(self.rng, self.pos, 1, stream=self.ns)
+
+    def _decode(self) -> None:
+        """One step: the eager body the first time (kernels compile), the captured graph after."""
+        if self.sim or self._eager_steps < 1:
+            with self._ctx():
+                self._decode_body()
+            self._eager_steps += 1
+            return
+        if self.graph is None:
+            with self.stream:
+                self.stream.begin_capture()
+                try:
+                    self._decode_body()
+                finally:
+                    graph = self.stream.end_capture()
+            self.graph = graph
+        self.graph.launch(self.stream)
+
+    def _prefill(self, idx: np.ndarray, past: int, all_logits: bool):
+        """Runs idx (B, T) from position past; logits of each sequence's last token land in self.logits.
+        With all_logits, returns every position's logits (B, T, V) on the host (tests)."""
+        B, T = idx.shape
+        V = self.config.vocab_size
+        full = np.zeros((B, T, V), np.float32) if all_logits else None
+        with self._ctx():
+            for c0 in range(0, T, PREFILL_CHUNK):
+                Tc = min(PREFILL_CHUNK, T - c0)
+                R = B * Tc
+                self._set(self.ids[:R], idx[:, c0:c0 + Tc].reshape(-1))
+                self._set(self.pos, [past + c0])
+                self._embed(self.x[:R], self.ids[:R])
+                self._layers(R, Tc, self.pre_scratch)
+                if all_logits:
+                    out = self.xp.zeros((R, V), np.float32)
+                    self._apply(out, self.xn[:R], self.head)
+                    full[:, c0:c0 + Tc] = self._get(out).reshape(B, Tc, V)
+            self.hl[...] = self.xn[:R].reshape(B, Tc, -1)[:, Tc - 1]
+            self._apply(self.logits, self.hl, self.head)
+        return full
+
+    # ---- the decoder protocol (logits to the host) ----------------------------------------------
+    def forward(self, idx, targets=None, cache: GPUCache | None = None, last_only: bool = False):
+        """(logits (B, T, V) or (B, 1, V) as NumPy float32, None), like the NumPy Qwen3 (no loss on the GPU)."""
+        idx = np.asarray(idx)
+        B, T = idx.shape
+        if targets is not None:
+            raise KoifishError("the GPU engine computes logits only; use the CPU path for the loss")
+        if cache is None:
+            cache = self.new_cache(B, T)
+        self._check(cache, B, T)
+        past = cache.length
+        if T == 1:
+            self._set(self.tok, idx[:, 0])
+            self._set(self.pos, [past])
+            self._decode()
+            full = None
+        else:
+            full = self._prefill(idx, past, all_logits=not last_only)
+        cache.length = past + T
+        if full is not None:
+            return full, None
+        return self._get(self.logits)[:, None, :], None
+
+    def _check(self, cache: GPUCache, B: int, T: int) -> None:
+        if cache is not self._cache or B != self.batch:
+            raise KoifishError("this KV cache is not the engine's current one (one cache per GPU engine)")
+        if cache.length + T > cache.max_len:
+            raise ValueError(f"the KV cache holds {cache.max_len} positions; {cache.length} used, {T} more asked")
+
+    # ---- sampling on the device -----------------------------------------------------------------
+    def set_sampling(self, params: SamplingParams, seed: int | None = None) -> None:
+        """Sampling parameters and the seed of the draws (None: a fresh one)."""
+        from koifish_cuda.sampling import params_array
+
+        params.check()
+        if seed is None:
+            seed = int(np.random.default_rng().integers(0, 2**62))
+        self._set(self.params, params_array(params))
+        self._set(self.rng, [seed, 0])
+
+    def prefill_sample(self, idx, cache: GPUCache, context=None) -> np.ndarray:
+        """Prefill idx (B, T) and draw each sequence's next token (B,); context (per row: the ids the
+        repetition penalty looks at, default the cached ids + idx) flags `seen`."""
+        from koifish_cuda.sampling import advance, sample
+
+        idx = np.asarray(idx)
+        B, T = idx.shape
+        self._check(cache, B, T)
+        seen = np.zeros((B, self.config.vocab_size), np.uint8)
+        for b in range(B):
+            seen[b, np.asarray(idx[b] if context is None else context[b], np.int64)] = 1
+        self._set(self.seen, seen)
+        self._prefill(idx, cache.length, all_logits=False)
+        cache.length += T
+        with self._ctx():
+            sample(self.tok, self.seen, self.zbuf, self.logits, self.params, self.rng, stream=self.ns)
+            advance(self.rng, self.pos, 0, stream=self.ns)
+        self._set(self.pos, [cache.length])
+        return self._get(self.tok)
+
+    def decode_sample(self, cache: GPUCache) -> np.ndarray:
+        """Feed the tokens last drawn and draw the next ones (B,): one graph replay, 4 bytes a row back."""
+        self._check(cache, self.batch, 1)
+        self._decode()
+        cache.length += 1
+        return self._get(self.tok)
