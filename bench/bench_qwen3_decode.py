@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench.` imports when run as a script
 
 import koifish_cuda.compat  # noqa: F401
 

@@ -16,7 +16,9 @@ torch = pytest.importorskip("torch")
 BF16_REL = 2.0**-8
 
 
-@pytest.fixture(scope="module", params=["float", "4bit"])
+# The 4-bit engine's decode GEMVs take minutes under the simulator (one Python thread per GPU
+# thread): there the 4-bit kernels are checked one by one (test_quant.py), the whole engine on a GPU.
+@pytest.fixture(scope="module", params=["float", pytest.param("4bit", marks=pytest.mark.gpu)])
 def cpu_model(request, tmp_path_factory):
     from koifish_core.models.hf_qwen3 import load_hf_folder
 
@@ -86,7 +88,10 @@ def test_batched_decode_equals_one_sequence_at_a_time(cpu_model):
         one = eng.new_cache(1, 32)
         single = [eng.forward(ids[b:b + 1, :8], cache=one, last_only=True)[0]]
         single += [eng.forward(ids[b:b + 1, t:t + 1], cache=one)[0] for t in range(8, 12)]
-        assert _rel(np.concatenate(single, 1), np.concatenate(batched, 1)[b:b + 1]) < 1e-4
+        one_at_a_time, together = np.concatenate(single, 1), np.concatenate(batched, 1)[b:b + 1]
+        # TF32 GEMMs (2^-11 relative rounding of their inputs) of different heights: not bit-equal
+        assert _rel(one_at_a_time, together) < 2e-3
+        assert np.array_equal(one_at_a_time.argmax(-1), together.argmax(-1))
 
 
 @pytest.mark.gpu
