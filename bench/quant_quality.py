@@ -1,5 +1,5 @@
 """What each weight width costs in quality: perplexity of a model with its linear weights
-quantized group-wise to 8/4/3/2 bits (embeddings and norms stay float, as `koifish quantize`
+quantized group-wise to 8/4/3 bits (embeddings and norms stay float, as `koifish quantize`
 leaves them), on the same held-out windows. Runs on the CPU.
 
     koifish train --out runs/default            # the default case: GPT-2 on the shipped corpus
@@ -17,7 +17,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model", help="a koifish run or checkpoint folder, or a GPT-2/Qwen3 Hugging Face folder")
     ap.add_argument("--data", default="builtin:kjv:val")
-    ap.add_argument("--bits", default="8,4,3,2")
+    ap.add_argument("--bits", default="8,4,3")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=None)
