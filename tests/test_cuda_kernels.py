@@ -234,8 +234,12 @@ def test_update_stats_match_the_update_adamw_applies():
     lo = 0
     for i, n in enumerate(sizes):
         sl = slice(lo, lo + n)
-        ref = update_stats_ref(*(a[sl] for a in flat), np.float32(norm * norm), hyper_h)
-        assert np.allclose(got[i], ref, rtol=3e-6, atol=0), (i, got[i], ref)
+        ref = update_stats_ref(*(a[sl].astype(np.float32) for a in flat), np.float32(norm * norm), hyper_h)
+        assert np.allclose(got[i, 1:], ref[1:], rtol=3e-6, atol=0), (i, got[i], ref)
+        # An element whose new moment nearly cancels (b1 m + (1 - b1) g ~ 0) has a float32 step of
+        # few correct digits, enough to fail a relative bound alone when a tensor has one element
+        # (seen: 3.7e-6, 1 draw in 140): also allow a millionth of a typical step per element.
+        assert np.sqrt(got[i, 0]) == pytest.approx(np.sqrt(ref[0]), rel=3e-6, abs=1e-6 * lr * np.sqrt(n)), i
         lo += n
     # nothing was written to the optimizer's arrays, and the update adamw_update then applies is dp
     assert np.array_equal(host(p), flat[0].astype(np.float32)) and np.array_equal(host(m), flat[2].astype(np.float32))
