@@ -81,32 +81,15 @@ def fused_classifier_kernel(logits, losses, loss_sum, targets, V, dloss, max_log
         cuda.atomic.max(max_logit, 0, m)
 
 
-_bound = {}  # address of a logits buffer -> (logits, the 1-element buffer its largest logit goes to)
 _scratch = {}  # device id -> a 1-element buffer for calls whose largest logit nobody wants
 
 
-def _address(a) -> int:
-    face = getattr(a, "__cuda_array_interface__", None) or a.__array_interface__
-    return face["data"][0]
-
-
-def record_max_logit(logits, max_logit) -> None:
-    """From now on every fused_classifier over this logits buffer that is not given max_logit=
-    raises max_logit[0] to its largest logit: for a caller that owns the buffers but not the call
-    (the CUDA engine's forward pass). The binding keeps both buffers alive."""
-    _bound[_address(logits)] = (logits, max_logit)
-
-
 def fused_classifier(logits, losses, loss_sum, targets, V, dloss, stream=0, max_logit=None):
-    """max_logit: a 1-element float32 device buffer raised to the largest logit of these rows; None:
-    the buffer bound to `logits` by record_max_logit, else a scratch buffer (not recorded)."""
+    """max_logit: a 1-element float32 device buffer raised to the largest logit of these rows
+    (None: a scratch buffer, not recorded)."""
     if max_logit is None:
-        bound = _bound.get(_address(logits))
-        if bound is not None and bound[0] is logits:
-            max_logit = bound[1]
-        else:
-            dev = getattr(cuda.get_current_device(), "id", 0)  # the simulator's device has no id
-            if dev not in _scratch:
-                _scratch[dev] = cuda.device_array(1, np.float32)
-            max_logit = _scratch[dev]
+        dev = getattr(cuda.get_current_device(), "id", 0)  # the simulator's device has no id
+        if dev not in _scratch:
+            _scratch[dev] = cuda.device_array(1, np.float32)
+        max_logit = _scratch[dev]
     fused_classifier_kernel[logits.shape[0], THREADS, stream](logits, losses, loss_sum, targets, V, dloss, max_logit)

@@ -144,10 +144,7 @@ class CUDAEngine:
         # update, squared weights and squared gradient (koifish_cuda.update_stats).
         self.report = f(3 + 3 * len(self.shapes))
         self.stats = self.report[3:].reshape(len(self.shapes), 3)
-        self.max_logit = cp.full(1, -math.inf, dtype=cp.float32)
-        from koifish_cuda.classifier import record_max_logit
-
-        record_max_logit(self.logits, self.max_logit)  # the forward's classifier raises it (eval's too)
+        self.max_logit = cp.full(1, -math.inf, dtype=cp.float32)  # raised by the forward's classifier (eval's too)
 
     # ---- the step, as kernels -----------------------------------------------------------------
     def _forward(self, dloss: float) -> None:
@@ -163,7 +160,8 @@ class CUDAEngine:
             resid = self.act[l]["res3"]
         layernorm_forward(self.lnf, self.mf, self.rf, resid, p["ln_f.weight"], p["ln_f.bias"], s)
         self.blas.gemm(self.logits, self.lnf, p["wte"], trans_b=True)  # (N, Vp); padded wte rows are 0
-        fused_classifier(self.logits, self.losses, self.loss_sum, self.targets, self.cfg.vocab_size, dloss, s)
+        fused_classifier(self.logits, self.losses, self.loss_sum, self.targets, self.cfg.vocab_size, dloss, s,
+                         max_logit=self.max_logit)
 
     def _block_forward(self, l: int, resid, full: bool = True) -> None:
         """Block l from its input `resid`; full=False stops before the MLP's output projection
