@@ -7,25 +7,29 @@ T = 1 (batch 1..8); prefill runs the same kernels with T query rows per sequence
 Kernel 1: one block per (row, kv head, split). The row's visible keys are cut into `splits`
 equal chunks (sized at run time from pos, so a captured graph replays at any length); the block
 takes the n_rep query heads that share its kv head (each key and value is read once for all of
-them), runs an online softmax over its chunk in tiles of TILE keys (one key per thread), and
-writes its partial max, sum and unnormalized output. Kernel 2 merges the splits.
+them) and runs an online softmax over its chunk in tiles of TILE keys: the tile's K and V are
+loaded whole into shared memory (coalesced, every load of a thread issued before the first is
+used), a warp scores one query head against the tile's keys (a key per lane), the n_rep running
+maxima and sums are updated, and each thread accumulates one output dimension of its query
+heads. It writes its partial max, sum and unnormalized output. Kernel 2 merges the splits
+(their weights in shared memory, the partial outputs read four at a time).
+Shapes are compile-time constants of the split kernel (one compiled per head_dim, n_rep).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 
 import koifish_cuda.compat  # noqa: F401
-from koifish_cuda.reduce import NEG_INF, THREADS
+from koifish_cuda.reduce import NEG_INF, THREADS, block_max, block_sum
 from numba import cuda, float32
 
-TILE = THREADS  # keys per tile: one per thread when scoring
+TILE = 32  # keys per tile (a tile's K and V, fp32 in shared memory: 32.5 KB at head_dim 128)
 G_MAX = 16  # query heads per kv head
-ACC = 8  # outputs per thread: n_rep * head_dim <= ACC * THREADS
-QBUF = ACC * THREADS
-SCBUF = G_MAX * TILE  # shared sizes must be module constants, not expressions
+HD_MAX = THREADS  # head_dim divides THREADS (a thread owns one dimension of the output)
 
 
 def attention_ref(q, k, v, past: int, B: int, nh: int):
@@ -48,113 +52,155 @@ def attention_ref(q, k, v, past: int, B: int, nh: int):
     return out.reshape(R, nh * hd)
 
 
-@cuda.jit(cache=True)
-def attention_split_kernel(part_o, part_m, part_l, q, k_cache, v_cache, pos, T, n_rep, scale):
-    rk = cuda.blockIdx.x
-    split = cuda.blockIdx.y
-    S = cuda.gridDim.y
-    tid = cuda.threadIdx.x
-    nkv = k_cache.shape[1]
-    hd = k_cache.shape[3]
-    r = rk // nkv
-    kvh = rk % nkv
-    b = r // T
-    L = pos[0] + r % T + 1
-    chunk = (L + S - 1) // S
-    s0 = split * chunk
-    s1 = min(L, s0 + chunk)
-    GH = n_rep * hd
-    h0 = kvh * n_rep
-    qs = cuda.shared.array(QBUF, float32)
-    sc = cuda.shared.array(SCBUF, float32)
-    mrow = cuda.shared.array(G_MAX, float32)
-    lrow = cuda.shared.array(G_MAX, float32)
-    alpha = cuda.shared.array(G_MAX, float32)
-    acc = cuda.local.array(ACC, float32)
-    dots = cuda.local.array(G_MAX, float32)
-    for i in range(ACC):
-        acc[i] = 0.0
-    for i in range(tid, GH, THREADS):
-        qs[i] = q[r, h0 * hd + i] * scale
-    if tid < n_rep:
-        mrow[tid] = NEG_INF
-        lrow[tid] = 0.0
-    cuda.syncthreads()
-    for base in range(s0, s1, TILE):
-        n = min(TILE, s1 - base)
-        # scores: thread p takes key base + p for every query head of the group
-        for j in range(n_rep):
-            dots[j] = 0.0
-        if tid < n:
-            for d in range(hd):
-                kd = float32(k_cache[b, kvh, base + tid, d])
-                for j in range(n_rep):
-                    dots[j] += qs[j * hd + d] * kd
-        for j in range(n_rep):
-            sc[j * TILE + tid] = dots[j] if tid < n else NEG_INF
-        cuda.syncthreads()
-        if tid < n_rep:
-            m_old = mrow[tid]
-            mx = m_old
-            for p in range(n):
-                mx = max(mx, sc[tid * TILE + p])
-            alpha[tid] = math.exp(m_old - mx)
-            mrow[tid] = mx
-        cuda.syncthreads()
-        for e in range(tid, n_rep * TILE, THREADS):
-            j = e // TILE
-            sc[e] = math.exp(sc[e] - mrow[j]) if e % TILE < n else float32(0.0)
-        cuda.syncthreads()
-        if tid < n_rep:
-            s = float32(0.0)
-            for p in range(n):
-                s += sc[tid * TILE + p]
-            lrow[tid] = lrow[tid] * alpha[tid] + s
-        for i in range(ACC):
-            o = tid + i * THREADS
-            if o < GH:
-                j = o // hd
-                d = o % hd
-                a = acc[i] * alpha[j]
-                for p in range(n):
-                    a += sc[j * TILE + p] * float32(v_cache[b, kvh, base + p, d])
-                acc[i] = a
-        cuda.syncthreads()  # sc, alpha and lrow are rewritten by the next tile
-    for i in range(ACC):
-        o = tid + i * THREADS
-        if o < GH:
-            part_o[r, h0 + o // hd, split, o % hd] = acc[i]
-    if tid < n_rep:
-        part_m[r, h0 + tid, split] = mrow[tid]
-        part_l[r, h0 + tid, split] = lrow[tid]
+@cuda.jit(device=True, inline=True)
+def _load(ks, vs, k_cache, v_cache, b, kvh, base, key, d, n, KP, HD):
+    kv = float32(0.0)
+    vv = float32(0.0)
+    if key < n:
+        kv = float32(k_cache[b, kvh, base + key, d])
+        vv = float32(v_cache[b, kvh, base + key, d])
+    ks[key * KP + d] = kv
+    vs[key * HD + d] = vv
+
+
+@functools.lru_cache(maxsize=None)
+def _split_kernel(HD: int, NREP: int):
+    """The split kernel for head_dim HD and NREP query heads per kv head (compile-time constants:
+    shared sizes, and loops the compiler unrolls: a tile's loads are all in flight at once)."""
+    KP = HD + 1  # padded K rows: the threads of a warp score different keys without bank conflicts
+    KBUF, VBUF, QB, SB = TILE * KP, TILE * HD, NREP * HD, NREP * TILE
+    KROWS = TILE // (THREADS // HD)  # tile rows a thread loads (column d_own of rows k_own, k_own + HSTEP, ...)
+    PAIRS = -(-SB // THREADS)
+    HSTEP = THREADS // HD  # query heads a pass of the threads accumulates (HD divides THREADS)
+    NACC = -(-NREP // HSTEP)
+
+    @cuda.jit
+    def kernel(part_o, part_m, part_l, q, k_cache, v_cache, pos, T, scale):
+        rk = cuda.blockIdx.x
+        split = cuda.blockIdx.y
+        S = cuda.gridDim.y
+        tid = cuda.threadIdx.x
+        nkv = k_cache.shape[1]
+        r = rk // nkv
+        kvh = rk % nkv
+        b = r // T
+        L = pos[0] + r % T + 1
+        chunk = (L + S - 1) // S
+        s0 = split * chunk
+        s1 = min(L, s0 + chunk)
+        h0 = kvh * NREP
+        qs = cuda.shared.array(QB, float32)
+        ks = cuda.shared.array(KBUF, float32)
+        vs = cuda.shared.array(VBUF, float32)
+        sc = cuda.shared.array(SB, float32)
+        mrow = cuda.shared.array(NREP, float32)
+        lrow = cuda.shared.array(NREP, float32)
+        alpha = cuda.shared.array(NREP, float32)
+        acc = cuda.local.array(NACC, float32)
+        for i in range(NACC):
+            acc[i] = 0.0
+        for i in range(tid, QB, THREADS):
+            qs[i] = q[r, h0 * HD + i] * scale
+        if tid < NREP:
+            mrow[tid] = NEG_INF
+            lrow[tid] = 0.0
+        d_own = tid % HD
+        j_own = tid // HD
+        k_own = tid // HD
+        for base in range(s0, s1, TILE):
+            n = min(TILE, s1 - base)
+            cuda.syncthreads()  # the previous tile's readers are done (and qs is in place)
+            for u in range(0, KROWS, 4):  # the tile's keys and values, fp16 -> fp32, coalesced: 8 loads in flight
+                _load(ks, vs, k_cache, v_cache, b, kvh, base, k_own + u * HSTEP, d_own, n, KP, HD)
+                _load(ks, vs, k_cache, v_cache, b, kvh, base, k_own + (u + 1) * HSTEP, d_own, n, KP, HD)
+                _load(ks, vs, k_cache, v_cache, b, kvh, base, k_own + (u + 2) * HSTEP, d_own, n, KP, HD)
+                _load(ks, vs, k_cache, v_cache, b, kvh, base, k_own + (u + 3) * HSTEP, d_own, n, KP, HD)
+            cuda.syncthreads()
+            for u in range(PAIRS):  # scores: a warp takes one query head against the tile's keys
+                p = u * THREADS + tid
+                if p < SB:
+                    j = p // TILE
+                    key = p % TILE
+                    sv = NEG_INF
+                    if key < n:
+                        a = float32(0.0)
+                        for d in range(HD):
+                            a += qs[j * HD + d] * ks[key * KP + d]
+                        sv = a
+                    sc[p] = sv
+            cuda.syncthreads()
+            if tid < NREP:  # online softmax: the running max of each query head
+                m_old = mrow[tid]
+                mx = m_old
+                for key in range(TILE):
+                    mx = max(mx, sc[tid * TILE + key])
+                alpha[tid] = math.exp(m_old - mx)
+                mrow[tid] = mx
+            cuda.syncthreads()
+            for u in range(PAIRS):
+                p = u * THREADS + tid
+                if p < SB:
+                    sc[p] = math.exp(sc[p] - mrow[p // TILE]) if p % TILE < n else float32(0.0)
+            cuda.syncthreads()
+            if tid < NREP:
+                sm = float32(0.0)
+                for key in range(TILE):
+                    sm += sc[tid * TILE + key]
+                lrow[tid] = lrow[tid] * alpha[tid] + sm
+            for i in range(NACC):  # thread: dimension d_own of query heads j_own, j_own + HSTEP, ...
+                j = j_own + i * HSTEP
+                if j < NREP:
+                    a = acc[i] * alpha[j]
+                    for key in range(TILE):
+                        a += sc[j * TILE + key] * vs[key * HD + d_own]
+                    acc[i] = a
+        for i in range(NACC):
+            j = j_own + i * HSTEP
+            if j < NREP:
+                part_o[r, h0 + j, split, d_own] = acc[i]
+        if tid < NREP:
+            part_m[r, h0 + tid, split] = mrow[tid]
+            part_l[r, h0 + tid, split] = lrow[tid]
+
+    return kernel
 
 
 @cuda.jit(cache=True)
 def attention_merge_kernel(out, part_o, part_m, part_l):
+    """One block per (row, head): the splits' weights exp(m_s - max) in shared memory (splits <= THREADS),
+    then each thread one output dimension, its split loads four at a time."""
     nh = part_m.shape[1]
     S = part_m.shape[2]
     hd = part_o.shape[3]
     r = cuda.blockIdx.x // nh
     h = cuda.blockIdx.x % nh
-    m = NEG_INF
-    for s in range(S):
-        m = max(m, part_m[r, h, s])
-    den = float32(0.0)
-    for s in range(S):
-        den += part_l[r, h, s] * math.exp(part_m[r, h, s] - m)
+    t = cuda.threadIdx.x
+    buf = cuda.shared.array(THREADS, float32)
+    ws = cuda.shared.array(THREADS, float32)
+    ms = part_m[r, h, t] if t < S else NEG_INF
+    m = block_max(ms, buf)
+    w = math.exp(ms - m) if t < S else float32(0.0)
+    ws[t] = w
+    den = block_sum(part_l[r, h, t] * w if t < S else float32(0.0), buf)  # (its syncs publish ws)
     inv = float32(1.0) / den
-    for d in range(cuda.threadIdx.x, hd, THREADS):
+    for d in range(t, hd, THREADS):
         num = float32(0.0)
-        for s in range(S):
-            num += part_o[r, h, s, d] * math.exp(part_m[r, h, s] - m)
+        for s0 in range(0, S - 3, 4):  # four independent loads in flight
+            a0 = part_o[r, h, s0, d]
+            a1 = part_o[r, h, s0 + 1, d]
+            a2 = part_o[r, h, s0 + 2, d]
+            a3 = part_o[r, h, s0 + 3, d]
+            num += a0 * ws[s0] + a1 * ws[s0 + 1] + a2 * ws[s0 + 2] + a3 * ws[s0 + 3]
+        for s in range(S - S % 4, S):
+            num += part_o[r, h, s, d] * ws[s]
         out[r, h * hd + d] = num * inv
 
 
 def check_shapes(nh: int, nkv: int, hd: int) -> None:
     g = nh // nkv
-    if nh % nkv or g > G_MAX or g * hd > QBUF:
+    if nh % nkv or g > G_MAX or hd > HD_MAX or HD_MAX % hd or hd < 16:
         raise ValueError(f"attention kernel: {nh} query heads over {nkv} kv heads of {hd}: needs n_head a multiple "
-                         f"of n_kv_head, at most {G_MAX} query heads per kv head and n_rep * head_dim <= {QBUF}")
+                         f"of n_kv_head, at most {G_MAX} query heads per kv head and head_dim dividing {HD_MAX}, at least 16")
 
 
 def attention_scratch(xp, rows: int, nh: int, hd: int, splits: int):
@@ -171,7 +217,9 @@ def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0):
     nh, splits = part_m.shape[1], part_m.shape[2]
     nkv, hd = k_cache.shape[1], k_cache.shape[3]
     check_shapes(nh, nkv, hd)
+    if splits > THREADS:
+        raise ValueError(f"attention: at most {THREADS} key splits, got {splits}")
     po, pm, pl = part_o[:R], part_m[:R], part_l[:R]
-    attention_split_kernel[(R * nkv, splits), THREADS, stream](po, pm, pl, q, k_cache, v_cache, pos, T, nh // nkv,
-                                                               np.float32(1.0 / math.sqrt(hd)))
+    _split_kernel(hd, nh // nkv)[(R * nkv, splits), THREADS, stream](po, pm, pl, q, k_cache, v_cache, pos, T,
+                                                                    np.float32(1.0 / math.sqrt(hd)))
     attention_merge_kernel[R * nh, THREADS, stream](out, po, pm, pl)

@@ -113,7 +113,7 @@ class Qwen3GPU:
     """Decoder protocol of koifish_core.models.qwen3.Qwen3 (new_cache, forward), plus sampling on the device:
     set_sampling, prefill_sample, decode_sample."""
 
-    def __init__(self, config, tf32: bool = True, cache_dtype=np.float16, decode_splits: int = 32):
+    def __init__(self, config, tf32: bool = True, cache_dtype=np.float16, decode_splits: int = 64):
         self.config = config
         self.sim = simulated()
         if not self.sim and not gpu_available():
@@ -239,6 +239,7 @@ class Qwen3GPU:
         from koifish_cuda.attention_decode import attention_scratch
         from koifish_cuda.quant import MAX_BATCH
         from koifish_cuda.rope import rope_tables
+        from koifish_cuda.sampling import sample_scratch
 
         c = self.config
         max_len = int(max_len or c.n_ctx)
@@ -267,6 +268,7 @@ class Qwen3GPU:
                 self.rng = xp.zeros(2, np.int64)
                 self.params = self._put(np.array([0, 0, 1, 0, 1], np.float32))  # greedy until set_sampling
                 self.seen = xp.zeros((batch, V), np.uint8)
+                self.samp = sample_scratch(xp, batch, V)
                 splits = max(1, min(self.decode_splits, max_len // 64))
                 self.dec_scratch = attention_scratch(xp, batch, nh, hd, splits)
                 self.pre_scratch = attention_scratch(xp, R, nh, hd, PREFILL_SPLITS)
@@ -362,7 +364,7 @@ class Qwen3GPU:
         self._embed(self.x[:B], self.tok)
         self._layers(B, 1, self.dec_scratch)
         self._apply(self.logits, self.xn[:B], self.head)
-        sample(self.tok, self.seen, self.zbuf, self.logits, self.params, self.rng, stream=self.ns)
+        sample(self.tok, self.seen, self.zbuf, self.logits, self.params, self.rng, self.samp, stream=self.ns)
         advance(self.rng, self.pos, 1, stream=self.ns)
 
     def _decode(self) -> None:
@@ -459,7 +461,7 @@ class Qwen3GPU:
         self._prefill(idx, cache.length, all_logits=False)
         cache.length += T
         with self._ctx():
-            sample(self.tok, self.seen, self.zbuf, self.logits, self.params, self.rng, stream=self.ns)
+            sample(self.tok, self.seen, self.zbuf, self.logits, self.params, self.rng, self.samp, stream=self.ns)
             advance(self.rng, self.pos, 0, stream=self.ns)
         self._set(self.pos, [cache.length])
         return self._get(self.tok)
