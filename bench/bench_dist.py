@@ -21,6 +21,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import commit, gpu_name, write_json  # noqa: E402
 from bench_train import SIZES  # noqa: E402
 
 DEFAULT_BATCH = {"124M": 16, "355M": 8, "774M": 8, "1558M": 4}
@@ -140,10 +141,7 @@ def main() -> None:
                     print(f"{size} x{world} {mode}: {res['tokens_per_s']:,.0f} tok/s ({sc}), {res['step_ms']:.1f} ms/step, "
                           f"GPU memory {res['device_used_bytes'] / 2**30:.1f} GiB", flush=True)
                 rows.append(row)
-    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                         text=True).stdout.strip().splitlines()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    report = {"gpus": gpu, "commit": commit or os.environ.get("KOIFISH_COMMIT", ""), "seq": args.seq,
+    report = {"gpus": gpu_name().splitlines(), "commit": commit(), "seq": args.seq,
               "steps": args.steps, "remat": args.remat, "rows": rows}
     print(f"\n{'size':>6} {'GPUs':>4} {'mode':>8} {'tok/s':>10} {'scaling':>8} {'ms/step':>8} {'GiB':>6}")
     for r in rows:
@@ -153,9 +151,7 @@ def main() -> None:
         sc = f"{r['scaling']:.2f}x" if r.get("scaling") else "-"
         print(f"{r['size']:>6} {r['gpus']:>4} {r['mode']:>8} {r['tokens_per_s']:>10,.0f} {sc:>8} {r['step_ms']:>8.1f} "
               f"{r['device_used_bytes'] / 2**30:>6.1f}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+    write_json(args.out, report)
 
 
 if __name__ == "__main__":

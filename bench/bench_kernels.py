@@ -9,39 +9,15 @@ times are CUDA-event medians of graph-replayed launches on GPT-2 124M shapes (B=
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
+import os
+import sys
 
 import numpy as np
 
 import koifish_cuda.compat  # noqa: F401
 
-
-def median_time(fn, reps=20, per_graph=10):
-    """Median time of one call of fn, from CUDA-graph replays of `per_graph` calls: timing single
-    launches from Python would measure the ~50 us launch cost, not the kernel."""
-    import cupy as cp
-    from numba import cuda
-
-    stream = cp.cuda.Stream(non_blocking=True)
-    ns = cuda.external_stream(stream.ptr)
-    with stream:
-        fn(ns)
-        stream.synchronize()
-        stream.begin_capture()
-        for _ in range(per_graph):
-            fn(ns)
-        graph = stream.end_capture()
-    graph.launch(stream)
-    times = []
-    for _ in range(reps):
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record(stream)
-        graph.launch(stream)
-        b.record(stream)
-        b.synchronize()
-        times.append(cp.cuda.get_elapsed_time(a, b) / 1e3 / per_graph)
-    return float(np.median(times))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import commit, copy_bandwidth, gpu_name, median_time, write_json  # noqa: E402,F401
 
 
 def main():
@@ -60,10 +36,7 @@ def main():
     B, T, C, nh, V, Vp = 8, 1024, 768, 12, 50257, 50304
     N, F4 = B * T, 4 * 768
     rnd = lambda *s: cp.random.standard_normal(s, dtype=cp.float32)  # noqa: E731
-    big = cp.empty(1 << 30, dtype=cp.uint8)
-    dst = cp.empty_like(big)
-    copy_bw = 2 * big.nbytes / median_time(lambda s: dst.__setitem__(Ellipsis, big), 10, 2)
-    del big, dst
+    copy_bw = copy_bandwidth()
 
     x, w, b, out, mean, rstd = rnd(N, C), rnd(C), rnd(C), rnd(N, C), rnd(N), rnd(N)
     dx, dw, db, dout = rnd(N, C), rnd(C), rnd(C), rnd(N, C)
@@ -94,10 +67,7 @@ def main():
         rows.append({"kernel": name, "ms": t * 1e3, "GBps": bw / 1e9, "share_of_copy": bw / copy_bw})
         print(f"{name:<26} {t * 1e3:>9.3f} {bw / 1e9:>8.0f} {bw / copy_bw:>7.0%}")
     print(f"{'device copy':<26} {'':>9} {copy_bw / 1e9:>8.0f} {1:>7.0%}")
-    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    with open(args.out, "w") as fh:
-        json.dump({"gpu": gpu, "commit": commit, "copy_GBps": copy_bw / 1e9, "rows": rows}, fh, indent=1)
+    write_json(args.out, {"gpu": gpu_name(), "commit": commit(), "copy_GBps": copy_bw / 1e9, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
 import numpy as np
 
 import koifish_cuda.compat  # noqa: F401
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import copy_bandwidth, median_time  # noqa: E402
 
 HIDDEN, INTER, HEADS, KV, HEAD_DIM, LAYERS, VOCAB = 5120, 25600, 64, 8, 128, 64, 151936
 SHAPES = {"q_proj": (HEADS * HEAD_DIM, HIDDEN), "k_proj": (KV * HEAD_DIM, HIDDEN), "v_proj": (KV * HEAD_DIM, HIDDEN),
@@ -27,7 +32,6 @@ SHAPES = {"q_proj": (HEADS * HEAD_DIM, HIDDEN), "k_proj": (KV * HEAD_DIM, HIDDEN
 def main():
     import cupy as cp
 
-    from bench.bench_kernels import median_time
     from koifish_cuda.quant import dequant_matvec
 
     ap = argparse.ArgumentParser()
@@ -35,10 +39,7 @@ def main():
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--out", default="bench/results/quant_gemv.json")
     args = ap.parse_args()
-    big = cp.empty(1 << 30, dtype=cp.uint8)
-    dst = cp.empty_like(big)
-    copy_bw = 2 * big.nbytes / median_time(lambda s: dst.__setitem__(Ellipsis, big), 10, 2)
-    del big, dst
+    copy_bw = copy_bandwidth()
     rows, layer_time, layer_bytes = [], 0.0, 0
     for name, (N, K) in SHAPES.items():
         words = cp.asarray(np.random.default_rng(0).integers(0, 2**32, (N, K * args.bits // 32), dtype=np.uint32))

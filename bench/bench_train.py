@@ -18,6 +18,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import commit, gpu_name, write_json  # noqa: E402
+
 SIZES = {"124M": (12, 12, 768), "355M": (24, 16, 1024), "774M": (36, 20, 1280), "1558M": (48, 25, 1600)}
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM, for MFU
 
@@ -165,10 +168,7 @@ def main():
             rows.append({"size": size, "framework": fw, **res})
             print(f"{size} {fw}: {res['tokens_per_s']:,.0f} tok/s, MFU {res['mfu']:.1%}, "
                   f"peak {res['peak_vram_bytes'] / 2**30:.1f} GiB, first step {res['first_step_s']:.1f} s", flush=True)
-    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    commit = commit or os.environ.get("KOIFISH_COMMIT", "")  # copies without .git name it themselves
-    report = {"gpu": gpu, "commit": commit, "remat": args.remat, "batch": args.batch, "seq": args.seq, "steps": args.steps, "rows": rows}
+    report = {"gpu": gpu_name(), "commit": commit(), "remat": args.remat, "batch": args.batch, "seq": args.seq, "steps": args.steps, "rows": rows}
     print(f"\n{'size':>6} {'framework':>9} {'tok/s':>10} {'MFU':>6} {'VRAM GiB':>9} {'1st step s':>10}")
     for r in rows:
         if "error" in r:
@@ -176,9 +176,7 @@ def main():
         else:
             print(f"{r['size']:>6} {r['framework']:>9} {r['tokens_per_s']:>10,.0f} {r['mfu']:>6.1%} "
                   f"{r['peak_vram_bytes'] / 2**30:>9.1f} {r['first_step_s']:>10.1f}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+    write_json(args.out, report)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ graph capture of Numba + CuPy work, GEMM rates (fp32, TF32, bf16), copy bandwidt
 import json
 import os
 import sys
-import time
 
 import koifish_cuda.compat  # noqa: F401  (before numba compiles anything)
 import numpy as np

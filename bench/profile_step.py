@@ -11,12 +11,11 @@ the rows add up to about the full graph (the remainder is launch gaps between ke
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import commit, gpu_name, write_json  # noqa: E402
 
 GROUPS = {
     "embedding": ("koifish_cuda.embedding", ("encoder_forward", "encoder_backward")),
@@ -89,13 +88,11 @@ def main():
     total = rows[0]["ms"]
     for r in rows:
         r["share"] = r["ms"] / total
-    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                         text=True).stdout.strip()
+    gpu = gpu_name()
     print(f"{args.size} B={B} T={T} on {gpu}\n{'group':>24} {'ms':>8} {'share':>6}")
     for r in rows:
         print(f"{r['group']:>24} {r['ms']:>8.2f} {r['share']:>6.1%}")
-    with open(args.out, "w") as fh:
-        json.dump({"gpu": gpu, "size": args.size, "batch": B, "seq": T, "rows": rows}, fh, indent=1)
+    write_json(args.out, {"gpu": gpu, "commit": commit(), "size": args.size, "batch": B, "seq": T, "rows": rows})
 
 
 if __name__ == "__main__":

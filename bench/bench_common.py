@@ -1,0 +1,76 @@
+"""What the GPU benchmarks share: timing by CUDA-graph replay, the copy bandwidth they compare
+against, and what every result records beside its numbers (which GPU, which commit)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import numpy as np
+
+
+def gpu_name() -> str:
+    """nvidia-smi's name of each GPU, one per line ('' without nvidia-smi)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+    except FileNotFoundError:
+        return ""
+    return out.stdout.strip()
+
+
+def commit() -> str:
+    """The koifish commit measured; copies without .git name it in KOIFISH_COMMIT."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except FileNotFoundError:
+        out = ""
+    return out or os.environ.get("KOIFISH_COMMIT", "")
+
+
+def write_json(path: str, report: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+
+
+def median_time(fn, reps=20, per_graph=10):
+    """Median time of one call of fn, from CUDA-graph replays of `per_graph` calls: timing single
+    launches from Python would measure the ~50 us launch cost, not the kernel."""
+    import cupy as cp
+    from numba import cuda
+
+    stream = cp.cuda.Stream(non_blocking=True)
+    ns = cuda.external_stream(stream.ptr)
+    with stream:
+        fn(ns)
+        stream.synchronize()
+        stream.begin_capture()
+        for _ in range(per_graph):
+            fn(ns)
+        graph = stream.end_capture()
+    graph.launch(stream)
+    times = []
+    for _ in range(reps):
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a.record(stream)
+        graph.launch(stream)
+        b.record(stream)
+        b.synchronize()
+        times.append(cp.cuda.get_elapsed_time(a, b) / 1e3 / per_graph)
+    return float(np.median(times))
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write) of a 1 GiB buffer: the ceiling the
+    memory-bound kernels are measured against, taken in the same run."""
+    import cupy as cp
+
+    bw = _copy_bandwidth(cp.empty(1 << 30, dtype=cp.uint8))
+    cp.get_default_memory_pool().free_all_blocks()  # the 2 GiB go back to the GPU
+    return bw
+
+
+def _copy_bandwidth(src) -> float:
+    dst = src.copy()
+    return 2 * src.nbytes / median_time(lambda s: dst.__setitem__(Ellipsis, src), 10, 2)
