@@ -1,6 +1,7 @@
 """Decode-side kernel of issue 5: the fused dequantize + GEMV on Qwen3-32B's matrix shapes.
 
     python bench/bench_quant_gemv.py --bits 4 --out bench/results/quant_gemv.json
+    python bench/bench_quant_gemv.py --variants --out bench/results/quant_gemv_variants.json
 
 Times each projection of one Qwen3-32B layer (random 4-bit weights, group 128, batch 1) from
 CUDA-graph replays, and projects the weight-reading part of one decode token (64 layers + the
@@ -21,7 +22,7 @@ import numpy as np
 import koifish_cuda.compat  # noqa: F401
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import copy_bandwidth, median_time  # noqa: E402
+from bench_common import commit, copy_bandwidth, gpu_name, median_time, write_json  # noqa: E402
 
 HIDDEN, INTER, HEADS, KV, HEAD_DIM, LAYERS, VOCAB = 5120, 25600, 64, 8, 128, 64, 151936
 SHAPES = {"q_proj": (HEADS * HEAD_DIM, HIDDEN), "k_proj": (KV * HEAD_DIM, HIDDEN), "v_proj": (KV * HEAD_DIM, HIDDEN),
@@ -38,7 +39,11 @@ def main():
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--out", default="bench/results/quant_gemv.json")
+    ap.add_argument("--variants", action="store_true",
+                    help="time every 4-bit batch-1 kernel of koifish_cuda.quant.GEMV4_VARIANTS on each shape")
     args = ap.parse_args()
+    if args.variants:
+        return variants(args)
     copy_bw = copy_bandwidth()
     rows, layer_time, layer_bytes = [], 0.0, 0
     for name, (N, K) in SHAPES.items():
@@ -66,6 +71,62 @@ def main():
           f"roofline {roofline:.1f} tokens/s ({res['share_of_roofline']:.0%}); copy {copy_bw / 1e9:.0f} GB/s")
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
+
+
+# the shapes the engine multiplies: q/k/v and gate/up are fused by rows, plus the head
+ENGINE = {"qkv": ((HEADS + 2 * KV) * HEAD_DIM, HIDDEN), "o_proj": (HIDDEN, HEADS * HEAD_DIM),
+          "gate_up": (2 * INTER, HIDDEN), "down_proj": (HIDDEN, INTER), "lm_head": (VOCAB, HIDDEN)}
+
+
+def variants(args):
+    """Every variant on every shape (the separate projections and the engine's fused ones); each
+    output is compared with the first variant's (today's kernel) on the same inputs."""
+    import cupy as cp
+
+    from koifish_cuda.quant import GEMV4_VARIANTS
+
+    names = list(GEMV4_VARIANTS)
+    copy_bw = copy_bandwidth()
+    shapes = {**SHAPES, **{k: v for k, v in ENGINE.items() if k not in SHAPES}}
+    rows = []
+    for shape, (N, K) in shapes.items():
+        rng = np.random.default_rng(0)
+        words = cp.asarray(rng.integers(0, 2**32, (N, K // 8), dtype=np.uint32))
+        ng = K // args.group
+        scales = cp.asarray(rng.random((N, ng), dtype=np.float32) * 0.01 + 0.001)
+        zeros = cp.asarray(rng.integers(0, 16, (N, ng), dtype=np.uint8))
+        x = cp.asarray(rng.standard_normal((1, K), dtype=np.float32))
+        nbytes = words.nbytes + scales.nbytes + zeros.nbytes + x.nbytes + 4 * N
+        ref = None
+        for name in names:
+            fn = GEMV4_VARIANTS[name]
+            out = cp.full((1, N), cp.nan, dtype=cp.float32)
+            fn(out, x, words, scales, zeros, args.group, 0)
+            cp.cuda.Device().synchronize()
+            if ref is None:
+                ref = out.copy()
+            err = float(cp.linalg.norm(out - ref) / cp.linalg.norm(ref)) if bool(cp.isfinite(out).all()) else float("inf")
+            t = median_time(lambda s: fn(out, x, words, scales, zeros, args.group, s))
+            r = {"shape": shape, "N": N, "K": K, "variant": name, "us": t * 1e6, "GBps": nbytes / t / 1e9,
+                 "share_of_copy": nbytes / t / copy_bw, "rel_err_vs_first": err}
+            rows.append(r)
+            print(f"{shape:<10} {N:>6} x {K:<6} {name:<22} {t * 1e6:8.1f} us {r['GBps']:7.0f} GB/s "
+                  f"{r['share_of_copy']:6.0%}  rel err {err:.1e}", flush=True)
+        del words, scales, zeros, x, out, ref
+        cp.get_default_memory_pool().free_all_blocks()
+    # one decode token's GEMVs as the engine runs them: 64 x (qkv + o + gate_up + down) + the head
+    token = {}
+    for name in names:
+        us = {r["shape"]: r["us"] for r in rows if r["variant"] == name}
+        ok = all(r["rel_err_vs_first"] < 1e-4 for r in rows if r["variant"] == name)
+        token[name] = {"us": LAYERS * sum(us[k] for k in ("qkv", "o_proj", "gate_up", "down_proj")) + us["lm_head"],
+                       "correct": ok}
+    best = min((n for n in names if token[n]["correct"]), key=lambda n: token[n]["us"])
+    for name in names:
+        print(f"token GEMVs {name:<22} {token[name]['us'] / 1e3:7.2f} ms  correct {token[name]['correct']}")
+    print(f"best {best}")
+    write_json(args.out, {"bits": 4, "group": args.group, "device": gpu_name(), "commit": commit(),
+                          "copy_GBps": copy_bw / 1e9, "rows": rows, "token_gemv": token, "best": best})
 
 
 if __name__ == "__main__":
