@@ -127,84 +127,14 @@ def dequant_matvec_kernel(out, x, words, scales, zeros, bits, group_size):
             out[m, n] = total
 
 
-WARPS4 = 8  # warps per block in the 4-bit decode kernel
-BUF4 = 32 * WARPS4  # a compile-time constant for the shared array
-
-
-@cuda.jit(cache=True)
-def zero_kernel(a):
-    i = cuda.grid(1)
-    if i < a.size:
-        a[i] = 0.0
-
-
-@cuda.jit(device=True, inline=True)
-def _nib(word, j):
-    return float32((word >> (4 * j)) & 15)
-
-
-@cuda.jit(cache=True)
-def dequant_matvec4_kernel(out, x, words, scales, zeros, group_size):
-    """The batch-1, 4-bit decode case. A warp owns 4 rows of W; lane l reads words l, l+32, ...
-    of each (a warp's loads of one row are a contiguous 128-byte line), and every x value it loads
-    serves the 4 rows: with one row per warp, reading x (4 bytes per 4-bit weight) from cache cost
-    more than reading the weights. Sums stay in registers and end in 5 shuffles."""
-    N = words.shape[0]
-    K = x.shape[1]
-    buf = cuda.shared.array(BUF4, float32)
-    lane = cuda.threadIdx.x % 32
-    n0 = (cuda.blockIdx.x * WARPS4 + cuda.threadIdx.x // 32) * 4
-    # split-K: block column y sums words [y * span, (y + 1) * span) and adds its part into out
-    span = (K // 8 + cuda.gridDim.y - 1) // cuda.gridDim.y
-    w_begin = cuda.blockIdx.y * span
-    w_end = min(K // 8, w_begin + span)
-    a0 = float32(0.0)
-    a1 = float32(0.0)
-    a2 = float32(0.0)
-    a3 = float32(0.0)
-    if n0 < N:
-        n1, n2, n3 = min(n0 + 1, N - 1), min(n0 + 2, N - 1), min(n0 + 3, N - 1)  # clamped: extra rows are dropped
-        wpg = group_size // 8
-        for w in range(w_begin + lane, w_end, 32):
-            w0, w1, w2, w3 = words[n0, w], words[n1, w], words[n2, w], words[n3, w]
-            k = w * 8
-            d0 = float32(0.0)
-            d1 = float32(0.0)
-            d2 = float32(0.0)
-            d3 = float32(0.0)
-            xs = float32(0.0)
-            for j in range(8):
-                xj = x[0, k + j]
-                xs += xj
-                d0 += _nib(w0, j) * xj
-                d1 += _nib(w1, j) * xj
-                d2 += _nib(w2, j) * xj
-                d3 += _nib(w3, j) * xj
-            g = w // wpg
-            a0 += scales[n0, g] * (d0 - float32(zeros[n0, g]) * xs)
-            a1 += scales[n1, g] * (d1 - float32(zeros[n1, g]) * xs)
-            a2 += scales[n2, g] * (d2 - float32(zeros[n2, g]) * xs)
-            a3 += scales[n3, g] * (d3 - float32(zeros[n3, g]) * xs)
-    t0 = warp_sum(a0, buf)
-    t1 = warp_sum(a1, buf)
-    t2 = warp_sum(a2, buf)
-    t3 = warp_sum(a3, buf)
-    if lane == 0:  # out was zeroed by the launcher; the K-splits add up
-        if n0 < N:
-            cuda.atomic.add(out, (0, n0), t0)
-        if n0 + 1 < N:
-            cuda.atomic.add(out, (0, n0 + 1), t1)
-        if n0 + 2 < N:
-            cuda.atomic.add(out, (0, n0 + 2), t2)
-        if n0 + 3 < N:
-            cuda.atomic.add(out, (0, n0 + 3), t3)
-
-
-# ---- 4-bit batch-1 GEMV candidates (measured against each other by bench_quant_gemv --variants) ----
-# Each reads the packed rows as uint64 (16 codes; K % 32 == 0 makes a row a whole number of them)
-# and turns a code into a float without a conversion instruction: OR-ing code << 19 into the bits
-# of 1.0f gives exactly 1 + code/16, so sum_j (1 + c_j/16) x_j = xsum + (sum_j c_j x_j) / 16.
-import os  # noqa: E402
+# The batch-1, 4-bit decode kernel. The packed rows are read as uint64 (16 codes; K % 32 == 0
+# makes a row a whole number of them), and a code becomes a float without a conversion
+# instruction (I2F runs at a quarter of the FMA rate): OR-ing code << 19 into the bits of 1.0f
+# gives exactly 1 + code/16, so sum_j (1 + c_j/16) x_j = xsum + (sum_j c_j x_j) / 16.
+ROWS4 = 16  # rows of W per block
+WARPS4 = 4  # warps per block; they split K between them
+BUF4 = 32 * WARPS4  # compile-time constants for the shared arrays
+RED4 = ROWS4 * WARPS4
 
 from numba import config, int32, uint32, uint64  # noqa: E402
 
@@ -223,7 +153,7 @@ else:
 
 @cuda.jit(device=True, inline=True)
 def _dot16(q, xr):
-    """sum_j (1 + code_j/16) * xr[j] over the 16 codes of the uint64 q."""
+    """sum_j (1 + code_j/16) * xr[j] over the 16 codes of the uint64 q (3 instructions a code)."""
     lo = uint32(q & uint64(0xFFFFFFFF))
     hi = uint32(q >> uint64(32))
     d = float32(0.0)
@@ -238,162 +168,51 @@ def _dot16(q, xr):
     return d
 
 
-def make_gemv4_shared_x(R, V, WARPS, XT, DIRECT):
-    """A warp owns R rows; lane l reads uint64s l, l+32, ... (V per row per step) of its block's
-    K-span; x is staged per tile of XT values in shared memory, transposed (xs[j*Q + i] = x[16 i + j])
-    so a warp's loads of one j are consecutive words. DIRECT: one K-span (grid.y = 1), plain stores;
-    else split-K over grid.y with atomics into a zeroed out."""
-    Q = XT // 16
-    BUF = 32 * WARPS
-    RV = R * V
-
-    @cuda.jit
-    def kern(out, x, q64, scales, zeros, group_size):
-        N = q64.shape[0]
-        Kq = q64.shape[1]
-        xs = cuda.shared.array(XT, float32)
-        xsum_s = cuda.shared.array(Q, float32)
-        buf = cuda.shared.array(BUF, float32)
-        t = cuda.threadIdx.x
-        lane = t % 32
-        n0 = (cuda.blockIdx.x * WARPS + t // 32) * R
-        span = (Kq + cuda.gridDim.y - 1) // cuda.gridDim.y
-        qb = cuda.blockIdx.y * span
-        qe = min(Kq, qb + span)
-        qpg = group_size // 16
-        acc = cuda.local.array(R, float32)
-        rows = cuda.local.array(R, int32)
-        for r in range(R):
-            acc[r] = float32(0.0)
-            rows[r] = min(n0 + r, N - 1)
-        wv = cuda.local.array(RV, uint64)
-        xr = cuda.local.array(16, float32)
-        for tq in range(qb, qe, Q):
-            tn = min(Q, qe - tq)
-            cuda.syncthreads()
-            for i in range(t, tn * 16, BUF):
-                xs[(i % 16) * Q + i // 16] = x[0, tq * 16 + i]
-            cuda.syncthreads()
-            for i in range(t, tn, BUF):
-                s = float32(0.0)
-                for j in range(16):
-                    s += xs[j * Q + i]
-                xsum_s[i] = s
-            cuda.syncthreads()
-            if n0 < N:
-                for i0 in range(lane, tn, 32 * V):
-                    for r in range(R):
-                        for v in range(V):
-                            wv[r * V + v] = q64[rows[r], tq + min(i0 + 32 * v, tn - 1)]
-                    for v in range(V):
-                        i = i0 + 32 * v
-                        if i < tn:
-                            for j in range(16):
-                                xr[j] = xs[j * Q + i]
-                            xsum = xsum_s[i]
-                            g = (tq + i) // qpg
-                            for r in range(R):
-                                d = _dot16(wv[r * V + v], xr)
-                                z = float32(zeros[rows[r], g])
-                                acc[r] += scales[rows[r], g] * (float32(16.0) * d - (float32(16.0) + z) * xsum)
-        for r in range(R):
-            tot = warp_sum(acc[r], buf)
-            if lane == 0 and n0 + r < N:
-                if DIRECT:
-                    out[0, n0 + r] = tot
-                else:
-                    cuda.atomic.add(out, (0, n0 + r), tot)
-
-    def launch(out, x, words, scales, zeros, group_size, stream=0):
-        q64 = words.view(np.uint64)
-        N = out.shape[1]
-        blocks = (N + R * WARPS - 1) // (R * WARPS)
-        if DIRECT:
-            kern[(blocks, 1), BUF, stream](out, x, q64, scales, zeros, group_size)
-            return
-        splits = max(1, min(q64.shape[1] // 64, -(-528 // blocks)))
-        zero_kernel[(out.size + 255) // 256, 256, stream](out.reshape(-1))
-        kern[(blocks, splits), BUF, stream](out, x, q64, scales, zeros, group_size)
-
-    launch.kern = kern
-    return launch
-
-
-def make_gemv4_block_k(RB, WARPS):
-    """A block owns RB rows and its WARPS warps split K between them (warp w, lane l read uint64s
-    32 (w + WARPS s) + l); each lane loads its 16 x values once into registers for all RB rows;
-    the warps' sums meet in shared memory and one plain store per row: no split-K, no zeroing."""
-    BUF = 32 * WARPS
-    RED = RB * WARPS
-
-    @cuda.jit
-    def kern(out, x, q64, scales, zeros, group_size):
-        N = q64.shape[0]
-        Kq = q64.shape[1]
-        buf = cuda.shared.array(BUF, float32)
-        red = cuda.shared.array(RED, float32)
-        t = cuda.threadIdx.x
-        lane = t % 32
-        wp = t // 32
-        n0 = cuda.blockIdx.x * RB
-        qpg = group_size // 16
-        acc = cuda.local.array(RB, float32)
-        rows = cuda.local.array(RB, int32)
-        for r in range(RB):
-            acc[r] = float32(0.0)
-            rows[r] = min(n0 + r, N - 1)
-        wv = cuda.local.array(RB, uint64)
-        xr = cuda.local.array(16, float32)
-        for i in range(wp * 32 + lane, Kq, BUF):
-            for r in range(RB):
-                wv[r] = q64[rows[r], i]
-            xsum = float32(0.0)
-            for j in range(16):
-                xr[j] = x[0, i * 16 + j]
-                xsum += xr[j]
-            g = i // qpg
-            for r in range(RB):
-                d = _dot16(wv[r], xr)
-                z = float32(zeros[rows[r], g])
-                acc[r] += scales[rows[r], g] * (float32(16.0) * d - (float32(16.0) + z) * xsum)
-        for r in range(RB):
-            tot = warp_sum(acc[r], buf)
-            if lane == 0:
-                red[wp * RB + r] = tot
-        cuda.syncthreads()
-        if t < RB and n0 + t < N:
-            s = float32(0.0)
-            for w in range(WARPS):
-                s += red[w * RB + t]
-            out[0, n0 + t] = s
-
-    def launch(out, x, words, scales, zeros, group_size, stream=0):
-        N = out.shape[1]
-        kern[(N + RB - 1) // RB, BUF, stream](out, x, words.view(np.uint64), scales, zeros, group_size)
-
-    launch.kern = kern
-    return launch
-
-
-def _gemv4_today(out, x, words, scales, zeros, group_size, stream=0):
-    rows_per_block = 4 * WARPS4
-    row_blocks = (out.shape[1] + rows_per_block - 1) // rows_per_block
-    splits = max(1, min(x.shape[1] // 8 // 128, -(-528 // row_blocks)))
-    zero_kernel[(out.size + 255) // 256, 256, stream](out.reshape(-1))
-    dequant_matvec4_kernel[(row_blocks, splits), 32 * WARPS4, stream](out, x, words, scales, zeros, group_size)
-
-
-GEMV4_VARIANTS = {
-    "a_today": _gemv4_today,
-    "b_sx_r4v2w8_split": make_gemv4_shared_x(4, 2, 8, 4096, False),
-    "c_sx_r4v2w8_direct": make_gemv4_shared_x(4, 2, 8, 4096, True),
-    "c_sx_r4v1w4_direct": make_gemv4_shared_x(4, 1, 4, 4096, True),
-    "d_bk_rb16w4": make_gemv4_block_k(16, 4),
-    "d_bk_rb8w8": make_gemv4_block_k(8, 8),
-    "d_bk_rb16w8": make_gemv4_block_k(16, 8),
-    "d_bk_rb4w8": make_gemv4_block_k(4, 8),
-}
-GEMV4 = os.environ.get("KOIFISH_GEMV4", "a_today")
+@cuda.jit(cache=True)
+def dequant_matvec4_kernel(out, x, q64, scales, zeros, group_size):
+    """out (1, N) = x (1, K) @ dequant(W).T. A block owns ROWS4 rows and its warps split K:
+    warp w, lane l read uint64s 32 (w + WARPS4 s) + l of every row (a warp's loads of one row are
+    a contiguous 256-byte line; ROWS4 of them in flight per lane); each lane loads its 16 x values
+    once into registers for all ROWS4 rows. The warps' sums meet in shared memory and each row
+    gets one plain store: no split-K over blocks, no atomics, no zeroing launch."""
+    N = q64.shape[0]
+    Kq = q64.shape[1]
+    buf = cuda.shared.array(BUF4, float32)
+    red = cuda.shared.array(RED4, float32)
+    t = cuda.threadIdx.x
+    lane = t % 32
+    wp = t // 32
+    n0 = cuda.blockIdx.x * ROWS4
+    qpg = group_size // 16
+    acc = cuda.local.array(ROWS4, float32)
+    rows = cuda.local.array(ROWS4, int32)
+    for r in range(ROWS4):
+        acc[r] = float32(0.0)
+        rows[r] = min(n0 + r, N - 1)  # clamped: the extra rows are computed and dropped
+    wv = cuda.local.array(ROWS4, uint64)
+    xr = cuda.local.array(16, float32)
+    for i in range(wp * 32 + lane, Kq, BUF4):
+        for r in range(ROWS4):  # the row loads first: they are what the kernel waits for
+            wv[r] = q64[rows[r], i]
+        xsum = float32(0.0)
+        for j in range(16):
+            xr[j] = x[0, i * 16 + j]
+            xsum += xr[j]
+        g = i // qpg
+        for r in range(ROWS4):
+            d = _dot16(wv[r], xr)  # xsum + sum_j c_j x_j / 16
+            z = float32(zeros[rows[r], g])
+            acc[r] += scales[rows[r], g] * (float32(16.0) * d - (float32(16.0) + z) * xsum)
+    for r in range(ROWS4):
+        tot = warp_sum(acc[r], buf)
+        if lane == 0:
+            red[wp * ROWS4 + r] = tot
+    cuda.syncthreads()
+    if t < ROWS4 and n0 + t < N:
+        s = float32(0.0)
+        for w in range(WARPS4):
+            s += red[w * ROWS4 + t]
+        out[0, n0 + t] = s
 
 
 @cuda.jit(cache=True)
@@ -426,7 +245,9 @@ def dequant_matvec(out, x, words, scales, zeros, bits: int, group_size: int, str
     if M > MAX_BATCH:
         raise ValueError(f"dequant_matvec handles up to {MAX_BATCH} rows of x; use dequantize + GEMM for {M}")
     if bits == 4 and M == 1:
-        GEMV4_VARIANTS[GEMV4](out, x, words, scales, zeros, group_size, stream)
+        N = out.shape[1]
+        dequant_matvec4_kernel[(N + ROWS4 - 1) // ROWS4, BUF4, stream](out, x, words.view(np.uint64), scales, zeros,
+                                                                   group_size)
         return
     dequant_matvec_kernel[out.shape[1], THREADS, stream](out, x, words, scales, zeros, bits, group_size)
 

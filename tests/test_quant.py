@@ -248,3 +248,20 @@ def test_dequant_kernels_match_the_reference(bits):
     assert rel_err(host(y1), x[:1] @ ref.T) < 2e-5
     with pytest.raises(ValueError, match="up to 8 rows"):
         dequant_matvec(y, dev(np.zeros((9, K), np.float32)), d_words, d_scales, d_zeros, bits, G)
+
+
+@pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerformanceWarning")
+def test_batch1_4bit_kernel_with_ragged_row_blocks_and_warp_splits():
+    """The decode kernel: 17 rows (a block of 16 and a clamped one), 40 uint64 per row (the block's
+    second warp has a partial share of K), overwriting whatever out held."""
+    from koifish_cuda.quant import dequant_matvec
+    from tests.cuda_harness import ON_GPU, dev, host, rel_err
+
+    rng = np.random.default_rng(8)
+    N, K, G = (4099, 5120, 128) if ON_GPU else (17, 640, 128)
+    codes, scales, zeros = quantize_groupwise_ref(rng.standard_normal((N, K)).astype(np.float32), 4, G)
+    words = pack_codes_ref(codes, 4).view(np.uint32)
+    x = rng.standard_normal((1, K))
+    y = dev(np.full((1, N), np.nan, np.float32))
+    dequant_matvec(y, dev(x.astype(np.float32)), dev(words), dev(scales.astype(np.float32)), dev(zeros), 4, G)
+    assert rel_err(host(y), dequant_matmul_ref(x, codes, scales, zeros, G)) < 1e-5  # float32, ~3e-6 here
