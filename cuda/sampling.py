@@ -38,7 +38,7 @@ import math
 import numpy as np
 
 import koifish_cuda.compat  # noqa: F401
-from koifish_cuda.reduce import THREADS
+from koifish_cuda.reduce import THREADS, block_sum
 from numba import cuda, float32, float64, int32, int64
 
 N_PARAMS = 5
@@ -141,22 +141,6 @@ def _block_argmax(v, i, vbuf, ibuf):
     bi = ibuf[0]
     cuda.syncthreads()
     return bv, bi
-
-
-@cuda.jit(device=True)
-def _block_fsum(v, buf):
-    t = cuda.threadIdx.x
-    buf[t] = v
-    cuda.syncthreads()
-    s = THREADS // 2
-    while s > 0:
-        if t < s:
-            buf[t] += buf[t + s]
-        cuda.syncthreads()
-        s //= 2
-    total = buf[0]
-    cuda.syncthreads()
-    return total
 
 
 @cuda.jit(device=True)
@@ -407,7 +391,7 @@ def draw_kernel(zbuf, zkey, hist, st, part_v, part_g, part_gi, part_s, params, r
                     best = g
                     besti = i
     bv, bi = _block_argmax(best, besti if besti >= 0 else int32(V), vbuf, ibuf)
-    total = _block_fsum(s, fbuf)
+    total = block_sum(s, fbuf)
     if t == 0:
         part_g[b, blk] = bv
         part_gi[b, blk] = bi
@@ -455,7 +439,7 @@ def pick_kernel(tokens, seen, zbuf, zkey, hist, st, part_v, part_i, part_g, part
         s = float32(0.0)
         for k in range(t, nblk, THREADS):
             s += part_s[b, k]
-        total = _block_fsum(s, vbuf)
+        total = block_sum(s, vbuf)
         T = st[b, STAGES, 0]
         min_p = params[3]
         for i in range(t, V, THREADS):

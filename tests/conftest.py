@@ -56,6 +56,24 @@ def tiny_case(tmp_path, tiny_data):
     return make
 
 
+@pytest.fixture
+def rollback_spy(monkeypatch):
+    """A dict that each rollback fills with the engine's weights and optimizer state right after it,
+    and the checkpoint it went back to ("from")."""
+    from koifish_core.train import checkpoint, run_hooks
+
+    restored = {}
+    original = run_hooks.RunHooks._rollback
+
+    def spy(self, step, event, engine):
+        original(self, step, event, engine)
+        restored["weights"], restored["optim"] = engine.model_tensors(), engine.optim_tensors()
+        restored["from"] = checkpoint.latest(self.run_dir)
+
+    monkeypatch.setattr(run_hooks.RunHooks, "_rollback", spy)
+    return restored
+
+
 def _gpu_present() -> bool:
     try:
         import cupy

@@ -115,18 +115,10 @@ def test_gpu_faults_are_caught_at_their_step(tmp_path, tiny_case, kind, signal, 
     assert res.steps == 40 and math.isfinite(res.final_loss)
 
 
-def test_gpu_inf_param_rolls_back_bit_for_bit(tmp_path, tiny_case, monkeypatch):
-    from koifish_core.train import checkpoint, run_hooks
+def test_gpu_inf_param_rolls_back_bit_for_bit(tmp_path, tiny_case, rollback_spy):
+    from koifish_core.train import checkpoint
 
-    restored = {}
-    original = run_hooks.RunHooks._rollback
-
-    def spy(self, step, event, engine):
-        original(self, step, event, engine)
-        restored["weights"], restored["optim"] = engine.model_tensors(), engine.optim_tensors()
-        restored["from"] = checkpoint.latest(self.run_dir)
-
-    monkeypatch.setattr(run_hooks.RunHooks, "_rollback", spy)
+    restored = rollback_spy
     case = load_case(tiny_case(train={"steps": 40}, checkpoint={"every": 10, "keep_last": 3}, optimizer={"lr": 0.003}))
     res = train(case, tmp_path / "run", device="cuda", inject=[Fault("inf-param", 23)])
     ev = _events(tmp_path / "run")

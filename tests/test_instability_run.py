@@ -72,18 +72,8 @@ def test_injected_faults_are_caught_and_survived(tmp_path, tiny_case, kind, step
         assert lowered == []
 
 
-def test_inf_param_rolls_back_to_the_checkpoint_bit_for_bit(tmp_path, tiny_case, monkeypatch):
-    from koifish_core.train import run_hooks
-
-    restored = {}
-    original = run_hooks.RunHooks._rollback
-
-    def spy(self, step, event, engine):
-        original(self, step, event, engine)
-        restored["weights"], restored["optim"] = engine.model_tensors(), engine.optim_tensors()
-        restored["from"] = checkpoint.latest(self.run_dir)
-
-    monkeypatch.setattr(run_hooks.RunHooks, "_rollback", spy)
+def test_inf_param_rolls_back_to_the_checkpoint_bit_for_bit(tmp_path, tiny_case, rollback_spy):
+    restored = rollback_spy
     res = train(_case(tiny_case), tmp_path / "run", inject=[Fault("inf-param", 23)])
     ev = _events(tmp_path / "run")
     assert (ev[0]["step"], ev[0]["signal"], ev[0]["tensor"], ev[0]["action"]) == (23, "nonfinite_param", "wte",
