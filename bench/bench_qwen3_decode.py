@@ -12,6 +12,9 @@ the embedding and the head at `bits` (group 128). Measures, in one run:
     roofline         bytes one token reads (weights + the KV cache at that length) / copy bandwidth
     memory           peak device memory in use (cudaMemGetInfo, sampled after each phase) and the
                      CuPy pool (weights, cache, buffers)
+    reference        with --torch-prefill: transformers' Qwen3ForCausalLM (bf16, SDPA, random
+                     weights, same shapes) prefilling a prompt of the same length, in a subprocess
+                     run first (torch is a benchmark reference only, never a koifish dependency)
 --layers N keeps Qwen3-32B's widths with fewer layers (quick runs); tokens/s then scale ~64/N.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,10 +34,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench.` imports
 import koifish_cuda.compat  # noqa: F401
 
 
+def torch_prefill(layers: int, prompt: int, reps: int = 3, device: str = "cuda") -> dict:
+    """transformers' bf16 prefill of `prompt` tokens with Qwen3-32B's shapes (random weights)."""
+    import torch
+    from transformers import Qwen3Config as HFConfig
+    from transformers import Qwen3ForCausalLM
+
+    cfg = HFConfig(hidden_size=5120, intermediate_size=25600, num_hidden_layers=layers, num_attention_heads=64,
+                   num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False,
+                   rope_theta=1e6, max_position_embeddings=40960, attn_implementation="sdpa")
+    torch.set_default_dtype(torch.bfloat16)
+    t0 = time.perf_counter()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    with torch.device(device):
+        model = Qwen3ForCausalLM(cfg).eval()
+    sync()
+    build_s = time.perf_counter() - t0
+    ids = torch.randint(0, cfg.vocab_size, (1, prompt), device=device)
+    times = []
+    with torch.no_grad():
+        for i in range(reps + 1):
+            sync()
+            t = time.perf_counter()
+            model(ids, use_cache=True, logits_to_keep=1)
+            sync()
+            if i:  # the first call warms up
+                times.append(time.perf_counter() - t)
+    best = sorted(times)[len(times) // 2]
+    return {"framework": f"transformers {__import__('transformers').__version__}, torch {torch.__version__}, bf16, sdpa",
+            "prefill_tokens": prompt, "prefill_s": best, "prefill_tokens_per_s": prompt / best, "build_s": build_s,
+            "peak_GB": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None}
+
+
 def main():
+    if "--torch-child" in sys.argv:  # the reference, in its own process so the GPU is all its own
+        layers, prompt = int(sys.argv[-2]), int(sys.argv[-1])
+        print("RESULT " + json.dumps(torch_prefill(layers, prompt)), flush=True)
+        return
     import cupy as cp
 
-    from bench.bench_kernels import median_time
+    from bench.bench_common import copy_bandwidth
     from koifish_core.infer.qwen3_gpu import Qwen3GPU
     from koifish_core.infer.sampling import SamplingParams
     from koifish_core.models.qwen3 import Qwen3Config
@@ -44,8 +84,17 @@ def main():
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed at each context")
     ap.add_argument("--contexts", default="8192", help="extra decode context lengths, comma separated ('' for none)")
+    ap.add_argument("--torch-prefill", action="store_true", help="also time transformers' bf16 prefill (same shapes)")
     ap.add_argument("--out", default="bench/results/qwen3_decode.json")
     args = ap.parse_args()
+    reference = None
+    if args.torch_prefill:
+        proc = subprocess.run([sys.executable, __file__, "--torch-child", str(args.layers), str(args.prompt)],
+                              capture_output=True, text=True)
+        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        reference = json.loads(line[0][7:]) if line else {"error": (proc.stderr or proc.stdout)[-2000:]}
+        print(f"transformers prefill: {reference.get('prefill_tokens_per_s', 'failed')} tokens/s"
+              if line else f"transformers prefill failed:\n{reference['error']}", flush=True)
     contexts = [int(c) for c in args.contexts.split(",") if c]
     free0, total = cp.cuda.runtime.memGetInfo()
     peak = [0]
@@ -54,11 +103,7 @@ def main():
         cp.cuda.Device().synchronize()
         peak[0] = max(peak[0], free0 - cp.cuda.runtime.memGetInfo()[0])
 
-    big = cp.empty(1 << 30, dtype=cp.uint8)
-    dst = cp.empty_like(big)
-    copy_bw = 2 * big.nbytes / median_time(lambda s: dst.__setitem__(Ellipsis, big), 10, 2)
-    del big, dst
-    cp.get_default_memory_pool().free_all_blocks()
+    copy_bw = copy_bandwidth()
     free0 = cp.cuda.runtime.memGetInfo()[0]
 
     cfg = Qwen3Config(n_layer=args.layers)  # the defaults are Qwen3-32B's shapes
@@ -114,7 +159,10 @@ def main():
            "weights_GB": eng.weight_bytes() / 1e9, "load_s": load_s, "max_len": max_len,
            "prefill_tokens": args.prompt, "prefill_s": prefill_s, "prefill_tokens_per_s": args.prompt / prefill_s,
            "decode": rows, "peak_device_GB": peak[0] / 1e9, "pool_GB": pool / 1e9,
-           "device_total_GB": total / 1e9, "kv_cache_dtype": np.dtype(eng.cache_dtype).name}
+           "device_total_GB": total / 1e9, "kv_cache_dtype": np.dtype(eng.cache_dtype).name,
+           "torch_prefill": reference}
+    if reference and "prefill_tokens_per_s" in reference:
+        res["prefill_vs_torch"] = res["prefill_tokens_per_s"] / reference["prefill_tokens_per_s"]
     print(f"{res['model']} on {res['device']}; copy {copy_bw / 1e9:.0f} GB/s; weights {res['weights_GB']:.2f} GB "
           f"(made on the GPU in {load_s:.1f} s)")
     print(f"{'phase':<22}{'tokens/s':>10}{'ms/token':>10}{'GB/token':>10}{'roofline':>10}{'share':>8}")
@@ -123,6 +171,9 @@ def main():
     for r in rows:
         print(f"{('decode ctx ' + str(r['context'])) + (' greedy' if r['sampling'] == 'greedy' else ''):<22}{r['tokens_per_s']:>10.1f}{r['ms_per_token']:>10.2f}"
               f"{r['bytes_per_token'] / 1e9:>10.2f}{r['roofline_tokens_per_s']:>10.1f}{r['share_of_roofline']:>8.0%}")
+    if "prefill_vs_torch" in res:
+        print(f"{'transformers prefill':<22}{reference['prefill_tokens_per_s']:>10.0f}{'':>30}"
+              f"  koifish = {res['prefill_vs_torch']:.0%} of it")
     print(f"peak device memory {res['peak_device_GB']:.2f} GB (CuPy pool {res['pool_GB']:.2f} GB; "
           f"KV cache {kv_per_pos * max_len / 1e9:.2f} GB for {max_len} positions)")
     with open(args.out, "w") as f:
