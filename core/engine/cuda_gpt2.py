@@ -2,10 +2,12 @@
 CUDA graphs.
 
 Everything lives in preallocated CuPy buffers (shapes below, N = B*T rows, BH = B*n_head), so a
-step launches no allocation and can be captured once and replayed: four graphs, `zero`
-(gradients and accumulators), `micro` (forward + backward of one micro-batch, adding into the
-gradients), `norm` (global gradient norm; the host reads it and the loss, the one sync of a
-step) and `update` (clipping and AdamW, one kernel over all tensors). A Python
+step launches no allocation and can be captured once and replayed: `zero` (gradients and
+accumulators), `micro` and `micro_last` (forward + backward of one micro-batch, adding into the
+gradients; the last one of a step also carries the data-parallel bucket all-reduces, see
+cuda_dp.py), `norm` (global gradient norm and the instability statistics; the host reads them
+and the loss, the one sync of a step) and `update` (clipping and AdamW, one kernel over all
+tensors, or over this rank's slice with ZeRO-1). A Python
 launch costs ~50 us on an H100 and a step has several hundred launches; a replay costs a few us.
 
 This first engine keeps activations and weights in float32 and runs the GEMMs on TF32 tensor
