@@ -103,6 +103,41 @@ def test_a_checkpoint_from_2_ranks_resumes_on_1_and_on_4(tmp_path, tiny_case):
         assert all(np.allclose(other[k], tensors[0][k], rtol=1e-4, atol=1e-6) for k in tensors[0])
 
 
+def test_zero1_follows_the_single_process_curve_and_its_checkpoint_resumes_anywhere(tmp_path, tiny_case, monkeypatch):
+    """ZeRO-1 on 2 ranks (each keeps half of AdamW's moments, with clipping and instability checks
+    on): the single-process curve; its checkpoint holds the whole moments, so 1 rank (unsharded)
+    and 4 ranks (sharded 4 ways) continue the same curve."""
+    path = tiny_case(data={"batch_size": 4}, train={"steps": 16, "log_every": 1}, checkpoint={"every": 8},
+                     eval={"every": 0}, optimizer={"grad_clip": 0.5}, dist={"zero1": True})
+    train(load_case(path), tmp_path / "one")
+    want = _curve(tmp_path / "one")
+
+    def stop_at_8(rec):
+        if rec["kind"] == "train" and rec["step"] == 8:
+            (tmp_path / "two" / STOP_FILE).write_text("")
+
+    from koifish_core.dist.zero1 import Zero1AdamW
+
+    sharded_updates = []
+    update = Zero1AdamW.update
+    monkeypatch.setattr(Zero1AdamW, "update", lambda self, *a, **k: (sharded_updates.append(self.m.size),
+                                                                     update(self, *a, **k)))
+    _train_ranks(path, tmp_path / "two", 2, on_log=stop_at_8)
+    n = CPUEngine(load_case(path).case).model.params.size
+    assert len(sharded_updates) == 2 * 8 and set(sharded_updates) == {-(-n // 2)}  # each rank: half the moments
+    from koifish_core.train import checkpoint
+
+    _, optim, _ = checkpoint.load(checkpoint.latest(tmp_path / "two"))
+    assert optim["m"].shape == optim["v"].shape == (n,) and int(optim["step"][0]) == 8  # whole, not a shard
+    shutil.copytree(tmp_path / "two", tmp_path / "two_then_four")
+    train(load_case(path), tmp_path / "two", resume=True)
+    _train_ranks(path, tmp_path / "two_then_four", 4, resume=True)
+    for run in ("two", "two_then_four"):
+        got = _curve(tmp_path / run)
+        assert sorted(got) == list(range(1, 17))
+        assert np.allclose([got[s] for s in want], list(want.values()), rtol=1e-5, atol=1e-6), run
+
+
 def test_only_rank_0_writes(tmp_path, tiny_case):
     path = tiny_case(data={"batch_size": 4}, train={"steps": 4})
     seen = {}

@@ -151,9 +151,6 @@ def load_case(path: str | Path | None = None) -> LoadedCase:
     if case.model.remat and case.train.device == "cpu":
         warnings.append(f"model.remat {case.model.remat}: the CPU engine keeps all activations; "
                         "rematerialisation is done by the CUDA engine (--device cuda)")
-    if case.dist.zero1 and case.train.device == "cpu":
-        warnings.append("dist.zero1: the CPU engine keeps AdamW's moments whole on every rank; "
-                        "ZeRO-1 is done by the CUDA engine (--device cuda)")
     if path is not None and "name" not in raw:
         case.name = source_path.stem
     return LoadedCase(case=case, source=source, format=fmt, warnings=warnings)

@@ -4,8 +4,8 @@ Each rank keeps m and v only for its shard of the flat parameters (1/N of the op
 A step: reduce-scatter the gradients (each rank gets the mean of its shard), the global norm
 from the shards' sums of squares, clip, AdamW on the shard, all-gather the parameters. The result
 equals the unsharded all-reduce + AdamW step; checkpoints gather the moments so they do not
-depend on N. The CPU path runs it with any Collective; the GPU engine would use the same plan
-with NCCLCollective on CuPy arrays.
+depend on N. The CPU engine runs it with any Collective; the CUDA engine follows the same plan
+on its own buffers with NCCL (core/engine/cuda_gpt2.py).
 """
 
 from __future__ import annotations
