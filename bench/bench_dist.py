@@ -22,56 +22,27 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import commit, gpu_name, write_json  # noqa: E402
-from bench_train import SIZES  # noqa: E402
+from bench_train import run_koifish  # noqa: E402
 
 DEFAULT_BATCH = {"124M": 16, "355M": 8, "774M": 8, "1558M": 4}
 
 
 def rank_main(args) -> None:
-    import numpy as np
-
-    import koifish_cuda.compat  # noqa: F401
-    from koifish_core.config.load import build_case
     from koifish_core.dist.launch_env import from_environ
 
     env = from_environ()
-    L, H, C = SIZES[args.size]
-    B, T = args.batch, args.seq
-    case = build_case({"model": {"n_layer": L, "n_head": H, "n_embd": C, "n_ctx": T, "remat": args.remat},
-                       "data": {"batch_size": B, "seq_len": T}, "train": {"device": "cuda"},
-                       "dist": {"zero1": args.mode == "zero1", "overlap": args.mode == "overlap"}}, "bench")
-    rdv = None
-    collective = None
+    rdv = collective = None
     if env.world_size > 1:
         from koifish_core.dist.setup import join
 
         ctx, rdv = join(env, "cuda")
         collective = ctx.collective
-    import cupy as cp
-
-    from koifish_core.engine.cuda_gpt2 import CUDAEngine
-
-    t0 = time.perf_counter()
-    eng = CUDAEngine(case)
-    eng.attach_collective(collective, case.dist)
-    rng = np.random.default_rng(1 + env.rank)  # each rank its own rows
-    batch = lambda: (rng.integers(0, 50257, (B, T)), rng.integers(0, 50257, (B, T)))  # noqa: E731
-    eng.train_step([batch()], 1e-4)
-    first = time.perf_counter() - t0
-    for _ in range(args.warmup):
-        eng.train_step([batch()], 1e-4)
-    cp.cuda.Device().synchronize()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        r = eng.train_step([batch()], 1e-4)
-    cp.cuda.Device().synchronize()
-    dt = time.perf_counter() - t0
-    free, total = cp.cuda.runtime.memGetInfo()
+    res = run_koifish(args.size, args.batch, args.seq, args.steps, args.warmup, args.remat,
+                      dist={"zero1": args.mode == "zero1", "overlap": args.mode == "overlap"},
+                      collective=collective, rank=env.rank)
     if env.rank == 0:
-        print("RESULT " + json.dumps({
-            "tokens_per_s": env.world_size * args.steps * B * T / dt, "step_ms": 1000 * dt / args.steps,
-            "first_step_s": first, "loss": r.loss, "n_params": eng.n_params,
-            "pool_bytes": cp.get_default_memory_pool().total_bytes(), "device_used_bytes": total - free}), flush=True)
+        res["tokens_per_s"] *= env.world_size  # every rank ran as many tokens
+        print("RESULT " + json.dumps(res), flush=True)
     if rdv is not None:
         rdv.close()
 

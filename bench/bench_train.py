@@ -29,7 +29,9 @@ def flops_per_token(L, C, T, n_params):
     return 6 * n_params + 12 * L * T * C
 
 
-def run_koifish(size, B, T, steps, warmup, remat=0):
+def run_koifish(size, B, T, steps, warmup, remat=0, dist=None, collective=None, rank=0):
+    """koifish's CUDA engine on random tokens: tokens/s of this process, first-step latency, memory.
+    dist/collective: a data-parallel rank's case block and collective (bench_dist.py)."""
     import numpy as np
 
     import koifish_cuda.compat  # noqa: F401
@@ -40,10 +42,12 @@ def run_koifish(size, B, T, steps, warmup, remat=0):
 
     L, H, C = SIZES[size]
     case = build_case({"model": {"n_layer": L, "n_head": H, "n_embd": C, "n_ctx": T, "remat": remat},
-                       "data": {"batch_size": B, "seq_len": T}, "train": {"device": "cuda"}}, "bench")
+                       "data": {"batch_size": B, "seq_len": T}, "train": {"device": "cuda"},
+                       "dist": dist or {}}, "bench")
     t0 = time.perf_counter()
     eng = CUDAEngine(case)
-    rng = np.random.default_rng(0)
+    eng.attach_collective(collective, case.dist)
+    rng = np.random.default_rng(rank)  # each rank its own rows
     batch = lambda: (rng.integers(0, 50257, (B, T)), rng.integers(0, 50257, (B, T)))  # noqa: E731
     eng.train_step([batch()], 1e-4)
     first = time.perf_counter() - t0
@@ -53,9 +57,12 @@ def run_koifish(size, B, T, steps, warmup, remat=0):
     t0 = time.perf_counter()
     for _ in range(steps):
         r = eng.train_step([batch()], 1e-4)
+    cp.cuda.Device().synchronize()
     dt = time.perf_counter() - t0
-    return {"tokens_per_s": steps * B * T / dt, "first_step_s": first, "loss": r.loss,
-            "peak_vram_bytes": cp.get_default_memory_pool().total_bytes(), "n_params": eng.n_params}
+    free, total = cp.cuda.runtime.memGetInfo()
+    return {"tokens_per_s": steps * B * T / dt, "step_ms": 1000 * dt / steps, "first_step_s": first, "loss": r.loss,
+            "peak_vram_bytes": cp.get_default_memory_pool().total_bytes(), "device_used_bytes": total - free,
+            "n_params": eng.n_params}
 
 
 def run_torch(size, B, T, steps, warmup):

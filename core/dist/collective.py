@@ -248,12 +248,15 @@ class NCCLCollective:
     def _mean_op(self) -> int:
         return self._avg if self._avg is not None else self.nccl.NCCL_SUM
 
+    def _through_gpu(self, array: np.ndarray, op) -> None:
+        """op on a GPU copy of host values (the trainer's stop flag), copied back in place."""
+        on_gpu = self.cp.asarray(array)
+        op(on_gpu)
+        array[...] = on_gpu.get(stream=self.stream or self.comm_stream)
+
     def all_reduce_mean(self, array) -> None:
-        if isinstance(array, np.ndarray):  # host values (the trainer's stop flag): through the GPU and back
-            on_gpu = self.cp.asarray(array)
-            self.all_reduce_mean(on_gpu)
-            array[...] = on_gpu.get(stream=self.stream or self.comm_stream)
-            return
+        if isinstance(array, np.ndarray):
+            return self._through_gpu(array, self.all_reduce_mean)
         ptr, dt = array.data.ptr, self._dtype(array)
         self._run(lambda s: self.comm.allReduce(ptr, ptr, array.size, dt, self._mean_op(), s), array)
 
@@ -268,10 +271,7 @@ class NCCLCollective:
 
     def broadcast(self, array, root: int = 0) -> None:
         if isinstance(array, np.ndarray):
-            on_gpu = self.cp.asarray(array)
-            self.broadcast(on_gpu, root)
-            array[...] = on_gpu.get(stream=self.stream or self.comm_stream)
-            return
+            return self._through_gpu(array, lambda a: self.broadcast(a, root))
         ptr, dt = array.data.ptr, self._dtype(array)
         self._run(lambda s: self.comm.broadcast(ptr, ptr, array.size, dt, root, s))
 

@@ -139,6 +139,12 @@ def from_environ(env=None) -> DistEnv:
     return DistEnv(rank, world, local, addr or "127.0.0.1", port, launcher)
 
 
+def visible_gpus(env=None) -> list[str]:
+    """The GPUs CUDA_VISIBLE_DEVICES lists (empty: not set, every GPU is visible)."""
+    env = os.environ if env is None else env
+    return [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+
+
 def nccl_safe_environment() -> None:
     """NVLink multicast (NVLS) stays off in every koifish process: on the shared hosts koifish
     runs on, a program that uses it can take the GPUs out of service. Forced, not defaulted: a

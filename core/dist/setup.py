@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from koifish_core.dist.collective import NCCLCollective, TCPCollective
-from koifish_core.dist.launch_env import DistEnv, nccl_safe_environment
+from koifish_core.dist.launch_env import DistEnv, nccl_safe_environment, visible_gpus
 from koifish_core.dist.rendezvous import Rendezvous
 from koifish_core.errors import KoifishError
 
@@ -14,7 +14,7 @@ def pin_gpu(local_rank: int) -> None:
     """Make this rank's GPU the only one it sees, before CUDA starts: CuPy and Numba then both
     use device 0, and two ranks never share a GPU (NCCL refuses that). koifish --gpus already
     sets CUDA_VISIBLE_DEVICES per rank; torchrun, srun and mpirun usually show every GPU."""
-    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    visible = visible_gpus()
     if len(visible) == 1:
         return  # the launcher (or koifish --gpus) already chose
     if visible and local_rank >= len(visible):

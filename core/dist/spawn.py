@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from koifish_core.dist.launch_env import nccl_safe_environment
+from koifish_core.dist.launch_env import nccl_safe_environment, visible_gpus
 
 GRACE_S = 30.0  # how long ranks get to stop after SIGTERM before they are killed
 
@@ -32,7 +32,7 @@ def rank_environment(rank: int, world_size: int, port: int, base=None) -> dict[s
     env = dict(os.environ if base is None else base)
     env.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NCCL_NVLS_ENABLE="0")
-    visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    visible = visible_gpus(env)
     if not visible or rank < len(visible):  # one GPU per rank, chosen before CUDA starts (CPU runs ignore it)
         env["CUDA_VISIBLE_DEVICES"] = visible[rank] if visible else str(rank)
     return env

@@ -22,12 +22,20 @@ class StepResult:
 
 class Engine(Protocol):
     n_params: int
+    shards_optimizer: bool
+    """True when optimizer state is split over data-parallel ranks (ZeRO-1): every rank must then
+    call optim_tensors(), which gathers it."""
+
+    def attach_collective(self, collective, dist_cfg) -> None:
+        """Join a data-parallel job (dist_cfg: the case's `dist` block), before the first step and
+        before a checkpoint is loaded."""
 
     def train_step(self, batches: list[tuple[np.ndarray, np.ndarray]], lr: float, gate=None,
                    poison_grads: bool = False) -> StepResult:
         """Forward and backward over the micro-batches, gradient mean, clipping, one AdamW update.
-        gate(loss, grad_norm) -> bool is asked before the update (False: no update); poison_grads
-        makes the gradient non-finite (fault injection)."""
+        gate(loss, grad_norm, signals) -> bool is asked before the update is kept (False: no update;
+        signals: update_ratio per tensor group, max_logit, tensor); poison_grads makes the gradient
+        non-finite (fault injection)."""
 
     def poison_params(self) -> None:
         """Fault injection: one weight becomes infinite."""

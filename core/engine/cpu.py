@@ -6,7 +6,7 @@ import numpy as np
 
 from koifish_cuda.adamw import adamw_update_ref, global_norm_ref
 from koifish_core.engine.base import StepResult
-from koifish_core.models.gpt2 import GPT2, GPT2Config
+from koifish_core.models.gpt2 import GPT2, GPT2Config, _views
 from koifish_core.train.checkpoint import copy_into
 from koifish_core.train.instability import largest_tensor, update_ratios
 
@@ -65,21 +65,26 @@ class CPUEngine:
         if gate is not None:
             # The update is made, measured, and undone if the gate refuses it: the update ratio is a
             # property of the update itself. Three copies of the parameters are cheap next to a step.
-            blame = largest_tensor({k: float(np.dot(g.ravel(), g.ravel())) for k, g in model.grad_views().items()})
             saved = (model.params.copy(), self.m.copy(), self.v.copy(), self.adam_step)
         if opt.grad_clip and norm > opt.grad_clip:
             model.grads *= np.float32(opt.grad_clip / (norm + 1e-6))
         self.adam_step += 1
         adamw_update_ref(model.params, model.grads, self.m, self.v, self.decay_mask, self.adam_step, lr,
                          opt.beta1, opt.beta2, opt.eps, opt.weight_decay)
-        if gate is not None:
-            views = model.param_views()
-            before = _views_like(saved[0], views)
-            ratios = update_ratios(before, {k: views[k] - before[k] for k in before})
-            if not gate(loss, norm, {"update_ratio": ratios, "max_logit": max_logit, "tensor": blame}):
-                model.params[...], self.m[...], self.v[...], self.adam_step = saved
-                return StepResult(loss, norm, applied=False)
+        if gate is not None and not self._kept(gate, saved[0], loss, norm, max_logit):
+            model.params[...], self.m[...], self.v[...], self.adam_step = saved
+            return StepResult(loss, norm, applied=False)
         return StepResult(loss, norm)
+
+    def _kept(self, gate, before_flat, loss: float, norm: float, max_logit: float) -> bool:
+        """The gate's verdict on the update just made (before_flat: the weights before it)."""
+        model = self.model
+        views = model.param_views()
+        before = _views(before_flat, {k: v.shape for k, v in views.items()})
+        ratios = update_ratios(before, {k: views[k] - before[k] for k in before})
+        # The tensor to blame for a gradient spike (with ZeRO-1: this rank's own gradient; only rank 0 logs).
+        blame = largest_tensor({k: float(np.dot(g.ravel(), g.ravel())) for k, g in model.grad_views().items()})
+        return gate(loss, norm, {"update_ratio": ratios, "max_logit": max_logit, "tensor": blame})
 
     def _zero1_step(self, loss: float, max_logit: float, lr: float, gate) -> StepResult:
         """ZeRO-1: reduce-scatter the gradient, AdamW on this rank's shard, all-gather the
@@ -91,16 +96,10 @@ class CPUEngine:
         saved = (model.params.copy(), z.m.copy(), z.v.copy(), z.step_count) if gate is not None else None
         z.update(model.params, shard, norm, lr, opt.beta1, opt.beta2, opt.eps, opt.weight_decay, opt.grad_clip)
         self.adam_step = z.step_count
-        if gate is not None:
-            views = model.param_views()
-            before = _views_like(saved[0], views)
-            ratios = update_ratios(before, {k: views[k] - before[k] for k in before})
-            # The tensor to blame for a gradient spike, from this rank's own gradient (only rank 0 logs).
-            blame = largest_tensor({k: float(np.dot(g.ravel(), g.ravel())) for k, g in model.grad_views().items()})
-            if not gate(loss, norm, {"update_ratio": ratios, "max_logit": max_logit, "tensor": blame}):
-                model.params[...], z.m[...], z.v[...], z.step_count = saved
-                self.adam_step = z.step_count
-                return StepResult(loss, norm, applied=False)
+        if gate is not None and not self._kept(gate, saved[0], loss, norm, max_logit):
+            model.params[...], z.m[...], z.v[...], z.step_count = saved
+            self.adam_step = z.step_count
+            return StepResult(loss, norm, applied=False)
         return StepResult(loss, norm)
 
     def poison_params(self) -> None:
@@ -136,12 +135,3 @@ class CPUEngine:
             copy_into({"m": self.m, "v": self.v}, {k: optim[k] for k in ("m", "v") if k in optim}, where)
             self.adam_step = int(optim["step"][0])
 
-
-def _views_like(flat: np.ndarray, views: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Views into a copy of the flat parameter array, named and shaped as the model's (which lie
-    back to back in the same order)."""
-    out, offset = {}, 0
-    for name, v in views.items():
-        out[name] = flat[offset:offset + v.size].reshape(v.shape)
-        offset += v.size
-    return out

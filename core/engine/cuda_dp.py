@@ -64,7 +64,6 @@ class ZeroShards:
     def __init__(self, n: int, collective):
         self.plan = ShardPlan(n, collective.world_size)
         self.lo, self.hi = self.plan.bounds(collective.rank)
-        self.collective = collective
 
 
 def host_spans(host_model):

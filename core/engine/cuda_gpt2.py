@@ -419,10 +419,8 @@ class CUDAEngine:
                 n = self.n_flat
                 flat = {"m": np.empty(n, np.float32), "v": np.empty(n, np.float32)}
                 copy_into(flat, {k: optim[k] for k in ("m", "v") if k in optim}, where)
-                lo, hi = (0, n) if self.zero is None else (self.zero.lo, self.zero.hi)
-                for key in ("m", "v"):  # ZeRO-1: this rank's slice (zero past the end: padding)
-                    part = np.zeros(hi - lo, np.float32)
-                    part[:max(min(hi, n) - lo, 0)] = flat[key][lo:min(hi, n)]
+                for key in ("m", "v"):  # ZeRO-1: this rank's slice of the padded array
+                    part = flat[key] if self.zero is None else self.zero.plan.pad(flat[key])[self.zero.lo:self.zero.hi]
                     getattr(self, key).set(part, stream=self.stream)
                 self.adam_step = int(optim["step"][0])
         self.stream.synchronize()

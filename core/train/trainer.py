@@ -167,10 +167,7 @@ def train(loaded: LoadedCase, run_dir: str | Path, steps: int | None = None, dev
         rank_case = copy.deepcopy(case)
         rank_case.data.batch_size //= world
         engine = make_engine(rank_case, device)
-        if hasattr(engine, "attach_collective"):
-            engine.attach_collective(dist.collective, case.dist)
-        else:
-            engine.collective = dist.collective
+        engine.attach_collective(dist.collective, case.dist)
     else:
         engine = make_engine(case, device)
     from koifish_core.train.run_hooks import RunHooks
@@ -217,7 +214,7 @@ def train(loaded: LoadedCase, run_dir: str | Path, steps: int | None = None, dev
 
     def save(step):
         # A sharded optimizer (ZeRO-1) gathers its state from every rank; only rank 0 writes.
-        optim = engine.optim_tensors() if getattr(engine, "shards_optimizer", False) else None
+        optim = engine.optim_tensors() if engine.shards_optimizer else None
         if not main:
             return
         state = {"loader": train_loader.state(), "rng": rng.bit_generator.state, "tokens": tokens_seen,
