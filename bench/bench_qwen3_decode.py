@@ -1,17 +1,18 @@
 """Qwen3 decode and prefill on the GPU engine, random weights with Qwen3-32B's exact shapes.
 
-    python bench/bench_qwen3_decode.py --out bench/results/qwen3_decode.json [--layers 64] [--bits 4]
+    python bench/bench_qwen3_decode.py --out bench/results/qwen3_decode.json [--layers 64] [--bits 4] [--kv-bits 8]
 
 Weights are made on the GPU (koifish_core.infer.qwen3_gpu.Qwen3GPU.random): every linear layer,
 the embedding and the head at `bits` (group 128). Measures, in one run:
     copy bandwidth   a 1 GiB device-to-device copy (read + write bytes / time)
-    prefill          tokens/s of a --prompt token prompt (dequantize + cuBLAS TF32, eager launches)
+    prefill          tokens/s of a --prompt token prompt (bf16 GEMMs through cuBLAS GemmEx, eager launches)
     decode           tokens/s at batch 1 (one CUDA-graph replay + a 4-byte read per token), at the
                      context after the prompt and at each --contexts length (the cache is filled
                      to that length without computing it: the attention reads the same bytes)
     roofline         bytes one token reads (weights + the KV cache at that length) / copy bandwidth
     memory           peak device memory in use (cudaMemGetInfo, sampled after each phase) and the
-                     CuPy pool (weights, cache, buffers)
+                     CuPy pool (weights, cache, buffers); --kv-bits 8 keeps the KV cache as int8 codes
+                     and a float32 scale per head vector (about half the bytes of float16)
     reference        with --torch-prefill: transformers' Qwen3ForCausalLM (bf16, SDPA, random
                      weights, same shapes) prefilling a prompt of the same length, in a subprocess
                      run first (torch is a benchmark reference only, never a koifish dependency)
@@ -74,13 +75,14 @@ def main():
     import cupy as cp
 
     from bench.bench_common import copy_bandwidth
-    from koifish_core.infer.qwen3_gpu import Qwen3GPU
+    from koifish_core.infer.qwen3_gpu import Qwen3GPU, kv_cache_dtype
     from koifish_core.infer.sampling import SamplingParams
     from koifish_core.models.qwen3 import Qwen3Config
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=64)
     ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--kv-bits", type=int, default=16, choices=(16, 8), help="KV cache: float16, or int8 + scales")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed at each context")
     ap.add_argument("--contexts", default="8192", help="extra decode context lengths, comma separated ('' for none)")
@@ -108,7 +110,7 @@ def main():
 
     cfg = Qwen3Config(n_layer=args.layers)  # the defaults are Qwen3-32B's shapes
     t0 = time.perf_counter()
-    eng = Qwen3GPU.random(cfg, bits=args.bits, group_size=128, seed=0)
+    eng = Qwen3GPU.random(cfg, bits=args.bits, group_size=128, seed=0, cache_dtype=kv_cache_dtype(args.kv_bits))
     eng.sync()
     load_s = time.perf_counter() - t0
     max_len = max([args.prompt + 2 * args.steps + 16] + [c + args.steps + 1 for c in contexts])
@@ -128,7 +130,8 @@ def main():
     prefill_s = time.perf_counter() - t0
     sample_mem()
 
-    kv_per_pos = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * np.dtype(eng.cache_dtype).itemsize
+    scale_bytes = 4 if eng.kv_scales is not None else 0  # int8: a float32 scale per head vector
+    kv_per_pos = 2 * cfg.n_layer * cfg.n_kv_head * (cfg.head_dim * np.dtype(eng.cache_dtype).itemsize + scale_bytes)
     weights_read = eng.decode_bytes_per_token()
     rows = []
 
@@ -160,6 +163,7 @@ def main():
            "prefill_tokens": args.prompt, "prefill_s": prefill_s, "prefill_tokens_per_s": args.prompt / prefill_s,
            "decode": rows, "peak_device_GB": peak[0] / 1e9, "pool_GB": pool / 1e9,
            "device_total_GB": total / 1e9, "kv_cache_dtype": np.dtype(eng.cache_dtype).name,
+           "kv_bits": args.kv_bits, "kv_cache_GB": kv_per_pos * max_len / 1e9,
            "torch_prefill": reference}
     if reference and "prefill_tokens_per_s" in reference:
         res["prefill_vs_torch"] = res["prefill_tokens_per_s"] / reference["prefill_tokens_per_s"]
@@ -175,7 +179,7 @@ def main():
         print(f"{'transformers prefill':<22}{reference['prefill_tokens_per_s']:>10.0f}{'':>30}"
               f"  koifish = {res['prefill_vs_torch']:.0%} of it")
     print(f"peak device memory {res['peak_device_GB']:.2f} GB (CuPy pool {res['pool_GB']:.2f} GB; "
-          f"KV cache {kv_per_pos * max_len / 1e9:.2f} GB for {max_len} positions)")
+          f"KV cache {kv_per_pos * max_len / 1e9:.2f} GB {res['kv_cache_dtype']} for {max_len} positions)")
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
 

@@ -3,6 +3,10 @@
 q (R, nh*hd) float32, row r = b * T + t: token t of sequence b at position pos[0] + t, which sees
 keys 0..pos[0]+t of k_cache[b], v_cache[b] (B, nkv, max_len, hd; float16 or float32). Decode is
 T = 1 (batch 1..8); prefill runs the same kernels with T query rows per sequence.
+An int8 cache (koifish_cuda.rope: codes and one float32 scale per head vector, k_scale and v_scale
+(B, nkv, max_len)) is read by a variant compiled apart: the tile's codes load as they are (exact in
+float32) and its 2 x TILE scales beside them; a key's scale multiplies its score once, a value's
+scale its softmax weight once (into a second weight buffer: the row sums take the bare weights).
 
 Kernel 1: one block per (row, kv head, split). The row's visible keys are cut into `splits`
 equal chunks (sized at run time from pos, so a captured graph replays at any length); the block
@@ -13,7 +17,7 @@ used), a warp scores one query head against the tile's keys (a key per lane), th
 maxima and sums are updated, and each thread accumulates one output dimension of its query
 heads. It writes its partial max, sum and unnormalized output. Kernel 2 merges the splits
 (their weights in shared memory, the partial outputs read four at a time).
-Shapes are compile-time constants of the split kernel (one compiled per head_dim, n_rep).
+Shapes are compile-time constants of the split kernel (one compiled per head_dim, n_rep, int8 or not).
 """
 
 from __future__ import annotations
@@ -52,6 +56,11 @@ def attention_ref(q, k, v, past: int, B: int, nh: int):
     return out.reshape(R, nh * hd)
 
 
+def dequantize_kv_ref(codes, scales):
+    """float64 vectors (..., hd) of an int8 cache: codes (..., hd) times their scales (...)."""
+    return np.asarray(codes, np.float64) * np.asarray(scales, np.float64)[..., None]
+
+
 @cuda.jit(device=True, inline=True)
 def _load(ks, vs, k_cache, v_cache, b, kvh, base, key, d, n, KP, HD):
     kv = float32(0.0)
@@ -64,18 +73,21 @@ def _load(ks, vs, k_cache, v_cache, b, kvh, base, key, d, n, KP, HD):
 
 
 @functools.lru_cache(maxsize=None)
-def _split_kernel(HD: int, NREP: int):
+def _split_kernel(HD: int, NREP: int, QUANT: bool = False):
     """The split kernel for head_dim HD and NREP query heads per kv head (compile-time constants:
-    shared sizes, and loops the compiler unrolls: a tile's loads are all in flight at once)."""
+    shared sizes, and loops the compiler unrolls: a tile's loads are all in flight at once).
+    QUANT: an int8 cache, its scales in the `scales` argument (k_scale, v_scale); else scales is ()
+    (no kernel parameter) and the `if QUANT` blocks are pruned before typing: the float kernels as before."""
     KP = HD + 1  # padded K rows: the threads of a warp score different keys without bank conflicts
     KBUF, VBUF, QB, SB = TILE * KP, TILE * HD, NREP * HD, NREP * TILE
     KROWS = TILE // (THREADS // HD)  # tile rows a thread loads (column d_own of rows k_own, k_own + HSTEP, ...)
     PAIRS = -(-SB // THREADS)
     HSTEP = THREADS // HD  # query heads a pass of the threads accumulates (HD divides THREADS)
     NACC = -(-NREP // HSTEP)
+    SCB = TILE if QUANT else 1
 
     @cuda.jit
-    def kernel(part_o, part_m, part_l, q, k_cache, v_cache, pos, T, scale):
+    def kernel(part_o, part_m, part_l, q, k_cache, v_cache, scales, pos, T, scale):
         rk = cuda.blockIdx.x
         split = cuda.blockIdx.y
         S = cuda.gridDim.y
@@ -93,6 +105,12 @@ def _split_kernel(HD: int, NREP: int):
         ks = cuda.shared.array(KBUF, float32)
         vs = cuda.shared.array(VBUF, float32)
         sc = cuda.shared.array(SB, float32)
+        if QUANT:
+            ksc = cuda.shared.array(SCB, float32)  # the tile's key scales
+            vsc = cuda.shared.array(SCB, float32)  # and value scales
+            sw = cuda.shared.array(SB, float32)  # softmax weights times the value scales
+        else:
+            sw = sc
         mrow = cuda.shared.array(NREP, float32)
         lrow = cuda.shared.array(NREP, float32)
         alpha = cuda.shared.array(NREP, float32)
@@ -115,6 +133,11 @@ def _split_kernel(HD: int, NREP: int):
                 _load(ks, vs, k_cache, v_cache, b, kvh, base, k_own + (u + 1) * HSTEP, d_own, n, KP, HD)
                 _load(ks, vs, k_cache, v_cache, b, kvh, base, k_own + (u + 2) * HSTEP, d_own, n, KP, HD)
                 _load(ks, vs, k_cache, v_cache, b, kvh, base, k_own + (u + 3) * HSTEP, d_own, n, KP, HD)
+            if QUANT:
+                if tid < TILE:
+                    ksc[tid] = scales[0][b, kvh, base + tid] if tid < n else float32(0.0)
+                elif tid < 2 * TILE:
+                    vsc[tid - TILE] = scales[1][b, kvh, base + tid - TILE] if tid - TILE < n else float32(0.0)
             cuda.syncthreads()
             for u in range(PAIRS):  # scores: a warp takes one query head against the tile's keys
                 p = u * THREADS + tid
@@ -127,6 +150,8 @@ def _split_kernel(HD: int, NREP: int):
                         for d in range(HD):
                             a += qs[j * HD + d] * ks[key * KP + d]
                         sv = a
+                        if QUANT:
+                            sv = a * ksc[key]
                     sc[p] = sv
             cuda.syncthreads()
             if tid < NREP:  # online softmax: the running max of each query head
@@ -140,7 +165,10 @@ def _split_kernel(HD: int, NREP: int):
             for u in range(PAIRS):
                 p = u * THREADS + tid
                 if p < SB:
-                    sc[p] = math.exp(sc[p] - mrow[p // TILE]) if p % TILE < n else float32(0.0)
+                    e = math.exp(sc[p] - mrow[p // TILE]) if p % TILE < n else float32(0.0)
+                    sc[p] = e
+                    if QUANT:
+                        sw[p] = e * vsc[p % TILE]
             cuda.syncthreads()
             if tid < NREP:
                 sm = float32(0.0)
@@ -152,7 +180,7 @@ def _split_kernel(HD: int, NREP: int):
                 if j < NREP:
                     a = acc[i] * alpha[j]
                     for key in range(TILE):
-                        a += sc[j * TILE + key] * vs[key * HD + d_own]
+                        a += sw[j * TILE + key] * vs[key * HD + d_own]
                     acc[i] = a
         for i in range(NACC):
             j = j_own + i * HSTEP
@@ -209,9 +237,10 @@ def attention_scratch(xp, rows: int, nh: int, hd: int, splits: int):
             xp.zeros((rows, nh, splits), xp.float32))
 
 
-def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0):
+def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k_scale=None, v_scale=None):
     """out (R, nh*hd) = softmax(q k^T / sqrt(hd)) v over each row's visible keys; scratch from attention_scratch
-    (its split count is the number of splits used, its row count at least R)."""
+    (its split count is the number of splits used, its row count at least R). An int8 cache takes its
+    scales (B, nkv, max_len) float32 in k_scale, v_scale."""
     part_o, part_m, part_l = scratch
     R = q.shape[0]
     nh, splits = part_m.shape[1], part_m.shape[2]
@@ -219,7 +248,11 @@ def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0):
     check_shapes(nh, nkv, hd)
     if splits > THREADS:
         raise ValueError(f"attention: at most {THREADS} key splits, got {splits}")
+    quant = k_cache.dtype == np.int8
+    if quant and (k_scale is None or v_scale is None):
+        raise ValueError("attention: an int8 KV cache needs its k_scale and v_scale arrays")
     po, pm, pl = part_o[:R], part_m[:R], part_l[:R]
-    _split_kernel(hd, nh // nkv)[(R * nkv, splits), THREADS, stream](po, pm, pl, q, k_cache, v_cache, pos, T,
-                                                                    np.float32(1.0 / math.sqrt(hd)))
+    scales = (k_scale, v_scale) if quant else ()  # () adds no kernel parameter
+    _split_kernel(hd, nh // nkv, quant)[(R * nkv, splits), THREADS, stream](po, pm, pl, q, k_cache, v_cache, scales,
+                                                                           pos, T, np.float32(1.0 / math.sqrt(hd)))
     attention_merge_kernel[R * nh, THREADS, stream](out, po, pm, pl)

@@ -14,3 +14,36 @@ def apply() -> None:
 
 
 apply()
+
+
+def stride_blocks(n: int, cap: int = 4096) -> int:
+    """Blocks along a grid-stride axis of n items: up to cap on a GPU; one under Numba's simulator,
+    where each GPU thread is a Python thread and a turn of the stride loop is far cheaper."""
+    from numba import config
+
+    return 1 if config.ENABLE_CUDASIM else max(1, min(n, cap))
+
+
+_VIEWS: dict = {}
+_VIEWS_MAX = 8192
+
+
+def nb(a):
+    """A Numba device array over the memory of CuPy array a (anything else is returned as it is),
+    cached by pointer and geometry. Numba launches take their own arrays about three times faster
+    than CuPy ones (measured on the H200 host: 35 vs 94 us for a two-array launch), and the eager
+    prefill is bound by launches. The views do not own the memory: a cached one is only ever used
+    for an array the caller holds, at that address, with that shape."""
+    data = getattr(a, "data", None)
+    ptr = getattr(data, "ptr", None)
+    if ptr is None:
+        return a
+    key = (ptr, a.shape, a.strides, a.dtype.char)
+    view = _VIEWS.get(key)
+    if view is None:
+        from numba import cuda
+
+        if len(_VIEWS) >= _VIEWS_MAX:
+            _VIEWS.clear()
+        view = _VIEWS[key] = cuda.from_cuda_array_interface(a.__cuda_array_interface__, owner=None, sync=False)
+    return view

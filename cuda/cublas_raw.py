@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import ctypes
 
+import numpy as np
+
 CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
 CUBLAS_TF32_TENSOR_OP_MATH = 3
+CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_FAST_TF32 = 68, 77
+CUBLAS_GEMM_DEFAULT = -1
+# cudaDataType of each array dtype the engines hand cuBLAS; bf16 travels as uint16 bits (koifish_cuda.bf16)
+CUDA_TYPES = {"float32": 0, "float16": 2, "uint16": 14}
 _SONAMES = ("libcublas.so.13", "libcublas.so.12", "libcublas.so.11", "libcublas.so")
 
 
@@ -24,6 +30,21 @@ def _load():
         except OSError:
             continue
     raise OSError(f"cannot find cuBLAS (tried {', '.join(_SONAMES)})")
+
+
+def check_types(a, b, out) -> None:
+    """The type combinations cuBLAS GemmEx takes with float32 compute: operands alike, the product in
+    their type or float32 (fp16 operands cannot give a bf16 product, nor the other way round)."""
+    if a.dtype != b.dtype or a.dtype.name not in CUDA_TYPES or out.dtype not in (a.dtype, np.float32):
+        raise TypeError(f"matmul: operands {a.dtype} and {b.dtype} into {out.dtype}: expected operands of one type "
+                        f"(float32, float16 or uint16 bf16) and the product in that type or float32")
+
+
+def _ld(x) -> int:
+    """Leading dimension (row stride in elements) of a row-major matrix view with unit column stride."""
+    if x.strides[-1] != x.itemsize:
+        raise ValueError(f"matmul: operand {x.shape} has column stride {x.strides[-1]} bytes, needs {x.itemsize}")
+    return max(x.strides[-2] // x.itemsize, x.shape[-1])
 
 
 def _check(status: int, what: str) -> None:
@@ -57,6 +78,44 @@ class Cublas:
                                   ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.POINTER(ctypes.c_float),
                                   ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_int]
 
+        self._gemm_ex = lib.cublasGemmEx
+        self._gemm_ex.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                  ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                  ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_float),
+                                  ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        self._batched_ex = lib.cublasGemmStridedBatchedEx
+        self._batched_ex.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                     ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                     ctypes.c_longlong, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_longlong,
+                                     ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                     ctypes.c_longlong, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        self.tf32 = tf32
+
+    def matmul(self, out, a, b, trans_b: bool = True, alpha: float = 1.0, beta: float = 0.0):
+        """out = alpha a @ op(b) + beta out, row-major, op(b) = b.T if trans_b. 2-D (M, K) @ (N, K).T, or
+        3-D with a leading batch axis (any batch strides, including views into a larger buffer). Each
+        matrix needs unit column stride; dtypes float32, float16 or uint16 (bf16 bits), a and b alike;
+        out float32 or the inputs' type; accumulation in float32 (TF32 for float32 inputs if enabled)."""
+        M, N = out.shape[-2:]
+        K = a.shape[-1]
+        check_types(a, b, out)
+        types = [CUDA_TYPES[x.dtype.name] for x in (a, b, out)]
+        compute = CUBLAS_COMPUTE_32F_FAST_TF32 if self.tf32 and a.dtype.name == "float32" else CUBLAS_COMPUTE_32F
+        ld = [_ld(x) for x in (b, a, out)]
+        al, be = ctypes.byref(ctypes.c_float(alpha)), ctypes.byref(ctypes.c_float(beta))
+        op_b = CUBLAS_OP_T if trans_b else CUBLAS_OP_N
+        # row-major out = a op(b)  <=>  column-major out^T = op(b)^T a^T
+        if out.ndim == 2:
+            _check(self._gemm_ex(self.handle, op_b, CUBLAS_OP_N, N, M, K, al, b.data.ptr, types[1], ld[0], a.data.ptr,
+                                 types[0], ld[1], be, out.data.ptr, types[2], ld[2], compute, CUBLAS_GEMM_DEFAULT),
+                   "gemmEx")
+            return out
+        st = [x.strides[0] // x.itemsize for x in (b, a, out)]
+        _check(self._batched_ex(self.handle, op_b, CUBLAS_OP_N, N, M, K, al, b.data.ptr, types[1], ld[0], st[0],
+                                a.data.ptr, types[0], ld[1], st[1], be, out.data.ptr, types[2], ld[2], st[2],
+                                out.shape[0], compute, CUBLAS_GEMM_DEFAULT), "gemmStridedBatchedEx")
+        return out
+
     def gemm(self, out, a, b, trans_a=False, trans_b=False, alpha=1.0, beta=0.0):
         """Row-major float32: out (M, N) = alpha op(a) op(b) + beta out."""
         M, N = out.shape
@@ -82,3 +141,24 @@ class Cublas:
         if self.handle:
             self.lib.cublasDestroy_v2(self.handle)
             self.handle = ctypes.c_void_p()
+
+
+class NumpyBlas:
+    """Cublas.matmul on NumPy arrays: the reference of its semantics, and the engines' GEMMs under
+    Numba's CUDA simulator. uint16 operands are bf16 bits; products accumulate in float64."""
+
+    @staticmethod
+    def matmul(out, a, b, trans_b: bool = True, alpha: float = 1.0, beta: float = 0.0):
+        from koifish_cuda.bf16 import from_bf16_ref, to_bf16_ref
+
+        check_types(a, b, out)
+
+        def value(x):
+            return from_bf16_ref(x).astype(np.float64) if x.dtype == np.uint16 else x.astype(np.float64)
+
+        bb = value(b)
+        prod = alpha * (value(a) @ (np.swapaxes(bb, -1, -2) if trans_b else bb))
+        if beta:
+            prod += beta * value(out)
+        out[...] = to_bf16_ref(prod) if out.dtype == np.uint16 else prod
+        return out

@@ -17,6 +17,8 @@ GPTQ's act-order checkpoints permute the groups, hence g_idx.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 SUPPORTED_BITS = (8, 4, 3)
@@ -81,6 +83,8 @@ def dequant_matmul_ref(x: np.ndarray, codes, scales, zeros, group_size: int, g_i
 # Groups are multiples of 32 codes, so a chunk sits in one group: one scale and zero per chunk.
 # Scales are float32 on the device (converted once at load; 1/32 of the 4-bit weight bytes).
 import koifish_cuda.compat  # noqa: E402,F401
+from koifish_cuda.compat import nb  # noqa: E402
+from koifish_cuda.bf16 import as_float as _as_float, f32_to_bf16  # noqa: E402
 from koifish_cuda.reduce import THREADS, block_sum, warp_sum  # noqa: E402
 from numba import cuda, float32  # noqa: E402
 
@@ -136,19 +140,7 @@ WARPS4 = 4  # warps per block; they split K between them
 BUF4 = 32 * WARPS4  # compile-time constants for the shared arrays
 RED4 = ROWS4 * WARPS4
 
-from numba import config, int32, uint32, uint64  # noqa: E402
-
-if config.ENABLE_CUDASIM:
-
-    def _as_float(i):
-        return np.uint32(int(i) & 0xFFFFFFFF).view(np.float32)
-
-else:
-    from numba.cuda import libdevice
-
-    @cuda.jit(device=True, inline=True)
-    def _as_float(i):
-        return libdevice.int_as_float(int32(i))
+from numba import int32, uint32, uint64  # noqa: E402
 
 
 @cuda.jit(device=True, inline=True)
@@ -215,21 +207,73 @@ def dequant_matvec4_kernel(out, x, q64, scales, zeros, group_size):
         out[0, n0 + t] = s
 
 
+@cuda.jit(device=True, inline=True)
+def _row(i, n0, split, n1):
+    """W's row for output row i: two runs of rows, n0.. for i < split and n1.. after (gate|up bands)."""
+    return n0 + i if i < split else n1 + i - split
+
+
 @cuda.jit(cache=True)
-def dequantize_kernel(out, words, scales, zeros, bits, group_size):
-    """out (N, K) float32 = dequant(W): the scratch matrix a prefill GEMM (cuBLAS) reads."""
-    N, K = out.shape
-    chunks = K // 32
+def dequantize_bf16_kernel(out2, words, scales, zeros, bits, group_size, n0, k0, split, n1):
+    """out2 (n, kc/2) uint32 = bf16 pairs of W's rows _row(i, ...) and columns k0:k0+kc, any bit width
+    (the 3-bit path): a thread owns two adjacent columns (one 4-byte store) and walks rows."""
+    n, half = out2.shape
     mask = (1 << bits) - 1
-    i = cuda.grid(1)
-    if i >= N * chunks:
+    c2 = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if c2 >= half:
         return
-    n, c = i // chunks, i % chunks
-    g = (c * 32) // group_size
-    s = scales[n, g]
-    z = float32(zeros[n, g])
-    for j in range(32):
-        out[n, c * 32 + j] = (float32(_code(words, n, c, j, bits, mask)) - z) * s
+    k = k0 + 2 * c2
+    chunk = k // 32
+    j = k % 32
+    g = k // group_size
+    for i in range(cuda.blockIdx.y, n, cuda.gridDim.y):
+        row = _row(i, n0, split, n1)
+        s = scales[row, g]
+        z = float32(zeros[row, g])
+        lo = f32_to_bf16((float32(_code(words, row, chunk, j, bits, mask)) - z) * s)
+        hi = f32_to_bf16((float32(_code(words, row, chunk, j + 1, bits, mask)) - z) * s)
+        out2[i, c2] = uint32(lo) | (uint32(hi) << uint32(16))
+
+
+DEQUANT_ROWS = 4  # rows a thread of the word kernel takes per turn (measured: 4 rows, <= 1024 row blocks)
+MAGIC = 0x4B000000  # the bits of 2^23: OR-ing a small integer c into them gives the float 2^23 + c exactly
+
+
+@functools.lru_cache(maxsize=None)
+def _dequantize_words_kernel(bits: int):
+    """For bits dividing 32 (8, 4): a thread owns one packed word of one row and writes its 32/bits
+    values as bf16 in 8-byte stores (the prefill's weight bands: this kernel runs at memory speed,
+    the per-column one above does not). Codes become floats without I2F: (2^23 + c) - (2^23 + z)
+    is c - z exactly, then one rounding by the scale, as the reference computes it."""
+    CPW = 32 // bits  # codes per word
+    ROWS = DEQUANT_ROWS
+    STORES = CPW // 4  # uint64 stores of four bf16 each
+    MASK = (1 << bits) - 1
+
+    @cuda.jit  # a closure over its constants: compiled once per process, not cached on disk
+    def kernel(out4, words, scales, zeros, group_size, n0, w0, split, n1):
+        n = out4.shape[0]
+        nw = out4.shape[1] // STORES
+        wi = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        if wi >= nw:
+            return
+        w = w0 + wi
+        g = (w * CPW) // group_size
+        for i0 in range(cuda.blockIdx.y * ROWS, n, cuda.gridDim.y * ROWS):
+            for i in range(i0, min(i0 + ROWS, n)):  # ROWS independent rows: their loads overlap
+                row = _row(i, n0, split, n1)
+                word = words[row, w]
+                s = scales[row, g]
+                zf = float32(8388608.0) + float32(zeros[row, g])
+                for o in range(STORES):
+                    acc = uint64(0)
+                    for u in range(4):
+                        c = (word >> uint32((o * 4 + u) * bits)) & uint32(MASK)
+                        v = (_as_float(uint32(MAGIC) | c) - zf) * s
+                        acc |= uint64(f32_to_bf16(v)) << uint64(16 * u)
+                    out4[i, wi * STORES + o] = acc
+
+    return kernel
 
 
 def _check(K: int, bits: int, group_size: int) -> None:
@@ -252,8 +296,23 @@ def dequant_matvec(out, x, words, scales, zeros, bits: int, group_size: int, str
     dequant_matvec_kernel[out.shape[1], THREADS, stream](out, x, words, scales, zeros, bits, group_size)
 
 
-def dequantize(out, words, scales, zeros, bits: int, group_size: int, stream=0):
-    N, K = out.shape
-    _check(K, bits, group_size)
-    total = N * (K // 32)
-    dequantize_kernel[(total + THREADS - 1) // THREADS, THREADS, stream](out, words, scales, zeros, bits, group_size)
+def dequantize_bf16(out, words, scales, zeros, bits: int, group_size: int, n0: int = 0, k0: int = 0, stream=0,
+                    then: tuple[int, int] | None = None):
+    """out (n, kc) uint16 (bf16 bits, C-contiguous) = W[n0:n0+n, k0:k0+kc]; k0 and kc multiples of 32.
+    then = (split, n1): out's rows from split on are W's rows n1, n1 + 1, ... instead (one launch for a
+    band of gate rows and the matching band of up rows)."""
+    n, kc = out.shape
+    _check(kc, bits, group_size)
+    if k0 % 32:
+        raise ValueError(f"dequantize_bf16: column offset {k0} is not a multiple of 32")
+    split, n1 = then if then is not None else (n, 0)
+    if bits == 3:
+        half = kc // 2
+        dequantize_bf16_kernel[((half + 127) // 128, koifish_cuda.compat.stride_blocks(n)), 128, stream](
+            nb(out.view(np.uint32)), nb(words), nb(scales), nb(zeros), bits, group_size, n0, k0, split, n1)
+        return
+    nw = kc * bits // 32
+    rows = koifish_cuda.compat.stride_blocks(-(-n // DEQUANT_ROWS), 1024)
+    _dequantize_words_kernel(bits)[((nw + 127) // 128, rows), 128, stream](nb(out.view(np.uint64)), nb(words), nb(scales),
+                                                                          nb(zeros), group_size, n0, k0 * bits // 32,
+                                                                          split, n1)

@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 import koifish_cuda.compat  # noqa: F401
+from koifish_cuda.compat import nb
 from koifish_cuda.reduce import THREADS, block_sum
 from numba import cuda, float32
 
@@ -46,4 +47,5 @@ def add_rmsnorm_kernel(out, x, delta, w, eps, add):
 def add_rmsnorm(out, x, delta, w, eps: float, stream=0):
     """out (R, C) = rmsnorm(x (+= delta)) * w; delta None normalizes x as it is."""
     add = delta is not None
-    add_rmsnorm_kernel[x.shape[0], THREADS, stream](out, x, delta if add else x, w, np.float32(eps), add)
+    add_rmsnorm_kernel[x.shape[0], THREADS, stream](nb(out), nb(x), nb(delta if add else x), nb(w),
+                                                       np.float32(eps), add)

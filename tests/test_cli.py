@@ -87,6 +87,13 @@ def test_bad_model_folders(tmp_path):
     assert_clean_error(koifish("generate", folder, "--prompt-ids", "1,2"), "unsupported model_type 'mamba'")
 
 
+def test_kv_bits_is_checked_before_loading(tmp_path):
+    assert_clean_error(koifish("generate", tmp_path, "--prompt-ids", "1,2", "--kv-bits", "4"),
+                       "--kv-bits: expected 16 or 8, got 4")
+    assert_clean_error(koifish("chat", "qwen3-nonexistent-9b", "--device", "cpu", "--kv-bits", "8"),
+                       "--kv-bits 8: the int8 KV cache is the GPU engine's")
+
+
 def test_train_eval_generate_plot_export(tmp_path, tiny_case):
     run = tmp_path / "run"
     res = koifish("train", tiny_case(), "--out", run)

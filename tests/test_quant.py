@@ -226,7 +226,7 @@ def test_perplexity_by_bits_on_a_qwen3_folder(tmp_path, tiny_data):
 @pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerformanceWarning")
 @pytest.mark.parametrize("bits", [8, 4, 3])
 def test_dequant_kernels_match_the_reference(bits):
-    from koifish_cuda.quant import dequant_matvec, dequantize
+    from koifish_cuda.quant import dequant_matvec
     from tests.cuda_harness import ON_GPU, dev, host, rel_err
 
     rng = np.random.default_rng()
@@ -236,9 +236,6 @@ def test_dequant_kernels_match_the_reference(bits):
     words = pack_codes_ref(codes, bits).view(np.uint32)  # the same bit stream, read 32 bits at a time
     ref = dequantize_groupwise_ref(codes, scales, zeros, G, dtype=np.float64)
     d_words, d_scales, d_zeros = dev(words), dev(scales.astype(np.float32)), dev(zeros)
-    out = dev(np.full((N, K), np.nan, np.float32))
-    dequantize(out, d_words, d_scales, d_zeros, bits, G)
-    assert rel_err(host(out), ref) < 1e-6
     x = rng.standard_normal((M, K))
     y = dev(np.full((M, N), np.nan, np.float32))
     dequant_matvec(y, dev(x.astype(np.float32)), d_words, d_scales, d_zeros, bits, G)

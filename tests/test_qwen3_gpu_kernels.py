@@ -35,8 +35,10 @@ def test_add_rmsnorm():
     assert rel_err(host(xd), rx) < TOL and rel_err(host(out), add_rmsnorm_ref(rx, None, w, 1e-6)[1]) < TOL
 
 
-@pytest.mark.parametrize("cache_dtype", [np.float32, np.float16])
-def test_qk_norm_rope_writes_q_and_the_cache(cache_dtype):
+@pytest.mark.parametrize("cache_dtype,regroup", [(np.float32, False), (np.float16, False), (np.float16, True)])
+def test_qk_norm_rope_writes_q_and_the_cache(cache_dtype, regroup):
+    """q token-major in float32 (decode), or regrouped by (b, kv head) in the cache's dtype (prefill)."""
+    from koifish_cuda.attention_prefill import regroup_ref
     from koifish_cuda.rope import qk_norm_rope, qk_norm_rope_ref, rope_tables
 
     r = rng()
@@ -44,13 +46,13 @@ def test_qk_norm_rope_writes_q_and_the_cache(cache_dtype):
     qkv = r.standard_normal((B * T, (nh + 2 * nkv) * hd)) * 2
     qn, kn = 1 + 0.2 * r.standard_normal(hd), 1 + 0.2 * r.standard_normal(hd)
     cos, sin = rope_tables(max_len, hd, 1e6)
-    q = dev(np.full((B * T, nh * hd), np.nan, np.float32))
+    q = dev(np.full((B * nh * T, hd) if regroup else (B * T, nh * hd), np.nan, cache_dtype if regroup else np.float32))
     kc, vc = (dev(np.zeros((B, nkv, max_len, hd), cache_dtype)) for _ in range(2))
     qk_norm_rope(q, kc, vc, f32(qkv), f32(qn), f32(kn), dev(cos), dev(sin), dev(np.array([past], np.int32)), T, nh,
-                 1e-6)
+                 1e-6, regroup=regroup)
     rq, rk, rv = qk_norm_rope_ref(qkv, qn, kn, cos, sin, past, B, nh, nkv, hd, 1e-6)
     tol = TOL if cache_dtype == np.float32 else 1e-3
-    assert rel_err(host(q), rq) < TOL
+    assert rel_err(host(q), regroup_ref(rq, B, nkv, hd) if regroup else rq) < (tol if regroup else TOL)
     assert rel_err(host(kc)[:, :, past:past + T], rk) < tol and rel_err(host(vc)[:, :, past:past + T], rv) < tol
     assert not host(kc)[:, :, :past].any() and not host(kc)[:, :, past + T:].any()  # nothing else written
 

@@ -45,15 +45,19 @@ def stop_ids_of(gen: dict, tokenizer) -> set[int]:
 def open_chat(model: str | Path, models_dir: str | Path | None = None, bits: int | None = None, device: str = "cpu",
               think: bool = True, max_new_tokens: int = 1024, temperature: float | None = None,
               seed: int | None = None, system: str | None = None, max_context: int | None = None,
-              on_tensor=None) -> ChatSession:
+              on_tensor=None, kv_bits: int = 16) -> ChatSession:
     from koifish_core.infer.chat_template import load_chat_template
     from koifish_core.infer.model_resolve import resolve_model
     from koifish_core.infer.tokenizer_hf import load_tokenizer_json
     from koifish_core.models.hf_qwen3 import load_hf_folder, read_json
 
-    from koifish_core.infer.qwen3_gpu import resolve_device
+    from koifish_core.infer.qwen3_gpu import kv_cache_dtype, resolve_device
 
     on_gpu = resolve_device(device) == "cuda"
+    cache_dtype = kv_cache_dtype(kv_bits)
+    if kv_bits != 16 and not on_gpu:
+        raise KoifishError(f"--kv-bits {kv_bits}: the int8 KV cache is the GPU engine's; this chat runs on the CPU "
+                           f"(--device {device})")
     if bits is not None and bits not in (8, 4, 3):
         raise KoifishError(f"--bits: expected 8, 4 or 3, got {bits}")
     folder = resolve_model(model, models_dir)
@@ -65,15 +69,16 @@ def open_chat(model: str | Path, models_dir: str | Path | None = None, bits: int
     tokenizer = load_tokenizer_json(folder / "tokenizer.json")
     template = load_chat_template(folder)
     gen = generation_defaults(folder)
-    net = load_hf_folder(folder, bits=bits, on_tensor=on_tensor)
-    if on_gpu:  # weights resident on the GPU, decode as one CUDA graph, sampling on the device
-        from koifish_core.infer.qwen3_gpu import GPU_DEFAULT_CONTEXT, Qwen3GPU
+    if on_gpu:  # streamed onto the GPU and quantized there; decode as one CUDA graph, sampling on the device
+        from koifish_core.infer.qwen3_gpu import GPU_DEFAULT_CONTEXT
+        from koifish_core.infer.qwen3_gpu_load import load_folder_gpu
 
-        net = Qwen3GPU.from_model(net)
+        net = load_folder_gpu(folder, bits=bits, on_tensor=on_tensor, cache_dtype=cache_dtype)
         max_context = max_context or min(net.config.n_ctx, GPU_DEFAULT_CONTEXT)
     else:
         from koifish_core.models.hf_qwen3 import host_memory_bytes
 
+        net = load_hf_folder(folder, bits=bits, on_tensor=on_tensor)
         memory = host_memory_bytes()
         if memory is not None:  # quantized weights stay small on disk; on the CPU, decode from float copies if they fit
             net.keep_dequantized(memory // 3)

@@ -26,20 +26,24 @@ def parse_prompt_ids(text: str) -> list[int]:
 
 def generate_from_path(model_path: Path, *, prompt: str | None, prompt_ids: str | None, max_new_tokens: int,
                        temperature: float, top_k: int | None, seed: int | None, device: str = "cpu",
-                       on_text=None) -> GenerateResult:
+                       on_text=None, kv_bits: int = 16) -> GenerateResult:
     from koifish_core.infer.generate import generate
     from koifish_core.models.from_path import open_model
 
     if (prompt is None) == (prompt_ids is None):
         raise KoifishError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
-    from koifish_core.infer.qwen3_gpu import resolve_device
+    from koifish_core.infer.qwen3_gpu import kv_cache_dtype, resolve_device
 
     requested, device = device, resolve_device(device)
+    cache_dtype = kv_cache_dtype(kv_bits)
+    if kv_bits != 16 and device != "cuda":
+        raise KoifishError(f"--kv-bits {kv_bits}: the int8 KV cache is the GPU engine's; this run is on the CPU "
+                           f"(--device {requested})")
     if temperature < 0:
         raise KoifishError(f"--temperature: expected 0 (greedy) or a positive number, got {temperature}")
     if max_new_tokens <= 0:
         raise KoifishError(f"--max-new-tokens: expected a positive number, got {max_new_tokens}")
-    opened = open_model(model_path)
+    opened = open_model(model_path, gpu_engine=dict(cache_dtype=cache_dtype) if device == "cuda" else None)
     enc = opened.encoding
     if prompt is not None:
         if enc is None:
@@ -50,6 +54,9 @@ def generate_from_path(model_path: Path, *, prompt: str | None, prompt_ids: str 
     vocab = getattr(opened.model.config, "vocab_size", None)
     if vocab is not None and max(ids) >= vocab:
         raise KoifishError(f"--prompt-ids: token id {max(ids)} is outside the model's vocabulary of {vocab}")
+    if kv_bits != 16 and opened.kind != "qwen3":
+        raise KoifishError(f"--kv-bits {kv_bits}: the int8 KV cache is the Qwen3 GPU engine's; {model_path} is "
+                           f"{opened.kind}")
     if device == "cuda" and opened.kind == "qwen3":
         new_ids = _generate_gpu(opened.model, ids, max_new_tokens, temperature, top_k, seed)
     elif device == "cuda" and requested == "cuda":
@@ -63,19 +70,17 @@ def generate_from_path(model_path: Path, *, prompt: str | None, prompt_ids: str 
     return GenerateResult(ids=list(map(int, new_ids)), text=text)
 
 
-def _generate_gpu(model, ids: list[int], max_new_tokens: int, temperature: float, top_k: int | None,
+def _generate_gpu(engine, ids: list[int], max_new_tokens: int, temperature: float, top_k: int | None,
                   seed: int | None) -> list[int]:
-    """Prefill once, then one CUDA-graph replay per token with sampling on the device."""
+    """On a Qwen3GPU engine: prefill once, then one CUDA-graph replay per token with sampling on the device."""
     import numpy as np
 
-    from koifish_core.infer.qwen3_gpu import Qwen3GPU
     from koifish_core.infer.sampling import SamplingParams
 
     need = len(ids) + max_new_tokens
-    if need > model.config.n_ctx:
+    if need > engine.config.n_ctx:
         raise KoifishError(f"--max-new-tokens: prompt ({len(ids)}) + new tokens ({max_new_tokens}) exceed the "
-                           f"model's context of {model.config.n_ctx}")
-    engine = Qwen3GPU.from_model(model)
+                           f"model's context of {engine.config.n_ctx}")
     cache = engine.new_cache(1, need)
     engine.set_sampling(SamplingParams(temperature=temperature, top_k=top_k or 0, seed=seed), seed)
     new = [int(engine.prefill_sample(np.array([ids]), cache)[0])]

@@ -3,7 +3,7 @@
 Weights: the linear layers of a block as three device matrices (q|k|v and gate|up concatenated
 by rows, so one GEMV each), 4/8/3-bit group-wise (koifish_cuda.quant) or float32; norms float32;
 embeddings and head float32 or quantized. Activations are float32; the KV cache float16 (or
-float32), preallocated for max_len positions.
+float32, or int8 with one float32 scale per head vector: --kv-bits 8), preallocated for max_len positions.
 
 One decode step (B sequences, one token each), as the graph runs it:
     embed_rows(tok) -> per layer: add_rmsnorm, qkv GEMV, q/k norm + RoPE (+ KV store),
@@ -13,9 +13,13 @@ Everything it reads is a static device buffer: the token (tok), the position (po
 parameters, the seed/counter and the context flags for the repetition penalty; so the same
 graph replays every step, and the host only reads back the sampled token (4 bytes per row).
 
-Prefill: prompt chunks of up to PREFILL_CHUNK tokens per sequence, launched eagerly (not
-captured): quantized matrices are dequantized into a float32 scratch slab and multiplied with
-cuBLAS (TF32); attention runs the same split kernel with T query rows per sequence.
+Prefill: prompt chunks of up to PREFILL_ROWS tokens (all sequences together), launched eagerly
+(not captured; the GPU work of a layer outlasts its launches): the GEMM operands are bf16 (float32
+accumulation, cuBLAS GemmEx). Each matrix is dequantized into a bf16 scratch slab in bands of rows
+(the MLP in bands of its hidden width: gate|up rows f0:f1, SwiGLU, then down's columns f0:f1, so
+the hidden activations never exist whole), and attention is two batched GEMMs around a causal
+softmax (koifish_cuda.attention_prefill). A chunk of at most MAX_BATCH rows runs the decode
+kernels instead (GEMVs read the packed weights once; no dequantization pays off there).
 
 Without a GPU (NUMBA_ENABLE_CUDASIM=1) the same code runs on NumPy arrays under Numba's
 simulator, GEMMs in NumPy and no graph: that is how the tests check the engine on a CPU.
@@ -23,7 +27,6 @@ simulator, GEMMs in NumPy and no graph: that is how the tests check the engine o
 
 from __future__ import annotations
 
-import ctypes
 import os
 from dataclasses import dataclass
 
@@ -34,9 +37,10 @@ from koifish_core.errors import KoifishError
 from koifish_core.infer.quant import QuantizedWeight
 from koifish_core.infer.sampling import SamplingParams
 
-PREFILL_CHUNK = 512  # tokens per sequence per prefill pass (static buffer sizes)
-PREFILL_SPLITS = 4  # key splits of the attention kernel in prefill
-DEQUANT_SCRATCH = 64 << 20  # float32 elements of the prefill dequantization slab (256 MiB)
+PREFILL_ROWS = 2048  # prompt tokens (over all sequences) per prefill pass: sizes the activation buffers
+PREFILL_SPLITS = 4  # key splits of the attention kernel in a short (GEMV) prefill chunk
+SLAB_BYTES = 256 << 20  # prefill scratch: bf16 weight bands, or the attention scores (float32)
+MLP_BAND = 16384  # hidden units of the MLP per band, at most (multiples of 128: quantization groups stay whole)
 
 
 GPU_DEFAULT_CONTEXT = 8192  # KV positions chat allocates on the GPU unless told (Qwen3's 40,960 would take 10.7 GB at 32B)
@@ -52,6 +56,14 @@ def resolve_device(device: str) -> str:
         raise KoifishError("--device cuda: no CUDA GPU is visible (or CuPy / numba-cuda are missing); "
                            "use --device cpu or auto")
     return device
+
+
+def kv_cache_dtype(kv_bits: int):
+    """Qwen3GPU's cache_dtype for --kv-bits: 16 is float16; 8 is int8 codes with one float32 scale per
+    head vector (koifish_cuda.rope), about half the bytes (the cache at 8k context, Qwen3-32B: 2.15 vs 1.11 GB)."""
+    if kv_bits not in (16, 8):
+        raise KoifishError(f"--kv-bits: expected 16 or 8, got {kv_bits}")
+    return np.float16 if kv_bits == 16 else np.int8
 
 
 def simulated() -> bool:
@@ -103,6 +115,18 @@ class GPUCache:
         self.length = min(self.length, length)
 
 
+def _mlp_band(F: int, C: int, slab_elems: int) -> int:
+    """Hidden units per MLP band: gate, up and down bands (3 x band x C bf16) fit the slab, at most
+    MLP_BAND, a multiple of 128 unless one band takes all of F; bands as even as that allows."""
+    most = min(MLP_BAND, slab_elems // (3 * C)) // 128 * 128
+    if most >= F:
+        return F
+    if most < 128:
+        raise KoifishError(f"the prefill scratch ({slab_elems} bf16) cannot hold an MLP band of hidden size {C}")
+    per = -(-F // -(-F // most))  # ceil(F / bands)
+    return -(-per // 128) * 128
+
+
 def _can_concat(ws) -> bool:
     return all(isinstance(w, QuantizedWeight) and w.g_idx is None for w in ws) and \
         len({(w.bits, w.group_size) for w in ws}) == 1 and all((w.shape[1] * w.bits) % 32 == 0 for w in ws) and \
@@ -114,8 +138,11 @@ class Qwen3GPU:
     set_sampling, prefill_sample, decode_sample."""
 
     def __init__(self, config, tf32: bool = True, cache_dtype=np.float16, decode_splits: int = 64):
+        from koifish_cuda.quant import MAX_BATCH
+
         self.config = config
         self.sim = simulated()
+        self.gemv_rows = MAX_BATCH  # prompt chunks of at most this many rows run the decode kernels
         if not self.sim and not gpu_available():
             raise KoifishError("--device cuda: no CUDA GPU is visible (or CuPy / numba-cuda are missing)")
         from numba import cuda
@@ -123,7 +150,9 @@ class Qwen3GPU:
         if config.attention_bias:
             raise KoifishError("the GPU engine does not take attention biases (no released Qwen3 has them)")
         if self.sim:
-            self.xp, self.stream, self.ns, self.blas = np, None, 0, None
+            from koifish_cuda.cublas_raw import NumpyBlas
+
+            self.xp, self.stream, self.ns, self.blas = np, None, 0, NumpyBlas()
         else:
             import cupy as cp
 
@@ -137,7 +166,10 @@ class Qwen3GPU:
         from koifish_cuda.attention_decode import check_shapes
 
         check_shapes(config.n_head, config.n_kv_head, config.head_dim)
-        self.cache_dtype = cache_dtype
+        self.cache_dtype = np.dtype(cache_dtype).type
+        if self.cache_dtype not in (np.float16, np.float32, np.int8):
+            raise KoifishError(f"KV cache: expected float16, float32 or int8, got {np.dtype(cache_dtype).name}")
+        self.kv_scales = None  # int8 cache: (k_scale, v_scale), float32 (n_layer, B, nkv, max_len)
         self.decode_splits = decode_splits
         self.layers: list[dict] = []
         self.embed = self.head = self.norm = None
@@ -249,17 +281,21 @@ class Qwen3GPU:
             xp, f = self.xp, np.float32
             C, F, hd, nh, nkv, V = c.hidden_size, c.intermediate_size, c.head_dim, c.n_head, c.n_kv_head, c.vocab_size
             self.graph = None
-            self.kv = None  # free the old cache before the new one is made
-            R = batch * min(PREFILL_CHUNK, max_len)
+            self.kv = self.kv_scales = None  # free the old cache before the new one is made
+            self.chunk = max(1, min(max_len, PREFILL_ROWS // batch))  # prompt tokens per sequence per pass
+            R = batch * self.chunk
+            Rs = min(R, MAX_BATCH)  # rows of the decode-kernel buffers
             with self._ctx():
                 kv_shape = (c.n_layer, batch, nkv, max_len, hd)
                 self.kv = (xp.zeros(kv_shape, self.cache_dtype), xp.zeros(kv_shape, self.cache_dtype))
+                if self.cache_dtype == np.int8:  # a scale per head vector: 4 bytes beside its hd codes
+                    self.kv_scales = (xp.zeros(kv_shape[:4], f), xp.zeros(kv_shape[:4], f))
                 cos, sin = rope_tables(max_len, hd, c.rope_theta)
                 self.cos, self.sin = self._put(cos), self._put(sin)
                 self.x, self.xn, self.delta = (xp.zeros((R, C), f) for _ in range(3))
                 self.qkv = xp.zeros((R, (nh + 2 * nkv) * hd), f)
-                self.q, self.att = xp.zeros((R, nh * hd), f), xp.zeros((R, nh * hd), f)
-                self.gu, self.h = xp.zeros((R, 2 * F), f), xp.zeros((R, F), f)
+                self.q, self.att = xp.zeros((R, nh * hd), f), xp.zeros((Rs, nh * hd), f)
+                self.gu, self.h = xp.zeros((Rs, 2 * F), f), xp.zeros((Rs, F), f)
                 self.ids = xp.zeros(R, np.int32)
                 self.hl = xp.zeros((batch, C), f)
                 self.logits, self.zbuf = xp.zeros((batch, V), f), xp.zeros((batch, V), f)
@@ -271,10 +307,16 @@ class Qwen3GPU:
                 self.samp = sample_scratch(xp, batch, V)
                 splits = max(1, min(self.decode_splits, max_len // 64))
                 self.dec_scratch = attention_scratch(xp, batch, nh, hd, splits)
-                self.pre_scratch = attention_scratch(xp, R, nh, hd, PREFILL_SPLITS)
-                big = max([L[k].K for L in self.layers for k in ("qkv", "o", "gu", "down")] + [self.head.K])
-                quant = any(L[k].quantized for L in self.layers for k in ("qkv", "o", "gu", "down")) or self.head.quantized
-                self.slab = xp.zeros(DEQUANT_SCRATCH if quant and not self.sim else big * 64 if quant else 1, f)
+                self.pre_scratch = attention_scratch(xp, Rs, nh, hd, PREFILL_SPLITS)
+                # the bf16 prefill (chunks of more than MAX_BATCH rows)
+                self.slab = xp.zeros(SLAB_BYTES // 4, f)  # float32 scores, or (viewed as uint16) bf16 weights
+                self.band = _mlp_band(F, C, self.slab.size * 2)
+                self.xb = xp.zeros(R * max(C, nh * hd), np.uint16)
+                int8 = self.cache_dtype == np.int8
+                self.qh = xp.zeros(R * nh * hd, np.float16 if int8 else self.cache_dtype)
+                # an int8 cache's keys and values of one layer, as float16 operands of the attention GEMMs
+                self.kv16 = tuple(xp.zeros(kv_shape[1:], np.float16) for _ in range(2)) if int8 else None
+                self.gub, self.hb = xp.zeros(R * 2 * self.band, np.uint16), xp.zeros(R * self.band, np.uint16)
             self.batch, self.max_len = batch, max_len
             self._eager_steps = 0
         self._cache = GPUCache(self, batch, max_len)
@@ -294,35 +336,103 @@ class Qwen3GPU:
         if not self.sim:
             self.stream.synchronize()
 
+    def _kv_scales(self, l: int) -> dict:
+        """Layer l's int8-cache scales as keyword arguments of qk_norm_rope and attention_decode ({} for float)."""
+        return {} if self.kv_scales is None else dict(k_scale=self.kv_scales[0][l], v_scale=self.kv_scales[1][l])
+
     # ---- the math -----------------------------------------------------------------------------
-    def _gemm(self, out, x, w, n0: int = 0) -> None:
-        """out[:, n0:n0+n] = x @ w.T for x (M, K) and w (n, K), float32, all C-contiguous but out's slice."""
-        M, K = x.shape
-        n = w.shape[0]
-        if self.sim:
-            out[:, n0:n0 + n] = x @ w.T
-            return
-        from koifish_cuda.cublas_raw import CUBLAS_OP_N, CUBLAS_OP_T, _check
-
-        b = self.blas
-        _check(b._sgemm(b.handle, CUBLAS_OP_T, CUBLAS_OP_N, n, M, K, ctypes.byref(ctypes.c_float(1.0)), w.data.ptr, K,
-                        x.data.ptr, K, ctypes.byref(ctypes.c_float(0.0)), out.data.ptr + 4 * n0, out.shape[1]), "sgemm")
-
     def _apply(self, out, x, lin: DeviceLinear) -> None:
-        from koifish_cuda.quant import MAX_BATCH, dequant_matvec, dequantize
+        """out (M, N) = x (M, K) @ W.T for the decode step and short chunks (M <= MAX_BATCH), float32."""
+        from koifish_cuda.quant import dequant_matvec
 
-        if not lin.quantized:
-            self._gemm(out, x, lin.w)
-        elif x.shape[0] <= MAX_BATCH:
+        if lin.quantized:
             dequant_matvec(out, x, lin.words, lin.scales, lin.zeros, lin.bits, lin.group_size, self.ns)
-        else:  # prefill: dequantize a band of rows into the slab, GEMM it, next band
-            rows = max(1, min(lin.N, self.slab.size // lin.K))
-            for n0 in range(0, lin.N, rows):
-                n = min(rows, lin.N - n0)
-                w = self.slab[:n * lin.K].reshape(n, lin.K)
-                dequantize(w, lin.words[n0:n0 + n], lin.scales[n0:n0 + n], lin.zeros[n0:n0 + n], lin.bits,
-                           lin.group_size, self.ns)
-                self._gemm(out, x, w, n0)
+        else:
+            self.blas.matmul(out, x, lin.w)
+
+    # ---- the bf16 prefill -----------------------------------------------------------------------
+    def _weight_bf16(self, dst, lin: DeviceLinear, n0: int, k0: int, then: tuple[int, int] | None = None) -> None:
+        """dst (n, kc) uint16 = bf16 of W[n0:n0+n, k0:k0+kc]; then = (split, n1): rows from split on are
+        W's rows n1.. (see koifish_cuda.quant.dequantize_bf16)."""
+        from koifish_cuda.bf16 import to_bf16
+        from koifish_cuda.quant import dequantize_bf16
+
+        n, kc = dst.shape
+        if lin.quantized:
+            dequantize_bf16(dst, lin.words, lin.scales, lin.zeros, lin.bits, lin.group_size, n0, k0, self.ns, then)
+            return
+        split, n1 = then if then is not None else (n, 0)
+        to_bf16(dst[:split], lin.w[n0:n0 + split, k0:k0 + kc], self.ns)
+        if split < n:
+            to_bf16(dst[split:], lin.w[n1:n1 + n - split, k0:k0 + kc], self.ns)
+
+    def _bf16_rows(self, x):
+        """x (R, K) float32 as bf16 in the xb buffer."""
+        from koifish_cuda.bf16 import to_bf16
+
+        R, K = x.shape
+        xb = self.xb[:R * K].reshape(R, K)
+        to_bf16(xb, x, self.ns)
+        return xb
+
+    def _linear_bf16(self, out, xb, lin: DeviceLinear) -> None:
+        """out (R, N) float32 = xb (R, K) bf16 @ W.T, W through the slab in bands of rows."""
+        slab = self.slab.view(np.uint16)
+        rows = max(1, min(lin.N, slab.size // lin.K))
+        for n0 in range(0, lin.N, rows):
+            n = min(rows, lin.N - n0)
+            w = slab[:n * lin.K].reshape(n, lin.K)
+            self._weight_bf16(w, lin, n0, 0)
+            self.blas.matmul(out[:, n0:n0 + n], xb, w)
+
+    def _mlp_bf16(self, delta, xb, gu: DeviceLinear, down: DeviceLinear) -> None:
+        """delta (R, C) = down(SwiGLU(gate|up(xb))) band by band of the hidden units."""
+        from koifish_cuda.swiglu import swiglu_bf16
+
+        R, C = xb.shape
+        F = down.K
+        slab = self.slab.view(np.uint16)
+        for f0 in range(0, F, self.band):
+            fb = min(self.band, F - f0)
+            w = slab[:2 * fb * C].reshape(2 * fb, C)  # gate rows f0:f0+fb, then up rows F+f0:F+f0+fb
+            self._weight_bf16(w, gu, f0, 0, then=(fb, F + f0))
+            g = self.gub[:R * 2 * fb].reshape(R, 2 * fb)
+            self.blas.matmul(g, xb, w)
+            h = self.hb[:R * fb].reshape(R, fb)
+            swiglu_bf16(h, g, self.ns)
+            wd = slab[2 * fb * C:3 * fb * C].reshape(C, fb)  # down's columns f0:f0+fb
+            self._weight_bf16(wd, down, 0, f0)
+            self.blas.matmul(delta, h, wd, beta=0.0 if f0 == 0 else 1.0)
+
+    def _prefill_layers(self, R: int, T: int, past: int) -> None:
+        """_layers for a chunk of R = B*T > MAX_BATCH rows at positions past..past+T-1, on bf16 GEMMs."""
+        from koifish_cuda.attention_prefill import attention_prefill, kv_to_f16
+        from koifish_cuda.rmsnorm import add_rmsnorm
+        from koifish_cuda.rope import qk_norm_rope
+
+        c, s = self.config, self.ns
+        eps, nh, hd = c.rms_norm_eps, c.n_head, c.head_dim
+        x, xn, delta, qkv = self.x[:R], self.xn[:R], self.delta[:R], self.qkv[:R]
+        qh = self.qh[:R * nh * hd].reshape(R * nh, hd)
+        o = self.q.reshape(-1).view(qh.dtype)[:R * nh * hd].reshape(R * nh, hd)  # decode's q buffer, unused here
+        kc, vc = self.kv
+        for l, L in enumerate(self.layers):
+            add_rmsnorm(xn, x, None if l == 0 else delta, L["ln1"], eps, s)
+            self._linear_bf16(qkv, self._bf16_rows(xn), L["qkv"])
+            sc = self._kv_scales(l)
+            qk_norm_rope(qh, kc[l], vc[l], qkv, L["qn"], L["kn"], self.cos, self.sin, self.pos, T, nh, eps, s,
+                         regroup=True, **sc)
+            k, v = kc[l], vc[l]
+            if sc:  # int8 cache: this layer's keys and values so far as float16
+                k, v = self.kv16
+                kv_to_f16(k, kc[l], sc["k_scale"], past + T, s)
+                kv_to_f16(v, vc[l], sc["v_scale"], past + T, s)
+            att = self.xb[:R * nh * hd].reshape(R, nh * hd)
+            attention_prefill(att, qh, k, v, past, T, self.blas, o, self.slab, s)
+            self._linear_bf16(delta, att, L["o"])
+            add_rmsnorm(xn, x, delta, L["ln2"], eps, s)
+            self._mlp_bf16(delta, self._bf16_rows(xn), L["gu"], L["down"])
+        add_rmsnorm(xn, x, delta, self.norm, eps, s)
 
     def _embed(self, out, ids) -> None:
         from koifish_cuda.embedding_rows import embed_rows
@@ -348,8 +458,10 @@ class Qwen3GPU:
         for l, L in enumerate(self.layers):
             add_rmsnorm(xn, x, None if l == 0 else delta, L["ln1"], eps, s)
             self._apply(qkv, xn, L["qkv"])
-            qk_norm_rope(q, kc[l], vc[l], qkv, L["qn"], L["kn"], self.cos, self.sin, self.pos, T, c.n_head, eps, s)
-            attention_decode(att, q, kc[l], vc[l], self.pos, T, scratch, s)
+            sc = self._kv_scales(l)  # int8 cache: its scales
+            qk_norm_rope(q, kc[l], vc[l], qkv, L["qn"], L["kn"], self.cos, self.sin, self.pos, T, c.n_head, eps, s,
+                         **sc)
+            attention_decode(att, q, kc[l], vc[l], self.pos, T, scratch, s, **sc)
             self._apply(delta, att, L["o"])
             add_rmsnorm(xn, x, delta, L["ln2"], eps, s)
             self._apply(gu, xn, L["gu"])
@@ -391,16 +503,23 @@ class Qwen3GPU:
         V = self.config.vocab_size
         full = np.zeros((B, T, V), np.float32) if all_logits else None
         with self._ctx():
-            for c0 in range(0, T, PREFILL_CHUNK):
-                Tc = min(PREFILL_CHUNK, T - c0)
+            for c0 in range(0, T, self.chunk):
+                Tc = min(self.chunk, T - c0)
                 R = B * Tc
                 self._set(self.ids[:R], idx[:, c0:c0 + Tc].reshape(-1))
                 self._set(self.pos, [past + c0])
                 self._embed(self.x[:R], self.ids[:R])
-                self._layers(R, Tc, self.pre_scratch)
+                short = R <= self.gemv_rows
+                if short:
+                    self._layers(R, Tc, self.pre_scratch)
+                else:
+                    self._prefill_layers(R, Tc, past + c0)
                 if all_logits:
                     out = self.xp.zeros((R, V), np.float32)
-                    self._apply(out, self.xn[:R], self.head)
+                    if short:
+                        self._apply(out, self.xn[:R], self.head)
+                    else:
+                        self._linear_bf16(out, self._bf16_rows(self.xn[:R]), self.head)
                     full[:, c0:c0 + Tc] = self._get(out).reshape(B, Tc, V)
             self.hl[...] = self.xn[:R].reshape(B, Tc, -1)[:, Tc - 1]
             self._apply(self.logits, self.hl, self.head)

@@ -15,7 +15,7 @@ from koifish_core.errors import ModelError
 
 @dataclass
 class OpenedModel:
-    model: object  # GPT2 or Qwen3 (NumPy reference): forward(idx, targets) -> (logits, loss)
+    model: object  # GPT2 or Qwen3 (NumPy reference): forward(idx, targets) -> (logits, loss); or a Qwen3GPU
     kind: str  # "gpt2" | "qwen3"
     n_ctx: int  # longest context the model was built for
     encoding: object | None  # tiktoken.Encoding, or None when the folder has no tokenizer
@@ -57,7 +57,9 @@ def _hf_encoding(folder: Path, kind: str):
     return None
 
 
-def open_model(path: str | Path) -> OpenedModel:
+def open_model(path: str | Path, gpu_engine: dict | None = None) -> OpenedModel:
+    """gpu_engine (Qwen3GPU keyword arguments, may be empty): a Qwen3 folder goes straight onto the GPU,
+    streamed (koifish_core.infer.qwen3_gpu_load), and model is the engine; other models load on the host."""
     path = Path(path)
     if not path.exists():
         raise ModelError(f"{path}: no such model folder (expected a run folder, a checkpoint folder or a "
@@ -67,7 +69,7 @@ def open_model(path: str | Path) -> OpenedModel:
     if (path / "config.json").exists():
         from koifish_core.models.registry import load_model
 
-        model, kind = load_model(path)
+        model, kind = load_model(path, gpu_engine=gpu_engine)
         return OpenedModel(model, kind, model.config.n_ctx, _hf_encoding(path, kind), path)
     if (path / "model.safetensors").exists() and (path / "state.json").exists():
         return _open_checkpoint(path, path)

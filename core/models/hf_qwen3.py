@@ -4,12 +4,16 @@ Reads plain fp32/bf16/fp16 weights, koifish's own quantized folders (`koifish qu
 pre-quantized AWQ (GEMM, 4-bit) and GPTQ (4/8-bit) folders Qwen publishes. With `bits`, plain
 weights are quantized as they stream in, so a model never sits in host memory at full width;
 embeddings and the head take their own widths (embed_bits, head_bits; None keeps them float).
+
+stream_weights is the one reader and checker of a folder: load_hf_folder keeps what it yields on the
+host, koifish_core.infer.qwen3_gpu_load puts it on the GPU (quantizing there).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,8 +129,13 @@ def _assemble(parts: dict, quant: StoredQuant, module: str, shape, where: Path) 
     return w
 
 
-def _fit(name: str, array: np.ndarray, shape, bits: int | None, group_size: int, dtype):
-    if bits is None or bits >= 16 or len(shape) != 2:
+def quantized_at_load(bits: int | None, shape) -> bool:
+    """Whether a plain tensor of this shape is quantized as it loads: matrices given a width under 16 bits."""
+    return bits is not None and bits < 16 and len(shape) == 2
+
+
+def _fit(array: np.ndarray, shape, bits: int | None, group_size: int, dtype):
+    if not quantized_at_load(bits, shape):
         return np.ascontiguousarray(array, dtype=dtype)
     return quantize_weight(np.asarray(array, dtype=np.float32), bits, group_size)
 
@@ -138,26 +147,23 @@ def host_memory_bytes() -> int | None:
         return None
 
 
-def _check_memory(config: Qwen3Config, width: dict, quant, dtype, folder: Path) -> None:
-    """Refuse up front a load that cannot fit, rather than swapping for an hour."""
-    item = np.dtype(dtype).itemsize
-    need = 0
-    for name, shape in config.shapes().items():
-        bits = 4 if quant is not None and name not in ("embed_tokens", "lm_head") and len(shape) == 2 else width[name]
-        per = item if bits is None or bits >= 16 or len(shape) != 2 else bits / 8 + 1 / 32
-        need += int(np.prod(shape) * per)
-    have = host_memory_bytes()
-    if have is not None and need > 0.9 * have:
-        raise ModelError(f"{folder}: needs about {need / 2**30:.1f} GiB of memory on the CPU path as loaded, this "
-                         f"machine has {have / 2**30:.1f} GiB; load with --bits 4 (or `koifish quantize` it once)")
+@dataclass(frozen=True)
+class FolderPlan:
+    """A Qwen3 folder as known before its weights stream: what config.json says and each weight's width."""
+
+    folder: Path
+    config: Qwen3Config
+    quant: StoredQuant | None
+    """How the folder stores its weights (None: plain float tensors)."""
+    shapes: dict
+    """Every weight's shape, by koifish name."""
+    width: dict
+    """Bits each plain weight is quantized to at load (None or >= 16: kept float; vectors always are)."""
 
 
-def load_hf_folder(folder: str | Path, bits: int | None = None, group_size: int = 128, embed_bits: int | None = None,
-                   head_bits: int | None = None, dtype=np.float32, on_tensor=None) -> Qwen3:
-    """Qwen3 from a Hugging Face folder. bits quantizes plain linear weights at load (8, 4 or 3).
-
-    on_tensor(name, index, total) reports progress (total counts the model's weights).
-    """
+def plan_folder(folder: str | Path, bits: int | None = None, embed_bits: int | None = None,
+                head_bits: int | None = None) -> FolderPlan:
+    """Read config.json and decide each weight's width (a stored-quantized folder keeps its own codes)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelError(f"{folder}: no such model folder")
@@ -172,10 +178,41 @@ def load_hf_folder(folder: str | Path, bits: int | None = None, group_size: int 
              for name in shapes}
     if config.tie_word_embeddings:
         width["embed_tokens"] = embed_bits if embed_bits is not None else head_bits
-    _check_memory(config, width, quant, dtype, folder)
-    weights: dict = {}
+    return FolderPlan(folder, config, quant, shapes, width)
+
+
+def weight_bytes(plan: FolderPlan, float_bytes: int) -> int:
+    """About how many bytes the weights take as loaded: float ones at float_bytes an element, quantized ones
+    at bits/8 plus ~1/32 for their scales and zeros (stored-quantized linears counted as 4-bit)."""
+    need = 0
+    for name, shape in plan.shapes.items():
+        stored = plan.quant is not None and name not in ("embed_tokens", "lm_head") and len(shape) == 2
+        bits = 4 if stored else plan.width[name]
+        per = bits / 8 + 1 / 32 if quantized_at_load(bits, shape) else float_bytes
+        need += int(np.prod(shape) * per)
+    return need
+
+
+def _check_memory(plan: FolderPlan, dtype) -> None:
+    """Refuse up front a load that cannot fit, rather than swapping for an hour."""
+    need = weight_bytes(plan, np.dtype(dtype).itemsize)
+    have = host_memory_bytes()
+    if have is not None and need > 0.9 * have:
+        raise ModelError(f"{plan.folder}: needs about {need / 2**30:.1f} GiB of memory on the CPU path as loaded, "
+                         f"this machine has {have / 2**30:.1f} GiB; load with --bits 4 (or `koifish quantize` it once)")
+
+
+def stream_weights(plan: FolderPlan, fit, on_tensor=None) -> Iterator[tuple[str, object]]:
+    """(koifish name, weight) for every weight of the folder, read one tensor at a time and checked against
+    config.json as it comes (ModelError naming the file and tensor; at the end, the weights still missing).
+
+    Plain tensors become fit(name, array, bits) with bits = plan.width[name] (what the caller keeps: a host
+    array, a QuantizedWeight, a device matrix); stored-quantized ones come assembled as QuantizedWeight.
+    on_tensor(name, index, total) reports progress (total counts the model's weights)."""
+    shapes, quant = plan.shapes, plan.quant
+    done: set[str] = set()
     pending: dict[str, dict] = {}
-    for hf_name, array, path in iter_tensors(folder):
+    for hf_name, array, path in iter_tensors(plan.folder):
         if hf_name.endswith(IGNORED_SUFFIXES):
             continue
         name = koifish_name(hf_name)
@@ -186,25 +223,44 @@ def load_hf_folder(folder: str | Path, bits: int | None = None, group_size: int 
                 raise ModelError(f"{path}: tensor {hf_name} is quantized but config.json has no quantization_config")
             needed = ("qweight", "qzeros", "scales") + (("g_idx",) if quant.method == "gptq" else ())
             if all(p in pending[module] for p in needed):
-                weights[module] = _assemble(pending.pop(module), quant, module, shapes[module], path)
+                yield module, _assemble(pending.pop(module), quant, module, shapes[module], path)
+                done.add(module)
         elif name in shapes:
             if tuple(array.shape) != shapes[name]:
                 raise ModelError(f"{path}: tensor {hf_name}: expected shape {shapes[name]} from config.json, "
                                  f"got {tuple(array.shape)}")
-            weights[name] = _fit(name, array, shapes[name], width[name], group_size, dtype)
-        elif name == "lm_head" and config.tie_word_embeddings:
+            yield name, fit(name, array, plan.width[name])
+            done.add(name)
+        elif name == "lm_head" and plan.config.tie_word_embeddings:
             continue  # some tied checkpoints still carry a copy of the embedding
         elif part == "bias" and module in shapes and not np.any(array):
             continue  # GPTQ packers write zero biases for every linear; they change nothing
         else:
             raise ModelError(f"{path}: unexpected tensor {hf_name} (not part of a Qwen3 with this config.json)")
+        del array  # freed before the next tensor is read: one float tensor in host memory at a time
         if on_tensor is not None:
-            on_tensor(name, len(weights), len(shapes))
+            on_tensor(name, len(done), len(shapes))
     for module, parts in pending.items():  # GPTQ folders without g_idx: contiguous groups
-        weights[module] = _assemble(parts, quant, module, shapes[module], folder)
-    missing = [n for n in shapes if n not in weights]
+        yield module, _assemble(parts, quant, module, shapes[module], plan.folder)
+        done.add(module)
+    missing = [n for n in shapes if n not in done]
     if missing:
         shown = ", ".join(("model." if n != "lm_head" else "") + n + ("" if n.endswith(".bias") else ".weight")
                           for n in missing[:5])
-        raise ModelError(f"{folder}: {len(missing)} weights missing, e.g. {shown}")
-    return Qwen3(config, weights, dtype)
+        raise ModelError(f"{plan.folder}: {len(missing)} weights missing, e.g. {shown}")
+
+
+def load_hf_folder(folder: str | Path, bits: int | None = None, group_size: int = 128, embed_bits: int | None = None,
+                   head_bits: int | None = None, dtype=np.float32, on_tensor=None) -> Qwen3:
+    """Qwen3 from a Hugging Face folder. bits quantizes plain linear weights at load (8, 4 or 3).
+
+    on_tensor(name, index, total) reports progress (total counts the model's weights).
+    koifish_core.infer.qwen3_gpu_load reads the same stream straight onto the GPU.
+    """
+    plan = plan_folder(folder, bits, embed_bits, head_bits)
+    _check_memory(plan, dtype)
+
+    def fit(name, array, width):
+        return _fit(array, plan.shapes[name], width, group_size, dtype)
+
+    return Qwen3(plan.config, dict(stream_weights(plan, fit, on_tensor)), dtype)

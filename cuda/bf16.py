@@ -1,0 +1,77 @@
+"""bfloat16 held as uint16 bits: the operands of the prefill's bf16 GEMMs (cuBLAS GemmEx).
+
+bf16 is the top half of a float32. Rounding is to nearest, ties to even (as the hardware's
+cvt.rn.bf16.f32): add 0x7FFF plus the lowest kept bit, keep the top 16 bits. Arrays are uint16
+so the same kernels run under Numba's simulator (which has no bf16 type) and cuBLAS only sees
+pointers. NaN payloads are not preserved (no NaN reaches these buffers).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import koifish_cuda.compat  # noqa: F401
+from koifish_cuda.compat import nb
+from numba import config, cuda, int32, uint16, uint32
+
+
+def to_bf16_ref(x) -> np.ndarray:
+    """uint16 bf16 bits of x, rounded to nearest even."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    return u.astype(np.uint16)
+
+
+def from_bf16_ref(h) -> np.ndarray:
+    """float32 values of uint16 bf16 bits."""
+    return (np.asarray(h, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+# Bit casts between float32 and its 32 bits (the simulator has no libdevice).
+if config.ENABLE_CUDASIM:
+
+    def _bits(x):
+        return np.uint32(np.float32(x).view(np.uint32))
+
+    def as_float(i):
+        return np.uint32(int(i) & 0xFFFFFFFF).view(np.float32)
+
+else:
+    from numba.cuda import libdevice
+
+    @cuda.jit(device=True, inline=True)
+    def _bits(x):
+        return uint32(libdevice.float_as_int(x))
+
+    @cuda.jit(device=True, inline=True)
+    def as_float(i):
+        return libdevice.int_as_float(int32(i))
+
+
+@cuda.jit(device=True, inline=True)
+def f32_to_bf16(x):
+    u = _bits(x)
+    return uint16((u + uint32(0x7FFF) + ((u >> uint32(16)) & uint32(1))) >> uint32(16))
+
+
+@cuda.jit(device=True, inline=True)
+def bf16_to_f32(h):
+    return as_float(uint32(h) << uint32(16))
+
+
+@cuda.jit(cache=True)
+def to_bf16_kernel(out, x):
+    """out (R, C) uint16 = bf16(x (R, C) float32); a thread per element, grid-stride."""
+    R, C = x.shape
+    for i in range(cuda.grid(1), R * C, cuda.gridsize(1)):
+        r = i // C
+        c = i - r * C
+        out[r, c] = f32_to_bf16(x[r, c])
+
+
+def to_bf16(out, x, stream=0):
+    """out (R, C) uint16 (may be a view of a wider buffer) from x (R, C) float32."""
+    if out.shape != x.shape:
+        raise ValueError(f"to_bf16: out {out.shape} and x {x.shape} differ")
+    n = x.shape[0] * x.shape[1]
+    to_bf16_kernel[koifish_cuda.compat.stride_blocks((n + 255) // 256, 8192), 256, stream](nb(out), nb(x))
