@@ -135,16 +135,17 @@ def test_chat_and_generate_on_the_gpu_equal_the_cpu_path(tmp_path):
 
 
 def test_long_prompt_in_chunks_then_decode(cpu_model, monkeypatch):
-    """The bf16 prefill: two sequences (one in the simulator), a prompt cut into chunks (the second
-    sees the first one's keys), on the GPU a short tail chunk on the decode kernels, then decode
-    steps: all against the CPU model."""
+    """The bf16 prefill on the GPU: two sequences, a prompt cut into chunks (each sees the earlier
+    ones' keys), a short tail chunk on the decode kernels, then decode steps: all against the CPU model."""
     import koifish_core.infer.qwen3_gpu as q3
 
-    B, T, steps, chunk = (2, 40, 2, 12) if ON_GPU else (1, 6, 1, 3)
+    # the simulator (a GPU thread is a Python thread) runs one bf16 chunk of 3 rows and no decode step;
+    # test_prefill_kernels checks the attention of a later chunk (past > 0) there
+    B, T, steps, chunk = (2, 40, 2, 12) if ON_GPU else (1, 3, 0, 3)
     monkeypatch.setattr(q3, "PREFILL_ROWS", B * chunk)
     eng = q3.Qwen3GPU.from_model(cpu_model)
     if not ON_GPU:
-        eng.gemv_rows = 2  # bf16 chunks of 3 rows: the simulator runs a GPU thread as a Python thread
+        eng.gemv_rows = 2
     ids = np.random.default_rng(2).integers(0, 200, (B, T + steps))
     cache = eng.new_cache(B, 48)
     assert eng.chunk == chunk  # on the GPU the last chunk, 4 tokens a sequence, takes the GEMVs

@@ -35,7 +35,8 @@ def test_add_rmsnorm():
     assert rel_err(host(xd), rx) < TOL and rel_err(host(out), add_rmsnorm_ref(rx, None, w, 1e-6)[1]) < TOL
 
 
-@pytest.mark.parametrize("cache_dtype,regroup", [(np.float32, False), (np.float16, False), (np.float16, True)])
+@pytest.mark.parametrize("cache_dtype,regroup", [
+    (np.float32, False), pytest.param(np.float16, False, marks=pytest.mark.gpu), (np.float16, True)])
 def test_qk_norm_rope_writes_q_and_the_cache(cache_dtype, regroup):
     """q token-major in float32 (decode), or regrouped by (b, kv head) in the cache's dtype (prefill)."""
     from koifish_cuda.attention_prefill import regroup_ref
