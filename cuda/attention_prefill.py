@@ -31,6 +31,7 @@ from numba import cuda, float32
 QUERY_TILE = 512  # queries per tile: a tile's scores stop at the keys its last query sees
 HELD = 32  # scores a softmax thread keeps in registers: rows of up to HELD * THREADS keys are read once
 
+
 def causal_softmax_ref(s, first: int, period: int, group: int) -> np.ndarray:
     """float64 P of scores s (rows, L), row rho at position first + (rho % period) // group."""
     s = np.asarray(s, np.float64)
@@ -132,13 +133,13 @@ def kv_to_f16(out, codes, scales, L: int, stream=0):
     """Positions 0..L-1 of an int8 cache (B, nkv, max_len, hd) with scales (B, nkv, max_len) into out."""
     hd = codes.shape[3]
     rows = codes.shape[0] * codes.shape[1] * L
-    kv_to_f16_kernel[(1, koifish_cuda.compat.stride_blocks(rows, 8192)), max(32, hd), stream](nb(out), nb(codes), nb(scales), L)
+    grid = (1, koifish_cuda.compat.stride_blocks(rows, 8192))
+    kv_to_f16_kernel[grid, max(32, hd), stream](nb(out), nb(codes), nb(scales), L)
 
 
 def merge_heads(att, o, T: int, n_rep: int, stream=0):
-    threads = min(128, max(32, o.shape[1]))
-    merge_heads_kernel[koifish_cuda.compat.stride_blocks(att.shape[0], 65536), threads, stream](nb(att), nb(o), T,
-                                                                                              n_rep)
+    blocks, threads = koifish_cuda.compat.stride_blocks(att.shape[0], 65536), min(128, max(32, o.shape[1]))
+    merge_heads_kernel[blocks, threads, stream](nb(att), nb(o), T, n_rep)
 
 
 def causal_softmax(p, s, first: int, period: int, group: int, stream=0):

@@ -15,12 +15,12 @@ def apply() -> None:
 
 apply()
 
+from numba import config  # noqa: E402  (after the alias: numba may look for it on import)
+
 
 def stride_blocks(n: int, cap: int = 4096) -> int:
     """Blocks along a grid-stride axis of n items: up to cap on a GPU; one under Numba's simulator,
     where each GPU thread is a Python thread and a turn of the stride loop is far cheaper."""
-    from numba import config
-
     return 1 if config.ENABLE_CUDASIM else max(1, min(n, cap))
 
 

@@ -40,6 +40,22 @@ def check_types(a, b, out) -> None:
                         f"(float32, float16 or uint16 bf16) and the product in that type or float32")
 
 
+_P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.POINTER(ctypes.c_float)
+_HEAD = [_P, _I, _I, _I, _I, _I, _F]  # handle, op_a, op_b, m, n, k, alpha
+_ARGTYPES = {  # then per operand: pointer, [cudaDataType,] leading dimension[, batch stride]; beta before C
+    "cublasSgemm_v2": _HEAD + [_P, _I, _P, _I, _F, _P, _I],
+    "cublasSgemmStridedBatched": _HEAD + [_P, _I, _L, _P, _I, _L, _F, _P, _I, _L, _I],
+    "cublasGemmEx": _HEAD + [_P, _I, _I, _P, _I, _I, _F, _P, _I, _I, _I, _I],  # ..., compute type, algo
+    "cublasGemmStridedBatchedEx": _HEAD + [_P, _I, _I, _L, _P, _I, _I, _L, _F, _P, _I, _I, _L, _I, _I, _I],
+}
+
+
+def _bind(lib, name: str):
+    fn = getattr(lib, name)
+    fn.argtypes = _ARGTYPES[name]
+    return fn
+
+
 def _ld(x) -> int:
     """Leading dimension (row stride in elements) of a row-major matrix view with unit column stride."""
     if x.strides[-1] != x.itemsize:
@@ -68,27 +84,8 @@ class Cublas:
                                          ctypes.c_size_t(workspace_bytes)), "set workspace")
         if tf32:
             _check(lib.cublasSetMathMode(self.handle, CUBLAS_TF32_TENSOR_OP_MATH), "set math mode")
-        self._sgemm = lib.cublasSgemm_v2
-        self._sgemm.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
-                                ctypes.c_int, ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_int]
-        self._batched = lib.cublasSgemmStridedBatched
-        self._batched.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                  ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong,
-                                  ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.POINTER(ctypes.c_float),
-                                  ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_int]
-
-        self._gemm_ex = lib.cublasGemmEx
-        self._gemm_ex.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                  ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                                  ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_float),
-                                  ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        self._batched_ex = lib.cublasGemmStridedBatchedEx
-        self._batched_ex.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                     ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                                     ctypes.c_longlong, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_longlong,
-                                     ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                                     ctypes.c_longlong, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        self._sgemm, self._batched = _bind(lib, "cublasSgemm_v2"), _bind(lib, "cublasSgemmStridedBatched")
+        self._gemm_ex, self._batched_ex = _bind(lib, "cublasGemmEx"), _bind(lib, "cublasGemmStridedBatchedEx")
         self.tf32 = tf32
 
     def matmul(self, out, a, b, trans_b: bool = True, alpha: float = 1.0, beta: float = 0.0):

@@ -313,6 +313,5 @@ def dequantize_bf16(out, words, scales, zeros, bits: int, group_size: int, n0: i
         return
     nw = kc * bits // 32
     rows = koifish_cuda.compat.stride_blocks(-(-n // DEQUANT_ROWS), 1024)
-    _dequantize_words_kernel(bits)[((nw + 127) // 128, rows), 128, stream](nb(out.view(np.uint64)), nb(words), nb(scales),
-                                                                          nb(zeros), group_size, n0, k0 * bits // 32,
-                                                                          split, n1)
+    _dequantize_words_kernel(bits)[((nw + 127) // 128, rows), 128, stream](
+        nb(out.view(np.uint64)), nb(words), nb(scales), nb(zeros), group_size, n0, k0 * bits // 32, split, n1)

@@ -208,6 +208,14 @@ def _flags(params, V):
 
 
 @cuda.jit(device=True)
+def _span(V):
+    """The block's slice [i0, i1) of a row of V logits: blocks along x split the row evenly."""
+    chunk = (V + cuda.gridDim.x - 1) // cuda.gridDim.x
+    i0 = cuda.blockIdx.x * chunk
+    return i0, min(V, i0 + chunk)
+
+
+@cuda.jit(device=True)
 def _weight(z, zmax):
     return math.exp(z - zmax)
 
@@ -223,9 +231,7 @@ def prep_kernel(zbuf, zkey, hist, part_v, part_i, logits, seen, params):
     blk = cuda.blockIdx.x
     t = cuda.threadIdx.x
     V = logits.shape[1]
-    chunk = (V + cuda.gridDim.x - 1) // cuda.gridDim.x
-    i0 = blk * chunk
-    i1 = min(V, i0 + chunk)
+    i0, i1 = _span(V)
     vbuf = cuda.shared.array(THREADS, float32)
     ibuf = cuda.shared.array(THREADS, int32)
     hsh = cuda.shared.array(BINS, int64)
@@ -274,9 +280,7 @@ def select_kernel(zbuf, zkey, hist, st, part_v, params, stage):
         return
     if stage > 4 and not pact:
         return
-    chunk = (V + cuda.gridDim.x - 1) // cuda.gridDim.x
-    i0 = blk * chunk
-    i1 = min(V, i0 + chunk)
+    i0, i1 = _span(V)
     sh = cuda.shared.array(BINS, int64)
     hsh = cuda.shared.array(BINS, int64)
     res = cuda.shared.array(2, int64)
@@ -359,9 +363,7 @@ def draw_kernel(zbuf, zkey, hist, st, part_v, part_g, part_gi, part_s, params, r
         return
     _, kact, pact = _flags(params, V)
     min_p = params[3]
-    chunk = (V + cuda.gridDim.x - 1) // cuda.gridDim.x
-    i0 = blk * chunk
-    i1 = min(V, i0 + chunk)
+    i0, i1 = _span(V)
     sh = cuda.shared.array(BINS, int64)
     res = cuda.shared.array(2, int64)
     vbuf = cuda.shared.array(THREADS, float32)

@@ -69,5 +69,5 @@ def swiglu_bf16(out, gu, stream=0):
     if F % 2:
         raise ValueError(f"swiglu_bf16: the hidden width {F} must be even (values move two at a time)")
     H = F // 2
-    swiglu_bf16_kernel[((H + 255) // 256, koifish_cuda.compat.stride_blocks(R)), 256, stream](nb(out.view(np.uint32)),
-                                                                                             nb(gu.view(np.uint32)))
+    grid = ((H + 255) // 256, koifish_cuda.compat.stride_blocks(R))
+    swiglu_bf16_kernel[grid, 256, stream](nb(out.view(np.uint32)), nb(gu.view(np.uint32)))

@@ -2,8 +2,8 @@
 
 Bounds: conversions and dequantization are exact (the same float32 arithmetic, then the same
 round-to-nearest-even); products with bf16 operands 2^-8 relative in norm (each operand rounded
-by at most 2^-8 of itself, the errors of a dot product's terms mostly cancelling); attention through a float16 KV cache and float16
-probabilities 3e-3.
+by at most 2^-8 of itself, the errors of a dot product's terms mostly cancelling); attention
+through a float16 KV cache and float16 probabilities 3e-3.
 """
 
 import numpy as np

@@ -253,14 +253,14 @@ def test_a_koifish_quantized_folder_loads_its_own_codes(small, tmp_path):
 def test_parts_that_cannot_share_packing_join_as_float_like_the_host_path(small):
     """q quantized on the device, k and v float (a mixed folder): q|k|v is float32, q dequantized there."""
     from koifish_core.infer.qwen3_gpu import Qwen3GPU
-    from koifish_core.infer.qwen3_gpu_load import _rows, _upload
+    from koifish_core.infer.qwen3_gpu_load import _upload
     from koifish_core.infer.quant import quantize_weight
     from koifish_core.models.hf_qwen3 import plan_folder
 
     eng = Qwen3GPU(plan_folder(small[False]).config)
     rng = np.random.default_rng(_fresh_seed())
     q, k, v = (rng.standard_normal((n, 64)).astype(np.float32) for n in (32, 16, 16))
-    got = _rows(eng, [_upload(eng, q, 4, 32), _upload(eng, k, None, 32), _upload(eng, v, None, 32)])
+    got = eng._join([_upload(eng, q, 4, 32), _upload(eng, k, None, 32), _upload(eng, v, None, 32)])
     _same_linear(got, eng._linear([quantize_weight(q, 4, 32), k, v]), "qkv")
 
 

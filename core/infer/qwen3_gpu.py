@@ -127,10 +127,10 @@ def _mlp_band(F: int, C: int, slab_elems: int) -> int:
     return -(-per // 128) * 128
 
 
-def _can_concat(ws) -> bool:
-    return all(isinstance(w, QuantizedWeight) and w.g_idx is None for w in ws) and \
-        len({(w.bits, w.group_size) for w in ws}) == 1 and all((w.shape[1] * w.bits) % 32 == 0 for w in ws) and \
-        ws[0].shape[1] % 32 == 0 and ws[0].group_size % 32 == 0
+def _packable(w) -> bool:
+    """A host weight the device kernels take packed: group-wise codes in column order (no act-order
+    g_idx) whose rows and groups are whole 32-code chunks."""
+    return isinstance(w, QuantizedWeight) and w.g_idx is None and w.shape[1] % 32 == 0 and w.group_size % 32 == 0
 
 
 class Qwen3GPU:
@@ -186,17 +186,43 @@ class Qwen3GPU:
             return self.xp.asarray(np.ascontiguousarray(a))
 
     def _linear(self, ws) -> DeviceLinear:
-        """Device matrix of the rows of ws stacked (one GEMV for q|k|v and gate|up)."""
-        K = ws[0].shape[1]
-        N = sum(w.shape[0] for w in ws)
-        if _can_concat(ws):
-            packed = np.concatenate([w.packed for w in ws])
-            return DeviceLinear(N, K, words=self._put(packed.view(np.uint32)),
-                                scales=self._put(np.concatenate([w.scales for w in ws]).astype(np.float32)),
-                                zeros=self._put(np.concatenate([w.zeros for w in ws])), bits=ws[0].bits,
-                                group_size=ws[0].group_size)
-        dense = [w.dequantize(np.float32) if isinstance(w, QuantizedWeight) else np.asarray(w, np.float32) for w in ws]
-        return DeviceLinear(N, K, w=self._put(np.concatenate(dense)))
+        """Device matrix of the rows of the host weights ws stacked (one GEMV for q|k|v and gate|up)."""
+        return self._join([self._upload_weight(w) for w in ws])
+
+    def _upload_weight(self, w) -> DeviceLinear:
+        """One host weight (float array or QuantizedWeight) on the device: packed when the kernels take it
+        so, else dequantized to float32."""
+        N, K = w.shape
+        if _packable(w):
+            return DeviceLinear(N, K, words=self._put(np.ascontiguousarray(w.packed).view(np.uint32)),
+                                scales=self._put(np.asarray(w.scales, np.float32)), zeros=self._put(w.zeros),
+                                bits=w.bits, group_size=w.group_size)
+        dense = w.dequantize(np.float32) if isinstance(w, QuantizedWeight) else np.asarray(w, np.float32)
+        return DeviceLinear(N, K, w=self._put(dense))
+
+    def _join(self, parts: list[DeviceLinear]) -> DeviceLinear:
+        """One DeviceLinear of the parts' rows stacked: packed when all are packed alike, else float32
+        (a mixed layer, e.g. one GPTQ act-order part among plain ones)."""
+        if len(parts) == 1:
+            return parts[0]
+        N, K, xp = sum(p.N for p in parts), parts[0].K, self.xp
+        with self._ctx():
+            if all(p.quantized for p in parts) and len({(p.bits, p.group_size) for p in parts}) == 1:
+                return DeviceLinear(N, K, words=xp.concatenate([p.words for p in parts]),
+                                    scales=xp.concatenate([p.scales for p in parts]),
+                                    zeros=xp.concatenate([p.zeros for p in parts]), bits=parts[0].bits,
+                                    group_size=parts[0].group_size)
+            return DeviceLinear(N, K, w=xp.concatenate([self._dense(p) for p in parts]))
+
+    def _dense(self, lin: DeviceLinear):
+        """lin as float32 on the device. A packed part goes through the host's own dequantization (one
+        part of a mixed layer, rare): its values are then exactly the CPU model's."""
+        if not lin.quantized:
+            return lin.w
+        packed = np.ascontiguousarray(self._get(lin.words)).view(np.uint8)
+        qw = QuantizedWeight(packed, self._get(lin.scales).astype(np.float16), self._get(lin.zeros), lin.bits,
+                             lin.group_size)
+        return self._put(qw.dequantize(np.float32))
 
     @classmethod
     def from_model(cls, model, **kw) -> "Qwen3GPU":

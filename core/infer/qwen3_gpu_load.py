@@ -61,7 +61,7 @@ def _upload(eng: Qwen3GPU, array: np.ndarray, bits: int | None, group_size: int)
     if not quantized_at_load(bits, array.shape):
         return DeviceLinear(N, K, w=eng._put(np.asarray(array, np.float32)))
     G = effective_group_size(K, group_size)
-    if K % 32 or G % 32:  # the engine keeps such matrices dense anyway (see Qwen3GPU._linear)
+    if K % 32 or G % 32:  # the engine keeps such matrices dense anyway (see qwen3_gpu._packable)
         return eng._linear([quantize_weight(np.asarray(array, np.float32), bits, group_size)])
     from koifish_cuda.quantize_device import quantize
 
@@ -74,32 +74,6 @@ def _upload(eng: Qwen3GPU, array: np.ndarray, bits: int | None, group_size: int)
         quantize(out.words, out.scales, out.zeros, w, bits, G, eng.ns)
         del w
     return out
-
-
-def _rows(eng: Qwen3GPU, parts: list[DeviceLinear]) -> DeviceLinear:
-    """One DeviceLinear of the parts' rows stacked: packed when all are packed alike, else float32
-    (a mixed layer, e.g. one GPTQ act-order part among plain ones), the choice Qwen3GPU._linear makes."""
-    if len(parts) == 1:
-        return parts[0]
-    N, K, xp = sum(p.N for p in parts), parts[0].K, eng.xp
-    with eng._ctx():
-        if all(p.quantized for p in parts) and len({(p.bits, p.group_size) for p in parts}) == 1:
-            return DeviceLinear(N, K, words=xp.concatenate([p.words for p in parts]),
-                                scales=xp.concatenate([p.scales for p in parts]),
-                                zeros=xp.concatenate([p.zeros for p in parts]), bits=parts[0].bits,
-                                group_size=parts[0].group_size)
-        return DeviceLinear(N, K, w=xp.concatenate([_dense(eng, p) for p in parts]))
-
-
-def _dense(eng: Qwen3GPU, lin: DeviceLinear):
-    """lin as float32 on the device. A packed part goes through the host's own dequantization (one part,
-    rare): the values are then exactly from_model's."""
-    if not lin.quantized:
-        return lin.w
-    packed = np.ascontiguousarray(eng._get(lin.words)).view(np.uint8)
-    qw = QuantizedWeight(packed, eng._get(lin.scales).astype(np.float16), eng._get(lin.zeros), lin.bits,
-                         lin.group_size)
-    return eng._put(qw.dequantize(np.float32))
 
 
 class _Parts:
@@ -127,7 +101,7 @@ class _Parts:
         got = self.bands[l].setdefault(matrix, {})
         got[band] = weight
         if len(got) == count:
-            self.layers[l][matrix] = _rows(self.eng, [got[b] for b in range(count)])
+            self.layers[l][matrix] = self.eng._join([got[b] for b in range(count)])
             del self.bands[l][matrix]  # the parts' memory goes once the joined copy exists
 
     def finish(self) -> None:
