@@ -22,10 +22,11 @@ import numpy as np
 import koifish_cuda.compat  # noqa: F401
 from koifish_cuda.compat import nb
 from koifish_cuda.attention_prefill import _pair_row
-from koifish_cuda.reduce import THREADS, block_max, block_sum
+from koifish_cuda.reduce import THREADS, WARPS, sync_warp, warp_max, warp_sum
 from numba import cuda, float32, float64
 
 HD_MAX = 512  # head_dim limit (shared buffer size)
+HEADS_BUF = WARPS * HD_MAX  # a block's per-warp head buffers (a shared array's size must be a constant)
 
 
 def rope_tables(max_len: int, head_dim: int, theta: float):
@@ -67,28 +68,13 @@ def quantize_kv_ref(x):
     return codes.astype(np.int8), (amax / 127.0).astype(np.float32)
 
 
-@cuda.jit(device=True)
-def _norm_head(y, qkv, w, r, base, hd, eps, red):
-    """y[:hd] = rmsnorm(qkv[r, base:base+hd]) * w; returns after a barrier (y visible to the block)."""
-    t = cuda.threadIdx.x
-    ss = float32(0.0)
-    for d in range(t, hd, THREADS):
-        v = qkv[r, base + d]
-        y[d] = v
-        ss += v * v
-    total = block_sum(ss, red)  # its barriers also make y visible to every thread
-    rstd = float32(1.0) / math.sqrt(total / float32(hd) + eps)
-    for d in range(t, hd, THREADS):
-        y[d] = w[d] * (y[d] * rstd)
-    cuda.syncthreads()
-
-
 @cuda.jit(device=True, inline=True)
-def _roped(y, d, hd, cos, sin, p):
+def _roped(y, o, d, hd, cos, sin, p):
+    """Element d of rope(y[o:o+hd]) at position p."""
     half = hd // 2
     i = d if d < half else d - half
-    rot = -y[d + half] if d < half else y[d - half]
-    return y[d] * cos[p, i] + rot * sin[p, i]
+    rot = -y[o + d + half] if d < half else y[o + d - half]
+    return y[o + d] * cos[p, i] + rot * sin[p, i]
 
 
 @cuda.jit(device=True, inline=True)
@@ -99,53 +85,78 @@ def _q_row(r, h, T, nh, n_rep, nkv):
 
 
 @cuda.jit(device=True)
-def _store_int8(codes, scales, b, j, p, z, red, hd):
-    """codes[b, j, p], scales[b, j, p] of z[:hd] as quantize_kv_ref; a thread reads only the z[d] it wrote."""
-    t = cuda.threadIdx.x
+def _store_int8(codes, scales, b, j, p, z, o, red, hd, live):
+    """codes[b, j, p], scales[b, j, p] of z[o:o+hd] as quantize_kv_ref, by one warp; a lane reads only
+    the z[o + d] it wrote. Every lane of the block calls it (warp_max); only live warps store."""
+    lane = cuda.threadIdx.x % 32
     m = float32(0.0)
-    for d in range(t, hd, THREADS):
-        m = max(m, abs(z[d]))
-    amax = float64(block_max(m, red))
-    if t == 0:
-        scales[b, j, p] = amax / 127.0
-    for d in range(t, hd, THREADS):
-        codes[b, j, p, d] = round(float64(z[d]) * 127.0 / amax) if amax > 0.0 else 0
+    for d in range(lane, hd, 32):
+        m = max(m, abs(z[o + d]))
+    amax = float64(warp_max(m, red))
+    if live:
+        if lane == 0:
+            scales[b, j, p] = amax / 127.0
+        for d in range(lane, hd, 32):
+            codes[b, j, p, d] = round(float64(z[o + d]) * 127.0 / amax) if amax > 0.0 else 0
 
 
 @cuda.jit(cache=True)
 def qk_norm_rope_kernel(q_out, k_cache, v_cache, k_scale, v_scale, qkv, qn, kn, cos, sin, pos, T, nh, eps, n_rep,
                         quant):
-    """A block per (row, head). With quant (an int8 cache) a kv head's block quantizes its k vector,
-    then its v vector, with their scales; else k and v are stored as they are (k_scale, v_scale unused)."""
-    r = cuda.blockIdx.x
-    h = cuda.blockIdx.y
-    t = cuda.threadIdx.x
+    """A warp per (row, head), WARPS of them per block, blocks grid-stride over the items: no block
+    barriers, one shuffle reduction. With quant (an int8 cache) a kv head's warp quantizes its k
+    vector, then its v vector, with their scales; else k and v are stored as they are (k_scale,
+    v_scale unused)."""
+    lane = cuda.threadIdx.x % 32
+    wp = cuda.threadIdx.x // 32
     nkv = k_cache.shape[1]
     hd = k_cache.shape[3]
-    b = r // T
-    p = pos[0] + r % T
-    y = cuda.shared.array(HD_MAX, float32)
-    z = cuda.shared.array(HD_MAX, float32)
+    heads = nh + nkv
+    items = qkv.shape[0] * heads
+    y = cuda.shared.array(HEADS_BUF, float32)  # the normed head, then
+    z = cuda.shared.array(HEADS_BUF, float32)  # its roped values (read back by the int8 path)
     red = cuda.shared.array(THREADS, float32)
-    is_q = h < nh
-    j = h - nh
-    # q heads, then k heads: both start at h * hd in the fused row
-    _norm_head(y, qkv, qn if is_q else kn, r, h * hd, hd, eps, red)
-    row = _q_row(r, h, T, nh, n_rep, nkv)
-    for d in range(t, hd, THREADS):
-        val = _roped(y, d, hd, cos, sin, p)
-        if is_q:
-            q_out[row, d] = val
-        elif quant:
-            z[d] = val
-        else:
-            k_cache[b, j, p, d] = val
-            v_cache[b, j, p, d] = qkv[r, (nh + nkv + j) * hd + d]
-    if quant and not is_q:  # the same for the whole block: every thread reaches block_max's barriers
-        _store_int8(k_cache, k_scale, b, j, p, z, red, hd)
-        for d in range(t, hd, THREADS):
-            z[d] = qkv[r, (nh + nkv + j) * hd + d]
-        _store_int8(v_cache, v_scale, b, j, p, z, red, hd)
+    o = wp * HD_MAX
+    for item0 in range(cuda.blockIdx.x * WARPS, items, cuda.gridDim.x * WARPS):  # the same turns for every warp
+        item = item0 + wp
+        live = item < items
+        item = min(item, items - 1)  # a spare warp computes the last item again and stores nothing
+        r = item // heads
+        h = item - r * heads
+        b = r // T
+        p = pos[0] + r % T
+        is_q = h < nh
+        j = h - nh
+        w = qn if is_q else kn
+        base = h * hd  # q heads, then k heads: both start at h * hd in the fused row
+        ss = float32(0.0)
+        for d in range(lane, hd, 32):
+            v = qkv[r, base + d]
+            y[o + d] = v
+            ss += v * v
+        rstd = float32(1.0) / math.sqrt(warp_sum(ss, red) / float32(hd) + eps)
+        for d in range(lane, hd, 32):
+            y[o + d] = w[d] * (y[o + d] * rstd)
+        sync_warp()  # rope reads the partner element another lane wrote
+        row = _q_row(r, h, T, nh, n_rep, nkv)
+        for d in range(lane, hd, 32):
+            z[o + d] = _roped(y, o, d, hd, cos, sin, p)
+            if live and not quant:
+                if is_q:
+                    q_out[row, d] = z[o + d]
+                else:
+                    k_cache[b, j, p, d] = z[o + d]
+                    v_cache[b, j, p, d] = qkv[r, (nh + nkv + j) * hd + d]
+        if quant:  # the same for the whole block: every lane reaches warp_max
+            kv = not is_q
+            if is_q and live:
+                for d in range(lane, hd, 32):
+                    q_out[row, d] = z[o + d]
+            _store_int8(k_cache, k_scale, b, j, p, z, o, red, hd, live and kv)
+            for d in range(lane, hd, 32):
+                z[o + d] = qkv[r, (nh + nkv + j) * hd + d] if kv else float32(0.0)
+            _store_int8(v_cache, v_scale, b, j, p, z, o, red, hd, live and kv)
+        sync_warp()  # the next turn overwrites y and z
 
 
 _NO_SCALES: dict = {}  # a placeholder scales array per array module, for float caches
@@ -168,7 +179,7 @@ def qk_norm_rope(q_out, k_cache, v_cache, qkv, qn, kn, cos, sin, pos, T: int, nh
     if hd > HD_MAX or hd % 2:
         raise ValueError(f"head_dim {hd}: the kernel takes even head_dim up to {HD_MAX}")
     nkv = k_cache.shape[1]
-    grid = (qkv.shape[0], nh + nkv)
+    grid = koifish_cuda.compat.stride_blocks(-(-qkv.shape[0] * (nh + nkv) // WARPS), 65535)  # one turn up to 262k items
     n_rep = nh // nkv if regroup else 0
     q_rows = q_out.reshape(-1, hd)  # a view: rows of one head's hd values
     quant = k_cache.dtype == np.int8

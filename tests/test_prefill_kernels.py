@@ -111,12 +111,11 @@ def test_causal_softmax(long_rows):
     """Rows as attention_prefill lays them out: period rows per (b, kv head) pair, group heads a token;
     rows longer than the registers hold take the two-pass path."""
     from koifish_cuda.attention_prefill import HELD, causal_softmax, causal_softmax_ref
-    from koifish_cuda.reduce import THREADS
 
     rng = np.random.default_rng()
     tq, first, group, pairs = (64, 700, 8, 3) if ON_GPU else (3, 4, 2, 2)
     if long_rows:
-        first = HELD * THREADS + 100
+        first = HELD * 32 + 100
     L = first + tq
     s = (rng.standard_normal((pairs * tq * group, L)) * 4).astype(np.float32)
     p = dev(np.full(s.shape, np.nan, np.float16))

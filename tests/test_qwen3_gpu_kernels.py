@@ -22,6 +22,7 @@ def f32(a):
 
 
 def test_add_rmsnorm():
+    from koifish_cuda.bf16 import to_bf16_ref
     from koifish_cuda.rmsnorm import add_rmsnorm, add_rmsnorm_ref
 
     r = rng()
@@ -33,6 +34,10 @@ def test_add_rmsnorm():
     assert rel_err(host(xd), rx) < TOL and rel_err(host(out), ro) < TOL
     add_rmsnorm(out, xd, None, f32(w), 1e-6)  # no residual: x unchanged
     assert rel_err(host(xd), rx) < TOL and rel_err(host(out), add_rmsnorm_ref(rx, None, w, 1e-6)[1]) < TOL
+    ob = dev(np.zeros((R, C), np.uint16))  # bf16 out (the prefill's GEMM operand): the float32 result rounded
+    add_rmsnorm(ob, xd, None, f32(w), 1e-6)
+    add_rmsnorm(out, xd, None, f32(w), 1e-6)
+    assert np.array_equal(host(ob), to_bf16_ref(host(out)))
 
 
 @pytest.mark.parametrize("cache_dtype,regroup", [

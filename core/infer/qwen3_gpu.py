@@ -442,9 +442,10 @@ class Qwen3GPU:
         qh = self.qh[:R * nh * hd].reshape(R * nh, hd)
         o = self.q.reshape(-1).view(qh.dtype)[:R * nh * hd].reshape(R * nh, hd)  # decode's q buffer, unused here
         kc, vc = self.kv
+        xb = self.xb[:R * c.hidden_size].reshape(R, c.hidden_size)  # the normed rows as bf16 GEMM operands
         for l, L in enumerate(self.layers):
-            add_rmsnorm(xn, x, None if l == 0 else delta, L["ln1"], eps, s)
-            self._linear_bf16(qkv, self._bf16_rows(xn), L["qkv"])
+            add_rmsnorm(xb, x, None if l == 0 else delta, L["ln1"], eps, s)
+            self._linear_bf16(qkv, xb, L["qkv"])
             sc = self._kv_scales(l)
             qk_norm_rope(qh, kc[l], vc[l], qkv, L["qn"], L["kn"], self.cos, self.sin, self.pos, T, nh, eps, s,
                          regroup=True, **sc)
@@ -456,8 +457,8 @@ class Qwen3GPU:
             att = self.xb[:R * nh * hd].reshape(R, nh * hd)
             attention_prefill(att, qh, k, v, past, T, self.blas, o, self.slab, s)
             self._linear_bf16(delta, att, L["o"])
-            add_rmsnorm(xn, x, delta, L["ln2"], eps, s)
-            self._mlp_bf16(delta, self._bf16_rows(xn), L["gu"], L["down"])
+            add_rmsnorm(xb, x, delta, L["ln2"], eps, s)
+            self._mlp_bf16(delta, xb, L["gu"], L["down"])
         add_rmsnorm(xn, x, delta, self.norm, eps, s)
 
     def _embed(self, out, ids) -> None:
