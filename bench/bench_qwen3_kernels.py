@@ -34,6 +34,8 @@ def main():
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench/results/qwen3_kernels.json")
+    parser.add_argument("--splits", default="", help="also time the decode attention's two kernels apart at these "
+                        "split counts (e.g. 16,32,64,128) and print their register counts")
     args = parser.parse_args()
     copy = copy_bandwidth()
     rng = np.random.default_rng(0)
@@ -69,6 +71,19 @@ def main():
         pos[...] = ctx - 1
         report(f"decode attention ctx {ctx}", lambda s: attention_decode(att, q, kc, vc, pos, 1, scratch, s),
                2 * KV * ctx * HD * 2)
+    if args.splits:  # the split and merge kernels apart, at other split counts
+        from koifish_cuda.attention_decode import THREADS, _split_kernel, attention_merge_kernel
+        split_k = _split_kernel(HD, HEADS // KV, False)
+        for S in (int(v) for v in args.splits.split(",")):
+            po, pm, pl = attention_scratch(cp, 1, HEADS, HD, S)
+            for ctx in (1024, 8192):
+                pos[...] = ctx - 1
+                report(f"  split kernel S={S} ctx {ctx}", lambda s: split_k[(KV, S), THREADS, s](
+                    po, pm, pl, q, kc, vc, (), pos, 1, np.float32(HD ** -0.5)), 2 * KV * ctx * HD * 2)
+            report(f"  merge kernel S={S}", lambda s: attention_merge_kernel[HEADS, THREADS, s](att, po, pm, pl),
+                   4 * HEADS * S * (HD + 2))
+        print("registers a thread: split", list(split_k.get_regs_per_thread().values()), "merge",
+              list(attention_merge_kernel.get_regs_per_thread().values()))
     gu, h = f32(1, 2 * INTER), cp.zeros((1, INTER), cp.float32)
     report("decode swiglu 25600", lambda s: swiglu(h, gu, s), 4 * 3 * INTER)
     del kc, vc

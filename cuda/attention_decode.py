@@ -13,9 +13,9 @@ equal chunks (sized at run time from pos, so a captured graph replays at any len
 takes the n_rep query heads that share its kv head (each key and value is read once for all of
 them) and runs an online softmax over its chunk in tiles of TILE keys: the tile's K and V are
 loaded whole into shared memory (coalesced, every load of a thread issued before the first is
-used), a warp scores one query head against the tile's keys (a key per lane), the n_rep running
-maxima and sums are updated, and each thread accumulates one output dimension of its query
-heads. It writes its partial max, sum and unnormalized output. Kernel 2 merges the splits
+used), a warp scores one query head against the tile's keys (a key per lane: TILE is the warp
+size) and updates that head's running max and sum with shuffles (three barriers a tile), and each
+thread accumulates one output dimension of its query heads. It writes its partial max, sum and unnormalized output. Kernel 2 merges the splits
 (their weights in shared memory, the partial outputs read four at a time).
 Shapes are compile-time constants of the split kernel (one compiled per head_dim, n_rep, int8 or not).
 """
@@ -28,10 +28,10 @@ import math
 import numpy as np
 
 import koifish_cuda.compat  # noqa: F401
-from koifish_cuda.reduce import NEG_INF, THREADS, block_max, block_sum
+from koifish_cuda.reduce import NEG_INF, THREADS, WARPS, block_max, block_sum, warp_max, warp_sum
 from numba import cuda, float32
 
-TILE = 32  # keys per tile (a tile's K and V, fp32 in shared memory: 32.5 KB at head_dim 128)
+TILE = 32  # keys per tile, one per lane of a warp (its K and V, fp32 in shared memory: 32.5 KB at head_dim 128)
 G_MAX = 16  # query heads per kv head
 HD_MAX = THREADS  # head_dim divides THREADS (a thread owns one dimension of the output)
 
@@ -81,7 +81,7 @@ def _split_kernel(HD: int, NREP: int, QUANT: bool = False):
     KP = HD + 1  # padded K rows: the threads of a warp score different keys without bank conflicts
     KBUF, VBUF, QB, SB = TILE * KP, TILE * HD, NREP * HD, NREP * TILE
     KROWS = TILE // (THREADS // HD)  # tile rows a thread loads (column d_own of rows k_own, k_own + HSTEP, ...)
-    PAIRS = -(-SB // THREADS)
+    PAIRS = -(-NREP // WARPS)  # turns of the block's warps over the query heads
     HSTEP = THREADS // HD  # query heads a pass of the threads accumulates (HD divides THREADS)
     NACC = -(-NREP // HSTEP)
     SCB = TILE if QUANT else 1
@@ -122,6 +122,9 @@ def _split_kernel(HD: int, NREP: int, QUANT: bool = False):
         if tid < NREP:
             mrow[tid] = NEG_INF
             lrow[tid] = 0.0
+        lane = tid % 32
+        wp = tid // 32
+        red = cuda.shared.array(THREADS, float32)  # the simulator's warp reductions (unused on a GPU)
         d_own = tid % HD
         j_own = tid // HD
         k_own = tid // HD
@@ -139,42 +142,37 @@ def _split_kernel(HD: int, NREP: int, QUANT: bool = False):
                 elif tid < 2 * TILE:
                     vsc[tid - TILE] = scales[1][b, kvh, base + tid - TILE] if tid - TILE < n else float32(0.0)
             cuda.syncthreads()
-            for u in range(PAIRS):  # scores: a warp takes one query head against the tile's keys
-                p = u * THREADS + tid
-                if p < SB:
-                    j = p // TILE
-                    key = p % TILE
-                    sv = NEG_INF
-                    if key < n:
-                        a = float32(0.0)
-                        for d in range(HD):
-                            a += qs[j * HD + d] * ks[key * KP + d]
-                        sv = a
-                        if QUANT:
-                            sv = a * ksc[key]
-                    sc[p] = sv
-            cuda.syncthreads()
-            if tid < NREP:  # online softmax: the running max of each query head
-                m_old = mrow[tid]
-                mx = m_old
-                for key in range(TILE):
-                    mx = max(mx, sc[tid * TILE + key])
-                alpha[tid] = math.exp(m_old - mx)
-                mrow[tid] = mx
-            cuda.syncthreads()
-            for u in range(PAIRS):
-                p = u * THREADS + tid
-                if p < SB:
-                    e = math.exp(sc[p] - mrow[p // TILE]) if p % TILE < n else float32(0.0)
-                    sc[p] = e
+            for u in range(PAIRS):  # a warp takes one query head, a lane one key: score, then the online softmax
+                j = u * WARPS + wp  # the same for the whole warp; a warp past the heads works on a copy, stores nothing
+                jj = min(j, NREP - 1)
+                m_old = mrow[jj]
+                sv = NEG_INF
+                if lane < n:
+                    a0 = float32(0.0)  # four partial sums: four short dependency chains instead of one long one
+                    a1 = float32(0.0)
+                    a2 = float32(0.0)
+                    a3 = float32(0.0)
+                    for d in range(0, HD, 4):
+                        a0 += qs[jj * HD + d] * ks[lane * KP + d]
+                        a1 += qs[jj * HD + d + 1] * ks[lane * KP + d + 1]
+                        a2 += qs[jj * HD + d + 2] * ks[lane * KP + d + 2]
+                        a3 += qs[jj * HD + d + 3] * ks[lane * KP + d + 3]
+                    sv = (a0 + a1) + (a2 + a3)
                     if QUANT:
-                        sw[p] = e * vsc[p % TILE]
-            cuda.syncthreads()
-            if tid < NREP:
-                sm = float32(0.0)
-                for key in range(TILE):
-                    sm += sc[tid * TILE + key]
-                lrow[tid] = lrow[tid] * alpha[tid] + sm
+                        sv *= ksc[lane]
+                mx = warp_max(max(sv, m_old), red)  # m_old is in a register before any lane stores the new one
+                e = math.exp(sv - mx) if lane < n else float32(0.0)
+                total = warp_sum(e, red)
+                if j < NREP:
+                    sc[j * TILE + lane] = e
+                    if QUANT:
+                        sw[j * TILE + lane] = e * vsc[lane]
+                    if lane == 0:
+                        al = math.exp(m_old - mx)
+                        alpha[j] = al
+                        mrow[j] = mx
+                        lrow[j] = lrow[j] * al + total
+            cuda.syncthreads()  # the weights and alphas are in place for every thread
             for i in range(NACC):  # thread: dimension d_own of query heads j_own, j_own + HSTEP, ...
                 j = j_own + i * HSTEP
                 if j < NREP:

@@ -15,18 +15,17 @@ The cache may be float16 or float32; values are rounded on store. Or int8: each 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 
 import koifish_cuda.compat  # noqa: F401
 from koifish_cuda.compat import nb
-from koifish_cuda.attention_prefill import _pair_row
 from koifish_cuda.reduce import THREADS, WARPS, sync_warp, warp_max, warp_sum
 from numba import cuda, float32, float64
 
 HD_MAX = 512  # head_dim limit (shared buffer size)
-HEADS_BUF = WARPS * HD_MAX  # a block's per-warp head buffers (a shared array's size must be a constant)
 
 
 def rope_tables(max_len: int, head_dim: int, theta: float):
@@ -68,95 +67,120 @@ def quantize_kv_ref(x):
     return codes.astype(np.int8), (amax / 127.0).astype(np.float32)
 
 
-@cuda.jit(device=True, inline=True)
-def _roped(y, o, d, hd, cos, sin, p):
-    """Element d of rope(y[o:o+hd]) at position p."""
-    half = hd // 2
-    i = d if d < half else d - half
-    rot = -y[o + d + half] if d < half else y[o + d - half]
-    return y[o + d] * cos[p, i] + rot * sin[p, i]
+@functools.lru_cache(maxsize=None)
+def _kernel(HD: int):
+    """The kernel for head_dim HD (a compile-time constant: a lane's HD/32 values stay in registers).
 
+    A warp per (row, head), WARPS heads of a row per block (no division finds the item): no block
+    barriers, one shuffle reduction. Every global load of an item (its head, norm weights, cos/sin,
+    the v head) goes out before anything is stored: a store through a generic pointer would hold
+    back the loads after it. With HD a multiple of 64 a lane's RoPE partner (d +- HD/2) is one of
+    its own values; otherwise the normed head goes through shared memory. With quant (an int8
+    cache) a kv head's warp quantizes its k vector, then its v vector, with their scales; else k
+    and v are stored as they are (k_scale, v_scale unused)."""
+    VPL = -(-HD // 32)  # values a lane holds: d = lane + 32 u
+    HALF = HD // 2
+    SH = HALF // 32
+    IN_LANE = HALF % 32 == 0
+    YB = 1 if IN_LANE else WARPS * HD
 
-@cuda.jit(device=True, inline=True)
-def _q_row(r, h, T, nh, n_rep, nkv):
-    """q_out's row (of hd values) for token row r, query head h: r*nh + h, or with n_rep > 0 the
-    (b, kv head)-grouped row of koifish_cuda.attention_prefill."""
-    return r * nh + h if n_rep == 0 else _pair_row(r, h, T, n_rep, nkv)
+    @cuda.jit(device=True)
+    def store_int8(codes, scales, b, j, p, vals, red, live):
+        """codes[b, j, p], scales[b, j, p] of the warp's vector vals as quantize_kv_ref."""
+        lane = cuda.threadIdx.x % 32
+        m = float32(0.0)
+        for u in range(VPL):
+            m = max(m, abs(vals[u]))  # zero past HD
+        amax = float64(warp_max(m, red))
+        if live:
+            if lane == 0:
+                scales[b, j, p] = amax / 127.0
+            for u in range(VPL):
+                d = lane + 32 * u
+                if d < HD:
+                    codes[b, j, p, d] = round(float64(vals[u]) * 127.0 / amax) if amax > 0.0 else 0
 
-
-@cuda.jit(device=True)
-def _store_int8(codes, scales, b, j, p, z, o, red, hd, live):
-    """codes[b, j, p], scales[b, j, p] of z[o:o+hd] as quantize_kv_ref, by one warp; a lane reads only
-    the z[o + d] it wrote. Every lane of the block calls it (warp_max); only live warps store."""
-    lane = cuda.threadIdx.x % 32
-    m = float32(0.0)
-    for d in range(lane, hd, 32):
-        m = max(m, abs(z[o + d]))
-    amax = float64(warp_max(m, red))
-    if live:
-        if lane == 0:
-            scales[b, j, p] = amax / 127.0
-        for d in range(lane, hd, 32):
-            codes[b, j, p, d] = round(float64(z[o + d]) * 127.0 / amax) if amax > 0.0 else 0
-
-
-@cuda.jit(cache=True)
-def qk_norm_rope_kernel(q_out, k_cache, v_cache, k_scale, v_scale, qkv, qn, kn, cos, sin, pos, T, nh, eps, n_rep,
-                        quant):
-    """A warp per (row, head), WARPS of them per block, blocks grid-stride over the items: no block
-    barriers, one shuffle reduction. With quant (an int8 cache) a kv head's warp quantizes its k
-    vector, then its v vector, with their scales; else k and v are stored as they are (k_scale,
-    v_scale unused)."""
-    lane = cuda.threadIdx.x % 32
-    wp = cuda.threadIdx.x // 32
-    nkv = k_cache.shape[1]
-    hd = k_cache.shape[3]
-    heads = nh + nkv
-    items = qkv.shape[0] * heads
-    y = cuda.shared.array(HEADS_BUF, float32)  # the normed head, then
-    z = cuda.shared.array(HEADS_BUF, float32)  # its roped values (read back by the int8 path)
-    red = cuda.shared.array(THREADS, float32)
-    o = wp * HD_MAX
-    for item0 in range(cuda.blockIdx.x * WARPS, items, cuda.gridDim.x * WARPS):  # the same turns for every warp
-        item = item0 + wp
-        live = item < items
-        item = min(item, items - 1)  # a spare warp computes the last item again and stores nothing
-        r = item // heads
-        h = item - r * heads
+    @cuda.jit
+    def kernel(q_out, k_cache, v_cache, k_scale, v_scale, qkv, qn, kn, cos, sin, pos, T, nh, eps, n_rep, quant, r0):
+        lane = cuda.threadIdx.x % 32
+        nkv = k_cache.shape[1]
+        heads = nh + nkv
+        y = cuda.shared.array(YB, float32)
+        red = cuda.shared.array(THREADS, float32)
+        x = cuda.local.array(VPL, float32)  # the head, then its normed values
+        w = cuda.local.array(VPL, float32)
+        c = cuda.local.array(VPL, float32)
+        sn = cuda.local.array(VPL, float32)
+        vv = cuda.local.array(VPL, float32)  # a kv head's v values
+        out = cuda.local.array(VPL, float32)
+        wp = cuda.threadIdx.x // 32
+        h = cuda.blockIdx.x * WARPS + wp
+        live = h < heads
+        h = min(h, heads - 1)  # a spare warp computes the last head again and stores nothing
+        r = r0 + cuda.blockIdx.y
         b = r // T
-        p = pos[0] + r % T
+        t = r - b * T
+        p = pos[0] + t
         is_q = h < nh
         j = h - nh
-        w = qn if is_q else kn
-        base = h * hd  # q heads, then k heads: both start at h * hd in the fused row
+        vcol = (nh + nkv + j) * HD  # the v head of kv head j
         ss = float32(0.0)
-        for d in range(lane, hd, 32):
-            v = qkv[r, base + d]
-            y[o + d] = v
-            ss += v * v
-        rstd = float32(1.0) / math.sqrt(warp_sum(ss, red) / float32(hd) + eps)
-        for d in range(lane, hd, 32):
-            y[o + d] = w[d] * (y[o + d] * rstd)
-        sync_warp()  # rope reads the partner element another lane wrote
-        row = _q_row(r, h, T, nh, n_rep, nkv)
-        for d in range(lane, hd, 32):
-            z[o + d] = _roped(y, o, d, hd, cos, sin, p)
-            if live and not quant:
-                if is_q:
-                    q_out[row, d] = z[o + d]
-                else:
-                    k_cache[b, j, p, d] = z[o + d]
-                    v_cache[b, j, p, d] = qkv[r, (nh + nkv + j) * hd + d]
+        for u in range(VPL):
+            d = lane + 32 * u
+            x[u] = float32(0.0)
+            vv[u] = float32(0.0)
+            if d < HD:
+                v = qkv[r, h * HD + d]  # q heads, then k heads: both start at h * HD in the fused row
+                x[u] = v
+                ss += v * v
+                w[u] = qn[d] if is_q else kn[d]
+                i = d if d < HALF else d - HALF
+                c[u] = cos[p, i]
+                sn[u] = sin[p, i]
+                if not is_q:
+                    vv[u] = qkv[r, vcol + d]
+        rstd = float32(1.0) / math.sqrt(warp_sum(ss, red) / float32(HD) + eps)
+        for u in range(VPL):
+            x[u] = w[u] * (x[u] * rstd) if lane + 32 * u < HD else float32(0.0)
+        if IN_LANE:
+            for u in range(VPL):  # rotate-half: the partner of value u is value u +- SH of the same lane
+                rot = -x[u + SH] if u < SH else x[u - SH]
+                out[u] = x[u] * c[u] + rot * sn[u]
+        else:
+            o = wp * HD
+            for u in range(VPL):
+                d = lane + 32 * u
+                if d < HD:
+                    y[o + d] = x[u]
+            sync_warp()  # the partner element is another lane's
+            for u in range(VPL):
+                d = lane + 32 * u
+                out[u] = float32(0.0)
+                if d < HD:
+                    rot = -y[o + d + HALF] if d < HALF else y[o + d - HALF]
+                    out[u] = x[u] * c[u] + rot * sn[u]
+        if is_q:
+            if live:
+                row = r * nh + h
+                if n_rep > 0:  # the prefill attention's (b, kv head)-grouped rows (attention_prefill._pair_row)
+                    jq = h // n_rep
+                    row = ((b * nkv + jq) * T + t) * n_rep + h - jq * n_rep
+                for u in range(VPL):
+                    d = lane + 32 * u
+                    if d < HD:
+                        q_out[row, d] = out[u]
+        elif not quant:
+            if live:
+                for u in range(VPL):
+                    d = lane + 32 * u
+                    if d < HD:
+                        k_cache[b, j, p, d] = out[u]
+                        v_cache[b, j, p, d] = vv[u]
         if quant:  # the same for the whole block: every lane reaches warp_max
-            kv = not is_q
-            if is_q and live:
-                for d in range(lane, hd, 32):
-                    q_out[row, d] = z[o + d]
-            _store_int8(k_cache, k_scale, b, j, p, z, o, red, hd, live and kv)
-            for d in range(lane, hd, 32):
-                z[o + d] = qkv[r, (nh + nkv + j) * hd + d] if kv else float32(0.0)
-            _store_int8(v_cache, v_scale, b, j, p, z, o, red, hd, live and kv)
-        sync_warp()  # the next turn overwrites y and z
+            store_int8(k_cache, k_scale, b, j, p, out, red, live and not is_q)
+            store_int8(v_cache, v_scale, b, j, p, vv, red, live and not is_q)
+
+    return kernel
 
 
 _NO_SCALES: dict = {}  # a placeholder scales array per array module, for float caches
@@ -179,7 +203,7 @@ def qk_norm_rope(q_out, k_cache, v_cache, qkv, qn, kn, cos, sin, pos, T: int, nh
     if hd > HD_MAX or hd % 2:
         raise ValueError(f"head_dim {hd}: the kernel takes even head_dim up to {HD_MAX}")
     nkv = k_cache.shape[1]
-    grid = koifish_cuda.compat.stride_blocks(-(-qkv.shape[0] * (nh + nkv) // WARPS), 65535)  # one turn up to 262k items
+    R = qkv.shape[0]
     n_rep = nh // nkv if regroup else 0
     q_rows = q_out.reshape(-1, hd)  # a view: rows of one head's hd values
     quant = k_cache.dtype == np.int8
@@ -187,6 +211,7 @@ def qk_norm_rope(q_out, k_cache, v_cache, qkv, qn, kn, cos, sin, pos, T: int, nh
         raise ValueError("qk_norm_rope: an int8 KV cache needs its k_scale and v_scale arrays")
     if not quant:
         k_scale = v_scale = _no_scales(k_cache)
-    qk_norm_rope_kernel[grid, THREADS, stream](nb(q_rows), nb(k_cache), nb(v_cache), nb(k_scale), nb(v_scale),
-                                              nb(qkv), nb(qn), nb(kn), nb(cos), nb(sin), nb(pos), T, nh,
-                                              np.float32(eps), n_rep, quant)
+    args = (nb(q_rows), nb(k_cache), nb(v_cache), nb(k_scale), nb(v_scale), nb(qkv), nb(qn), nb(kn), nb(cos),
+            nb(sin), nb(pos), T, nh, np.float32(eps), n_rep, quant)
+    for r0 in range(0, R, 65535):  # grid y: at most 65,535 rows a launch
+        _kernel(hd)[(-(-(nh + nkv) // WARPS), min(65535, R - r0)), THREADS, stream](*args, r0)

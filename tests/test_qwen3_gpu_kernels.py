@@ -43,12 +43,17 @@ def test_add_rmsnorm():
 @pytest.mark.parametrize("cache_dtype,regroup", [
     (np.float32, False), pytest.param(np.float16, False, marks=pytest.mark.gpu), (np.float16, True)])
 def test_qk_norm_rope_writes_q_and_the_cache(cache_dtype, regroup):
-    """q token-major in float32 (decode), or regrouped by (b, kv head) in the cache's dtype (prefill)."""
+    """q token-major in float32 (decode), or regrouped by (b, kv head) in the cache's dtype (prefill).
+    head_dim 128 and 64 take RoPE's partner from the lane's own registers, 16 and 48 through shared memory."""
     from koifish_cuda.attention_prefill import regroup_ref
     from koifish_cuda.rope import qk_norm_rope, qk_norm_rope_ref, rope_tables
 
     r = rng()
     B, T, nh, nkv, hd, past, max_len = (2, 3, 64, 8, 128, 1000, 1100) if ON_GPU else (2, 3, 4, 2, 16, 5, 12)
+    if cache_dtype == np.float32 and ON_GPU:
+        hd = 48
+    if regroup and not ON_GPU:
+        hd = 64
     qkv = r.standard_normal((B * T, (nh + 2 * nkv) * hd)) * 2
     qn, kn = 1 + 0.2 * r.standard_normal(hd), 1 + 0.2 * r.standard_normal(hd)
     cos, sin = rope_tables(max_len, hd, 1e6)
