@@ -25,7 +25,7 @@ from koifish_cuda.compat import nb
 from koifish_cuda.reduce import THREADS, WARPS, sync_warp, warp_max, warp_sum
 from numba import cuda, float32, float64
 
-HD_MAX = 512  # head_dim limit (shared buffer size)
+HD_MAX = 512  # head_dim limit (a lane holds HD_MAX / 32 values of a head)
 
 
 def rope_tables(max_len: int, head_dim: int, theta: float):
