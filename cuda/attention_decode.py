@@ -15,8 +15,9 @@ them) and runs an online softmax over its chunk in tiles of TILE keys: the tile'
 loaded whole into shared memory (coalesced, every load of a thread issued before the first is
 used), a warp scores one query head against the tile's keys (a key per lane: TILE is the warp
 size) and updates that head's running max and sum with shuffles (three barriers a tile), and each
-thread accumulates one output dimension of its query heads. It writes its partial max, sum and unnormalized output. Kernel 2 merges the splits
-(their weights in shared memory, the partial outputs read four at a time).
+thread accumulates one output dimension of its query heads. It writes its partial max, sum and
+unnormalized output. Kernel 2 merges the splits (their weights in shared memory, the partial
+outputs read four at a time).
 Shapes are compile-time constants of the split kernel (one compiled per head_dim, n_rep, int8 or not).
 """
 
@@ -31,7 +32,7 @@ import koifish_cuda.compat  # noqa: F401
 from koifish_cuda.reduce import NEG_INF, THREADS, WARPS, block_max, block_sum, warp_max, warp_sum
 from numba import cuda, float32
 
-TILE = 32  # keys per tile, one per lane of a warp (its K and V, fp32 in shared memory: 32.5 KB at head_dim 128)
+TILE = 32  # keys per tile, a lane's each (its K and V, fp32 in shared memory: 32.5 KB at head_dim 128)
 G_MAX = 16  # query heads per kv head
 HD_MAX = THREADS  # head_dim divides THREADS (a thread owns one dimension of the output)
 
