@@ -12,7 +12,6 @@ captured graph replays the same kernels; its measured step time is printed besid
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import time
 from pathlib import Path
@@ -79,10 +78,7 @@ def main() -> None:
     graph_s = (time.perf_counter() - t0) / 20
 
     timer = Timer(eng.stream)
-    for mod_name, names in WRAPPED.items():
-        mod = importlib.import_module(mod_name)
-        for n in names:
-            setattr(mod, n, timer.wrap(n, getattr(mod, n)))
+    timer.wrap_modules(WRAPPED)
     sums: dict = {}
     for _ in range(args.reps):
         eng._set(eng.pos, [args.context])

@@ -49,6 +49,15 @@ class Timer:
                 return fn(*args, **kw)
         return timed
 
+    def wrap_modules(self, wrapped: dict) -> None:
+        """Replace each launcher named in wrapped (module name -> names) by a timed one (a group each)."""
+        import importlib
+
+        for mod_name, names in wrapped.items():
+            mod = importlib.import_module(mod_name)
+            for n in names:
+                setattr(mod, n, self.wrap(n, getattr(mod, n)))
+
     def totals(self) -> dict:
         import cupy as cp
 
@@ -66,8 +75,6 @@ def main() -> None:
     ap.add_argument("--cprofile", action="store_true", help="also print where the host's time goes (cProfile)")
     ap.add_argument("--out", default="bench/results/prefill_profile.json")
     args = ap.parse_args()
-
-    import importlib
 
     import numpy as np
 
@@ -100,10 +107,7 @@ def main() -> None:
         pstats.Stats(prof).sort_stats("tottime").print_stats(18)
 
     timer = Timer(eng.stream)
-    for mod_name, names in WRAPPED.items():
-        mod = importlib.import_module(mod_name)
-        for n in names:
-            setattr(mod, n, timer.wrap(n, getattr(mod, n)))
+    timer.wrap_modules(WRAPPED)
     attention = ap_mod.attention_prefill
     gemm = eng.blas.matmul
     state = {"in_attention": False}

@@ -42,11 +42,10 @@ def causal_softmax_ref(s, first: int, period: int, group: int) -> np.ndarray:
 
 
 @cuda.jit(device=True, inline=True)
-def _pair_row(r, h, T, n_rep, nkv):
-    """Row of qh/o for token row r = b*T + t and query head h = j*n_rep + i: ((b*nkv + j)*T + t)*n_rep + i."""
-    b = r // T
+def pair_row(b, t, h, T, n_rep, nkv):
+    """Row of qh/o for token t of sequence b and query head h = j*n_rep + i: ((b*nkv + j)*T + t)*n_rep + i."""
     j = h // n_rep
-    return ((b * nkv + j) * T + r - b * T) * n_rep + h - j * n_rep
+    return ((b * nkv + j) * T + t) * n_rep + h - j * n_rep
 
 
 @cuda.jit(cache=True)
@@ -62,7 +61,8 @@ def merge_heads_kernel(att2, o, T, n_rep):
     h = (2 * c2) // hd
     d = 2 * c2 - h * hd
     for r in range(cuda.blockIdx.y, R, cuda.gridDim.y):
-        row = _pair_row(r, h, T, n_rep, nkv)
+        b = r // T
+        row = pair_row(b, r - b * T, h, T, n_rep, nkv)
         lo = f32_to_bf16(float32(o[row, d]))
         hi = f32_to_bf16(float32(o[row, d + 1]))
         att2[r, c2] = uint32(lo) | (uint32(hi) << uint32(16))

@@ -22,6 +22,7 @@ import numpy as np
 
 import koifish_cuda.compat  # noqa: F401
 from koifish_cuda.compat import nb
+from koifish_cuda.attention_prefill import pair_row
 from koifish_cuda.reduce import THREADS, WARPS, sync_warp, warp_max, warp_sum
 from numba import cuda, float32, float64
 
@@ -161,10 +162,7 @@ def _kernel(HD: int):
                     out[u] = x[u] * c[u] + rot * sn[u]
         if is_q:
             if live:
-                row = r * nh + h
-                if n_rep > 0:  # the prefill attention's (b, kv head)-grouped rows (attention_prefill._pair_row)
-                    jq = h // n_rep
-                    row = ((b * nkv + jq) * T + t) * n_rep + h - jq * n_rep
+                row = r * nh + h if n_rep == 0 else pair_row(b, t, h, T, n_rep, nkv)  # prefill: grouped rows
                 for u in range(VPL):
                     d = lane + 32 * u
                     if d < HD:
