@@ -29,7 +29,8 @@ def flops_per_token(L, C, T, n_params):
     return 6 * n_params + 12 * L * T * C
 
 
-def run_koifish(size, B, T, steps, warmup, remat=0, dist=None, collective=None, rank=0):
+def run_koifish(size, B, T, steps, warmup, remat=0, dist=None, collective=None, rank=0, compute="bf16",
+                attention="auto"):
     """koifish's CUDA engine on random tokens: tokens/s of this process, first-step latency, memory.
     dist/collective: a data-parallel rank's case block and collective (bench_dist.py)."""
     import numpy as np
@@ -43,9 +44,10 @@ def run_koifish(size, B, T, steps, warmup, remat=0, dist=None, collective=None, 
     L, H, C = SIZES[size]
     case = build_case({"model": {"n_layer": L, "n_head": H, "n_embd": C, "n_ctx": T, "remat": remat},
                        "data": {"batch_size": B, "seq_len": T}, "train": {"device": "cuda"},
+                       "precision": {"compute": compute},
                        "dist": dist or {}}, "bench")
     t0 = time.perf_counter()
-    eng = CUDAEngine(case)
+    eng = CUDAEngine(case, attention=attention)
     eng.attach_collective(collective, case.dist)
     rng = np.random.default_rng(rank)  # each rank its own rows
     batch = lambda: (rng.integers(0, 50257, (B, T)), rng.integers(0, 50257, (B, T)))  # noqa: E731
@@ -62,7 +64,7 @@ def run_koifish(size, B, T, steps, warmup, remat=0, dist=None, collective=None, 
     free, total = cp.cuda.runtime.memGetInfo()
     return {"tokens_per_s": steps * B * T / dt, "step_ms": 1000 * dt / steps, "first_step_s": first, "loss": r.loss,
             "peak_vram_bytes": cp.get_default_memory_pool().total_bytes(), "device_used_bytes": total - free,
-            "n_params": eng.n_params}
+            "n_params": eng.n_params, "compute": compute, "attention": eng.attn.name, "attention_note": eng.attn_note}
 
 
 def run_torch(size, B, T, steps, warmup):
@@ -137,7 +139,8 @@ def run_torch(size, B, T, steps, warmup):
 
 def child(args):
     if args.child == "koifish":
-        res = run_koifish(args.size, args.batch, args.seq, args.steps, args.warmup, args.remat)
+        res = run_koifish(args.size, args.batch, args.seq, args.steps, args.warmup, args.remat, compute=args.compute,
+                          attention=args.attention)
     else:
         res = run_torch(args.size, args.batch, args.seq, args.steps, args.warmup)
     print("RESULT " + json.dumps(res), flush=True)
@@ -152,6 +155,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--frameworks", default="koifish,torch")
     ap.add_argument("--remat", type=int, default=0, help="koifish's model.remat (0, 1, 2)")
+    ap.add_argument("--compute", default="bf16", choices=("bf16", "fp32"), help="koifish's precision.compute")
+    ap.add_argument("--attention", default="auto", choices=("auto", "cudnn", "cublas"), help="koifish's attention")
     ap.add_argument("--out", default="bench/train.json")
     ap.add_argument("--child", default=None)
     ap.add_argument("--size", default=None)
@@ -162,7 +167,8 @@ def main():
     for size in args.sizes.split(","):
         for fw in args.frameworks.split(","):
             cmd = [sys.executable, __file__, "--child", fw, "--size", size, "--batch", str(args.batch),
-                   "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--remat", str(args.remat)]
+                   "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--remat", str(args.remat),
+                   "--compute", args.compute, "--attention", args.attention]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if proc.returncode or not line:
@@ -175,7 +181,7 @@ def main():
             rows.append({"size": size, "framework": fw, **res})
             print(f"{size} {fw}: {res['tokens_per_s']:,.0f} tok/s, MFU {res['mfu']:.1%}, "
                   f"peak {res['peak_vram_bytes'] / 2**30:.1f} GiB, first step {res['first_step_s']:.1f} s", flush=True)
-    report = {"gpu": gpu_name(), "commit": commit(), "remat": args.remat, "batch": args.batch, "seq": args.seq, "steps": args.steps, "rows": rows}
+    report = {"gpu": gpu_name(), "commit": commit(), "remat": args.remat, "compute": args.compute, "batch": args.batch, "seq": args.seq, "steps": args.steps, "rows": rows}
     print(f"\n{'size':>6} {'framework':>9} {'tok/s':>10} {'MFU':>6} {'VRAM GiB':>9} {'1st step s':>10}")
     for r in rows:
         if "error" in r:

@@ -32,7 +32,7 @@ GROUPS = {
 def replay_ms(eng, reps=10):
     import cupy as cp
 
-    graph = eng.graphs["micro"]
+    graph = eng.graphs.get("micro") or eng.graphs["micro_last"]  # one micro-batch a step: only the last
     graph.launch(eng.stream)
     a, b = cp.cuda.Event(), cp.cuda.Event()
     a.record(eng.stream)
@@ -54,6 +54,8 @@ def main():
     ap.add_argument("--size", default="124M")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--compute", default="bf16", choices=("bf16", "fp32"))
+    ap.add_argument("--attention", default="auto", choices=("auto", "cudnn", "cublas"))
     ap.add_argument("--out", default="bench/profile.json")
     args = ap.parse_args()
 
@@ -64,35 +66,38 @@ def main():
     L, H, C = SIZES[args.size]
     B, T = args.batch, args.seq
     case = build_case({"model": {"n_layer": L, "n_head": H, "n_embd": C, "n_ctx": T},
-                       "data": {"batch_size": B, "seq_len": T}, "train": {"device": "cuda"}}, "profile")
-    eng = CUDAEngine(case)
+                       "data": {"batch_size": B, "seq_len": T}, "train": {"device": "cuda"},
+                       "precision": {"compute": args.compute}}, "profile")
+    eng = CUDAEngine(case, attention=args.attention)
     rng = np.random.default_rng(0)
     eng.train_step([(rng.integers(0, 50257, (B, T)), rng.integers(0, 50257, (B, T)))], 1e-4)
     rows = [{"group": "full micro-batch graph", "ms": replay_ms(eng)}]
 
-    originals = {(mod, fn): getattr(importlib.import_module(mod), fn) for mod, fns in GROUPS.values() for fn in fns}
-    blas = {"gemm": eng.blas.gemm, "batched_gemm": eng.blas.batched_gemm}
+    # group -> (owner of the launchers: a module or an object, their names)
+    groups = {"cuBLAS GEMMs": (eng.blas, ("gemm", "batched_gemm")),
+              **{g: (importlib.import_module(mod), fns) for g, (mod, fns) in GROUPS.items()}}
+    if eng.attn.name == "cudnn":
+        groups["attention (cuDNN)"] = (eng.attn.op, ("forward", "backward"))
+    originals = {(g, fn): getattr(owner, fn) for g, (owner, fns) in groups.items() for fn in fns}
     noop = lambda *a, **k: None  # noqa: E731
 
     def keep(group):
-        for (mod, fn), f in originals.items():
-            kept = group in GROUPS and mod == GROUPS[group][0] and fn in GROUPS[group][1]
-            setattr(importlib.import_module(mod), fn, f if kept else noop)
-        for name, f in blas.items():
-            setattr(eng.blas, name, f if group == "cuBLAS GEMMs" else noop)
+        for (g, fn), f in originals.items():
+            setattr(groups[g][0], fn, f if g == group else noop)
         eng._capture(1)
 
-    for group in ["cuBLAS GEMMs", *GROUPS]:
+    for group in groups:
         keep(group)
         rows.append({"group": group, "ms": replay_ms(eng)})
     total = rows[0]["ms"]
     for r in rows:
         r["share"] = r["ms"] / total
     gpu = gpu_name()
-    print(f"{args.size} B={B} T={T} on {gpu}\n{'group':>24} {'ms':>8} {'share':>6}")
+    print(f"{args.size} B={B} T={T} {args.compute} attention {eng.attn.name} on {gpu}\n{'group':>24} {'ms':>8} {'share':>6}")
     for r in rows:
         print(f"{r['group']:>24} {r['ms']:>8.2f} {r['share']:>6.1%}")
-    write_json(args.out, {"gpu": gpu, "commit": commit(), "size": args.size, "batch": B, "seq": T, "rows": rows})
+    write_json(args.out, {"gpu": gpu, "commit": commit(), "size": args.size, "batch": B, "seq": T,
+                          "compute": args.compute, "attention": eng.attn.name, "rows": rows})
 
 
 if __name__ == "__main__":

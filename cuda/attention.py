@@ -50,6 +50,7 @@ def attention_backward_ref(dout: np.ndarray, qkv: np.ndarray, att: np.ndarray, n
 import math  # noqa: E402
 
 import koifish_cuda.compat  # noqa: E402,F401
+from koifish_cuda.bf16 import load, store  # noqa: E402
 from koifish_cuda.reduce import NEG_INF, THREADS, block_max, block_sum  # noqa: E402
 from numba import cuda, float32  # noqa: E402
 
@@ -64,7 +65,7 @@ def split_heads_kernel(dst, src, col0):
         t, d = rest // hs, rest % hs
         nh = BH // (src.shape[0] // T)
         b, h = bh // nh, bh % nh
-        dst[bh, t, d] = src[b * T + t, col0 + h * hs + d]
+        store(dst, (bh, t, d), load(src, (b * T + t, col0 + h * hs + d)))
 
 
 @cuda.jit(cache=True)
@@ -77,7 +78,7 @@ def merge_heads_kernel(dst, src, col0):
         t, d = rest // hs, rest % hs
         nh = BH // (dst.shape[0] // T)
         b, h = bh // nh, bh % nh
-        dst[b * T + t, col0 + h * hs + d] = src[bh, t, d]
+        store(dst, (b * T + t, col0 + h * hs + d), load(src, (bh, t, d)))
 
 
 @cuda.jit(cache=True)

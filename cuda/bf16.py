@@ -12,7 +12,7 @@ import numpy as np
 
 import koifish_cuda.compat  # noqa: F401
 from koifish_cuda.compat import nb
-from numba import config, cuda, int32, uint16, uint32
+from numba import config, cuda, float32, int32, uint16, uint32
 
 
 def to_bf16_ref(x) -> np.ndarray:
@@ -57,6 +57,58 @@ def f32_to_bf16(x):
 @cuda.jit(device=True, inline=True)
 def bf16_to_f32(h):
     return as_float(uint32(h) << uint32(16))
+
+
+# load(a, i) / store(a, i, v): an element of a float32 array, or of a uint16 array holding bf16 bits,
+# as float32, so one kernel serves both precisions of the training engine (Numba compiles a kernel
+# per argument type; the overload picks the conversion at compile time).
+if config.ENABLE_CUDASIM:
+
+    def load(a, i):
+        return bf16_to_f32(a[i]) if a.dtype == np.uint16 else np.float32(a[i])
+
+    def store(a, i, v):
+        a[i] = f32_to_bf16(v) if a.dtype == np.uint16 else v
+
+    def rounded(a, v):
+        return bf16_to_f32(f32_to_bf16(v)) if a.dtype == np.uint16 else np.float32(v)
+
+else:
+    from numba import types
+    from numba.cuda.extending import overload
+
+    def load(a, i):
+        raise NotImplementedError("device function")
+
+    def store(a, i, v):
+        raise NotImplementedError("device function")
+
+    def rounded(a, v):
+        raise NotImplementedError("device function")
+
+    @overload(load, target="cuda")
+    def _load(a, i):
+        if a.dtype == types.uint16:
+            return lambda a, i: bf16_to_f32(a[i])
+        return lambda a, i: float32(a[i])
+
+    @overload(store, target="cuda")
+    def _store(a, i, v):
+        if a.dtype == types.uint16:
+            def bits(a, i, v):
+                a[i] = f32_to_bf16(v)
+            return bits
+
+        def plain(a, i, v):
+            a[i] = v
+        return plain
+
+    @overload(rounded, target="cuda")
+    def _rounded(a, v):
+        """v as an element of a would hold it."""
+        if a.dtype == types.uint16:
+            return lambda a, v: bf16_to_f32(f32_to_bf16(v))
+        return lambda a, v: float32(v)
 
 
 @cuda.jit(cache=True)

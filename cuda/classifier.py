@@ -44,6 +44,7 @@ def fused_classifier_ref(logits: np.ndarray, targets: np.ndarray, dloss: float, 
 import math  # noqa: E402
 
 import koifish_cuda.compat  # noqa: E402,F401
+from koifish_cuda.bf16 import load, store  # noqa: E402
 from koifish_cuda.reduce import NEG_INF, THREADS, block_max, block_sum  # noqa: E402
 from numba import cuda, float32  # noqa: E402
 
@@ -59,22 +60,22 @@ def fused_classifier_kernel(logits, losses, loss_sum, targets, V, dloss, max_log
     row, tid = cuda.blockIdx.x, cuda.threadIdx.x
     m = NEG_INF
     for j in range(tid, V, THREADS):
-        m = max(m, logits[row, j])
+        m = max(m, load(logits, (row, j)))
     m = block_max(m, buf)
     s = float32(0.0)
     for j in range(tid, V, THREADS):
-        s += math.exp(logits[row, j] - m)
+        s += math.exp(load(logits, (row, j)) - m)
     s = block_sum(s, buf)
     tgt = targets[row]
-    loss = math.log(s) + m - logits[row, tgt]
+    loss = math.log(s) + m - load(logits, (row, tgt))
     cuda.syncthreads()  # every thread has read logits[row, tgt] before it is overwritten
     inv = float32(1.0) / s
     for j in range(tid, Vp, THREADS):
         if j < V:
-            p = math.exp(logits[row, j] - m) * inv
-            logits[row, j] = (p - (1.0 if j == tgt else 0.0)) * dloss
+            p = math.exp(load(logits, (row, j)) - m) * inv
+            store(logits, (row, j), (p - (1.0 if j == tgt else 0.0)) * dloss)
         else:
-            logits[row, j] = 0.0
+            store(logits, (row, j), float32(0.0))
     if tid == 0:
         losses[row] = loss
         cuda.atomic.add(loss_sum, 0, loss * dloss)

@@ -43,7 +43,6 @@ def check_types(a, b, out) -> None:
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.POINTER(ctypes.c_float)
 _HEAD = [_P, _I, _I, _I, _I, _I, _F]  # handle, op_a, op_b, m, n, k, alpha
 _ARGTYPES = {  # then per operand: pointer, [cudaDataType,] leading dimension[, batch stride]; beta before C
-    "cublasSgemm_v2": _HEAD + [_P, _I, _P, _I, _F, _P, _I],
     "cublasSgemmStridedBatched": _HEAD + [_P, _I, _L, _P, _I, _L, _F, _P, _I, _L, _I],
     "cublasGemmEx": _HEAD + [_P, _I, _I, _P, _I, _I, _F, _P, _I, _I, _I, _I],  # ..., compute type, algo
     "cublasGemmStridedBatchedEx": _HEAD + [_P, _I, _I, _L, _P, _I, _I, _L, _F, _P, _I, _I, _L, _I, _I, _I],
@@ -84,29 +83,29 @@ class Cublas:
                                          ctypes.c_size_t(workspace_bytes)), "set workspace")
         if tf32:
             _check(lib.cublasSetMathMode(self.handle, CUBLAS_TF32_TENSOR_OP_MATH), "set math mode")
-        self._sgemm, self._batched = _bind(lib, "cublasSgemm_v2"), _bind(lib, "cublasSgemmStridedBatched")
+        self._batched = _bind(lib, "cublasSgemmStridedBatched")
         self._gemm_ex, self._batched_ex = _bind(lib, "cublasGemmEx"), _bind(lib, "cublasGemmStridedBatchedEx")
         self.tf32 = tf32
+
+    def _compute(self, a) -> int:
+        return CUBLAS_COMPUTE_32F_FAST_TF32 if self.tf32 and a.dtype.name == "float32" else CUBLAS_COMPUTE_32F
 
     def matmul(self, out, a, b, trans_b: bool = True, alpha: float = 1.0, beta: float = 0.0):
         """out = alpha a @ op(b) + beta out, row-major, op(b) = b.T if trans_b. 2-D (M, K) @ (N, K).T, or
         3-D with a leading batch axis (any batch strides, including views into a larger buffer). Each
         matrix needs unit column stride; dtypes float32, float16 or uint16 (bf16 bits), a and b alike;
         out float32 or the inputs' type; accumulation in float32 (TF32 for float32 inputs if enabled)."""
+        if out.ndim == 2:
+            return self.gemm(out, a, b, trans_b=trans_b, alpha=alpha, beta=beta)
         M, N = out.shape[-2:]
         K = a.shape[-1]
         check_types(a, b, out)
         types = [CUDA_TYPES[x.dtype.name] for x in (a, b, out)]
-        compute = CUBLAS_COMPUTE_32F_FAST_TF32 if self.tf32 and a.dtype.name == "float32" else CUBLAS_COMPUTE_32F
+        compute = self._compute(a)
         ld = [_ld(x) for x in (b, a, out)]
         al, be = ctypes.byref(ctypes.c_float(alpha)), ctypes.byref(ctypes.c_float(beta))
         op_b = CUBLAS_OP_T if trans_b else CUBLAS_OP_N
         # row-major out = a op(b)  <=>  column-major out^T = op(b)^T a^T
-        if out.ndim == 2:
-            _check(self._gemm_ex(self.handle, op_b, CUBLAS_OP_N, N, M, K, al, b.data.ptr, types[1], ld[0], a.data.ptr,
-                                 types[0], ld[1], be, out.data.ptr, types[2], ld[2], compute, CUBLAS_GEMM_DEFAULT),
-                   "gemmEx")
-            return out
         st = [x.strides[0] // x.itemsize for x in (b, a, out)]
         _check(self._batched_ex(self.handle, op_b, CUBLAS_OP_N, N, M, K, al, b.data.ptr, types[1], ld[0], st[0],
                                 a.data.ptr, types[0], ld[1], st[1], be, out.data.ptr, types[2], ld[2], st[2],
@@ -114,13 +113,18 @@ class Cublas:
         return out
 
     def gemm(self, out, a, b, trans_a=False, trans_b=False, alpha=1.0, beta=0.0):
-        """Row-major float32: out (M, N) = alpha op(a) op(b) + beta out."""
+        """Row-major 2-D: out (M, N) = alpha op(a) op(b) + beta out; the dtypes as matmul's (the
+        training engine's bf16 GEMMs: bf16 operands, the product in bf16 or float32)."""
         M, N = out.shape
         K = a.shape[0] if trans_a else a.shape[1]
+        check_types(a, b, out)
+        ta, tb, to = (CUDA_TYPES[x.dtype.name] for x in (a, b, out))
+        compute = self._compute(a)
         # row-major out = op(a) op(b)  <=>  column-major out^T = op(b)^T op(a)^T
-        _check(self._sgemm(self.handle, CUBLAS_OP_T if trans_b else CUBLAS_OP_N, CUBLAS_OP_T if trans_a else CUBLAS_OP_N,
-                           N, M, K, ctypes.byref(ctypes.c_float(alpha)), b.data.ptr, b.shape[1], a.data.ptr, a.shape[1],
-                           ctypes.byref(ctypes.c_float(beta)), out.data.ptr, N), "sgemm")
+        _check(self._gemm_ex(self.handle, CUBLAS_OP_T if trans_b else CUBLAS_OP_N, CUBLAS_OP_T if trans_a else CUBLAS_OP_N,
+                             N, M, K, ctypes.byref(ctypes.c_float(alpha)), b.data.ptr, tb, _ld(b), a.data.ptr, ta, _ld(a),
+                             ctypes.byref(ctypes.c_float(beta)), out.data.ptr, to, _ld(out), compute, CUBLAS_GEMM_DEFAULT),
+               "gemmEx")
         return out
 
     def batched_gemm(self, out, a, b, trans_a=False, trans_b=False, alpha=1.0, beta=0.0):

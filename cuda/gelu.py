@@ -24,6 +24,7 @@ def gelu_backward_ref(x: np.ndarray, dout: np.ndarray) -> np.ndarray:
 import math  # noqa: E402
 
 import koifish_cuda.compat  # noqa: E402,F401
+from koifish_cuda.bf16 import load, rounded, store  # noqa: E402
 from numba import cuda  # noqa: E402
 
 
@@ -31,14 +32,14 @@ from numba import cuda  # noqa: E402
 # 64-bit integer division costs more than the arithmetic of the kernel itself.
 @cuda.jit(cache=True)
 def bias_gelu_forward_kernel(out, pre, bias):
-    """pre += bias (kept for the backward), out = gelu(pre); pre, out (N, F)."""
+    """pre += bias (kept for the backward), out = gelu(pre); pre, out (N, F), float32 or bf16 bits."""
     N, F = pre.shape
     c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     if c < F:
         for r in range(cuda.blockIdx.y, N, cuda.gridDim.y):
-            x = pre[r, c] + bias[c]
-            pre[r, c] = x
-            out[r, c] = 0.5 * x * (1.0 + math.tanh(GELU_SCALE * x * (1.0 + 0.044715 * x * x)))
+            x = rounded(pre, load(pre, (r, c)) + bias[c])  # as the backward will read it
+            store(pre, (r, c), x)
+            store(out, (r, c), 0.5 * x * (1.0 + math.tanh(GELU_SCALE * x * (1.0 + 0.044715 * x * x))))
 
 
 @cuda.jit(cache=True)
@@ -47,10 +48,10 @@ def gelu_backward_kernel(dpre, pre, dout):
     c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     if c < F:
         for r in range(cuda.blockIdx.y, N, cuda.gridDim.y):
-            x = pre[r, c]
+            x = load(pre, (r, c))
             t = math.tanh(GELU_SCALE * x * (1.0 + 0.044715 * x * x))
             dt = GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x)
-            dpre[r, c] = dout[r, c] * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dt)
+            store(dpre, (r, c), load(dout, (r, c)) * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dt))
 
 
 def _grid(N, F):

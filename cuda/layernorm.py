@@ -30,6 +30,9 @@ def layernorm_backward_ref(dout: np.ndarray, x: np.ndarray, w: np.ndarray, mean:
 import math  # noqa: E402
 
 import koifish_cuda.compat  # noqa: E402,F401
+import numpy as np  # noqa: E402
+
+from koifish_cuda.bf16 import store  # noqa: E402
 from koifish_cuda.reduce import THREADS, block_sum, warp_sum  # noqa: E402
 from numba import cuda, float32  # noqa: E402
 
@@ -41,7 +44,8 @@ BUF = 32 * ROWS  # a compile-time constant for the shared array
 @cuda.jit(cache=True)
 def layernorm_forward_kernel(out, mean, rstd, x, w, b, eps):
     """A warp per row of x (N, C), reduced with shuffles: a whole block per row spent its time in
-    the barriers of two shared-memory reductions (46% of copy bandwidth at C=768)."""
+    the barriers of two shared-memory reductions (46% of copy bandwidth at C=768). out float32 or
+    bf16 bits (the operand of a bf16 GEMM)."""
     N, C = x.shape
     buf = cuda.shared.array(BUF, float32)
     lane = cuda.threadIdx.x % 32
@@ -60,17 +64,19 @@ def layernorm_forward_kernel(out, mean, rstd, x, w, b, eps):
     r = float32(1.0) / math.sqrt(warp_sum(s, buf) / C + eps)
     if live:
         for c in range(lane, C, 32):
-            out[row, c] = (x[row, c] - m) * r * w[c] + b[c]
+            store(out, (row, c), (x[row, c] - m) * r * w[c] + b[c])
         if lane == 0:
             mean[row] = m
             rstd[row] = r
 
 
 @cuda.jit(cache=True)
-def layernorm_backward_kernel(dx, dw, db, dout, x, w, mean, rstd):
+def layernorm_backward_kernel(dx, dx16, dw, db, dout, x, w, mean, rstd):
     """A block walks rows (grid-stride); each thread owns columns t, t+THREADS, ... and keeps
-    their dw/db partial sums in registers, so the block adds into dw/db once, not once per row."""
+    their dw/db partial sums in registers, so the block adds into dw/db once, not once per row.
+    dx16, unless it has no rows, gets a bf16 copy of the new dx (the bf16 GEMMs' operand)."""
     N, C = x.shape
+    copy = dx16.shape[0] > 0
     buf = cuda.shared.array(THREADS, float32)
     t = cuda.threadIdx.x
     acc_w = cuda.local.array(16, float32)  # C <= 16 * THREADS
@@ -96,7 +102,10 @@ def layernorm_backward_kernel(dx, dw, db, dout, x, w, mean, rstd):
         bs = block_sum(bs, buf) / C
         for c in range(t, C, THREADS):
             n = (x[row, c] - m) * r
-            dx[row, c] += r * (dout[row, c] * w[c] - a - n * bs)  # += : dx also carries the residual path
+            g = dx[row, c] + r * (dout[row, c] * w[c] - a - n * bs)  # += : dx also carries the residual path
+            dx[row, c] = g
+            if copy:
+                store(dx16, (row, c), g)
     k = 0
     for c in range(t, C, THREADS):
         cuda.atomic.add(dw, c, acc_w[k])
@@ -108,8 +117,16 @@ def layernorm_forward(out, mean, rstd, x, w, b, stream=0, eps=EPS):
     layernorm_forward_kernel[(x.shape[0] + ROWS - 1) // ROWS, 32 * ROWS, stream](out, mean, rstd, x, w, b, eps)
 
 
-def layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, stream=0, blocks=528):
-    """Adds into dx, dw and db."""
+_no_copy = {}  # device id -> a (0, 1) uint16 array: "no bf16 copy of dx"
+
+
+def layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, stream=0, blocks=528, dx16=None):
+    """Adds into dx, dw and db; dx16 (bf16 bits, dx's shape), if given, receives a copy of the new dx."""
     if x.shape[1] > 16 * THREADS:
         raise ValueError(f"layernorm_backward supports widths up to {16 * THREADS}, got {x.shape[1]}")
-    layernorm_backward_kernel[min(blocks, x.shape[0]), THREADS, stream](dx, dw, db, dout, x, w, mean, rstd)
+    if dx16 is None:
+        dev = getattr(cuda.get_current_device(), "id", 0)  # the simulator's device has no id
+        if dev not in _no_copy:
+            _no_copy[dev] = cuda.device_array((0, 1), np.uint16)
+        dx16 = _no_copy[dev]
+    layernorm_backward_kernel[min(blocks, x.shape[0]), THREADS, stream](dx, dx16, dw, db, dout, x, w, mean, rstd)

@@ -22,18 +22,19 @@ def matmul_backward_ref(dout: np.ndarray, x: np.ndarray, w: np.ndarray):
 # ---- CUDA ------------------------------------------------------------------------------------
 # The products themselves are cuBLAS GEMMs (koifish_cuda.cublas_raw); these kernels do the rest.
 import koifish_cuda.compat  # noqa: E402,F401
+from koifish_cuda.bf16 import load, store  # noqa: E402
 from numba import cuda, float32  # noqa: E402
 
 
 @cuda.jit(cache=True)
 def add_bias_kernel(out, bias):
-    """2-D grid (columns x rows): no index division."""
+    """out (N, C) float32 or bf16 bits += bias; a 2-D grid (columns x rows): no index division."""
     N, C = out.shape
     c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     if c < C:
         b = bias[c]
         for r in range(cuda.blockIdx.y, N, cuda.gridDim.y):
-            out[r, c] += b
+            store(out, (r, c), load(out, (r, c)) + b)
 
 
 @cuda.jit(cache=True)
@@ -47,7 +48,7 @@ def bias_grad_kernel(dbias, dout, rows_per_block):
     start = cuda.blockIdx.y * rows_per_block
     s = float32(0.0)
     for r in range(start, min(start + rows_per_block, N)):
-        s += dout[r, c]
+        s += load(dout, (r, c))
     cuda.atomic.add(dbias, c, s)
 
 

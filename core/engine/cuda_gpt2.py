@@ -10,9 +10,13 @@ and the loss, the one sync of a step) and `update` (clipping and AdamW, one kern
 tensors, or over this rank's slice with ZeRO-1). A Python
 launch costs ~50 us on an H100 and a step has several hundred launches; a replay costs a few us.
 
-This first engine keeps activations and weights in float32 and runs the GEMMs on TF32 tensor
-cores; parameters, names and shapes are exactly the CPU model's, so checkpoints move between
-the two engines unchanged. model.remat trades compute for memory: 1 rebuilds the LayerNorm and
+precision.compute picks the arithmetic. bf16 (the shipped cases): every GEMM operand is bf16 (the
+weights as a bf16 copy of the float32 master weights, refreshed after each update; the activations
+that feed GEMMs), accumulation and the product in float32 where a float32 kernel reads it; the
+residual stream, LayerNorm statistics, gradients and AdamW's state stay float32; attention is
+cuDNN's fused flash attention when cudnn-frontend is installed (cuda_attention.py). fp32: float32
+everywhere, TF32 GEMMs. Parameters, names and shapes are exactly the CPU model's, so checkpoints
+move between the two engines unchanged. model.remat trades compute for memory: 1 rebuilds the LayerNorm and
 GELU outputs in the backward, 2 keeps only each block's output and reruns the block's forward
 just before its backward (about a third more forward work; activations shrink by ~L times).
 """
@@ -32,7 +36,8 @@ from koifish_core.train.checkpoint import copy_into
 
 
 class CUDAEngine:
-    def __init__(self, case, seed: int | None = None):
+    def __init__(self, case, seed: int | None = None, attention: str = "auto"):
+        """attention: auto (cuDNN's under bf16 when it loads, else cuBLAS'), cudnn or cublas (cuda_attention.py)."""
         try:
             import cupy as cp
             from numba import cuda
@@ -52,6 +57,8 @@ class CUDAEngine:
         self.spans = host_spans(host)  # where each tensor lies in the flat arrays (gradient buckets)
         self.n_flat = host.params.size  # elements of the flat arrays (ZeRO-1 pads them further)
         self.remat = case.model.remat
+        self.bf16 = case.precision.compute == "bf16"
+        self.attention = attention
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.ns = cuda.external_stream(self.stream.ptr)
         with self.stream:
@@ -63,6 +70,7 @@ class CUDAEngine:
             self.decay = cp.asarray(host.decay_mask().astype(np.uint8))
             self.p = _views(self.params, self.shapes)
             self.g = _views(self.grads, self.shapes)
+            self._alloc_weights16()
             self._alloc(case.data.batch_size, case.data.seq_len)
         self.adam_step = 0
         self.graphs = None
@@ -89,6 +97,7 @@ class CUDAEngine:
                 self.params, self.grads, self.decay = params, grads, decay
                 self.m, self.v = (cp.zeros(z.hi - z.lo, cp.float32) for _ in range(2))
                 self.p, self.g = _views(self.params, self.shapes), _views(self.grads, self.shapes)
+                self._alloc_weights16()
             self.stream.synchronize()
             cp.get_default_memory_pool().free_all_blocks()  # the unsharded buffers go back to the GPU
         elif dist_cfg.overlap:
@@ -111,34 +120,55 @@ class CUDAEngine:
             self.sync.tensors_ready(self.grads, names)
 
     # ---- buffers ------------------------------------------------------------------------------
+    def _alloc_weights16(self) -> None:
+        """The GEMMs' weights: a bf16 copy of the flat master weights (bf16), or the master itself."""
+        if not self.bf16:
+            self.params16, self.pw = self.params, self.p
+            return
+        self.params16 = self.cp.empty(self.params.shape, self.cp.uint16)
+        self.pw = _views(self.params16, self.shapes)
+        self._refresh_weights16()
+
+    def _refresh_weights16(self) -> None:
+        """params16 = bf16(params): after every change of the master weights."""
+        if self.bf16:
+            from koifish_cuda.bf16 import to_bf16
+
+            to_bf16(self.params16.reshape(1, -1), self.params.reshape(1, -1), self.ns)
+
     def _alloc(self, B: int, T: int) -> None:
+        from koifish_core.engine.cuda_attention import make_attention
+
         cp, cfg = self.cp, self.cfg
         C, F, L, nh, Vp = cfg.n_embd, cfg.d_ff, cfg.n_layer, cfg.n_head, cfg.padded_vocab_size
         N, BH, hs = B * T, B * nh, C // nh
         self.B, self.T, self.N, self.BH, self.hs = B, T, N, BH, hs
         f = lambda *s: cp.zeros(s, dtype=cp.float32)  # noqa: E731
+        h = lambda *s: cp.zeros(s, dtype=cp.uint16 if self.bf16 else cp.float32)  # noqa: E731  GEMM operands
         self.idx = cp.zeros((B, T), dtype=cp.int32)
         self.targets = cp.zeros(N, dtype=cp.int32)
         self.x0 = f(N, C)
-        # Per-layer activations kept for the backward. Keys listed in `shared` get one buffer for all
-        # layers: qkv always (the backward reads the head-split q, k, v), and with remat the values
-        # the backward rebuilds: level 1 the LayerNorm and GELU outputs, level 2 everything but each
-        # block's output (one block is rebuilt at a time, just before its backward).
-        sizes = dict(ln1=(N, C), m1=(N,), r1=(N,), qkv=(N, 3 * C), q=(BH, T, hs), k=(BH, T, hs), v=(BH, T, hs),
-                     att=(BH, T, T), atty=(N, C), res2=(N, C), ln2=(N, C), m2=(N,), r2=(N,), fch=(N, F),
-                     fch_gelu=(N, F), res3=(N, C))
-        shared = {"qkv"} | ({"ln1", "ln2", "fch_gelu"} if self.remat == 1 else set())
+        self.attn, self.attn_note = make_attention(self.attention, self.bf16, B, T, nh, hs, self.blas, self.stream,
+                                                   self.ns, f)
+        # Per-layer activations kept for the backward (h: a GEMM's operand, bf16 under bf16). Keys in
+        # `shared` get one buffer for all layers: qkv unless the attention's backward reads it, and
+        # with remat the values the backward rebuilds: level 1 the LayerNorm and GELU outputs, level
+        # 2 everything but each block's output (one block is rebuilt at a time, before its backward).
+        kinds = dict(ln1=(h, N, C), m1=(f, N), r1=(f, N), qkv=(h, N, 3 * C), atty=(h, N, C), res2=(f, N, C),
+                     ln2=(h, N, C), m2=(f, N), r2=(f, N), fch=(h, N, F), fch_gelu=(h, N, F), res3=(f, N, C))
+        kinds.update({k: (f, *shape) for k, shape in self.attn.sizes.items()})
+        shared = (set() if self.attn.keeps_qkv else {"qkv"}) | ({"ln1", "ln2", "fch_gelu"} if self.remat == 1 else set())
         if self.remat == 2:
-            shared = set(sizes) - {"res3"}
-        one = {k: f(*sizes[k]) for k in shared}
-        self.act = [{k: one[k] if k in shared else f(*s) for k, s in sizes.items()} for _ in range(L)]
-        self.lnf, self.mf, self.rf = f(N, C), f(N), f(N)
-        self.logits, self.losses, self.loss_sum = f(N, Vp), f(N), f(1)
-        # scratch shared by the layers
-        self.yh, self.dyh, self.dqh, self.dkh, self.dvh = (f(BH, T, hs) for _ in range(5))
-        self.datt = f(BH, T, T)
+            shared = set(kinds) - {"res3"}
+        one = {k: kinds[k][0](*kinds[k][1:]) for k in shared}
+        self.act = [{k: one[k] if k in shared else new(*shape) for k, (new, *shape) in kinds.items()} for _ in range(L)]
+        self.lnf, self.mf, self.rf = h(N, C), f(N), f(N)
+        self.logits, self.losses, self.loss_sum = h(N, Vp), f(N), f(1)
+        # scratch shared by the layers; dres is the residual stream's gradient (float32), dres_g its
+        # GEMM operand (a bf16 copy written by the LayerNorm backward, or dres itself)
         self.proj, self.dres, self.dln = f(N, C), f(N, C), f(N, C)
-        self.dqkv, self.dfch = f(N, 3 * C), f(N, F)
+        self.dres_g = h(N, C) if self.bf16 else self.dres
+        self.dqkv, self.dfch, self.datty = h(N, 3 * C), h(N, F), h(N, C)
         self.norm_sq = f(1)
         self.hyper = f(8)
         # Instability signals, read at the step's one sync (_read_signals): loss, squared gradient
@@ -161,38 +191,32 @@ class CUDAEngine:
             self._block_forward(l, resid)
             resid = self.act[l]["res3"]
         layernorm_forward(self.lnf, self.mf, self.rf, resid, p["ln_f.weight"], p["ln_f.bias"], s)
-        self.blas.gemm(self.logits, self.lnf, p["wte"], trans_b=True)  # (N, Vp); padded wte rows are 0
+        self.blas.gemm(self.logits, self.lnf, self.pw["wte"], trans_b=True)  # (N, Vp); padded wte rows are 0
         fused_classifier(self.logits, self.losses, self.loss_sum, self.targets, self.cfg.vocab_size, dloss, s,
                          max_logit=self.max_logit)
 
     def _block_forward(self, l: int, resid, full: bool = True) -> None:
         """Block l from its input `resid`; full=False stops before the MLP's output projection
         (all a rebuild for the backward needs, and it leaves the block's output untouched)."""
-        from koifish_cuda.attention import merge_heads, softmax_causal_forward, split_heads
         from koifish_cuda.gelu import bias_gelu_forward
         from koifish_cuda.layernorm import layernorm_forward
         from koifish_cuda.matmul import add_bias
         from koifish_cuda.residual import residual_forward
 
-        p, s, C, a, h = self.p, self.ns, self.cfg.n_embd, self.act[l], f"h.{l}."
-        gemm, batched_gemm = self.blas.gemm, self.blas.batched_gemm
+        p, w, s, a, h = self.p, self.pw, self.ns, self.act[l], f"h.{l}."
+        gemm = self.blas.gemm
         layernorm_forward(a["ln1"], a["m1"], a["r1"], resid, p[h + "ln_1.weight"], p[h + "ln_1.bias"], s)
-        gemm(a["qkv"], a["ln1"], p[h + "attn.c_attn.weight"], trans_b=True)
+        gemm(a["qkv"], a["ln1"], w[h + "attn.c_attn.weight"], trans_b=True)
         add_bias(a["qkv"], p[h + "attn.c_attn.bias"], s)
-        for i, dst in enumerate((a["q"], a["k"], a["v"])):
-            split_heads(dst, a["qkv"], i * C, s)
-        batched_gemm(a["att"], a["q"], a["k"], trans_b=True)  # (BH, T, T) scores
-        softmax_causal_forward(a["att"], 1.0 / math.sqrt(self.hs), s)
-        batched_gemm(self.yh, a["att"], a["v"])  # (BH, T, hs)
-        merge_heads(a["atty"], self.yh, 0, s)
-        gemm(self.proj, a["atty"], p[h + "attn.c_proj.weight"], trans_b=True)
+        self.attn.forward(a)
+        gemm(self.proj, a["atty"], w[h + "attn.c_proj.weight"], trans_b=True)
         add_bias(self.proj, p[h + "attn.c_proj.bias"], s)
         residual_forward(a["res2"], resid, self.proj, s)
         layernorm_forward(a["ln2"], a["m2"], a["r2"], a["res2"], p[h + "ln_2.weight"], p[h + "ln_2.bias"], s)
-        gemm(a["fch"], a["ln2"], p[h + "mlp.c_fc.weight"], trans_b=True)
+        gemm(a["fch"], a["ln2"], w[h + "mlp.c_fc.weight"], trans_b=True)
         bias_gelu_forward(a["fch_gelu"], a["fch"], p[h + "mlp.c_fc.bias"], s)
         if full:
-            gemm(self.proj, a["fch_gelu"], p[h + "mlp.c_proj.weight"], trans_b=True)
+            gemm(self.proj, a["fch_gelu"], w[h + "mlp.c_proj.weight"], trans_b=True)
             add_bias(self.proj, p[h + "mlp.c_proj.bias"], s)
             residual_forward(a["res3"], a["res2"], self.proj, s)
 
@@ -210,56 +234,50 @@ class CUDAEngine:
             bias_gelu_forward(a["fch_gelu"], a["fch"], p[h + "mlp.c_fc.bias"], s)
 
     def _backward(self) -> None:
-        from koifish_cuda.attention import merge_heads, softmax_causal_backward, split_heads
         from koifish_cuda.embedding import encoder_backward
         from koifish_cuda.gelu import gelu_backward
         from koifish_cuda.layernorm import layernorm_backward
         from koifish_cuda.matmul import bias_grad
 
-        p, g, s, C = self.p, self.g, self.ns, self.cfg.n_embd
-        gemm, batched_gemm = self.blas.gemm, self.blas.batched_gemm
-        scale = 1.0 / math.sqrt(self.hs)
+        p, w, g, s = self.p, self.pw, self.g, self.ns
+        gemm = self.blas.gemm
+        dres, dres_g = self.dres, self.dres_g  # float32, and the GEMMs' copy of it
+        copy = dres_g if dres_g is not dres else None
+
+        def ln_backward(name, x, mean, rstd):  # dres += LayerNorm backward of dln; dres_g follows
+            layernorm_backward(dres, g[name + ".weight"], g[name + ".bias"], self.dln, x, p[name + ".weight"], mean,
+                               rstd, s, dx16=copy)
+
         dlogits = self.logits  # the classifier wrote the gradient over the logits
         gemm(g["wte"], dlogits, self.lnf, trans_a=True, beta=1.0)  # (Vp, C) += dlogits^T lnf
-        gemm(self.dln, dlogits, p["wte"])  # (N, C)
-        self.dres.fill(0)
-        last = self.act[-1]["res3"]
-        layernorm_backward(self.dres, g["ln_f.weight"], g["ln_f.bias"], self.dln, last, p["ln_f.weight"],
-                           self.mf, self.rf, s)
+        gemm(self.dln, dlogits, w["wte"])  # (N, C)
+        dres.fill(0)
+        ln_backward("ln_f", self.act[-1]["res3"], self.mf, self.rf)
         self._ready(("ln_f.weight", "ln_f.bias"))
         for l in reversed(range(self.cfg.n_layer)):
             a, h = self.act[l], f"h.{l}."
             resid_in = self.x0 if l == 0 else self.act[l - 1]["res3"]
             self._rebuild(l, resid_in)
             # MLP: res3 = res2 + c_proj(gelu(c_fc(ln2(res2))))
-            bias_grad(g[h + "mlp.c_proj.bias"], self.dres, s)
-            gemm(g[h + "mlp.c_proj.weight"], self.dres, a["fch_gelu"], trans_a=True, beta=1.0)
-            gemm(self.dfch, self.dres, p[h + "mlp.c_proj.weight"])
+            bias_grad(g[h + "mlp.c_proj.bias"], dres, s)
+            gemm(g[h + "mlp.c_proj.weight"], dres_g, a["fch_gelu"], trans_a=True, beta=1.0)
+            gemm(self.dfch, dres_g, w[h + "mlp.c_proj.weight"])
             gelu_backward(self.dfch, a["fch"], self.dfch, s)
             bias_grad(g[h + "mlp.c_fc.bias"], self.dfch, s)
             gemm(g[h + "mlp.c_fc.weight"], self.dfch, a["ln2"], trans_a=True, beta=1.0)
-            gemm(self.dln, self.dfch, p[h + "mlp.c_fc.weight"])
-            layernorm_backward(self.dres, g[h + "ln_2.weight"], g[h + "ln_2.bias"], self.dln, a["res2"],
-                               p[h + "ln_2.weight"], a["m2"], a["r2"], s)
+            gemm(self.dln, self.dfch, w[h + "mlp.c_fc.weight"])
+            ln_backward(h + "ln_2", a["res2"], a["m2"], a["r2"])
             # attention: res2 = resid_in + c_proj(attn(c_attn(ln1(resid_in))))
-            bias_grad(g[h + "attn.c_proj.bias"], self.dres, s)
-            gemm(g[h + "attn.c_proj.weight"], self.dres, a["atty"], trans_a=True, beta=1.0)
-            gemm(self.dln, self.dres, p[h + "attn.c_proj.weight"])  # d(atty)
-            split_heads(self.dyh, self.dln, 0, s)
-            batched_gemm(self.datt, self.dyh, a["v"], trans_b=True)
-            batched_gemm(self.dvh, a["att"], self.dyh, trans_a=True)
-            softmax_causal_backward(self.datt, a["att"], scale, s)
-            batched_gemm(self.dqh, self.datt, a["k"])
-            batched_gemm(self.dkh, self.datt, a["q"], trans_a=True)
-            for i, src in enumerate((self.dqh, self.dkh, self.dvh)):
-                merge_heads(self.dqkv, src, i * C, s)
+            bias_grad(g[h + "attn.c_proj.bias"], dres, s)
+            gemm(g[h + "attn.c_proj.weight"], dres_g, a["atty"], trans_a=True, beta=1.0)
+            gemm(self.datty, dres_g, w[h + "attn.c_proj.weight"])
+            self.attn.backward(a, self.datty, self.dqkv)
             bias_grad(g[h + "attn.c_attn.bias"], self.dqkv, s)
             gemm(g[h + "attn.c_attn.weight"], self.dqkv, a["ln1"], trans_a=True, beta=1.0)
-            gemm(self.dln, self.dqkv, p[h + "attn.c_attn.weight"])
-            layernorm_backward(self.dres, g[h + "ln_1.weight"], g[h + "ln_1.bias"], self.dln, resid_in,
-                               p[h + "ln_1.weight"], a["m1"], a["r1"], s)
+            gemm(self.dln, self.dqkv, w[h + "attn.c_attn.weight"])
+            ln_backward(h + "ln_1", resid_in, a["m1"], a["r1"])
             self._ready([k for k in self.shapes if block_of(k) == l])
-        encoder_backward(g["wte"], g["wpe"], self.dres, self.idx, s)
+        encoder_backward(g["wte"], g["wpe"], dres, self.idx, s)
         self._ready(("wte", "wpe"))
 
     def _zero(self) -> None:
@@ -279,6 +297,8 @@ class CUDAEngine:
         from koifish_cuda.adamw import adamw_update
 
         adamw_update(*self._opt_arrays(), self.norm_sq, self.hyper, self.ns)
+        if self.zero is None:  # ZeRO-1 refreshes after the all-gather (train_step)
+            self._refresh_weights16()
 
     def _capture(self, accum: int) -> None:
         """Run each phase once eagerly (kernels compile, cuBLAS sets up its workspace), then capture."""
@@ -356,6 +376,8 @@ class CUDAEngine:
             if self.zero is not None:  # every rank updated its slice: share them
                 lo, hi = self.zero.lo, self.zero.hi
                 self.collective.all_gather(self.params[lo:hi], self.params)
+                with self.stream:
+                    self._refresh_weights16()
         else:
             self.adam_step -= 1  # no update: Adam's clock does not move
         return StepResult(loss, norm, applied=applied)
@@ -376,6 +398,7 @@ class CUDAEngine:
     def poison_params(self) -> None:
         with self.stream:
             self.params[:1].fill(float("inf"))
+            self._refresh_weights16()
 
     def nonfinite_tensor(self) -> str | None:
         with self.stream:
@@ -423,6 +446,7 @@ class CUDAEngine:
                     part = flat[key] if self.zero is None else self.zero.plan.pad(flat[key])[self.zero.lo:self.zero.hi]
                     getattr(self, key).set(part, stream=self.stream)
                 self.adam_step = int(optim["step"][0])
+            self._refresh_weights16()
         self.stream.synchronize()
 
     # ---- instability signals: judged before the update, read at the step's one sync ---------------

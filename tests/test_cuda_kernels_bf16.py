@@ -1,0 +1,179 @@
+"""The training kernels on bf16 operands (uint16 bits), as the engine's precision.compute bf16 runs
+them: inputs are bf16 values, the float64 reference is computed from exactly those values, and
+bf16 outputs are held to bf16's rounding (relative 2^-8 per element). Under Numba's simulator at
+small shapes, on the GPU at GPT-2 shapes; cuBLAS' bf16 GEMMs and cuDNN's attention on the GPU only."""
+
+import numpy as np
+import pytest
+
+from tests.cuda_harness import ON_GPU, dev, host, rel_err
+
+pytestmark = pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerformanceWarning")
+BF16 = 2.0 ** -8  # a bf16 value's relative rounding error bound
+
+
+def rng():
+    return np.random.default_rng()
+
+
+def bf(a):
+    """(bf16 bits on the device, the float64 values they hold)."""
+    from koifish_cuda.bf16 import from_bf16_ref, to_bf16_ref
+
+    bits = to_bf16_ref(np.asarray(a, np.float32))
+    return dev(bits), from_bf16_ref(bits).astype(np.float64)
+
+
+def val(bits) -> np.ndarray:
+    from koifish_cuda.bf16 import from_bf16_ref
+
+    return from_bf16_ref(host(bits)).astype(np.float64)
+
+
+def f32(a):
+    return dev(np.asarray(a, np.float32))
+
+
+def test_layernorm_writes_bf16_and_its_backward_a_bf16_copy_of_dx():
+    from koifish_cuda.layernorm import layernorm_backward, layernorm_backward_ref, layernorm_forward, layernorm_forward_ref
+
+    r = rng()
+    N, C = (4096, 768) if ON_GPU else (5, 40)
+    x, w, b = r.standard_normal((N, C)) + 0.5, r.standard_normal(C), r.standard_normal(C)
+    out, mean, rstd = dev(np.zeros((N, C), np.uint16)), f32(np.zeros(N)), f32(np.zeros(N))
+    layernorm_forward(out, mean, rstd, f32(x), f32(w), f32(b))
+    ro, rm, rr = layernorm_forward_ref(x.astype(np.float32).astype(np.float64), w.astype(np.float32), b.astype(np.float32))
+    assert np.all(np.abs(val(out) - ro) <= BF16 * np.abs(ro) + 1e-5)
+    dout, dx0 = r.standard_normal((N, C)), r.standard_normal((N, C))
+    dx, dx16 = f32(dx0), dev(np.zeros((N, C), np.uint16))
+    dw, db = f32(np.zeros(C)), f32(np.zeros(C))
+    layernorm_backward(dx, dw, db, f32(dout), f32(x), f32(w), mean, rstd, dx16=dx16)
+    rdx = layernorm_backward_ref(dout, x, w, rm, rr)[0] + dx0
+    assert rel_err(host(dx), rdx) < 1e-4
+    from koifish_cuda.bf16 import from_bf16_ref, to_bf16_ref
+    assert np.array_equal(host(dx16), to_bf16_ref(host(dx))), "the copy is the float32 dx, rounded"
+    assert from_bf16_ref(host(dx16)).shape == (N, C)
+
+
+def test_gelu_on_bf16_rows():
+    from koifish_cuda.gelu import bias_gelu_forward, gelu_backward, gelu_backward_ref, gelu_forward_ref
+
+    r = rng()
+    N, F = (2048, 3072) if ON_GPU else (3, 20)
+    (pre, pre_v), bias = bf(r.standard_normal((N, F)) * 2), r.standard_normal(F).astype(np.float32)
+    out = dev(np.zeros((N, F), np.uint16))
+    bias_gelu_forward(out, pre, f32(bias))
+    biased = val(pre)  # the pre-activation as stored (bf16) is what the output and the backward use
+    assert np.all(np.abs(biased - (pre_v + bias)) <= BF16 * np.abs(pre_v + bias) + 1e-6)
+    ref = gelu_forward_ref(biased)
+    assert np.all(np.abs(val(out) - ref) <= BF16 * np.abs(ref) + 1e-5)
+    dout, dout_v = bf(r.standard_normal((N, F)))
+    dpre = dev(np.zeros((N, F), np.uint16))
+    gelu_backward(dpre, pre, dout)
+    ref = gelu_backward_ref(biased, dout_v)
+    assert np.all(np.abs(val(dpre) - ref) <= BF16 * np.abs(ref) + 1e-5)
+
+
+def test_bias_add_and_bias_grad_on_bf16_rows():
+    from koifish_cuda.matmul import add_bias, bias_grad
+
+    r = rng()
+    N, C = (4096, 2304) if ON_GPU else (37, 9)
+    (x, xv), b = bf(r.standard_normal((N, C))), r.standard_normal(C).astype(np.float32)
+    add_bias(x, f32(b))
+    assert np.all(np.abs(val(x) - (xv + b)) <= BF16 * np.abs(xv + b) + 1e-6)
+    dout, dv = bf(r.standard_normal((N, C)))
+    db = f32(np.zeros(C))
+    bias_grad(db, dout, rows_per_block=8)
+    assert rel_err(host(db), dv.sum(0)) < 1e-5  # float32 sums of exact bf16 values
+
+
+def test_heads_split_from_and_merge_into_bf16_rows():
+    from koifish_cuda.attention import merge_heads, split_heads
+    from koifish_cuda.bf16 import to_bf16_ref
+
+    r = rng()
+    B, T, nh, hs = (4, 256, 12, 64) if ON_GPU else (2, 5, 2, 3)
+    C = nh * hs
+    qkv, v = bf(r.standard_normal((B * T, 3 * C)))
+    k = dev(np.zeros((B * nh, T, hs), np.float32))
+    split_heads(k, qkv, C)
+    want = v[:, C:2 * C].reshape(B, T, nh, hs).transpose(0, 2, 1, 3).reshape(B * nh, T, hs)
+    assert np.array_equal(host(k), want.astype(np.float32))  # exact: bf16 values are float32 values
+    y = r.standard_normal((B * nh, T, hs)).astype(np.float32)
+    rows = dev(np.zeros((B * T, C), np.uint16))
+    merge_heads(rows, f32(y), 0)
+    assert np.array_equal(host(rows), to_bf16_ref(y.reshape(B, nh, T, hs).transpose(0, 2, 1, 3).reshape(B * T, C)))
+
+
+def test_fused_classifier_on_bf16_logits():
+    from koifish_cuda.classifier import fused_classifier, fused_classifier_ref
+
+    r = rng()
+    N, V, Vp = (1024, 50257, 50304) if ON_GPU else (4, 50, 64)
+    logits, lv = bf(r.standard_normal((N, Vp)) * 3)
+    targets = r.integers(0, V, N)
+    ref_losses, ref_d = fused_classifier_ref(lv[:, :V].copy(), targets, 1.0 / N)
+    losses, loss_sum = f32(np.zeros(N)), f32(np.zeros(1))
+    fused_classifier(logits, losses, loss_sum, dev(targets.astype(np.int32)), V, 1.0 / N)
+    assert rel_err(host(losses), ref_losses) < 1e-5  # the loss is computed in float32 from exact values
+    got = val(logits)
+    assert np.all(np.abs(got[:, :V] - ref_d) <= BF16 * np.abs(ref_d) + 1e-9) and np.all(got[:, V:] == 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="cuBLAS needs a GPU")
+@pytest.mark.parametrize("trans_a,trans_b,out_bf16,beta", [(False, True, True, 0.0), (False, False, False, 0.0),
+                                                           (True, False, False, 1.0)])
+def test_cublas_gemm_on_bf16_operands(trans_a, trans_b, out_bf16, beta):
+    import cupy as cp
+
+    from koifish_cuda.cublas_raw import Cublas
+
+    r = rng()
+    M, N, K = 384, 1280, 768
+    (a, av), (b, bv) = bf(r.standard_normal((K, M) if trans_a else (M, K))), bf(r.standard_normal((N, K) if trans_b else (K, N)))
+    c0 = r.standard_normal((M, N)).astype(np.float32)
+    out = dev(np.zeros((M, N), np.uint16)) if out_bf16 else f32(c0)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        Cublas(stream).gemm(out, a, b, trans_a=trans_a, trans_b=trans_b, beta=beta)
+        stream.synchronize()
+    ref = (av.T if trans_a else av) @ (bv.T if trans_b else bv) + beta * c0
+    got = val(out) if out_bf16 else host(out)
+    assert rel_err(got, ref) < (4e-3 if out_bf16 else 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="cuDNN needs a GPU")
+def test_cudnn_attention_matches_the_reference():
+    """q, k, v read in place from (B, T, 3C) rows; y and dqkv written as rows; bf16 in and out."""
+    import cupy as cp
+
+    from koifish_core.errors import KoifishError
+    from koifish_cuda.attention import attention_backward_ref, attention_forward_ref
+
+    try:
+        from koifish_cuda.cudnn_attention import import_cudnn
+        import_cudnn()
+    except KoifishError as e:
+        pytest.skip(str(e))
+    from koifish_cuda.cudnn_attention import CausalAttention
+
+    r = rng()
+    B, T, nh, hs = 2, 192, 3, 64
+    C = nh * hs
+    (qkv, qv), (dy, dyv) = bf(r.standard_normal((B, T, 3 * C))), bf(r.standard_normal((B, T, C)))
+    stream = cp.cuda.Stream(non_blocking=True)
+    y, dqkv, lse = (dev(np.zeros(s, t)) for s, t in (((B, T, C), np.uint16), ((B, T, 3 * C), np.uint16),
+                                                    ((B, nh, T), np.float32)))
+    with stream:
+        att = CausalAttention(B, T, nh, hs, stream)
+        att.forward(y, lse, qkv)
+        att.backward(dqkv, dy, qkv, y, lse)
+        stream.synchronize()
+    ry, p = attention_forward_ref(qv, nh)
+    assert rel_err(val(y), ry) < 1e-2
+    assert rel_err(val(dqkv), attention_backward_ref(dyv, qv, p, nh)) < 2e-2
+    with pytest.raises(ValueError, match="expected C-contiguous"):
+        att.forward(y[:, :, :C // 2], lse, qkv)
