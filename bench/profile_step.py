@@ -75,6 +75,7 @@ def main():
 
     # group -> (owner of the launchers: a module or an object, their names)
     groups = {"cuBLAS GEMMs": (eng.blas, ("gemm", "batched_gemm")),
+              "cuBLASLt GEMMs + epilogues": (eng.lt, ("matmul",)),
               **{g: (importlib.import_module(mod), fns) for g, (mod, fns) in GROUPS.items()}}
     if eng.attn.name == "cudnn":
         groups["attention (cuDNN)"] = (eng.attn.op, ("forward", "backward"))

@@ -54,18 +54,23 @@ def fused_classifier_kernel(logits, losses, loss_sum, targets, V, dloss, max_log
     """One block per row of logits (N, Vp): loss of the row, and the row overwritten by
     dloss * (softmax - onehot) over the first V columns, 0 over the padding. loss_sum[0]
     collects the mean loss (dloss = 1/N); max_logit[0] is raised to the row's largest logit
-    (one atomic per row; the caller resets it to -inf when a new maximum is wanted)."""
+    (one atomic per row; the caller resets it to -inf when a new maximum is wanted). The maximum
+    and the sum of exponentials come from one pass (each thread rescales its sum when its
+    maximum grows), so the row is read twice, not three times."""
     N, Vp = logits.shape
     buf = cuda.shared.array(THREADS, float32)
     row, tid = cuda.blockIdx.x, cuda.threadIdx.x
-    m = NEG_INF
+    mt = NEG_INF
+    st = float32(0.0)
     for j in range(tid, V, THREADS):
-        m = max(m, load(logits, (row, j)))
-    m = block_max(m, buf)
-    s = float32(0.0)
-    for j in range(tid, V, THREADS):
-        s += math.exp(load(logits, (row, j)) - m)
-    s = block_sum(s, buf)
+        x = load(logits, (row, j))
+        if x > mt:
+            st = st * math.exp(mt - x) + float32(1.0)
+            mt = x
+        else:
+            st += math.exp(x - mt)
+    m = block_max(mt, buf)
+    s = block_sum(st * math.exp(mt - m), buf)
     tgt = targets[row]
     loss = math.log(s) + m - load(logits, (row, tgt))
     cuda.syncthreads()  # every thread has read logits[row, tgt] before it is overwritten

@@ -31,14 +31,16 @@ from numba import cuda  # noqa: E402
 # Launched as a 2-D grid (columns x rows) so no thread divides its index by the row length:
 # 64-bit integer division costs more than the arithmetic of the kernel itself.
 @cuda.jit(cache=True)
-def bias_gelu_forward_kernel(out, pre, bias):
-    """pre += bias (kept for the backward), out = gelu(pre); pre, out (N, F), float32 or bf16 bits."""
+def bias_gelu_forward_kernel(out, pre, bias, add):
+    """pre += bias if add (kept for the backward), out = gelu(pre); pre, out (N, F), float32 or bf16 bits."""
     N, F = pre.shape
     c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     if c < F:
         for r in range(cuda.blockIdx.y, N, cuda.gridDim.y):
-            x = rounded(pre, load(pre, (r, c)) + bias[c])  # as the backward will read it
-            store(pre, (r, c), x)
+            x = load(pre, (r, c))
+            if add:
+                x = rounded(pre, x + bias[c])  # as the backward will read it
+                store(pre, (r, c), x)
             store(out, (r, c), 0.5 * x * (1.0 + math.tanh(GELU_SCALE * x * (1.0 + 0.044715 * x * x))))
 
 
@@ -59,7 +61,12 @@ def _grid(N, F):
 
 
 def bias_gelu_forward(out, pre, bias, stream=0):
-    bias_gelu_forward_kernel[_grid(*pre.shape), 256, stream](out, pre, bias)
+    bias_gelu_forward_kernel[_grid(*pre.shape), 256, stream](out, pre, bias, True)
+
+
+def gelu_forward(out, pre, stream=0):
+    """out = gelu(pre), pre left as it is (the training engine's GELU rebuild under remat 1)."""
+    bias_gelu_forward_kernel[_grid(*pre.shape), 256, stream](out, pre, pre[0], False)
 
 
 def gelu_backward(dpre, pre, dout, stream=0):

@@ -98,11 +98,15 @@ def test_remat_gives_the_same_steps(tiny_case, remat, compute, attention):
     loader = TokenLoader(base.case.data.train, 2, 32)
     batches = [loader.next_batch() for _ in range(2)]
     a, b = base.train_step(batches, 1e-2), rebuilt.train_step(batches, 1e-2)
-    # the same kernels on the same inputs: equal up to the atomics' summation order
+    # the same kernels on the same inputs: equal up to the atomics' summation order. In bf16 such
+    # a difference (or remat 1's GELU, rebuilt by the Numba kernel where the forward had cuBLASLt's
+    # epilogue) can round a bf16 operand the other way: measured 0.15% of h.0's MLP projection
+    # gradient off by up to 2e-3 relative
     assert b.loss == pytest.approx(a.loss, rel=1e-6)
+    rtol = 1e-2 if compute == "bf16" else 1e-4
     grads_a, grads_b = ({k: v.get() for k, v in e.g.items()} for e in (base, rebuilt))
     for k, g in grads_a.items():
-        np.testing.assert_allclose(grads_b[k], g, rtol=1e-4, atol=1e-5 * np.abs(g).max() + 1e-12, err_msg=k)
+        np.testing.assert_allclose(grads_b[k], g, rtol=rtol, atol=rtol / 10 * np.abs(g).max() + 1e-12, err_msg=k)
     for _ in range(4):  # Adam divides by sqrt(v): tiny gradient differences grow, so looser from here
         batches = [loader.next_batch() for _ in range(2)]
         assert rebuilt.train_step(batches, 1e-2).loss == pytest.approx(base.train_step(batches, 1e-2).loss, rel=1e-3)

@@ -59,7 +59,7 @@ def f32(a):
 
 
 def test_bias_gelu_and_backward():
-    from koifish_cuda.gelu import bias_gelu_forward, gelu_backward, gelu_backward_ref, gelu_forward_ref
+    from koifish_cuda.gelu import bias_gelu_forward, gelu_backward, gelu_backward_ref, gelu_forward, gelu_forward_ref
 
     r = rng()
     N, F = (2048, 3072) if ON_GPU else (3, 20)
@@ -67,6 +67,9 @@ def test_bias_gelu_and_backward():
     out, pre_d = dev(np.full((N, F), np.nan, np.float32)), f32(pre)
     bias_gelu_forward(out, pre_d, f32(bias))
     assert rel_err(host(out), gelu_forward_ref(pre + bias)) < TOL
+    again = dev(np.full((N, F), np.nan, np.float32))
+    gelu_forward(again, pre_d)  # pre_d now holds pre + bias; gelu alone leaves it as it is
+    assert np.array_equal(host(again), host(out)) and rel_err(host(pre_d), pre + bias) < TOL
     dpre = dev(np.full((N, F), np.nan, np.float32))
     gelu_backward(dpre, pre_d, f32(dout))
     assert rel_err(host(dpre), gelu_backward_ref(pre + bias, dout)) < TOL
@@ -264,7 +267,8 @@ def test_update_stats_clip_off_accumulation_and_nonfinite_norm():
         update_stats(out, 1, *(f32(x) for x in state[:4]), dev(state[4].astype(np.uint8)), f32([4.0]), f32(hyper_h))
     ref = np.add(update_stats_ref(*a, np.float32(4.0), hyper_h), update_stats_ref(*b, np.float32(4.0), hyper_h))
     got = host(out)
-    assert np.all(got[0] == 0) and np.allclose(got[1], ref, rtol=3e-6, atol=0)
+    # float32 partial sums over 2^16 terms, added in an order the atomics pick: 3e-6 failed once on an H200
+    assert np.all(got[0] == 0) and np.allclose(got[1], ref, rtol=2e-5, atol=0)
     # Adam's first step without decay moves every weight by lr * sign(g)
     assert update_stats_ref(*a, np.float32(4.0), hyper_h)[0] == pytest.approx(n * lr * lr, rel=1e-4)  # float32 hyper
     # a non-finite gradient norm: adamw_update skips, so the update is 0; the weights still count

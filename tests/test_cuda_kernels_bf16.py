@@ -177,3 +177,62 @@ def test_cudnn_attention_matches_the_reference():
     assert rel_err(val(dqkv), attention_backward_ref(dyv, qv, p, nh)) < 2e-2
     with pytest.raises(ValueError, match="expected C-contiguous"):
         att.forward(y[:, :, :C // 2], lse, qkv)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="cuBLASLt needs a GPU")
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_cublaslt_epilogues(dtype):
+    """The training engine's fused linear layers: bias, bias + residual, GELU with its pre-activation
+    kept, and GELU's derivative, against float64 NumPy on the same (rounded) operands."""
+    import cupy as cp
+
+    from koifish_cuda.cublaslt import CublasLt
+    from koifish_cuda.gelu import gelu_backward_ref, gelu_forward_ref
+
+    r = rng()
+    M, K, N = 512, 256, 1024
+    half = dtype == "bf16"
+
+    def operand(shape):
+        if half:
+            return bf(r.standard_normal(shape))
+        x = r.standard_normal(shape).astype(np.float32)
+        return f32(x), x.astype(np.float64)
+
+    def empty(shape):
+        return dev(np.zeros(shape, np.uint16 if half else np.float32))
+
+    def got(x):
+        return val(x) if half else host(x).astype(np.float64)
+
+    tol = 1e-2 if half else 2e-3  # bf16 outputs; TF32 products
+    (x, xv), (w, wv), (b, bv) = operand((M, K)), operand((N, K)), operand((N,))
+    stream = cp.cuda.Stream(non_blocking=True)
+    lt = CublasLt(stream)
+    with stream:
+        out = empty((M, N))
+        lt.matmul(out, x, w, trans_b=True, epilogue="bias", bias=b)
+        stream.synchronize()
+    pre = xv @ wv.T + bv
+    assert rel_err(got(out), pre) < tol
+    res0 = r.standard_normal((M, N)).astype(np.float32)
+    res, out32 = f32(res0), f32(np.zeros((M, N)))
+    bias32 = f32(bv)
+    with stream:
+        lt.matmul(out32, x, w, trans_b=True, epilogue="bias", bias=bias32, c=res)
+        stream.synchronize()
+    assert rel_err(host(out32), pre + res0) < 2e-3
+    gelu, aux = empty((M, N)), empty((M, N))
+    with stream:
+        lt.matmul(gelu, x, w, trans_b=True, epilogue="gelu_aux_bias", bias=b, aux=aux)
+        stream.synchronize()
+    assert rel_err(got(aux), pre) < tol and rel_err(got(gelu), gelu_forward_ref(got(aux))) < tol
+    (dout, dv), (w2, w2v) = operand((M, K)), operand((K, N))
+    dpre = empty((M, N))
+    with stream:
+        lt.matmul(dpre, dout, w2, epilogue="dgelu", aux=aux)
+        stream.synchronize()
+    assert rel_err(got(dpre), gelu_backward_ref(got(aux), dv @ w2v)) < tol
+    with pytest.raises(ValueError, match="epilogue"):
+        lt.matmul(out, x, w, trans_b=True, epilogue="bias")

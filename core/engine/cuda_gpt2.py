@@ -47,6 +47,7 @@ class CUDAEngine:
         if cp.cuda.runtime.getDeviceCount() == 0:
             raise KoifishError("--device cuda: no CUDA GPU is visible")
         from koifish_cuda.cublas_raw import Cublas
+        from koifish_cuda.cublaslt import CublasLt
 
         self.cp, self.case = cp, case
         self.cfg = cfg = GPT2Config.from_model_config(case.model)
@@ -63,6 +64,7 @@ class CUDAEngine:
         self.ns = cuda.external_stream(self.stream.ptr)
         with self.stream:
             self.blas = Cublas(self.stream, tf32=True)
+            self.lt = CublasLt(self.stream, tf32=True)  # the linear layers, with bias/residual/GELU fused
             self.params = cp.asarray(host.params)
             self.grads = cp.zeros_like(self.params)
             self.m = cp.zeros_like(self.params)
@@ -166,7 +168,7 @@ class CUDAEngine:
         self.logits, self.losses, self.loss_sum = h(N, Vp), f(N), f(1)
         # scratch shared by the layers; dres is the residual stream's gradient (float32), dres_g its
         # GEMM operand (a bf16 copy written by the LayerNorm backward, or dres itself)
-        self.proj, self.dres, self.dln = f(N, C), f(N, C), f(N, C)
+        self.dres, self.dln = f(N, C), f(N, C)
         self.dres_g = h(N, C) if self.bf16 else self.dres
         self.dqkv, self.dfch, self.datty = h(N, 3 * C), h(N, F), h(N, C)
         self.norm_sq = f(1)
@@ -195,34 +197,34 @@ class CUDAEngine:
         fused_classifier(self.logits, self.losses, self.loss_sum, self.targets, self.cfg.vocab_size, dloss, s,
                          max_logit=self.max_logit)
 
+    def _bias(self, name: str, out):
+        """A bias in its GEMM output's type: the bf16 copy for a bf16 output, else the master."""
+        return (self.pw if out.dtype == self.cp.uint16 else self.p)[name]
+
     def _block_forward(self, l: int, resid, full: bool = True) -> None:
         """Block l from its input `resid`; full=False stops before the MLP's output projection
-        (all a rebuild for the backward needs, and it leaves the block's output untouched)."""
-        from koifish_cuda.gelu import bias_gelu_forward
+        (all a rebuild for the backward needs, and it leaves the block's output untouched).
+        Biases, residual adds and GELU ride in the GEMMs' epilogues (koifish_cuda.cublaslt)."""
         from koifish_cuda.layernorm import layernorm_forward
-        from koifish_cuda.matmul import add_bias
-        from koifish_cuda.residual import residual_forward
 
         p, w, s, a, h = self.p, self.pw, self.ns, self.act[l], f"h.{l}."
-        gemm = self.blas.gemm
+        linear = self.lt.matmul
         layernorm_forward(a["ln1"], a["m1"], a["r1"], resid, p[h + "ln_1.weight"], p[h + "ln_1.bias"], s)
-        gemm(a["qkv"], a["ln1"], w[h + "attn.c_attn.weight"], trans_b=True)
-        add_bias(a["qkv"], p[h + "attn.c_attn.bias"], s)
+        linear(a["qkv"], a["ln1"], w[h + "attn.c_attn.weight"], trans_b=True, epilogue="bias",
+               bias=self._bias(h + "attn.c_attn.bias", a["qkv"]))
         self.attn.forward(a)
-        gemm(self.proj, a["atty"], w[h + "attn.c_proj.weight"], trans_b=True)
-        add_bias(self.proj, p[h + "attn.c_proj.bias"], s)
-        residual_forward(a["res2"], resid, self.proj, s)
+        linear(a["res2"], a["atty"], w[h + "attn.c_proj.weight"], trans_b=True, epilogue="bias",
+               bias=p[h + "attn.c_proj.bias"], c=resid)  # res2 = resid + attention's projection
         layernorm_forward(a["ln2"], a["m2"], a["r2"], a["res2"], p[h + "ln_2.weight"], p[h + "ln_2.bias"], s)
-        gemm(a["fch"], a["ln2"], w[h + "mlp.c_fc.weight"], trans_b=True)
-        bias_gelu_forward(a["fch_gelu"], a["fch"], p[h + "mlp.c_fc.bias"], s)
+        linear(a["fch_gelu"], a["ln2"], w[h + "mlp.c_fc.weight"], trans_b=True, epilogue="gelu_aux_bias",
+               bias=self._bias(h + "mlp.c_fc.bias", a["fch_gelu"]), aux=a["fch"])  # fch: the pre-activation
         if full:
-            gemm(self.proj, a["fch_gelu"], w[h + "mlp.c_proj.weight"], trans_b=True)
-            add_bias(self.proj, p[h + "mlp.c_proj.bias"], s)
-            residual_forward(a["res3"], a["res2"], self.proj, s)
+            linear(a["res3"], a["fch_gelu"], w[h + "mlp.c_proj.weight"], trans_b=True, epilogue="bias",
+                   bias=p[h + "mlp.c_proj.bias"], c=a["res2"])
 
     def _rebuild(self, l: int, resid_in) -> None:
         """Recompute what remat dropped from block l, just before its backward."""
-        from koifish_cuda.gelu import bias_gelu_forward
+        from koifish_cuda.gelu import gelu_forward
         from koifish_cuda.layernorm import layernorm_forward
 
         p, s, a, h = self.p, self.ns, self.act[l], f"h.{l}."
@@ -231,11 +233,10 @@ class CUDAEngine:
         elif self.remat == 1:
             layernorm_forward(a["ln1"], a["m1"], a["r1"], resid_in, p[h + "ln_1.weight"], p[h + "ln_1.bias"], s)
             layernorm_forward(a["ln2"], a["m2"], a["r2"], a["res2"], p[h + "ln_2.weight"], p[h + "ln_2.bias"], s)
-            bias_gelu_forward(a["fch_gelu"], a["fch"], p[h + "mlp.c_fc.bias"], s)
+            gelu_forward(a["fch_gelu"], a["fch"], s)  # fch holds the pre-activation, bias included
 
     def _backward(self) -> None:
         from koifish_cuda.embedding import encoder_backward
-        from koifish_cuda.gelu import gelu_backward
         from koifish_cuda.layernorm import layernorm_backward
         from koifish_cuda.matmul import bias_grad
 
@@ -261,8 +262,7 @@ class CUDAEngine:
             # MLP: res3 = res2 + c_proj(gelu(c_fc(ln2(res2))))
             bias_grad(g[h + "mlp.c_proj.bias"], dres, s)
             gemm(g[h + "mlp.c_proj.weight"], dres_g, a["fch_gelu"], trans_a=True, beta=1.0)
-            gemm(self.dfch, dres_g, w[h + "mlp.c_proj.weight"])
-            gelu_backward(self.dfch, a["fch"], self.dfch, s)
+            self.lt.matmul(self.dfch, dres_g, w[h + "mlp.c_proj.weight"], epilogue="dgelu", aux=a["fch"])
             bias_grad(g[h + "mlp.c_fc.bias"], self.dfch, s)
             gemm(g[h + "mlp.c_fc.weight"], self.dfch, a["ln2"], trans_a=True, beta=1.0)
             gemm(self.dln, self.dfch, w[h + "mlp.c_fc.weight"])

@@ -1,0 +1,151 @@
+"""cuBLASLt GEMMs with fused epilogues (ctypes), on a handle-free library bound per call to one stream.
+
+The training engine's linear layers do more than a product: a bias, a residual add, GELU (and its
+pre-activation kept for the backward), GELU's derivative. cuBLASLt applies these in the GEMM's
+epilogue while the tile is still in registers, so none of them is a pass over memory of its own:
+
+    linear:        out = x @ W.T + bias [+ resid]                  (EPILOGUE_BIAS, beta=1 with C=resid)
+    linear + GELU: out = gelu(pre), pre = x @ W.T + bias kept      (EPILOGUE_GELU_AUX_BIAS)
+    dGELU:         dpre = (dout @ W) * gelu'(pre)                  (EPILOGUE_DGELU)
+
+GELU is the tanh approximation, as GPT-2's. Row-major operands (views with unit column stride);
+row-major out = op(a) op(b) is column-major out^T = op(b)^T op(a)^T, so a bias along out's columns
+is cuBLASLt's bias along D's rows and the aux matrix has out's layout. Plans (descriptors and the
+heuristic's algorithm) are cached per shape, so a graph re-capture costs no heuristic calls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from koifish_cuda.cublas_raw import CUBLAS_OP_N, CUBLAS_OP_T, CUDA_TYPES, _check, _ld, check_types
+
+_SONAMES = ("libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so.11", "libcublasLt.so")
+# cublasLtMatmulDescAttributes_t, cublasLtEpilogue_t, cublasLtMatmulPreferenceAttributes_t
+DESC_TRANSA, DESC_TRANSB, DESC_EPILOGUE, DESC_BIAS_POINTER = 3, 4, 7, 8
+DESC_AUX_POINTER, DESC_AUX_LD, DESC_BIAS_DATA_TYPE = 11, 12, 26
+EPILOGUES = {"default": 1, "bias": 4, "gelu_aux_bias": 164, "dgelu": 192}
+PREF_MAX_WORKSPACE_BYTES = 1
+COMPUTE_32F, COMPUTE_32F_FAST_TF32, R_32F = 68, 77, 0
+
+
+class _Heuristic(ctypes.Structure):
+    _fields_ = [("algo", ctypes.c_uint64 * 8), ("workspace_size", ctypes.c_size_t), ("state", ctypes.c_int),
+                ("waves", ctypes.c_float), ("reserved", ctypes.c_int * 4)]
+
+
+_P, _I, _U64, _I64, _SZ = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_int64, ctypes.c_size_t
+_ARGTYPES = {
+    "cublasLtCreate": [_P],
+    "cublasLtMatmulDescCreate": [_P, _I, _I],
+    "cublasLtMatmulDescSetAttribute": [_P, _I, _P, _SZ],
+    "cublasLtMatrixLayoutCreate": [_P, _I, _U64, _U64, _I64],
+    "cublasLtMatmulPreferenceCreate": [_P],
+    "cublasLtMatmulPreferenceSetAttribute": [_P, _I, _P, _SZ],
+    "cublasLtMatmulPreferenceDestroy": [_P],
+    "cublasLtMatmulAlgoGetHeuristic": [_P, _P, _P, _P, _P, _P, _P, _I, _P, _P],
+    "cublasLtMatmul": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _SZ, _P],
+}
+
+
+def _load():
+    import cupy as cp
+
+    cp.cuda.device.get_cublas_handle()  # CuPy's cuBLAS (and with it cuBLASLt) is loaded: dlopen finds it
+    for name in _SONAMES:
+        try:
+            lib = ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            continue
+        for fn, types in _ARGTYPES.items():
+            getattr(lib, fn).argtypes = types
+        return lib
+    raise OSError(f"cannot find cuBLASLt (tried {', '.join(_SONAMES)})")
+
+
+class CublasLt:
+    def __init__(self, stream, tf32: bool = True, workspace_bytes: int = 32 << 20):
+        import cupy as cp
+
+        self.lib, self.stream, self.tf32 = _load(), stream, tf32
+        self.handle = ctypes.c_void_p()
+        _check(self.lib.cublasLtCreate(ctypes.byref(self.handle)), "cublasLtCreate")
+        self.workspace = cp.empty(workspace_bytes, dtype=cp.uint8)
+        self._plans = {}
+
+    def _attr(self, desc, attr, value, ctype) -> None:
+        v = ctype(value)
+        _check(self.lib.cublasLtMatmulDescSetAttribute(desc, attr, ctypes.cast(ctypes.byref(v), _P), ctypes.sizeof(v)),
+               "desc attribute")
+
+    def _layout(self, dtype, rows, cols, ld):
+        lay = ctypes.c_void_p()
+        _check(self.lib.cublasLtMatrixLayoutCreate(ctypes.byref(lay), CUDA_TYPES[dtype], rows, cols, ld), "layout")
+        return lay
+
+    def _plan(self, key, m, n, k, op_a, op_b, ta, tb, td, lda, ldb, ldd, epilogue, bias_dtype, aux_ld):
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        lib = self.lib
+        desc = ctypes.c_void_p()
+        compute = COMPUTE_32F_FAST_TF32 if self.tf32 and ta == "float32" else COMPUTE_32F
+        _check(lib.cublasLtMatmulDescCreate(ctypes.byref(desc), compute, R_32F), "desc")
+        self._attr(desc, DESC_TRANSA, op_a, ctypes.c_int32)
+        self._attr(desc, DESC_TRANSB, op_b, ctypes.c_int32)
+        self._attr(desc, DESC_EPILOGUE, EPILOGUES[epilogue], ctypes.c_int32)
+        if bias_dtype is not None:
+            self._attr(desc, DESC_BIAS_DATA_TYPE, CUDA_TYPES[bias_dtype], ctypes.c_int32)
+        if aux_ld:
+            self._attr(desc, DESC_AUX_LD, aux_ld, ctypes.c_int64)
+        a_lay = self._layout(ta, *((m, k) if op_a == CUBLAS_OP_N else (k, m)), lda)
+        b_lay = self._layout(tb, *((k, n) if op_b == CUBLAS_OP_N else (n, k)), ldb)
+        d_lay = self._layout(td, m, n, ldd)
+        pref = ctypes.c_void_p()
+        _check(lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "preference")
+        ws = ctypes.c_uint64(self.workspace.nbytes)
+        _check(lib.cublasLtMatmulPreferenceSetAttribute(pref, PREF_MAX_WORKSPACE_BYTES, ctypes.cast(ctypes.byref(ws), _P),
+                                                        ctypes.sizeof(ws)), "preference attribute")
+        result, count = _Heuristic(), ctypes.c_int(0)
+        _check(lib.cublasLtMatmulAlgoGetHeuristic(self.handle, desc, a_lay, b_lay, d_lay, d_lay, pref, 1,
+                                                  ctypes.cast(ctypes.byref(result), _P),
+                                                  ctypes.cast(ctypes.byref(count), _P)), "heuristic")
+        lib.cublasLtMatmulPreferenceDestroy(pref)
+        if count.value == 0:
+            raise RuntimeError(f"cuBLASLt has no algorithm for {key}")
+        plan = self._plans[key] = (desc, a_lay, b_lay, d_lay, result)
+        return plan
+
+    def matmul(self, out, a, b, trans_a=False, trans_b=False, bias=None, epilogue="default", aux=None, c=None):
+        """Row-major out (M, N) = op(a) op(b) with `epilogue`: 'default'; 'bias' (+ bias (N,)); 'gelu_aux_bias'
+        (aux = op(a) op(b) + bias, out = gelu(aux)); 'dgelu' (out = (op(a) op(b)) * gelu'(aux)). c, if
+        given (out's shape and dtype), is added (out = ... + c; c may be out itself). Operands alike
+        (float32 or bf16 bits), out and aux float32 or the operands' type, bias out's type."""
+        M, N = out.shape
+        K = a.shape[0] if trans_a else a.shape[1]
+        check_types(a, b, out)
+        if (bias is not None) != ("bias" in epilogue) or (aux is not None) != ("gelu" in epilogue):
+            raise ValueError(f"cublasLt epilogue {epilogue!r}: bias {bias is not None}, aux {aux is not None}")
+        for name, x in (("aux", aux), ("c", c)):
+            if x is not None and (x.shape != out.shape or x.dtype != out.dtype or _ld(x) != _ld(out)):
+                raise ValueError(f"cublasLt: {name} {x.shape} {x.dtype} must be laid out as out {out.shape} {out.dtype}")
+        if bias is not None and (bias.shape != (N,) or bias.dtype != out.dtype):
+            raise ValueError(f"cublasLt: bias {bias.shape} {bias.dtype}, expected ({N},) {out.dtype}")
+        # column-major D^T (N, M) = op(b)^T (N, K) op(a)^T (K, M)
+        op_a, op_b = (CUBLAS_OP_T if trans_b else CUBLAS_OP_N), (CUBLAS_OP_T if trans_a else CUBLAS_OP_N)
+        lda, ldb, ldd = _ld(b), _ld(a), _ld(out)
+        key = (M, N, K, op_a, op_b, a.dtype.name, out.dtype.name, lda, ldb, ldd, epilogue)
+        desc, a_lay, b_lay, d_lay, algo = self._plan(key, N, M, K, op_a, op_b, b.dtype.name, a.dtype.name,
+                                                     out.dtype.name, lda, ldb, ldd, epilogue,
+                                                     None if bias is None else bias.dtype.name, ldd if aux is not None else 0)
+        if bias is not None:
+            self._attr(desc, DESC_BIAS_POINTER, bias.data.ptr, ctypes.c_void_p)
+        if aux is not None:
+            self._attr(desc, DESC_AUX_POINTER, aux.data.ptr, ctypes.c_void_p)
+        one, beta = ctypes.c_float(1.0), ctypes.c_float(0.0 if c is None else 1.0)
+        src = out if c is None else c
+        ref = lambda x: ctypes.cast(ctypes.byref(x), _P)  # noqa: E731
+        _check(self.lib.cublasLtMatmul(self.handle, desc, ref(one), b.data.ptr, a_lay, a.data.ptr, b_lay, ref(beta),
+                                       src.data.ptr, d_lay, out.data.ptr, d_lay, ref(algo.algo), self.workspace.data.ptr,
+                                       self.workspace.nbytes, self.stream.ptr), "cublasLtMatmul")
+        return out
