@@ -49,7 +49,7 @@ from koifish_cuda.reduce import NEG_INF, THREADS, block_max, block_sum  # noqa: 
 from numba import cuda, float32  # noqa: E402
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=True, fastmath=True)  # __expf: 2 ulp, far inside what a loss and its gradient need
 def fused_classifier_kernel(logits, losses, loss_sum, targets, V, dloss, max_logit):
     """One block per row of logits (N, Vp): loss of the row, and the row overwritten by
     dloss * (softmax - onehot) over the first V columns, 0 over the padding. loss_sum[0]

@@ -38,12 +38,13 @@ import numpy as np  # noqa: E402
 
 import koifish_cuda.compat  # noqa: E402,F401
 from koifish_cuda.bf16 import store  # noqa: E402
-from koifish_cuda.reduce import THREADS, block_sum, warp_sum  # noqa: E402
+from koifish_cuda.reduce import THREADS, WARPS, warp_sum  # noqa: E402
 from numba import cuda, float32  # noqa: E402
 
 
 ROWS = 8  # warps (rows in flight) per block
 BUF = 32 * ROWS  # a compile-time constant for the shared array of the simulator's warp reductions
+RED = 2 * WARPS  # the backward's per-warp sums (a shared array's size must be a plain constant)
 MAX_C = 32 * 64  # widest row: 64 values a lane (GPT-2 1558M has C = 1600)
 
 
@@ -86,12 +87,16 @@ def layernorm_backward_kernel(dx, dx16, dw, db, dout, x, w, mean, rstd):
     """A block walks rows (grid-stride); each thread owns columns t, t+THREADS, ... and keeps
     their dw/db partial sums in registers, so the block adds into dw/db once, not once per row.
     dx16, unless it has no rows, gets a bf16 copy of the new dx (the bf16 GEMMs' operand).
-    (A warp per row with the row in registers, as the forward, was slower here: 248 registers a
-    thread, 0.36 ms at 16384 x 768; bounded to 128, 0.26 ms; this kernel 0.22 ms.)"""
+    A row's two sums are reduced in each warp by shuffles and across the warps through shared
+    memory together: two barriers a row (two shared-memory trees took fourteen: 0.22 ms at
+    16384 x 768). A warp per row with the row in registers, as the forward, was slower: 248
+    registers a thread, 0.36 ms; bounded to 128, 0.26 ms."""
     N, C = x.shape
     copy = dx16.shape[0] > 0
     buf = cuda.shared.array(THREADS, float32)
+    red = cuda.shared.array(RED, float32)
     t = cuda.threadIdx.x
+    lane, warp = t % 32, t // 32
     acc_w = cuda.local.array(16, float32)  # C <= 16 * THREADS
     acc_b = cuda.local.array(16, float32)
     for k in range(16):
@@ -111,8 +116,20 @@ def layernorm_backward_kernel(dx, dx16, dw, db, dout, x, w, mean, rstd):
             acc_w[k] += g * n
             acc_b[k] += g
             k += 1
-        a = block_sum(a, buf) / C
-        bs = block_sum(bs, buf) / C
+        a = warp_sum(a, buf)
+        bs = warp_sum(bs, buf)
+        if lane == 0:
+            red[warp] = a
+            red[WARPS + warp] = bs
+        cuda.syncthreads()
+        a = float32(0.0)
+        bs = float32(0.0)
+        for i in range(WARPS):
+            a += red[i]
+            bs += red[WARPS + i]
+        a /= C
+        bs /= C
+        cuda.syncthreads()  # every thread has its sums before the next row's overwrite them
         for c in range(t, C, THREADS):
             n = (x[row, c] - m) * r
             v = dx[row, c] + r * (dout[row, c] * w[c] - a - n * bs)  # += : dx also carries the residual path

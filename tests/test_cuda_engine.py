@@ -98,12 +98,13 @@ def test_remat_gives_the_same_steps(tiny_case, remat, compute, attention):
     loader = TokenLoader(base.case.data.train, 2, 32)
     batches = [loader.next_batch() for _ in range(2)]
     a, b = base.train_step(batches, 1e-2), rebuilt.train_step(batches, 1e-2)
-    # the same kernels on the same inputs: equal up to the atomics' summation order. In bf16 such
-    # a difference (or remat 1's GELU, rebuilt by the Numba kernel where the forward had cuBLASLt's
-    # epilogue) can round a bf16 operand the other way: measured 0.15% of h.0's MLP projection
-    # gradient off by up to 2e-3 relative
-    assert b.loss == pytest.approx(a.loss, rel=1e-6)
-    rtol = 1e-2 if compute == "bf16" else 1e-4
+    # the same kernels on the same inputs: equal up to summation order (atomics; and each engine
+    # times its own GEMM algorithms, so two engines may split a TF32 product differently: wte's
+    # gradient measured 4e-4 apart). In bf16 such a difference (or remat 1's GELU, rebuilt by the
+    # Numba kernel where the forward had cuBLASLt's epilogue) can round a bf16 operand the other
+    # way: 0.15% of h.0's MLP projection gradient off by up to 2e-3 relative
+    assert b.loss == pytest.approx(a.loss, rel=1e-5)
+    rtol = 1e-2 if compute == "bf16" else 2e-3
     grads_a, grads_b = ({k: v.get() for k, v in e.g.items()} for e in (base, rebuilt))
     for k, g in grads_a.items():
         np.testing.assert_allclose(grads_b[k], g, rtol=rtol, atol=rtol / 10 * np.abs(g).max() + 1e-12, err_msg=k)

@@ -193,7 +193,7 @@ class CUDAEngine:
             self._block_forward(l, resid)
             resid = self.act[l]["res3"]
         layernorm_forward(self.lnf, self.mf, self.rf, resid, p["ln_f.weight"], p["ln_f.bias"], s)
-        self.blas.gemm(self.logits, self.lnf, self.pw["wte"], trans_b=True)  # (N, Vp); padded wte rows are 0
+        self.lt.matmul(self.logits, self.lnf, self.pw["wte"], trans_b=True)  # (N, Vp); padded wte rows are 0
         fused_classifier(self.logits, self.losses, self.loss_sum, self.targets, self.cfg.vocab_size, dloss, s,
                          max_logit=self.max_logit)
 
@@ -241,7 +241,11 @@ class CUDAEngine:
         from koifish_cuda.matmul import bias_grad
 
         p, w, g, s = self.p, self.pw, self.g, self.ns
-        gemm = self.blas.gemm
+        gemm = self.lt.matmul
+
+        def grad(name, dout, x):  # g[name] += dout^T x: a weight's gradient, accumulated over micro-batches
+            gemm(g[name], dout, x, trans_a=True, c=g[name])
+
         dres, dres_g = self.dres, self.dres_g  # float32, and the GEMMs' copy of it
         copy = dres_g if dres_g is not dres else None
 
@@ -250,7 +254,7 @@ class CUDAEngine:
                                rstd, s, dx16=copy)
 
         dlogits = self.logits  # the classifier wrote the gradient over the logits
-        gemm(g["wte"], dlogits, self.lnf, trans_a=True, beta=1.0)  # (Vp, C) += dlogits^T lnf
+        grad("wte", dlogits, self.lnf)  # (Vp, C) += dlogits^T lnf
         gemm(self.dln, dlogits, w["wte"])  # (N, C)
         dres.fill(0)
         ln_backward("ln_f", self.act[-1]["res3"], self.mf, self.rf)
@@ -261,19 +265,19 @@ class CUDAEngine:
             self._rebuild(l, resid_in)
             # MLP: res3 = res2 + c_proj(gelu(c_fc(ln2(res2))))
             bias_grad(g[h + "mlp.c_proj.bias"], dres, s)
-            gemm(g[h + "mlp.c_proj.weight"], dres_g, a["fch_gelu"], trans_a=True, beta=1.0)
-            self.lt.matmul(self.dfch, dres_g, w[h + "mlp.c_proj.weight"], epilogue="dgelu", aux=a["fch"])
+            grad(h + "mlp.c_proj.weight", dres_g, a["fch_gelu"])
+            gemm(self.dfch, dres_g, w[h + "mlp.c_proj.weight"], epilogue="dgelu", aux=a["fch"])
             bias_grad(g[h + "mlp.c_fc.bias"], self.dfch, s)
-            gemm(g[h + "mlp.c_fc.weight"], self.dfch, a["ln2"], trans_a=True, beta=1.0)
+            grad(h + "mlp.c_fc.weight", self.dfch, a["ln2"])
             gemm(self.dln, self.dfch, w[h + "mlp.c_fc.weight"])
             ln_backward(h + "ln_2", a["res2"], a["m2"], a["r2"])
             # attention: res2 = resid_in + c_proj(attn(c_attn(ln1(resid_in))))
             bias_grad(g[h + "attn.c_proj.bias"], dres, s)
-            gemm(g[h + "attn.c_proj.weight"], dres_g, a["atty"], trans_a=True, beta=1.0)
+            grad(h + "attn.c_proj.weight", dres_g, a["atty"])
             gemm(self.datty, dres_g, w[h + "attn.c_proj.weight"])
             self.attn.backward(a, self.datty, self.dqkv)
             bias_grad(g[h + "attn.c_attn.bias"], self.dqkv, s)
-            gemm(g[h + "attn.c_attn.weight"], self.dqkv, a["ln1"], trans_a=True, beta=1.0)
+            grad(h + "attn.c_attn.weight", self.dqkv, a["ln1"])
             gemm(self.dln, self.dqkv, w[h + "attn.c_attn.weight"])
             ln_backward(h + "ln_1", resid_in, a["m1"], a["r1"])
             self._ready([k for k in self.shapes if block_of(k) == l])
@@ -341,6 +345,7 @@ class CUDAEngine:
                 graphs[name] = self.stream.end_capture()
         self.graphs, self.graph_accum = graphs, accum
         cp.cuda.Device().synchronize()
+        cp.get_default_memory_pool().free_all_blocks()  # the GEMM tuning's scratch outputs go back
 
     # ---- the Engine interface -------------------------------------------------------------------
     def _load_batch(self, x, y) -> None:
