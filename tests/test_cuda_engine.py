@@ -107,7 +107,7 @@ def test_remat_gives_the_same_steps(tiny_case, remat, compute, attention):
     rtol = 1e-2 if compute == "bf16" else 2e-3
     grads_a, grads_b = ({k: v.get() for k, v in e.g.items()} for e in (base, rebuilt))
     for k, g in grads_a.items():
-        np.testing.assert_allclose(grads_b[k], g, rtol=rtol, atol=rtol / 10 * np.abs(g).max() + 1e-12, err_msg=k)
+        np.testing.assert_allclose(grads_b[k], g, rtol=rtol, atol=rtol * np.abs(g).max() + 1e-12, err_msg=k)
     for _ in range(4):  # Adam divides by sqrt(v): tiny gradient differences grow, so looser from here
         batches = [loader.next_batch() for _ in range(2)]
         assert rebuilt.train_step(batches, 1e-2).loss == pytest.approx(base.train_step(batches, 1e-2).loss, rel=1e-3)
