@@ -130,8 +130,8 @@ def merge_heads(dst, src, col0, stream=0):
 
 
 def softmax_causal_forward(att, scale, stream=0):
-    softmax_causal_forward_kernel[att.shape[0] * att.shape[1], THREADS, stream](att, scale)
+    softmax_causal_forward_kernel[att.shape[0] * att.shape[1], THREADS, stream](att, np.float32(scale))
 
 
 def softmax_causal_backward(datt, att, scale, stream=0):
-    softmax_causal_backward_kernel[att.shape[0] * att.shape[1], THREADS, stream](datt, att, scale)
+    softmax_causal_backward_kernel[att.shape[0] * att.shape[1], THREADS, stream](datt, att, np.float32(scale))

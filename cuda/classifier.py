@@ -78,7 +78,7 @@ def fused_classifier_kernel(logits, losses, loss_sum, targets, V, dloss, max_log
     for j in range(tid, Vp, THREADS):
         if j < V:
             p = math.exp(load(logits, (row, j)) - m) * inv
-            store(logits, (row, j), (p - (1.0 if j == tgt else 0.0)) * dloss)
+            store(logits, (row, j), (p - (float32(1.0) if j == tgt else float32(0.0))) * dloss)
         else:
             store(logits, (row, j), float32(0.0))
     if tid == 0:
@@ -98,4 +98,5 @@ def fused_classifier(logits, losses, loss_sum, targets, V, dloss, stream=0, max_
         if dev not in _scratch:
             _scratch[dev] = cuda.device_array(1, np.float32)
         max_logit = _scratch[dev]
-    fused_classifier_kernel[logits.shape[0], THREADS, stream](logits, losses, loss_sum, targets, V, dloss, max_logit)
+    fused_classifier_kernel[logits.shape[0], THREADS, stream](logits, losses, loss_sum, targets, V, np.float32(dloss),
+                                                              max_logit)  # float32: a Python float is float64

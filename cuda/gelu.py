@@ -25,12 +25,23 @@ import math  # noqa: E402
 
 import koifish_cuda.compat  # noqa: E402,F401
 from koifish_cuda.bf16 import load, rounded, store  # noqa: E402
-from numba import cuda  # noqa: E402
+from numba import cuda, float32  # noqa: E402
+
+# float32 constants: Python floats would make the arithmetic, and tanh with it, float64 on the GPU
+S32, A32, A3_32 = np.float32(GELU_SCALE), np.float32(0.044715), np.float32(3 * 0.044715)
+HALF, ONE, TWO = np.float32(0.5), np.float32(1.0), np.float32(2.0)
+
+
+@cuda.jit(device=True, inline=True)
+def _tanh(u):
+    """tanh(u) = 1 - 2 / (exp(2u) + 1): __expf and a fast division under fastmath (error ~1e-7
+    absolute; exp's overflow for large u still gives 1, its underflow -1)."""
+    return ONE - TWO / (math.exp(TWO * u) + ONE)
 
 
 # Launched as a 2-D grid (columns x rows) so no thread divides its index by the row length:
 # 64-bit integer division costs more than the arithmetic of the kernel itself.
-@cuda.jit(cache=True)
+@cuda.jit(cache=True, fastmath=True)
 def bias_gelu_forward_kernel(out, pre, bias, add):
     """pre += bias if add (kept for the backward), out = gelu(pre); pre, out (N, F), float32 or bf16 bits."""
     N, F = pre.shape
@@ -39,21 +50,21 @@ def bias_gelu_forward_kernel(out, pre, bias, add):
         for r in range(cuda.blockIdx.y, N, cuda.gridDim.y):
             x = load(pre, (r, c))
             if add:
-                x = rounded(pre, x + bias[c])  # as the backward will read it
+                x = rounded(pre, x + float32(bias[c]))  # as the backward will read it
                 store(pre, (r, c), x)
-            store(out, (r, c), 0.5 * x * (1.0 + math.tanh(GELU_SCALE * x * (1.0 + 0.044715 * x * x))))
+            store(out, (r, c), HALF * x * (ONE + _tanh(S32 * x * (ONE + A32 * x * x))))
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=True, fastmath=True)
 def gelu_backward_kernel(dpre, pre, dout):
     N, F = pre.shape
     c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     if c < F:
         for r in range(cuda.blockIdx.y, N, cuda.gridDim.y):
             x = load(pre, (r, c))
-            t = math.tanh(GELU_SCALE * x * (1.0 + 0.044715 * x * x))
-            dt = GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x)
-            store(dpre, (r, c), load(dout, (r, c)) * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dt))
+            t = _tanh(S32 * x * (ONE + A32 * x * x))
+            dt = S32 * (ONE + A3_32 * x * x)
+            store(dpre, (r, c), load(dout, (r, c)) * (HALF * (ONE + t) + HALF * x * (ONE - t * t) * dt))
 
 
 def _grid(N, F):

@@ -34,7 +34,6 @@ def layernorm_backward_ref(dout: np.ndarray, x: np.ndarray, w: np.ndarray, mean:
 import functools  # noqa: E402
 import math  # noqa: E402
 
-import numpy as np  # noqa: E402
 
 import koifish_cuda.compat  # noqa: E402,F401
 from koifish_cuda.bf16 import store  # noqa: E402
@@ -64,12 +63,12 @@ def _forward_kernel(PER: int):
             c = lane + 32 * k
             v[k] = x[row, c] if live and c < C else float32(0.0)
             s += v[k]
-        m = warp_sum(s, buf) / C
+        m = warp_sum(s, buf) / float32(C)  # float32(C): an int divisor would make m, and all after it, float64
         s = float32(0.0)
         for k in range(PER):
             d = v[k] - m if lane + 32 * k < C else float32(0.0)
             s += d * d
-        r = float32(1.0) / math.sqrt(warp_sum(s, buf) / C + eps)
+        r = float32(1.0) / math.sqrt(warp_sum(s, buf) / float32(C) + eps)
         if live:
             for k in range(PER):
                 c = lane + 32 * k
@@ -127,8 +126,8 @@ def layernorm_backward_kernel(dx, dx16, dw, db, dout, x, w, mean, rstd):
         for i in range(WARPS):
             a += red[i]
             bs += red[WARPS + i]
-        a /= C
-        bs /= C
+        a /= float32(C)
+        bs /= float32(C)
         cuda.syncthreads()  # every thread has its sums before the next row's overwrite them
         for c in range(t, C, THREADS):
             n = (x[row, c] - m) * r
@@ -151,7 +150,8 @@ def _per(C: int) -> int:
 
 def layernorm_forward(out, mean, rstd, x, w, b, stream=0, eps=EPS):
     kernel = _forward_kernel(_per(x.shape[1]))
-    kernel[(x.shape[0] + ROWS - 1) // ROWS, 32 * ROWS, stream](out, mean, rstd, x, w, b, eps)
+    # np.float32: a Python float is typed float64 and drags the row's arithmetic into float64
+    kernel[(x.shape[0] + ROWS - 1) // ROWS, 32 * ROWS, stream](out, mean, rstd, x, w, b, np.float32(eps))
 
 
 _no_copy = {}  # device id -> a (0, 1) uint16 array: "no bf16 copy of dx"
