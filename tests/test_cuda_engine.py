@@ -84,7 +84,11 @@ def test_checkpoints_are_portable(tiny_case, compute):
     assert abs(cpu.eval_loss(x, y) - gpu.eval_loss(x, y)) < (1e-2 if compute == "fp32" else 3e-2)
     back = engine(case)
     back.load_tensors(cpu.model_tensors(), cpu.optim_tensors(), "cpu")
-    assert back.eval_loss(x, y) == pytest.approx(gpu.eval_loss(x, y), abs=1e-6)
+    for mine, theirs in ((back.model_tensors(), gpu.model_tensors()), (back.optim_tensors(), gpu.optim_tensors())):
+        assert all(np.array_equal(mine[k], theirs[k]) for k in theirs)  # the state came back bit for bit
+    # the same weights; each engine times its own GEMM algorithms, which may sum a TF32 or bf16
+    # product in another order (a run measured the fp32 losses more than 1e-6 apart)
+    assert back.eval_loss(x, y) == pytest.approx(gpu.eval_loss(x, y), rel=1e-4)
 
 
 @pytest.mark.parametrize("remat", [1, 2])
