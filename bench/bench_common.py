@@ -20,12 +20,14 @@ def gpu_name() -> str:
 
 
 def commit() -> str:
-    """The koifish commit measured; copies without .git name it in KOIFISH_COMMIT."""
+    """The koifish commit measured: KOIFISH_COMMIT when set (a copy whose .git is missing or stale,
+    as the device machine's can be), else git's HEAD."""
+    if os.environ.get("KOIFISH_COMMIT"):
+        return os.environ["KOIFISH_COMMIT"]
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except FileNotFoundError:
-        out = ""
-    return out or os.environ.get("KOIFISH_COMMIT", "")
+        return ""
 
 
 def write_json(path: str, report: dict) -> None:
