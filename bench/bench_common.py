@@ -36,13 +36,14 @@ def write_json(path: str, report: dict) -> None:
         json.dump(report, f, indent=1)
 
 
-def median_time(fn, reps=20, per_graph=10):
-    """Median time of one call of fn, from CUDA-graph replays of `per_graph` calls: timing single
-    launches from Python would measure the ~50 us launch cost, not the kernel."""
+def median_time(fn, reps=20, per_graph=10, stream=None):
+    """Median time of one call of fn(numba_stream), from CUDA-graph replays of `per_graph` calls:
+    timing single launches from Python would measure the ~50 us launch cost, not the kernel.
+    stream: the CuPy stream to capture on (one a library handle is bound to), else a new one."""
     import cupy as cp
     from numba import cuda
 
-    stream = cp.cuda.Stream(non_blocking=True)
+    stream = stream or cp.cuda.Stream(non_blocking=True)
     ns = cuda.external_stream(stream.ptr)
     with stream:
         fn(ns)

@@ -32,7 +32,7 @@ def main() -> None:
 
     import cupy as cp
 
-    from bench.bench_common import write_json
+    from bench.bench_common import median_time, write_json
     from koifish_cuda.attention import attention_backward_ref, attention_forward_ref
     from koifish_cuda.bf16 import from_bf16_ref, to_bf16_ref
     from koifish_cuda.cudnn_attention import CausalAttention
@@ -82,8 +82,8 @@ def main() -> None:
         qkv = ((qkv + 0x7FFF + ((qkv >> 16) & 1)) >> 16).astype(cp.uint16)
         y, dy, dqkv = cp.zeros((B, T, C), cp.uint16), qkv[:, :, :C].copy(), cp.zeros_like(qkv)
         lse = cp.zeros((B, nh, T), cp.float32)
-    t_f = graph_time(stream, lambda: att.forward(y, lse, qkv))
-    t_b = graph_time(stream, lambda: att.backward(dqkv, dy, qkv, y, lse))
+    t_f = median_time(lambda ns: att.forward(y, lse, qkv), 10, 5, stream)
+    t_b = median_time(lambda ns: att.backward(dqkv, dy, qkv, y, lse), 10, 5, stream)
     report["cudnn"] = dict(fwd_ms=t_f * 1e3, bwd_ms=t_b * 1e3, fwd_tflops=flops_fwd / t_f / 1e12,
                            bwd_tflops=2.5 * flops_fwd / t_b / 1e12)
     print("cudnn", report["cudnn"], flush=True)
@@ -98,33 +98,13 @@ def main() -> None:
         write_json(args.out, report)
 
 
-def graph_time(stream, fn, reps=10, per=5) -> float:
-    import cupy as cp
-
-    with stream:
-        fn()
-        stream.begin_capture()
-        for _ in range(per):
-            fn()
-        g = stream.end_capture()
-        g.launch(stream)
-        times = []
-        for _ in range(reps):
-            a, b = cp.cuda.Event(), cp.cuda.Event()
-            a.record(stream)
-            g.launch(stream)
-            b.record(stream)
-            b.synchronize()
-            times.append(cp.cuda.get_elapsed_time(a, b) / 1e3 / per)
-    return float(np.median(times))
-
-
 def engine_attention_time(stream, B, T, nh, hs) -> dict:
     """The fp32 engine's attention, forward and backward, as cuda_gpt2 runs it (split, batched GEMMs,
     softmax, merge)."""
     import cupy as cp
     from numba import cuda
 
+    from bench.bench_common import median_time
     from koifish_cuda.attention import merge_heads, softmax_causal_backward, softmax_causal_forward, split_heads
     from koifish_cuda.cublas_raw import Cublas
 
@@ -155,7 +135,8 @@ def engine_attention_time(stream, B, T, nh, hs) -> dict:
         for i, src in enumerate((dq, dk, dv)):
             merge_heads(dqkv, src, i * C, ns)
 
-    return dict(fwd_ms=graph_time(stream, fwd) * 1e3, bwd_ms=graph_time(stream, bwd) * 1e3)
+    return dict(fwd_ms=median_time(lambda ns: fwd(), 10, 5, stream) * 1e3,
+                bwd_ms=median_time(lambda ns: bwd(), 10, 5, stream) * 1e3)
 
 
 def torch_time(B, T, nh, hs) -> dict:
