@@ -199,6 +199,9 @@ def train(loaded: LoadedCase, run_dir: str | Path, steps: int | None = None, dev
         (run_dir / "case.json").write_text(json.dumps(resolved, indent=2) + "\n")
         if ckpt is None:
             env = dict(_environment(device), case_source=loaded.source, case_format=loaded.format, ranks=world)
+            attn = getattr(engine, "attn", None)  # the CUDA engine: which attention runs, and why not cuDNN's
+            if attn is not None:
+                env["attention"] = {"path": attn.name, "note": engine.attn_note}
             (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
         writer = MetricsWriter(run_dir)
         if ckpt is not None:
