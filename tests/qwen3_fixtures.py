@@ -177,3 +177,61 @@ def tiny_chat_folder(folder, seed: int = 0):
     (folder / "generation_config.json").write_text(json.dumps(
         {"eos_token_id": [im_end, eot], "do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95}))
     return folder, model, tok
+
+
+def state_arrays(hf_model) -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy().copy() for k, v in hf_model.state_dict().items()}
+
+
+def is_linear(name: str) -> bool:
+    from koifish_core.models.qwen3 import LINEARS
+
+    return name.endswith(tuple(m + ".weight" for m in LINEARS))
+
+
+def write_quantized_folder(folder, hf_model, tensors, quantization_config):
+    from safetensors.numpy import save_file
+
+    folder.mkdir()
+    cfg = hf_model.config.to_dict()
+    cfg["quantization_config"] = quantization_config
+    (folder / "config.json").write_text(json.dumps(cfg))
+    save_file(tensors, str(folder / "model.safetensors"))
+    return folder
+
+
+def write_gptq_act_order_folder(folder, hf_model, group_size: int, checkpoint_format: str = "gptq", offset: int = 1,
+                                seed: int = 2, shared_order: bool = False):
+    """hf_model as a GPTQ 4-bit act-order folder (input columns assigned to groups by a random
+    permutation, as desc_act does), packed by the spec-written gptq_pack. shared_order: linears that
+    read the same input (q, k, v; gate, up) share one order, as GPTQ gives them (one Hessian);
+    else every linear draws its own. Returns (folder, the float64 dequantization of each linear)."""
+    from koifish_core.infer.quant import gptq_pack
+    from koifish_cuda.quant import quantize_groupwise_ref
+
+    rng = np.random.default_rng(seed)
+    tensors, deq, orders = {}, {}, {}
+    readers = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "gate_proj": "mlp_in", "up_proj": "mlp_in"}
+    for name, w in state_arrays(hf_model).items():
+        if not is_linear(name):
+            tensors[name] = w
+            continue
+        K = w.shape[1]
+        module = name.removesuffix(".weight").rsplit(".", 1)
+        key = (module[0], readers.get(module[1], module[1])) if shared_order else name
+        if key not in orders:  # act-order: groups gather scattered input columns
+            orders[key] = rng.permutation(np.arange(K) // group_size)
+        g_idx = orders[key]
+        order = np.argsort(g_idx, kind="stable")
+        codes_sorted, scales, zeros = quantize_groupwise_ref(w[:, order], 4, group_size)
+        codes = np.empty_like(codes_sorted)
+        codes[:, order] = codes_sorted
+        qweight, qzeros, s, gi = gptq_pack(codes, zeros, scales, g_idx, 4, zero_offset=offset)
+        base = name.removesuffix(".weight")
+        tensors.update({base + ".qweight": qweight, base + ".qzeros": qzeros, base + ".scales": s,
+                        base + ".g_idx": gi})
+        deq[name] = (codes - zeros[:, g_idx].astype(np.float64)) * scales[:, g_idx].astype(np.float64)
+    folder = write_quantized_folder(folder, hf_model, tensors,
+                                    {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": True,
+                                     "sym": False, "checkpoint_format": checkpoint_format})
+    return folder, deq

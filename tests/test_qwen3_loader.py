@@ -7,13 +7,13 @@ import pytest
 from safetensors.numpy import save_file
 
 from koifish_core.errors import ModelError
-from koifish_core.infer.quant import awq_pack, gptq_pack
+from koifish_core.infer.quant import awq_pack
 from koifish_core.infer.qwen3_quantize import quantize_folder
 from koifish_core.models.hf_qwen3 import load_hf_folder
-from koifish_core.models.qwen3 import LINEARS
 from koifish_core.models.registry import load_model
 from koifish_cuda.quant import quantize_groupwise_ref
-from tests.qwen3_fixtures import hf_logits, tiny_hf_qwen3
+from tests.qwen3_fixtures import (hf_logits, is_linear, state_arrays, tiny_hf_qwen3, write_gptq_act_order_folder,
+                                   write_quantized_folder)
 
 torch = pytest.importorskip("torch")
 G = 32  # group size: the tiny model's widths (64, 128) hold several groups
@@ -28,23 +28,6 @@ def hf_model():
 def src(hf_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("src")
     hf_model.save_pretrained(folder, safe_serialization=True)
-    return folder
-
-
-def _state(hf_model) -> dict[str, np.ndarray]:
-    return {k: v.detach().numpy().copy() for k, v in hf_model.state_dict().items()}
-
-
-def _is_linear(name: str) -> bool:
-    return name.endswith(tuple(m + ".weight" for m in LINEARS))
-
-
-def _write_folder(folder, hf_model, tensors, quantization_config):
-    folder.mkdir()
-    cfg = hf_model.config.to_dict()
-    cfg["quantization_config"] = quantization_config
-    (folder / "config.json").write_text(json.dumps(cfg))
-    save_file(tensors, str(folder / "model.safetensors"))
     return folder
 
 
@@ -66,8 +49,8 @@ def _ids(seed=0):
 
 def test_awq_folder_equals_transformers_on_the_dequantized_weights(hf_model, tmp_path):
     tensors, deq = {}, {}
-    for name, w in _state(hf_model).items():
-        if not _is_linear(name):
+    for name, w in state_arrays(hf_model).items():
+        if not is_linear(name):
             tensors[name] = w
             continue
         codes, scales, zeros = quantize_groupwise_ref(w, 4, G)
@@ -75,8 +58,8 @@ def test_awq_folder_equals_transformers_on_the_dequantized_weights(hf_model, tmp
         base = name.removesuffix(".weight")
         tensors.update({base + ".qweight": qweight, base + ".qzeros": qzeros, base + ".scales": s})
         deq[name] = (codes - np.repeat(zeros, G, 1).astype(np.float64)) * np.repeat(scales.astype(np.float64), G, 1)
-    folder = _write_folder(tmp_path / "awq", hf_model, tensors,
-                           {"quant_method": "awq", "bits": 4, "group_size": G, "zero_point": True, "version": "gemm"})
+    folder = write_quantized_folder(tmp_path / "awq", hf_model, tensors,
+                                    {"quant_method": "awq", "bits": 4, "group_size": G, "zero_point": True, "version": "gemm"})
     idx = _ids(1)
     ours = load_hf_folder(folder).forward(idx)[0]
     np.testing.assert_allclose(ours, hf_logits(_reference_with(hf_model, deq), idx), atol=2e-5, rtol=1e-5)
@@ -86,26 +69,7 @@ def test_awq_folder_equals_transformers_on_the_dequantized_weights(hf_model, tmp
 @pytest.mark.parametrize("checkpoint_format,offset", [("gptq", 1), ("gptq_v2", 0)])
 def test_gptq_act_order_folder_equals_transformers_on_the_dequantized_weights(hf_model, tmp_path, checkpoint_format,
                                                                               offset):
-    rng = np.random.default_rng(2)
-    tensors, deq = {}, {}
-    for name, w in _state(hf_model).items():
-        if not _is_linear(name):
-            tensors[name] = w
-            continue
-        K = w.shape[1]
-        g_idx = rng.permutation(np.arange(K) // G)  # act-order: groups gather scattered input columns
-        order = np.argsort(g_idx, kind="stable")
-        codes_sorted, scales, zeros = quantize_groupwise_ref(w[:, order], 4, G)
-        codes = np.empty_like(codes_sorted)
-        codes[:, order] = codes_sorted
-        qweight, qzeros, s, gi = gptq_pack(codes, zeros, scales, g_idx, 4, zero_offset=offset)
-        base = name.removesuffix(".weight")
-        tensors.update({base + ".qweight": qweight, base + ".qzeros": qzeros, base + ".scales": s,
-                        base + ".g_idx": gi})
-        deq[name] = (codes - zeros[:, g_idx].astype(np.float64)) * scales[:, g_idx].astype(np.float64)
-    folder = _write_folder(tmp_path / "gptq", hf_model, tensors,
-                           {"quant_method": "gptq", "bits": 4, "group_size": G, "desc_act": True, "sym": False,
-                            "checkpoint_format": checkpoint_format})
+    folder, deq = write_gptq_act_order_folder(tmp_path / "gptq", hf_model, G, checkpoint_format, offset)
     idx = _ids(2)
     np.testing.assert_allclose(load_hf_folder(folder).forward(idx)[0],
                                hf_logits(_reference_with(hf_model, deq), idx), atol=2e-5, rtol=1e-5)
@@ -114,8 +78,8 @@ def test_gptq_act_order_folder_equals_transformers_on_the_dequantized_weights(hf
 @pytest.mark.parametrize("bits", [8, 4, 3])
 def test_quantize_at_load_equals_transformers_on_reference_dequantization(hf_model, src, bits):
     deq = {}
-    for name, w in _state(hf_model).items():
-        if _is_linear(name):
+    for name, w in state_arrays(hf_model).items():
+        if is_linear(name):
             codes, scales, zeros = quantize_groupwise_ref(w, bits, G)
             deq[name] = (codes - np.repeat(zeros, G, 1).astype(np.float64)) * np.repeat(scales.astype(np.float64), G, 1)
     idx = _ids(3)

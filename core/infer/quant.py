@@ -66,6 +66,19 @@ class QuantizedWeight:
     def dequantize(self, dtype=np.float32) -> np.ndarray:
         return dequantize_groupwise_ref(self.codes(), self.scales, self.zeros, self.group_size, self.g_idx, dtype)
 
+    def sorted_by_group(self) -> tuple["QuantizedWeight", np.ndarray | None] | None:
+        """(w, perm): this matrix with its input columns reordered so that each group is contiguous,
+        W' = W[:, perm] (so W' x[perm] = W x), g_idx None; perm None when that is already so. None
+        when the groups are not all group_size columns (then no reordering makes them contiguous)."""
+        if self.g_idx is None:
+            return self, None
+        K = self.shape[1]
+        perm = np.argsort(self.g_idx, kind="stable")
+        if not np.array_equal(self.g_idx[perm], np.arange(K) // self.group_size):
+            return None
+        packed = pack_codes_ref(self.codes()[:, perm], self.bits)
+        return QuantizedWeight(packed, self.scales, self.zeros, self.bits, self.group_size), perm
+
     def rows(self, ids: np.ndarray, dtype=np.float32) -> np.ndarray:
         """Dequantized rows ids (...,) -> (..., K): an embedding lookup without the whole table."""
         flat = np.asarray(ids).reshape(-1)

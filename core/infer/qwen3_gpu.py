@@ -83,7 +83,9 @@ def gpu_available() -> bool:
 
 @dataclass
 class DeviceLinear:
-    """W (N, K) on the device: float32 `w`, or packed codes (words uint32, scales float32, zeros uint8)."""
+    """W (N, K) on the device: float32 `w`, or packed codes (words uint32, scales float32, zeros uint8).
+    perm (device int32 (K,), perm_host its NumPy copy): a GPTQ act-order matrix stored with its input
+    columns reordered so that groups are contiguous; it is applied to x[:, perm]."""
 
     N: int
     K: int
@@ -93,6 +95,8 @@ class DeviceLinear:
     zeros: object = None
     bits: int = 0
     group_size: int = 0
+    perm: object = None
+    perm_host: np.ndarray | None = None
 
     @property
     def quantized(self) -> bool:
@@ -131,6 +135,13 @@ def _packable(w) -> bool:
     """A host weight the device kernels take packed: group-wise codes in column order (no act-order
     g_idx) whose rows and groups are whole 32-code chunks."""
     return isinstance(w, QuantizedWeight) and w.g_idx is None and w.shape[1] % 32 == 0 and w.group_size % 32 == 0
+
+
+def _same_perm(parts) -> bool:
+    """All parts take their input in one order (none reordered, or all by the same permutation)."""
+    first = parts[0].perm_host
+    return all((p.perm_host is None) == (first is None) and (first is None or np.array_equal(p.perm_host, first))
+               for p in parts)
 
 
 class Qwen3GPU:
@@ -177,6 +188,7 @@ class Qwen3GPU:
         self.graph = None
         self._eager_steps = 0
         self._cache: GPUCache | None = None
+        self.reordered = False  # some matrix takes its input gathered (GPTQ act-order): gather buffers
 
     # ---- weights ------------------------------------------------------------------------------
     def _put(self, a):
@@ -185,14 +197,22 @@ class Qwen3GPU:
         with self.stream:
             return self.xp.asarray(np.ascontiguousarray(a))
 
-    def _linear(self, ws) -> DeviceLinear:
-        """Device matrix of the rows of the host weights ws stacked (one GEMV for q|k|v and gate|up)."""
-        return self._join([self._upload_weight(w) for w in ws])
+    def _linear(self, ws, reorder: bool = True) -> DeviceLinear:
+        """Device matrix of the rows of the host weights ws stacked (one GEMV for q|k|v and gate|up).
+        reorder=False keeps act-order matrices dense (the embedding and the head, read by rows)."""
+        return self._join([self._upload_weight(w, reorder) for w in ws])
 
-    def _upload_weight(self, w) -> DeviceLinear:
+    def _upload_weight(self, w, reorder: bool = True) -> DeviceLinear:
         """One host weight (float array or QuantizedWeight) on the device: packed when the kernels take it
-        so, else dequantized to float32."""
+        so (a GPTQ act-order one with its columns reordered, when reorder), else dequantized to float32."""
         N, K = w.shape
+        if reorder and isinstance(w, QuantizedWeight) and w.g_idx is not None:
+            got = w.sorted_by_group()
+            if got is not None and _packable(got[0]):
+                lin = self._upload_weight(got[0])
+                lin.perm, lin.perm_host = self._put(got[1].astype(np.int32)), got[1]
+                self.reordered = True
+                return lin
         if _packable(w):
             return DeviceLinear(N, K, words=self._put(np.ascontiguousarray(w.packed).view(np.uint32)),
                                 scales=self._put(np.asarray(w.scales, np.float32)), zeros=self._put(w.zeros),
@@ -207,22 +227,47 @@ class Qwen3GPU:
             return parts[0]
         N, K, xp = sum(p.N for p in parts), parts[0].K, self.xp
         with self._ctx():
-            if all(p.quantized for p in parts) and len({(p.bits, p.group_size) for p in parts}) == 1:
+            if (all(p.quantized for p in parts) and len({(p.bits, p.group_size) for p in parts}) == 1
+                    and _same_perm(parts)):
                 return DeviceLinear(N, K, words=xp.concatenate([p.words for p in parts]),
                                     scales=xp.concatenate([p.scales for p in parts]),
                                     zeros=xp.concatenate([p.zeros for p in parts]), bits=parts[0].bits,
-                                    group_size=parts[0].group_size)
+                                    group_size=parts[0].group_size, perm=parts[0].perm, perm_host=parts[0].perm_host)
             return DeviceLinear(N, K, w=xp.concatenate([self._dense(p) for p in parts]))
 
     def _dense(self, lin: DeviceLinear):
-        """lin as float32 on the device. A packed part goes through the host's own dequantization (one
-        part of a mixed layer, rare): its values are then exactly the CPU model's."""
+        """lin as float32 on the device, its columns in the model's order. A packed part goes through the
+        host's own dequantization (one part of a mixed layer, rare): its values are then exactly the CPU
+        model's."""
         if not lin.quantized:
             return lin.w
         packed = np.ascontiguousarray(self._get(lin.words)).view(np.uint8)
         qw = QuantizedWeight(packed, self._get(lin.scales).astype(np.float16), self._get(lin.zeros), lin.bits,
                              lin.group_size)
-        return self._put(qw.dequantize(np.float32))
+        dense = qw.dequantize(np.float32)
+        if lin.perm_host is not None:  # stored as W[:, perm]
+            dense = dense[:, np.argsort(lin.perm_host)]
+        return self._put(np.ascontiguousarray(dense))
+
+    def _absorb_down_perm(self, layer: dict) -> None:
+        """An act-order down projection reads the hidden units in the order perm: gate|up's rows are put in
+        that order instead (SwiGLU pairs gate row j with up row j, so h comes out as h[perm]) and down
+        needs no gather; the prefill's MLP bands rely on it (down's columns f0.. meet gate|up's rows f0..)."""
+        down, gu = layer.get("down"), layer.get("gu")
+        if down is None or gu is None or down.perm_host is None:
+            return
+        F = down.K
+        idx = np.concatenate([down.perm_host, F + down.perm_host])
+        with self._ctx():
+            rows = self._put(idx.astype(np.int64))
+            if gu.quantized:
+                layer["gu"] = DeviceLinear(gu.N, gu.K, words=gu.words[rows], scales=gu.scales[rows],
+                                           zeros=gu.zeros[rows], bits=gu.bits, group_size=gu.group_size,
+                                           perm=gu.perm, perm_host=gu.perm_host)
+            else:
+                layer["gu"] = DeviceLinear(gu.N, gu.K, w=gu.w[rows])
+        layer["down"] = DeviceLinear(down.N, down.K, words=down.words, scales=down.scales, zeros=down.zeros,
+                                     bits=down.bits, group_size=down.group_size)
 
     @classmethod
     def from_model(cls, model, **kw) -> "Qwen3GPU":
@@ -238,9 +283,10 @@ class Qwen3GPU:
                 qn=eng._put(np.asarray(W[a + "q_norm"], np.float32)), kn=eng._put(np.asarray(W[a + "k_norm"], np.float32)),
                 qkv=eng._linear([W[a + "q_proj"], W[a + "k_proj"], W[a + "v_proj"]]), o=eng._linear([W[a + "o_proj"]]),
                 gu=eng._linear([W[m + "gate_proj"], W[m + "up_proj"]]), down=eng._linear([W[m + "down_proj"]])))
+            eng._absorb_down_perm(eng.layers[-1])
         eng.norm = eng._put(np.asarray(W["norm"], np.float32))
-        eng.embed = eng._linear([W["embed_tokens"]])
-        eng.head = eng.embed if W["lm_head"] is W["embed_tokens"] else eng._linear([W["lm_head"]])
+        eng.embed = eng._linear([W["embed_tokens"]], reorder=False)
+        eng.head = eng.embed if W["lm_head"] is W["embed_tokens"] else eng._linear([W["lm_head"]], reorder=False)
         return eng
 
     @classmethod
@@ -338,6 +384,8 @@ class Qwen3GPU:
                 self.slab = xp.zeros(SLAB_BYTES // 4, f)  # float32 scores, or (viewed as uint16) bf16 weights
                 self.band = _mlp_band(F, C, self.slab.size * 2)
                 self.xb = xp.zeros(R * max(C, nh * hd), np.uint16)
+                kg = max(C, nh * hd) if self.reordered else 1  # act-order inputs gathered: decode rows, prefill rows
+                self.xg, self.xgb = xp.zeros(Rs * kg, f), xp.zeros(R * kg, np.uint16)
                 int8 = self.cache_dtype == np.int8
                 self.qh = xp.zeros(R * nh * hd, np.float16 if int8 else self.cache_dtype)
                 # an int8 cache's keys and values of one layer, as float16 operands of the attention GEMMs
@@ -371,10 +419,21 @@ class Qwen3GPU:
         """out (M, N) = x (M, K) @ W.T for the decode step and short chunks (M <= MAX_BATCH), float32."""
         from koifish_cuda.quant import dequant_matvec
 
+        if lin.perm is not None:
+            x = self._gathered(x, lin, self.xg)
         if lin.quantized:
             dequant_matvec(out, x, lin.words, lin.scales, lin.zeros, lin.bits, lin.group_size, self.ns)
         else:
             self.blas.matmul(out, x, lin.w)
+
+    def _gathered(self, x, lin: DeviceLinear, buf):
+        """x[:, lin.perm] in buf (a flat scratch of x's dtype): the input of an act-order matrix."""
+        from koifish_cuda.gather import gather_columns
+
+        R, K = x.shape
+        out = buf[:R * K].reshape(R, K)
+        gather_columns(out, x, lin.perm, self.ns)
+        return out
 
     # ---- the bf16 prefill -----------------------------------------------------------------------
     def _weight_bf16(self, dst, lin: DeviceLinear, n0: int, k0: int, then: tuple[int, int] | None = None) -> None:
@@ -403,6 +462,8 @@ class Qwen3GPU:
 
     def _linear_bf16(self, out, xb, lin: DeviceLinear) -> None:
         """out (R, N) float32 = xb (R, K) bf16 @ W.T, W through the slab in bands of rows."""
+        if lin.perm is not None:
+            xb = self._gathered(xb, lin, self.xgb)
         slab = self.slab.view(np.uint16)
         rows = max(1, min(lin.N, slab.size // lin.K))
         for n0 in range(0, lin.N, rows):
@@ -417,6 +478,9 @@ class Qwen3GPU:
 
         R, C = xb.shape
         F = down.K
+        assert down.perm is None, "an act-order down projection is absorbed into gate|up (_absorb_down_perm)"
+        if gu.perm is not None:
+            xb = self._gathered(xb, gu, self.xgb)
         slab = self.slab.view(np.uint16)
         for f0 in range(0, F, self.band):
             fb = min(self.band, F - f0)

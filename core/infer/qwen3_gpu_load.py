@@ -87,9 +87,10 @@ class _Parts:
         self.top: dict = {}
 
     def add(self, name: str, weight) -> None:
+        top = not name.startswith("layers.")
         if isinstance(weight, QuantizedWeight):  # stored quantized: assembled on the host, uploaded packed
-            weight = self.eng._linear([weight])
-        if not name.startswith("layers."):
+            weight = self.eng._linear([weight], reorder=not top)  # the embedding and head are read by rows
+        if top:
             self.top[name] = weight  # embed_tokens, lm_head, norm
             return
         _, l, rest = name.split(".", 2)
@@ -103,6 +104,7 @@ class _Parts:
         if len(got) == count:
             self.layers[l][matrix] = self.eng._join([got[b] for b in range(count)])
             del self.bands[l][matrix]  # the parts' memory goes once the joined copy exists
+            self.eng._absorb_down_perm(self.layers[l])  # once gate|up and down are both there
 
     def finish(self) -> None:
         eng = self.eng
