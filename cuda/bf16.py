@@ -1,4 +1,4 @@
-"""bfloat16 held as uint16 bits: the operands of the prefill's bf16 GEMMs (cuBLAS GemmEx).
+"""bfloat16 held as uint16 bits: the operands of bf16 GEMMs (the Qwen3 prefill's, the training engine's).
 
 bf16 is the top half of a float32. Rounding is to nearest, ties to even (as the hardware's
 cvt.rn.bf16.f32): add 0x7FFF plus the lowest kept bit, keep the top 16 bits. Arrays are uint16

@@ -1,7 +1,10 @@
 """Linear layer with weights stored (out, in), as llm.c and PyTorch's nn.Linear.
 
     out = x @ W.T + b        x (N, C), W (OC, C), b (OC,) -> (N, OC)
-On the GPU these are cuBLAS GEMMs (see gemm.py); this is the reference the engine is checked against.
+On the GPU these are cuBLAS(Lt) GEMMs (cublas_raw.py, cublaslt.py: the training engine fuses the bias
+into the GEMM's epilogue); this is the reference the engine is checked against. add_bias is the
+unfused form (no engine calls it since the epilogues; kept with its test as the reference
+kernel); bias_grad computes the engine's bias gradients.
 """
 
 import numpy as np

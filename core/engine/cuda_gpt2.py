@@ -1,5 +1,5 @@
-"""The CUDA engine: GPT-2 resident on the GPU, Numba kernels + cuBLAS, the step replayed as
-CUDA graphs.
+"""The CUDA engine: GPT-2 resident on the GPU, Numba kernels + cuBLASLt (+ cuDNN's attention),
+the step replayed as CUDA graphs.
 
 Everything lives in preallocated CuPy buffers (shapes below, N = B*T rows, BH = B*n_head), so a
 step launches no allocation and can be captured once and replayed: `zero` (gradients and
@@ -15,7 +15,9 @@ weights as a bf16 copy of the float32 master weights, refreshed after each updat
 that feed GEMMs), accumulation and the product in float32 where a float32 kernel reads it; the
 residual stream, LayerNorm statistics, gradients and AdamW's state stay float32; attention is
 cuDNN's fused flash attention when cudnn-frontend is installed (cuda_attention.py). fp32: float32
-everywhere, TF32 GEMMs. Parameters, names and shapes are exactly the CPU model's, so checkpoints
+everywhere, TF32 GEMMs. Biases, residual adds and GELU ride in the GEMMs' cuBLASLt epilogues
+(koifish_cuda.cublaslt), so the only passes of their own are LayerNorm, the classifier, bias
+gradients and the embedding. Parameters, names and shapes are exactly the CPU model's, so checkpoints
 move between the two engines unchanged. model.remat trades compute for memory: 1 rebuilds the LayerNorm and
 GELU outputs in the backward, 2 keeps only each block's output and reruns the block's forward
 just before its backward (about a third more forward work; activations shrink by ~L times).
