@@ -4,6 +4,8 @@
 
 Bytes are the fewest each kernel must move (every input read once, every output written once);
 times are CUDA-event medians of graph-replayed launches on GPT-2 124M shapes (B=8, T=1024).
+Rows marked bf16 are the variants the training engine runs under precision.compute bf16 (bf16
+bits in or out where the engine keeps a GEMM operand).
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ def main():
     from koifish_cuda.adamw import adamw_update, sum_squares
     from koifish_cuda.attention import softmax_causal_forward
     from koifish_cuda.classifier import fused_classifier
-    from koifish_cuda.gelu import bias_gelu_forward, gelu_backward
+    from koifish_cuda.gelu import bias_gelu_forward, gelu_backward, gelu_forward
     from koifish_cuda.layernorm import layernorm_backward, layernorm_forward
+    from koifish_cuda.matmul import bias_grad
     from koifish_cuda.residual import residual_forward
 
     ap = argparse.ArgumentParser()
@@ -47,7 +50,10 @@ def main():
     params, grads, m, v = rnd(n_par), rnd(n_par), rnd(n_par), cp.abs(rnd(n_par))
     mask, norm_sq = cp.ones(n_par, cp.uint8), cp.zeros(1, cp.float32)
     hyper = cp.asarray(np.array([1e-4, 0.9, 0.95, 1e-8, 0.1, 0.1, 0.05, 0.0], np.float32))
-    f = 4  # bytes per float32
+    f, h = 4, 2  # bytes per float32, per bf16
+    bf = lambda *s: (rnd(*s).view(cp.uint32) >> 16).astype(cp.uint16)  # noqa: E731  (bf16 bits, truncated)
+    out16, dx16, act16, pre16, logits16 = bf(N, C), bf(N, C), bf(N, F4), bf(N, F4), bf(N, Vp)
+    db4 = rnd(F4)
     cases = [
         ("layernorm_forward", lambda s: layernorm_forward(out, mean, rstd, x, w, b, s), (2 * N * C + 2 * N) * f),
         ("layernorm_backward", lambda s: layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, s), (4 * N * C + 2 * N) * f),
@@ -56,17 +62,25 @@ def main():
         ("residual_forward", lambda s: residual_forward(out, x, dout, s), 3 * N * C * f),
         ("softmax_causal (T=1024)", lambda s: softmax_causal_forward(att, 0.125, s), 2 * att.size * f),
         ("fused_classifier", lambda s: fused_classifier(logits, losses, loss_sum, targets, V, 1.0 / N, s), 2 * N * Vp * f),
+        ("layernorm_forward bf16 out", lambda s: layernorm_forward(out16, mean, rstd, x, w, b, s),
+         N * C * (f + h) + 2 * N * f),
+        ("layernorm_backward + bf16 dx", lambda s: layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, s, dx16=dx16),
+         (4 * N * C + 2 * N) * f + N * C * h),
+        ("gelu_forward bf16 (remat 1)", lambda s: gelu_forward(act16, pre16, s), 2 * N * F4 * h),
+        ("bias_grad bf16 (N, 4C)", lambda s: bias_grad(db4, act16, s), N * F4 * h),
+        ("fused_classifier bf16", lambda s: fused_classifier(logits16, losses, loss_sum, targets, V, 1.0 / N, s),
+         2 * N * Vp * h),
         ("sum_squares (124M)", lambda s: sum_squares(norm_sq, grads, s), n_par * f),
         ("adamw (124M)", lambda s: adamw_update(params, grads, m, v, mask, norm_sq, hyper, s), (7 * n_par * f + n_par)),
     ]
     rows = []
-    print(f"{'kernel':<26} {'time ms':>9} {'GB/s':>8} {'% copy':>7}")
+    print(f"{'kernel':<30} {'time ms':>9} {'GB/s':>8} {'% copy':>7}")
     for name, fn, nbytes in cases:
         t = median_time(fn)
         bw = nbytes / t
         rows.append({"kernel": name, "ms": t * 1e3, "GBps": bw / 1e9, "share_of_copy": bw / copy_bw})
-        print(f"{name:<26} {t * 1e3:>9.3f} {bw / 1e9:>8.0f} {bw / copy_bw:>7.0%}")
-    print(f"{'device copy':<26} {'':>9} {copy_bw / 1e9:>8.0f} {1:>7.0%}")
+        print(f"{name:<30} {t * 1e3:>9.3f} {bw / 1e9:>8.0f} {bw / copy_bw:>7.0%}")
+    print(f"{'device copy':<30} {'':>9} {copy_bw / 1e9:>8.0f} {1:>7.0%}")
     write_json(args.out, {"gpu": gpu_name(), "commit": commit(), "copy_GBps": copy_bw / 1e9, "rows": rows})
 
 
