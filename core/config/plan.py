@@ -22,7 +22,9 @@ class Plan:
     memory_activations: int
     memory_total: int
     """Bytes: weights in their stored precision, gradients, AdamW state (+ fp32 master weights
-    when weights are stored in fewer than 32 bits), activations kept for the backward."""
+    when weights are stored in fewer than 32 bits), activations kept for the backward. With
+    train.device cuda: the CUDA engine's own buffers (cuda_engine_bytes), which matched its
+    measured peaks within a few percent (tests/test_config.py)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,6 +46,35 @@ def activation_bytes(case: Case, bytes_per_value: int) -> int:
     return (L * per_layer + B * T * (2 * C + Vp)) * bytes_per_value
 
 
+CUBLAS_WORKSPACES = (64 << 20) + (32 << 20)  # koifish_cuda.cublas_raw's and cublaslt's
+
+
+def cuda_activation_bytes(case: Case) -> int:
+    """The CUDA engine's activation and scratch buffers (core/engine/cuda_gpt2.py _alloc): GEMM operands
+    in bf16 (precision.compute bf16) or float32, the residual stream and statistics in float32,
+    cuDNN's attention under bf16 (a log-sum-exp per row and head), the cuBLAS one under fp32 (q, k, v
+    and the T x T probabilities kept per layer, plus its scratch)."""
+    m, B, T = case.model, case.data.batch_size, case.data.seq_len
+    C, L, nh = m.n_embd, m.n_layer, m.n_head
+    F = m.ffn or 4 * C
+    Vp = -(-m.vocab_size // 128) * 128
+    a = 2 if case.precision.compute == "bf16" else 4  # a GEMM operand
+    attn = {"lse": 4 * nh} if a == 2 else {"q": 4 * C, "k": 4 * C, "v": 4 * C, "att": 4 * nh * T}
+    row = dict(ln1=a * C, m1=4, r1=4, qkv=a * 3 * C, atty=a * C, res2=4 * C, ln2=a * C, m2=4, r2=4, fch=a * F,
+               fch_gelu=a * F, res3=4 * C, **attn)  # bytes per token of each buffer a layer keeps
+    shared = set() if a == 2 else {"qkv"}  # buffers one copy of which serves every layer
+    if m.remat == 1:
+        shared |= {"ln1", "ln2", "fch_gelu"}
+    elif m.remat == 2:
+        shared = set(row) - {"res3"}
+    kept = L * sum(v for k, v in row.items() if k not in shared) + sum(row[k] for k in shared)
+    top = 4 * C + a * C + 8 + a * Vp + 4  # x0, lnf and its statistics, logits, losses
+    scratch = 4 * C + 4 * C + (a * C if a == 2 else 0) + a * 3 * C + a * F + a * C  # dres, dln, dres_g, dqkv, dfch, datty
+    if a == 4:
+        scratch += 5 * 4 * C + 4 * nh * T  # the cuBLAS attention's head copies and score gradient
+    return B * T * (kept + top + scratch)
+
+
 def make_plan(case: Case) -> Plan:
     from koifish_core.models.gpt2 import GPT2Config
 
@@ -52,10 +83,15 @@ def make_plan(case: Case) -> Plan:
     n = cfg.num_parameters()
     n_stored = sum(math.prod(s) for s in cfg.param_shapes().values())  # padded wte included
     wbits = case.precision.weights
-    weights = n_stored * wbits // 8
-    grads = n_stored * (2 if case.precision.compute == "bf16" else 4)
-    optimizer = n_stored * 8 + (n_stored * 4 if wbits < 32 else 0)
-    acts = activation_bytes(case, 2 if case.precision.compute == "bf16" else 4)
+    if case.train.device == "cuda":  # the engine: float32 master, gradients and moments; bf16 copy under bf16
+        bf16 = case.precision.compute == "bf16"
+        weights, grads, optimizer = n_stored * (2 if bf16 else 4), n_stored * 4, n_stored * 8 + (n_stored * 4 if bf16 else 0)
+        acts = cuda_activation_bytes(case) + CUBLAS_WORKSPACES
+    else:
+        weights = n_stored * wbits // 8
+        grads = n_stored * (2 if case.precision.compute == "bf16" else 4)
+        optimizer = n_stored * 8 + (n_stored * 4 if wbits < 32 else 0)
+        acts = activation_bytes(case, 2 if case.precision.compute == "bf16" else 4)
     tokens = case.data.batch_size * case.data.seq_len * case.optimizer.grad_accum
     flops = 6 * n + 12 * m.n_layer * case.data.seq_len * m.n_embd
     return Plan(parameters=n, tokens_per_step=tokens, flops_per_token=float(flops), memory_weights=weights,
