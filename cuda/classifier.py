@@ -87,16 +87,10 @@ def fused_classifier_kernel(logits, losses, loss_sum, targets, V, dloss, max_log
         cuda.atomic.max(max_logit, 0, m)
 
 
-_scratch = {}  # device id -> a 1-element buffer for calls whose largest logit nobody wants
-
-
 def fused_classifier(logits, losses, loss_sum, targets, V, dloss, stream=0, max_logit=None):
     """max_logit: a 1-element float32 device buffer raised to the largest logit of these rows
     (None: a scratch buffer, not recorded)."""
-    if max_logit is None:
-        dev = getattr(cuda.get_current_device(), "id", 0)  # the simulator's device has no id
-        if dev not in _scratch:
-            _scratch[dev] = cuda.device_array(1, np.float32)
-        max_logit = _scratch[dev]
+    if max_logit is None:  # a scratch maximum, nobody's
+        max_logit = koifish_cuda.compat.device_constant((1,), np.float32)
     fused_classifier_kernel[logits.shape[0], THREADS, stream](logits, losses, loss_sum, targets, V, np.float32(dloss),
                                                               max_logit)  # float32: a Python float is float64

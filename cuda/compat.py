@@ -24,6 +24,21 @@ def stride_blocks(n: int, cap: int = 4096) -> int:
     return 1 if config.ENABLE_CUDASIM else max(1, min(n, cap))
 
 
+_DEVICE_ARRAYS: dict = {}
+
+
+def device_constant(shape, dtype):
+    """A small Numba device array of this shape and dtype, one per device, for a kernel argument no
+    one reads back (a scratch output, an empty "absent" input); its contents are not defined."""
+    from numba import cuda
+
+    dev = getattr(cuda.get_current_device(), "id", 0)  # the simulator's device has no id
+    key = (dev, shape, np.dtype(dtype).str)
+    if key not in _DEVICE_ARRAYS:
+        _DEVICE_ARRAYS[key] = cuda.device_array(shape, dtype)
+    return _DEVICE_ARRAYS[key]
+
+
 _VIEWS: dict = {}
 _VIEWS_MAX = 8192
 
