@@ -12,7 +12,6 @@ forward and backward at GPT-2 shapes.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
@@ -99,44 +98,24 @@ def main() -> None:
 
 
 def engine_attention_time(stream, B, T, nh, hs) -> dict:
-    """The fp32 engine's attention, forward and backward, as cuda_gpt2 runs it (split, batched GEMMs,
-    softmax, merge)."""
+    """The engine's own attention, forward and backward (core/engine/cuda_attention.CublasAttention:
+    head copies, batched GEMMs, the Numba softmax), in float32."""
     import cupy as cp
     from numba import cuda
 
     from bench.bench_common import median_time
-    from koifish_cuda.attention import merge_heads, softmax_causal_backward, softmax_causal_forward, split_heads
-    from koifish_cuda.cublas_raw import Cublas
+    from koifish_core.engine.cuda_attention import CublasAttention
 
-    C, BH = nh * hs, B * nh
+    C = nh * hs
     ns = cuda.external_stream(stream.ptr)
+    f = lambda *s: cp.zeros(s, cp.float32)  # noqa: E731
     with stream:
-        blas = Cublas(stream, tf32=True)
-        f = lambda *s: cp.zeros(s, cp.float32)  # noqa: E731
-        qkv, atty, dln, dqkv = f(B * T, 3 * C), f(B * T, C), f(B * T, C), f(B * T, 3 * C)
-        q, k, v, yh, dyh, dq, dk, dv = (f(BH, T, hs) for _ in range(8))
-        att, datt = f(BH, T, T), f(BH, T, T)
-
-    def fwd():
-        for i, dst in enumerate((q, k, v)):
-            split_heads(dst, qkv, i * C, ns)
-        blas.batched_gemm(att, q, k, trans_b=True)
-        softmax_causal_forward(att, 1.0 / math.sqrt(hs), ns)
-        blas.batched_gemm(yh, att, v)
-        merge_heads(atty, yh, 0, ns)
-
-    def bwd():
-        split_heads(dyh, dln, 0, ns)
-        blas.batched_gemm(datt, dyh, v, trans_b=True)
-        blas.batched_gemm(dv, att, dyh, trans_a=True)
-        softmax_causal_backward(datt, att, 1.0 / math.sqrt(hs), ns)
-        blas.batched_gemm(dq, datt, k)
-        blas.batched_gemm(dk, datt, q, trans_a=True)
-        for i, src in enumerate((dq, dk, dv)):
-            merge_heads(dqkv, src, i * C, ns)
-
-    return dict(fwd_ms=median_time(lambda ns: fwd(), 10, 5, stream) * 1e3,
-                bwd_ms=median_time(lambda ns: bwd(), 10, 5, stream) * 1e3)
+        att = CublasAttention(B, T, nh, hs, stream, ns, f)
+        a = {k: f(*s) for k, s in att.sizes.items()}
+        a.update(qkv=f(B * T, 3 * C), atty=f(B * T, C))
+        datty, dqkv = f(B * T, C), f(B * T, 3 * C)
+    return dict(fwd_ms=median_time(lambda _: att.forward(a), 10, 5, stream) * 1e3,
+                bwd_ms=median_time(lambda _: att.backward(a, datty, dqkv), 10, 5, stream) * 1e3)
 
 
 def torch_time(B, T, nh, hs) -> dict:

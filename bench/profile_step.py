@@ -3,7 +3,8 @@ re-captured with only one group of launches kept, each replay timed with CUDA ev
 
     python bench/profile_step.py --size 124M --batch 16 --out bench/profile.json
 
-Groups: the cuBLAS GEMMs (dense and batched) and each kernel module's launchers. Launches left
+Groups: the cuBLASLt GEMMs, the attention (cuDNN's, or the cuBLAS path's batched GEMMs beside its
+softmax and head copies) and each kernel module's launchers. Launches left
 out are replaced by no-ops, so each row is the time of that group alone on the real buffers;
 the rows add up to about the full graph (the remainder is launch gaps between kernels).
 """
@@ -74,11 +75,12 @@ def main():
     rows = [{"group": "full micro-batch graph", "ms": replay_ms(eng)}]
 
     # group -> (owner of the launchers: a module or an object, their names)
-    groups = {"cuBLAS GEMMs": (eng.blas, ("gemm", "batched_gemm")),
-              "cuBLASLt GEMMs + epilogues": (eng.lt, ("matmul",)),
+    groups = {"cuBLASLt GEMMs + epilogues": (eng.lt, ("matmul",)),
               **{g: (importlib.import_module(mod), fns) for g, (mod, fns) in GROUPS.items()}}
     if eng.attn.name == "cudnn":
         groups["attention (cuDNN)"] = (eng.attn.op, ("forward", "backward"))
+    else:
+        groups["attention's batched GEMMs (cuBLAS)"] = (eng.attn.blas, ("batched_gemm",))
     originals = {(g, fn): getattr(owner, fn) for g, (owner, fns) in groups.items() for fn in fns}
     noop = lambda *a, **k: None  # noqa: E731
 

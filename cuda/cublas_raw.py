@@ -20,16 +20,24 @@ CUDA_TYPES = {"float32": 0, "float16": 2, "uint16": 14}
 _SONAMES = ("libcublas.so.13", "libcublas.so.12", "libcublas.so.11", "libcublas.so")
 
 
-def _load():
+def load_library(sonames, what: str):
+    """The first of sonames that loads: CuPy's own copy once CuPy has loaded its cuBLAS (and with it
+    cuBLASLt), which the call below makes it do."""
     import cupy as cp
 
-    cp.cuda.device.get_cublas_handle()  # makes CuPy load its cuBLAS; dlopen below then finds it
-    for name in _SONAMES:
+    cp.cuda.device.get_cublas_handle()
+    for name in sonames:
         try:
             return ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
         except OSError:
             continue
-    raise OSError(f"cannot find cuBLAS (tried {', '.join(_SONAMES)})")
+    raise OSError(f"cannot find {what} (tried {', '.join(sonames)})")
+
+
+def compute_type(tf32: bool, operands: str) -> int:
+    """cuBLAS compute type for operands of this dtype name: float32 accumulation, TF32 products for
+    float32 operands when allowed."""
+    return CUBLAS_COMPUTE_32F_FAST_TF32 if tf32 and operands == "float32" else CUBLAS_COMPUTE_32F
 
 
 def check_types(a, b, out) -> None:
@@ -73,7 +81,7 @@ class Cublas:
     def __init__(self, stream, tf32: bool = True, workspace_bytes: int = 64 << 20):
         import cupy as cp
 
-        lib = self.lib = _load()
+        lib = self.lib = load_library(_SONAMES, "cuBLAS")
         self.handle = ctypes.c_void_p()
         _check(lib.cublasCreate_v2(ctypes.byref(self.handle)), "create")
         _check(lib.cublasSetStream_v2(self.handle, ctypes.c_void_p(stream.ptr)), "set stream")
@@ -87,9 +95,6 @@ class Cublas:
         self._gemm_ex, self._batched_ex = _bind(lib, "cublasGemmEx"), _bind(lib, "cublasGemmStridedBatchedEx")
         self.tf32 = tf32
 
-    def _compute(self, a) -> int:
-        return CUBLAS_COMPUTE_32F_FAST_TF32 if self.tf32 and a.dtype.name == "float32" else CUBLAS_COMPUTE_32F
-
     def matmul(self, out, a, b, trans_b: bool = True, alpha: float = 1.0, beta: float = 0.0):
         """out = alpha a @ op(b) + beta out, row-major, op(b) = b.T if trans_b. 2-D (M, K) @ (N, K).T, or
         3-D with a leading batch axis (any batch strides, including views into a larger buffer). Each
@@ -101,7 +106,7 @@ class Cublas:
         K = a.shape[-1]
         check_types(a, b, out)
         types = [CUDA_TYPES[x.dtype.name] for x in (a, b, out)]
-        compute = self._compute(a)
+        compute = compute_type(self.tf32, a.dtype.name)
         ld = [_ld(x) for x in (b, a, out)]
         al, be = ctypes.byref(ctypes.c_float(alpha)), ctypes.byref(ctypes.c_float(beta))
         op_b = CUBLAS_OP_T if trans_b else CUBLAS_OP_N
@@ -119,7 +124,7 @@ class Cublas:
         K = a.shape[0] if trans_a else a.shape[1]
         check_types(a, b, out)
         ta, tb, to = (CUDA_TYPES[x.dtype.name] for x in (a, b, out))
-        compute = self._compute(a)
+        compute = compute_type(self.tf32, a.dtype.name)
         # row-major out = op(a) op(b)  <=>  column-major out^T = op(b)^T op(a)^T
         _check(self._gemm_ex(self.handle, CUBLAS_OP_T if trans_b else CUBLAS_OP_N, CUBLAS_OP_T if trans_a else CUBLAS_OP_N,
                              N, M, K, ctypes.byref(ctypes.c_float(alpha)), b.data.ptr, tb, _ld(b), a.data.ptr, ta, _ld(a),

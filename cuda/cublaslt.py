@@ -20,8 +20,10 @@ first pick alone ran the fused GEMMs of GPT-2 124M at ~490 TFLOP/s on an H200.
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 
-from koifish_cuda.cublas_raw import CUBLAS_OP_N, CUBLAS_OP_T, CUDA_TYPES, _check, _ld, check_types
+from koifish_cuda.cublas_raw import (CUBLAS_OP_N, CUBLAS_OP_T, CUDA_TYPES, _check, _ld, check_types, compute_type,
+                                     load_library)
 
 _SONAMES = ("libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so.11", "libcublasLt.so")
 # cublasLtMatmulDescAttributes_t, cublasLtEpilogue_t, cublasLtMatmulPreferenceAttributes_t
@@ -29,8 +31,20 @@ DESC_TRANSA, DESC_TRANSB, DESC_EPILOGUE, DESC_BIAS_POINTER = 3, 4, 7, 8
 DESC_AUX_POINTER, DESC_AUX_LD, DESC_BIAS_DATA_TYPE = 11, 12, 26
 EPILOGUES = {"default": 1, "bias": 4, "gelu_aux_bias": 164, "dgelu": 192}
 PREF_MAX_WORKSPACE_BYTES = 1
-COMPUTE_32F, COMPUTE_32F_FAST_TF32, R_32F = 68, 77, 0
+R_32F = 0  # cudaDataType of the scale (alpha, beta)
 TUNE = 8  # candidate algorithms timed per shape
+
+
+@dataclass
+class _Plan:
+    """One GEMM shape's descriptors and its candidate algorithms (one left once tuned)."""
+
+    desc: ctypes.c_void_p
+    a_lay: ctypes.c_void_p
+    b_lay: ctypes.c_void_p
+    d_lay: ctypes.c_void_p
+    algos: list
+    tuned: bool = False
 
 
 class _Heuristic(ctypes.Structure):
@@ -53,18 +67,10 @@ _ARGTYPES = {
 
 
 def _load():
-    import cupy as cp
-
-    cp.cuda.device.get_cublas_handle()  # CuPy's cuBLAS (and with it cuBLASLt) is loaded: dlopen finds it
-    for name in _SONAMES:
-        try:
-            lib = ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
-        except OSError:
-            continue
-        for fn, types in _ARGTYPES.items():
-            getattr(lib, fn).argtypes = types
-        return lib
-    raise OSError(f"cannot find cuBLASLt (tried {', '.join(_SONAMES)})")
+    lib = load_library(_SONAMES, "cuBLASLt")
+    for fn, types in _ARGTYPES.items():
+        getattr(lib, fn).argtypes = types
+    return lib
 
 
 class CublasLt:
@@ -93,8 +99,7 @@ class CublasLt:
             return plan
         lib = self.lib
         desc = ctypes.c_void_p()
-        compute = COMPUTE_32F_FAST_TF32 if self.tf32 and ta == "float32" else COMPUTE_32F
-        _check(lib.cublasLtMatmulDescCreate(ctypes.byref(desc), compute, R_32F), "desc")
+        _check(lib.cublasLtMatmulDescCreate(ctypes.byref(desc), compute_type(self.tf32, ta), R_32F), "desc")
         self._attr(desc, DESC_TRANSA, op_a, ctypes.c_int32)
         self._attr(desc, DESC_TRANSB, op_b, ctypes.c_int32)
         self._attr(desc, DESC_EPILOGUE, EPILOGUES[epilogue], ctypes.c_int32)
@@ -117,34 +122,33 @@ class CublasLt:
         lib.cublasLtMatmulPreferenceDestroy(pref)
         if count.value == 0:
             raise RuntimeError(f"cuBLASLt has no algorithm for {key}")
-        plan = self._plans[key] = [desc, a_lay, b_lay, d_lay, list(results[:count.value]), False]
+        plan = self._plans[key] = _Plan(desc, a_lay, b_lay, d_lay, list(results[:count.value]))
         return plan
 
-    def _run(self, desc, a_lay, b_lay, d_lay, algo, a, b, src, out, beta) -> int:
+    def _run(self, plan: _Plan, algo, a, b, src, out, beta) -> int:
         ref = lambda x: ctypes.cast(ctypes.byref(x), _P)  # noqa: E731
         one = ctypes.c_float(1.0)
-        return self.lib.cublasLtMatmul(self.handle, desc, ref(one), b.data.ptr, a_lay, a.data.ptr, b_lay, ref(beta),
-                                       src.data.ptr, d_lay, out.data.ptr, d_lay, ref(algo.algo), self.workspace.data.ptr,
-                                       self.workspace.nbytes, self.stream.ptr)
+        return self.lib.cublasLtMatmul(self.handle, plan.desc, ref(one), b.data.ptr, plan.a_lay, a.data.ptr, plan.b_lay,
+                                       ref(beta), src.data.ptr, plan.d_lay, out.data.ptr, plan.d_lay, ref(algo.algo),
+                                       self.workspace.data.ptr, self.workspace.nbytes, self.stream.ptr)
 
-    def _tune(self, plan, a, b, src, out, beta) -> None:
+    def _tune(self, plan: _Plan, a, b, src, out, beta) -> None:
         """Keep the fastest of the plan's candidates, timed into a scratch copy of out."""
         import cupy as cp
 
-        desc, a_lay, b_lay, d_lay, algos, _ = plan
         scratch = cp.empty_like(out)
-        best = (float("inf"), algos[0])
-        for algo in algos:
-            if self._run(desc, a_lay, b_lay, d_lay, algo, a, b, src, scratch, beta) != 0:
+        best = (float("inf"), plan.algos[0])
+        for algo in plan.algos:
+            if self._run(plan, algo, a, b, src, scratch, beta) != 0:
                 continue  # a candidate that cannot run these operands
             start, stop = cp.cuda.Event(), cp.cuda.Event()
             start.record(self.stream)
             for _ in range(3):
-                self._run(desc, a_lay, b_lay, d_lay, algo, a, b, src, scratch, beta)
+                self._run(plan, algo, a, b, src, scratch, beta)
             stop.record(self.stream)
             stop.synchronize()
             best = min(best, (cp.cuda.get_elapsed_time(start, stop), algo), key=lambda t: t[0])
-        plan[4], plan[5] = [best[1]], True
+        plan.algos, plan.tuned = [best[1]], True
 
     def matmul(self, out, a, b, trans_a=False, trans_b=False, bias=None, epilogue="default", aux=None, c=None):
         """Row-major out (M, N) = op(a) op(b) with `epilogue`: 'default'; 'bias' (+ bias (N,)); 'gelu_aux_bias'
@@ -167,14 +171,13 @@ class CublasLt:
         key = (M, N, K, op_a, op_b, a.dtype.name, out.dtype.name, lda, ldb, ldd, epilogue)
         plan = self._plan(key, N, M, K, op_a, op_b, b.dtype.name, a.dtype.name, out.dtype.name, lda, ldb, ldd,
                           epilogue, None if bias is None else bias.dtype.name, ldd if aux is not None else 0)
-        desc, a_lay, b_lay, d_lay = plan[:4]
         if bias is not None:
-            self._attr(desc, DESC_BIAS_POINTER, bias.data.ptr, ctypes.c_void_p)
+            self._attr(plan.desc, DESC_BIAS_POINTER, bias.data.ptr, ctypes.c_void_p)
         if aux is not None:
-            self._attr(desc, DESC_AUX_POINTER, aux.data.ptr, ctypes.c_void_p)
+            self._attr(plan.desc, DESC_AUX_POINTER, aux.data.ptr, ctypes.c_void_p)
         beta = ctypes.c_float(0.0 if c is None else 1.0)
         src = out if c is None else c
-        if not plan[5] and not self.stream.is_capturing():
+        if not plan.tuned and not self.stream.is_capturing():
             self._tune(plan, a, b, src, out, beta)
-        _check(self._run(desc, a_lay, b_lay, d_lay, plan[4][0], a, b, src, out, beta), "cublasLtMatmul")
+        _check(self._run(plan, plan.algos[0], a, b, src, out, beta), "cublasLtMatmul")
         return out

@@ -23,7 +23,7 @@ class Plan:
     memory_total: int
     """Bytes: weights in their stored precision, gradients, AdamW state (+ fp32 master weights
     when weights are stored in fewer than 32 bits), activations kept for the backward. With
-    train.device cuda: the CUDA engine's own buffers (cuda_engine_bytes), which matched its
+    train.device cuda: the CUDA engine's own buffers (cuda_activation_bytes), which matched its
     measured peaks within a few percent (tests/test_config.py)."""
 
     def to_dict(self) -> dict:
@@ -46,7 +46,7 @@ def activation_bytes(case: Case, bytes_per_value: int) -> int:
     return (L * per_layer + B * T * (2 * C + Vp)) * bytes_per_value
 
 
-CUBLAS_WORKSPACES = (64 << 20) + (32 << 20)  # koifish_cuda.cublas_raw's and cublaslt's
+CUBLASLT_WORKSPACE, CUBLAS_WORKSPACE = 32 << 20, 64 << 20  # koifish_cuda.cublaslt's; cublas_raw's (cuBLAS attention)
 
 
 def cuda_activation_bytes(case: Case) -> int:
@@ -86,7 +86,7 @@ def make_plan(case: Case) -> Plan:
     if case.train.device == "cuda":  # the engine: float32 master, gradients and moments; bf16 copy under bf16
         bf16 = case.precision.compute == "bf16"
         weights, grads, optimizer = n_stored * (2 if bf16 else 4), n_stored * 4, n_stored * 8 + (n_stored * 4 if bf16 else 0)
-        acts = cuda_activation_bytes(case) + CUBLAS_WORKSPACES
+        acts = cuda_activation_bytes(case) + CUBLASLT_WORKSPACE + (0 if bf16 else CUBLAS_WORKSPACE)
     else:
         weights = n_stored * wbits // 8
         grads = n_stored * (2 if case.precision.compute == "bf16" else 4)

@@ -21,8 +21,13 @@ class CublasAttention:
     name = "cublas"
     keeps_qkv = False  # the backward reads the head-split copies, so one qkv buffer serves all layers
 
-    def __init__(self, B, T, nh, hs, blas, ns, alloc):
-        self.C, self.blas, self.ns, self.scale = nh * hs, blas, ns, 1.0 / math.sqrt(hs)
+    def __init__(self, B, T, nh, hs, stream, ns, alloc):
+        """A cuBLAS handle of its own (on `stream`; the engine's other GEMMs are cuBLASLt's), alloc(*shape)
+        the float32 scratch."""
+        from koifish_cuda.cublas_raw import Cublas
+
+        self.C, self.ns, self.scale = nh * hs, ns, 1.0 / math.sqrt(hs)
+        self.blas = Cublas(stream, tf32=True)
         BH = B * nh
         self.sizes = dict(q=(BH, T, hs), k=(BH, T, hs), v=(BH, T, hs), att=(BH, T, T))
         self.yh, self.dyh, self.dqh, self.dkh, self.dvh = (alloc(BH, T, hs) for _ in range(5))
@@ -73,7 +78,7 @@ class CudnnAttention:
         self.op.backward(self._rows(dqkv), self._rows(datty), self._rows(a["qkv"]), self._rows(a["atty"]), a["lse"])
 
 
-def make_attention(choice: str, bf16: bool, B, T, nh, hs, blas, stream, ns, alloc):
+def make_attention(choice: str, bf16: bool, B, T, nh, hs, stream, ns, alloc):
     """choice 'auto': cuDNN's when the activations are bf16 and cudnn-frontend loads, else the cuBLAS
     one; 'cudnn' or 'cublas' insist. Returns (attention, why the cuBLAS one was taken or '')."""
     if choice not in ("auto", "cudnn", "cublas"):
@@ -81,8 +86,8 @@ def make_attention(choice: str, bf16: bool, B, T, nh, hs, blas, stream, ns, allo
     if choice == "cudnn" and not bf16:
         raise KoifishError("cuDNN attention runs in bf16: set precision.compute to bf16")
     if choice == "cublas" or not bf16:
-        return CublasAttention(B, T, nh, hs, blas, ns, alloc), ("chosen" if choice == "cublas" else
-                                                                "precision.compute fp32 (cuDNN attention is bf16)")
+        return CublasAttention(B, T, nh, hs, stream, ns, alloc), ("chosen" if choice == "cublas" else
+                                                                  "precision.compute fp32 (cuDNN attention is bf16)")
     if choice == "cudnn":
         return CudnnAttention(B, T, nh, hs, stream), ""
     try:
@@ -91,4 +96,4 @@ def make_attention(choice: str, bf16: bool, B, T, nh, hs, blas, stream, ns, allo
         why = str(e)
     except Exception as e:  # noqa: BLE001 -- cuDNN has no plan for this shape: the other path has
         why = f"cuDNN attention unsupported for B={B} T={T} heads={nh} head_dim={hs}: {e}"
-    return CublasAttention(B, T, nh, hs, blas, ns, alloc), why
+    return CublasAttention(B, T, nh, hs, stream, ns, alloc), why

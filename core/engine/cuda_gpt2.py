@@ -48,7 +48,6 @@ class CUDAEngine:
                                "or 'koifish[cuda13]'") from None
         if cp.cuda.runtime.getDeviceCount() == 0:
             raise KoifishError("--device cuda: no CUDA GPU is visible")
-        from koifish_cuda.cublas_raw import Cublas
         from koifish_cuda.cublaslt import CublasLt
 
         self.cp, self.case = cp, case
@@ -65,8 +64,7 @@ class CUDAEngine:
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.ns = cuda.external_stream(self.stream.ptr)
         with self.stream:
-            self.blas = Cublas(self.stream, tf32=True)
-            self.lt = CublasLt(self.stream, tf32=True)  # the linear layers, with bias/residual/GELU fused
+            self.lt = CublasLt(self.stream, tf32=True)  # every GEMM but the cuBLAS attention's, with epilogues
             self.params = cp.asarray(host.params)
             self.grads = cp.zeros_like(self.params)
             self.m = cp.zeros_like(self.params)
@@ -152,8 +150,7 @@ class CUDAEngine:
         self.idx = cp.zeros((B, T), dtype=cp.int32)
         self.targets = cp.zeros(N, dtype=cp.int32)
         self.x0 = f(N, C)
-        self.attn, self.attn_note = make_attention(self.attention, self.bf16, B, T, nh, hs, self.blas, self.stream,
-                                                   self.ns, f)
+        self.attn, self.attn_note = make_attention(self.attention, self.bf16, B, T, nh, hs, self.stream, self.ns, f)
         # Per-layer activations kept for the backward (h: a GEMM's operand, bf16 under bf16). Keys in
         # `shared` get one buffer for all layers: qkv unless the attention's backward reads it, and
         # with remat the values the backward rebuilds: level 1 the LayerNorm and GELU outputs, level
