@@ -7,6 +7,9 @@ Groups: the cuBLASLt GEMMs, the attention (cuDNN's, or the cuBLAS path's batched
 softmax and head copies) and each kernel module's launchers. Launches left
 out are replaced by no-ops, so each row is the time of that group alone on the real buffers;
 the rows add up to about the full graph (the remainder is launch gaps between kernels).
+Then the step's other graphs (zero, norm, update) and the whole step as train_step runs it, and
+each distinct GEMM of a micro-batch: its time with its epilogue, the same product without one,
+and TFLOP/s.
 """
 
 from __future__ import annotations
@@ -30,10 +33,10 @@ GROUPS = {
 }
 
 
-def replay_ms(eng, reps=10):
+def replay_ms(eng, reps=10, name=None):
     import cupy as cp
 
-    graph = eng.graphs.get("micro") or eng.graphs["micro_last"]  # one micro-batch a step: only the last
+    graph = eng.graphs[name] if name else eng.graphs.get("micro") or eng.graphs["micro_last"]
     graph.launch(eng.stream)
     a, b = cp.cuda.Event(), cp.cuda.Event()
     a.record(eng.stream)
@@ -92,15 +95,83 @@ def main():
     for group in groups:
         keep(group)
         rows.append({"group": group, "ms": replay_ms(eng)})
+    for (g, fn), f in originals.items():
+        setattr(groups[g][0], fn, f)
+    eng._capture(1)
+    for name in ("zero", "norm", "update"):
+        rows.append({"group": f"graph: {name}", "ms": replay_ms(eng, name=name)})
+    rows.append({"group": "train_step (host loop)", "ms": step_ms(eng, B, T)})
     total = rows[0]["ms"]
     for r in rows:
         r["share"] = r["ms"] / total
     gpu = gpu_name()
-    print(f"{args.size} B={B} T={T} {args.compute} attention {eng.attn.name} on {gpu}\n{'group':>24} {'ms':>8} {'share':>6}")
+    print(f"{args.size} B={B} T={T} {args.compute} attention {eng.attn.name} on {gpu}\n"
+          f"{'group':>26} {'ms':>8} {'share':>6}")
     for r in rows:
-        print(f"{r['group']:>24} {r['ms']:>8.2f} {r['share']:>6.1%}")
+        print(f"{r['group']:>26} {r['ms']:>8.2f} {r['share']:>6.1%}")
+    gemms = gemm_rows(eng)
+    print(f"{'M':>6} {'N':>6} {'K':>6} {'op':>3} {'epilogue':>14} {'calls':>5} {'ms':>7} {'TFLOP/s':>8} {'plain ms':>8}")
+    for r in gemms:
+        print(f"{r['M']:>6} {r['N']:>6} {r['K']:>6} {r['op']:>3} {r['epilogue']:>14} {r['calls']:>5} {r['ms']:>7.3f} "
+              f"{r['tflops']:>8.0f} {r['plain_ms']:>8.3f}")
+    print(f"GEMMs of a micro-batch: {sum(r['ms'] * r['calls'] for r in gemms):.2f} ms "
+          f"({sum(r['plain_ms'] * r['calls'] for r in gemms):.2f} without epilogues)")
     write_json(args.out, {"gpu": gpu, "commit": commit(), "size": args.size, "batch": B, "seq": T,
-                          "compute": args.compute, "attention": eng.attn.name, "rows": rows})
+                          "compute": args.compute, "attention": eng.attn.name,
+                          "rows": rows, "gemms": gemms})
+
+
+def step_ms(eng, B, T, steps=10):
+    """Wall time of train_step (graphs, the batch's upload, the one sync) per step."""
+    import time
+
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    batch = [(rng.integers(0, 50257, (B, T)), rng.integers(0, 50257, (B, T)))]
+    eng.train_step(batch, 1e-4)
+    eng.stream.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        eng.train_step(batch, 1e-4)
+    eng.stream.synchronize()
+    return (time.perf_counter() - t) / steps * 1e3
+
+
+def gemm_rows(eng):
+    """Each distinct cuBLASLt call of one forward + backward, timed alone (graph replays) with its
+    epilogue and as a plain product of the same shape (its operands, a scratch output)."""
+    from bench_common import median_time
+
+    calls, original = [], eng.lt.matmul
+
+    def record(out, a, b, **kw):
+        calls.append((out, a, b, kw))
+        return original(out, a, b, **kw)
+
+    eng.lt.matmul = record
+    with eng.stream:
+        eng._forward(1.0 / eng.N, backward=True)
+        eng._backward()
+        eng.stream.synchronize()
+    eng.lt.matmul = original
+    distinct = {}
+    for out, a, b, kw in calls:
+        M, N = out.shape
+        ta, tb = kw.get("trans_a", False), kw.get("trans_b", False)
+        K = a.shape[0] if ta else a.shape[1]
+        op = ("T" if ta else "N") + ("T" if tb else "N")
+        epi = kw.get("epilogue", "default") + ("+c" if kw.get("c") is not None else "")
+        distinct.setdefault((M, N, K, op, epi), [0, (out, a, b, kw)])[0] += 1
+    rows = []
+    for (M, N, K, op, epi), (count, (out, a, b, kw)) in distinct.items():
+        ms = median_time(lambda s: original(out, a, b, **kw), 10, 10, eng.stream) * 1e3
+        scratch = eng.cp.empty_like(out)
+        plain = dict(trans_a=kw.get("trans_a", False), trans_b=kw.get("trans_b", False))
+        plain_ms = median_time(lambda s: original(scratch, a, b, **plain), 10, 10, eng.stream) * 1e3
+        rows.append({"M": M, "N": N, "K": K, "op": op, "epilogue": epi, "calls": count, "ms": ms,
+                     "tflops": 2 * M * N * K / ms / 1e9, "plain_ms": plain_ms})
+    return rows
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ def global_norm_ref(grads: np.ndarray) -> float:
 import math  # noqa: E402
 
 import koifish_cuda.compat  # noqa: E402,F401
+from koifish_cuda.bf16 import f32_to_bf16  # noqa: E402
 from koifish_cuda.reduce import THREADS, block_sum  # noqa: E402
+from koifish_cuda.update_stats import HUGE, ONE, TINY  # noqa: E402
 from numba import cuda, float32  # noqa: E402
 
 
@@ -47,35 +49,44 @@ def sum_squares_kernel(out, x):
 
 
 @cuda.jit(cache=True)
-def adamw_kernel(params, grads, m, v, decay_mask, norm_sq, hyper):
+def adamw_kernel(params, grads, m, v, decay_mask, norm_sq, hyper, params16):
     """One launch over every tensor. hyper (device, float32): lr, beta1, beta2, eps, weight_decay,
     1 - beta1^t, 1 - beta2^t, grad_clip (0 = off). The clip factor comes from norm_sq[0], computed
-    on the device earlier in the same graph, so no host sync is needed."""
+    on the device earlier in the same graph, so no host sync is needed. params16, unless empty,
+    receives the new weights' bf16 bits (the bf16 GEMMs' copy, refreshed in the same pass)."""
     i = cuda.grid(1)
     if i >= params.size:
         return
     lr, b1, b2, eps, wd, bc1, bc2, clip = (hyper[0], hyper[1], hyper[2], hyper[3], hyper[4], hyper[5],
                                           hyper[6], hyper[7])
     norm = math.sqrt(norm_sq[0])
-    if not norm < 3.0e38:  # NaN or Inf gradients: skip the update everywhere (the trainer logs it)
+    if not norm < HUGE:  # NaN or Inf gradients: skip the update everywhere (the trainer logs it)
         return
-    scale = float32(1.0)
-    if clip > 0.0 and norm > clip:
-        scale = clip / (norm + 1e-6)
+    scale = ONE
+    if clip > 0 and norm > clip:
+        scale = clip / (norm + TINY)
     g = grads[i] * scale
-    mi = b1 * m[i] + (1.0 - b1) * g
-    vi = b2 * v[i] + (1.0 - b2) * g * g
+    mi = b1 * m[i] + (ONE - b1) * g
+    vi = b2 * v[i] + (ONE - b2) * g * g
     m[i] = mi
     v[i] = vi
     p = params[i]
     if decay_mask[i]:
         p -= lr * wd * p
-    params[i] = p - (lr / bc1) * mi / (math.sqrt(vi / bc2) + eps)
+    p -= (lr / bc1) * mi / (math.sqrt(vi / bc2) + eps)
+    params[i] = p
+    if params16.size:
+        params16[i] = f32_to_bf16(p)
 
 
 def sum_squares(out, x, stream=0, blocks=528):
     sum_squares_kernel[min(blocks, (x.size + THREADS - 1) // THREADS), THREADS, stream](out, x)
 
 
-def adamw_update(params, grads, m, v, decay_mask, norm_sq, hyper, stream=0):
-    adamw_kernel[(params.size + 255) // 256, 256, stream](params, grads, m, v, decay_mask, norm_sq, hyper)
+def adamw_update(params, grads, m, v, decay_mask, norm_sq, hyper, stream=0, params16=None):
+    """params16: uint16 bf16 bits of params' shape, refreshed from the updated weights (None: none)."""
+    if params16 is None:
+        params16 = koifish_cuda.compat.device_constant((0,), np.uint16)
+    elif params16.shape != params.shape:
+        raise ValueError(f"adamw_update: params16 {params16.shape} must be shaped as params {params.shape}")
+    adamw_kernel[(params.size + 255) // 256, 256, stream](params, grads, m, v, decay_mask, norm_sq, hyper, params16)

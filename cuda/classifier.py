@@ -41,12 +41,88 @@ def fused_classifier_ref(logits: np.ndarray, targets: np.ndarray, dloss: float, 
 
 
 # ---- CUDA ------------------------------------------------------------------------------------
+import functools  # noqa: E402
 import math  # noqa: E402
 
 import koifish_cuda.compat  # noqa: E402,F401
-from koifish_cuda.bf16 import load, store  # noqa: E402
-from koifish_cuda.reduce import NEG_INF, THREADS, block_max, block_sum  # noqa: E402
-from numba import cuda, float32  # noqa: E402
+from koifish_cuda.bf16 import as_float, f32_to_bf16, load, store  # noqa: E402
+from koifish_cuda.reduce import NEG_INF, THREADS, block_max, block_reduce_warps, block_sum  # noqa: E402
+from numba import config, cuda, float32, uint32  # noqa: E402
+
+MAX_PER = 32  # most 32-bit words (two bf16 logits) a thread of the bf16 kernel holds in registers
+ONE, ZERO = float32(1.0), float32(0.0)
+HIGH = uint32(0xFFFF0000)
+
+
+@functools.lru_cache(maxsize=None)
+def _bf16_rows_kernel(PER: int, NT: int):
+    # launch bounds: registers for NT threads a block (unbounded, ptxas took more than 1024 threads
+    # can have: the launch failed); the simulator takes no such option
+    bounds = {} if config.ENABLE_CUDASIM else {"launch_bounds": NT}
+
+    @cuda.jit(fastmath=True, **bounds)
+    def kernel(words, losses, loss_sum, targets, V, dloss, max_logit):
+        """bf16 logits, read as words (N, Vp/2) uint32 (two logits a word, the lower column in the
+        low half): one block of NT threads per row, the row held in registers (PER words a
+        thread), so it is read once and written once, where the generic kernel reads it twice."""
+        N, W = words.shape
+        buf = cuda.shared.array(NT, float32)  # the simulator's warp reductions
+        wbuf = cuda.shared.array(32, float32)
+        row, t = cuda.blockIdx.x, cuda.threadIdx.x
+        tgt = targets[row]
+        xt = ZERO
+        if t == 0:  # before any thread can overwrite the row (the first barrier is in the reduction)
+            w = words[row, tgt // 2]
+            xt = as_float(w << uint32(16)) if tgt % 2 == 0 else as_float(w & HIGH)
+        x = cuda.local.array(PER, uint32)
+        mt = NEG_INF
+        for k in range(PER):
+            j = t + k * NT
+            x[k] = words[row, j] if j < W else uint32(0)
+            if 2 * j < V:
+                mt = max(mt, as_float(x[k] << uint32(16)))
+            if 2 * j + 1 < V:
+                mt = max(mt, as_float(x[k] & HIGH))
+        m = block_reduce_warps(mt, buf, wbuf, True)
+        st = ZERO
+        for k in range(PER):
+            j = t + k * NT
+            if 2 * j < V:
+                st += math.exp(as_float(x[k] << uint32(16)) - m)
+            if 2 * j + 1 < V:
+                st += math.exp(as_float(x[k] & HIGH) - m)
+        s = block_reduce_warps(st, buf, wbuf, False)
+        inv = ONE / s
+        for k in range(PER):
+            j = t + k * NT
+            if j < W:
+                c = 2 * j
+                lo = ZERO
+                hi = ZERO
+                if c < V:
+                    lo = (math.exp(as_float(x[k] << uint32(16)) - m) * inv - (ONE if c == tgt else ZERO)) * dloss
+                if c + 1 < V:
+                    hi = (math.exp(as_float(x[k] & HIGH) - m) * inv - (ONE if c + 1 == tgt else ZERO)) * dloss
+                words[row, j] = uint32(f32_to_bf16(lo)) | (uint32(f32_to_bf16(hi)) << uint32(16))
+        if t == 0:
+            loss = math.log(s) + m - xt
+            losses[row] = loss
+            cuda.atomic.add(loss_sum, 0, loss * dloss)
+            cuda.atomic.max(max_logit, 0, m)
+
+    return kernel
+
+
+def _bf16_shape(Vp: int):
+    """(PER, NT) of the register kernel for rows of Vp bf16 logits, or None (odd or too wide)."""
+    W = Vp // 2
+    if Vp % 2:
+        return None
+    nt = 32
+    while nt < 1024 and nt * 16 < W:  # ~16+ words a thread, at most 1024 threads
+        nt *= 2
+    per = -(-W // nt)
+    return (per, nt) if per <= MAX_PER else None
 
 
 @cuda.jit(cache=True, fastmath=True)  # __expf: 2 ulp, far inside what a loss and its gradient need
@@ -92,5 +168,11 @@ def fused_classifier(logits, losses, loss_sum, targets, V, dloss, stream=0, max_
     (None: a scratch buffer, not recorded)."""
     if max_logit is None:  # a scratch maximum, nobody's
         max_logit = koifish_cuda.compat.device_constant((1,), np.float32)
+    shape = _bf16_shape(logits.shape[1]) if logits.dtype == np.uint16 else None
+    if shape is not None:  # bf16 rows: the register kernel (GPT-2's 50304 columns: 25 words x 1024 threads)
+        per, nt = shape
+        _bf16_rows_kernel(per, nt)[logits.shape[0], nt, stream](logits.view(np.uint32), losses, loss_sum, targets, V,
+                                                                 np.float32(dloss), max_logit)
+        return
     fused_classifier_kernel[logits.shape[0], THREADS, stream](logits, losses, loss_sum, targets, V, np.float32(dloss),
                                                               max_logit)  # float32: a Python float is float64

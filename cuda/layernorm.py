@@ -36,15 +36,17 @@ import math  # noqa: E402
 
 
 import koifish_cuda.compat  # noqa: E402,F401
-from koifish_cuda.bf16 import store  # noqa: E402
+from koifish_cuda.bf16 import load, store  # noqa: E402
 from koifish_cuda.reduce import THREADS, WARPS, warp_sum  # noqa: E402
 from numba import cuda, float32  # noqa: E402
 
 
 ROWS = 8  # warps (rows in flight) per block
 BUF = 32 * ROWS  # a compile-time constant for the shared array of the simulator's warp reductions
-RED = 2 * WARPS  # the backward's per-warp sums (a shared array's size must be a plain constant)
+BACK_ROWS = 2  # rows the backward's block has in flight
+RED = 2 * WARPS * BACK_ROWS  # the backward's per-warp sums (a shared array's size must be a plain constant)
 MAX_C = 32 * 64  # widest row: 64 values a lane (GPT-2 1558M has C = 1600)
+BACKWARD_BLOCKS = 528  # the backward's grid (4 blocks an SM of an H100/H200)
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,65 +83,103 @@ def _forward_kernel(PER: int):
     return kernel
 
 
-@cuda.jit(cache=True)
-def layernorm_backward_kernel(dx, dx16, dw, db, dout, x, w, mean, rstd):
-    """A block walks rows (grid-stride); each thread owns columns t, t+THREADS, ... and keeps
-    their dw/db partial sums in registers, so the block adds into dw/db once, not once per row.
-    dx16, unless it has no rows, gets a bf16 copy of the new dx (the bf16 GEMMs' operand).
-    A row's two sums are reduced in each warp by shuffles and across the warps through shared
-    memory together: two barriers a row (two shared-memory trees took fourteen: 0.22 ms at
-    16384 x 768). A warp per row with the row in registers, as the forward, was slower: 248
-    registers a thread, 0.36 ms; bounded to 128, 0.26 ms."""
-    N, C = x.shape
-    copy = dx16.shape[0] > 0
-    buf = cuda.shared.array(THREADS, float32)
-    red = cuda.shared.array(RED, float32)
-    t = cuda.threadIdx.x
-    lane, warp = t % 32, t // 32
-    acc_w = cuda.local.array(16, float32)  # C <= 16 * THREADS
-    acc_b = cuda.local.array(16, float32)
-    for k in range(16):
-        acc_w[k] = 0.0
-        acc_b[k] = 0.0
-    for row in range(cuda.blockIdx.x, N, cuda.gridDim.x):
-        m, r = mean[row], rstd[row]
-        a = float32(0.0)
-        bs = float32(0.0)
-        k = 0
-        for c in range(t, C, THREADS):
-            n = (x[row, c] - m) * r
-            g = dout[row, c]
-            dn = g * w[c]
-            a += dn
-            bs += dn * n
-            acc_w[k] += g * n
-            acc_b[k] += g
-            k += 1
-        a = warp_sum(a, buf)
-        bs = warp_sum(bs, buf)
-        if lane == 0:
-            red[warp] = a
-            red[WARPS + warp] = bs
-        cuda.syncthreads()
-        a = float32(0.0)
-        bs = float32(0.0)
-        for i in range(WARPS):
-            a += red[i]
-            bs += red[WARPS + i]
-        a /= float32(C)
-        bs /= float32(C)
-        cuda.syncthreads()  # every thread has its sums before the next row's overwrite them
-        for c in range(t, C, THREADS):
-            n = (x[row, c] - m) * r
-            v = dx[row, c] + r * (dout[row, c] * w[c] - a - n * bs)  # += : dx also carries the residual path
-            dx[row, c] = v
-            if copy:
-                store(dx16, (row, c), v)
-    k = 0
-    for c in range(t, C, THREADS):
-        cuda.atomic.add(dw, c, acc_w[k])
-        cuda.atomic.add(db, c, acc_b[k])
-        k += 1
+@functools.lru_cache(maxsize=None)
+def _backward_kernel(PER: int):
+    PR = PER * BACK_ROWS  # a local array's size must be a plain constant, not an expression
+
+    @cuda.jit
+    def kernel(dx, dx16, dsum, dw, db, dout, x, w, mean, rstd):
+        """A block walks rows, BACK_ROWS at a time (grid-stride); thread t owns columns t + THREADS k,
+        k < PER (a compile-time constant, so every per-column array below is registers): its
+        weights, the rows' normalised x, dout and old dx, read together in the first pass, and its
+        dw/db (and dsum) partial sums, added into dw/db once per block, not once per row. The rows'
+        sums are reduced in each warp by shuffles and across the warps through shared memory: two
+        barriers for BACK_ROWS rows. The kernel is bound by latency, not bytes (float32 and bf16
+        dout ran alike): reading everything a row needs at once and two rows in flight is what
+        helps. dx16, unless it has no rows, gets a bf16 copy of the new dx (the bf16 GEMMs'
+        operand); dsum, unless empty, += the new dx's column sums (the residual gradient's: the
+        bias gradient of the projection added at that residual, for free). A warp per row with
+        the row in registers, as the forward, was slower: 248 registers a thread, 0.36 ms at
+        16384 x 768; bounded to 128, 0.26 ms."""
+        N, C = x.shape
+        copy = dx16.shape[0] > 0
+        total = dsum.shape[0] > 0
+        buf = cuda.shared.array(THREADS, float32)
+        red = cuda.shared.array(RED, float32)
+        t = cuda.threadIdx.x
+        lane, warp = t % 32, t // 32
+        wr = cuda.local.array(PER, float32)
+        acc_w = cuda.local.array(PER, float32)
+        acc_b = cuda.local.array(PER, float32)
+        acc_s = cuda.local.array(PER, float32)
+        nr = cuda.local.array(PR, float32)  # per row q: [q * PER + k]
+        gr = cuda.local.array(PR, float32)
+        dr = cuda.local.array(PR, float32)
+        rs = cuda.local.array(BACK_ROWS, float32)
+        for k in range(PER):
+            c = t + k * THREADS
+            wr[k] = w[c] if c < C else float32(0.0)
+            acc_w[k] = float32(0.0)
+            acc_b[k] = float32(0.0)
+            acc_s[k] = float32(0.0)
+        for base in range(cuda.blockIdx.x * BACK_ROWS, N, cuda.gridDim.x * BACK_ROWS):
+            for q in range(BACK_ROWS):
+                row = base + q
+                live = row < N
+                m = mean[row] if live else float32(0.0)
+                r = rstd[row] if live else float32(0.0)
+                rs[q] = r
+                a = float32(0.0)
+                bs = float32(0.0)
+                for k in range(PER):
+                    c = t + k * THREADS
+                    if live and c < C:
+                        n = (x[row, c] - m) * r
+                        g = load(dout, (row, c))
+                        nr[q * PER + k] = n
+                        gr[q * PER + k] = g
+                        dr[q * PER + k] = dx[row, c]
+                        dn = g * wr[k]
+                        a += dn
+                        bs += dn * n
+                        acc_w[k] += g * n
+                        acc_b[k] += g
+                a = warp_sum(a, buf)
+                bs = warp_sum(bs, buf)
+                if lane == 0:
+                    red[2 * WARPS * q + warp] = a
+                    red[2 * WARPS * q + WARPS + warp] = bs
+            cuda.syncthreads()
+            for q in range(BACK_ROWS):
+                row = base + q
+                a = float32(0.0)
+                bs = float32(0.0)
+                for i in range(WARPS):
+                    a += red[2 * WARPS * q + i]
+                    bs += red[2 * WARPS * q + WARPS + i]
+                a /= float32(C)
+                bs /= float32(C)
+                r = rs[q]
+                if row < N:
+                    for k in range(PER):
+                        c = t + k * THREADS
+                        if c < C:
+                            # += : dx also carries the residual path
+                            v = dr[q * PER + k] + r * (gr[q * PER + k] * wr[k] - a - nr[q * PER + k] * bs)
+                            dx[row, c] = v
+                            acc_s[k] += v
+                            if copy:
+                                store(dx16, (row, c), v)
+            cuda.syncthreads()  # every thread has its sums before the next rows' overwrite them
+        for k in range(PER):
+            c = t + k * THREADS
+            if c < C:
+                cuda.atomic.add(dw, c, acc_w[k])
+                cuda.atomic.add(db, c, acc_b[k])
+                if total:
+                    cuda.atomic.add(dsum, c, acc_s[k])
+
+    return kernel
 
 
 def _per(C: int) -> int:
@@ -154,10 +194,16 @@ def layernorm_forward(out, mean, rstd, x, w, b, stream=0, eps=EPS):
     kernel[(x.shape[0] + ROWS - 1) // ROWS, 32 * ROWS, stream](out, mean, rstd, x, w, b, np.float32(eps))
 
 
-def layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, stream=0, blocks=528, dx16=None):
-    """Adds into dx, dw and db; dx16 (bf16 bits, dx's shape), if given, receives a copy of the new dx."""
-    if x.shape[1] > 16 * THREADS:
-        raise ValueError(f"layernorm_backward supports widths up to {16 * THREADS}, got {x.shape[1]}")
+def layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, stream=0, blocks=None, dx16=None, dsum=None):
+    """Adds into dx, dw and db; dout float32 or bf16 bits. dx16 (bf16 bits, dx's shape), if given,
+    receives a copy of the new dx; dsum (C,) float32, if given, += the new dx's column sums."""
+    N, C = x.shape
+    if C > MAX_C:
+        raise ValueError(f"layernorm_backward supports widths up to {MAX_C}, got {C}")
     if dx16 is None:  # no rows: no bf16 copy of dx
         dx16 = koifish_cuda.compat.device_constant((0, 1), np.uint16)
-    layernorm_backward_kernel[min(blocks, x.shape[0]), THREADS, stream](dx, dx16, dw, db, dout, x, w, mean, rstd)
+    if dsum is None:
+        dsum = koifish_cuda.compat.device_constant((0,), np.float32)
+    kernel = _backward_kernel(-(-C // THREADS))
+    grid = min(blocks or BACKWARD_BLOCKS, -(-N // BACK_ROWS))
+    kernel[grid, THREADS, stream](dx, dx16, dsum, dw, db, dout, x, w, mean, rstd)

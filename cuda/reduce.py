@@ -86,3 +86,19 @@ def block_sum(v, buf):
 @cuda.jit(device=True)
 def block_max(v, buf):
     return _block_reduce(v, buf, True)
+
+
+@cuda.jit(device=True)
+def block_reduce_warps(v, buf, wbuf, take_max):
+    """A reduction over a block of up to 1024 threads by warps: shuffles in each warp, the warps'
+    results through wbuf (32 floats), shuffles again; two barriers, where the shared-memory tree
+    of a 1024-thread block takes ten. Every thread gets the result. buf: as warp_sum's."""
+    v = _warp_reduce(v, buf, take_max)
+    lane, warp = cuda.threadIdx.x % 32, cuda.threadIdx.x // 32
+    if lane == 0:
+        wbuf[warp] = v
+    cuda.syncthreads()
+    r = wbuf[lane] if lane < cuda.blockDim.x // 32 else (NEG_INF if take_max else float32(0.0))
+    r = _warp_reduce(r, buf, take_max)
+    cuda.syncthreads()  # wbuf is reused by the next reduction
+    return r

@@ -23,23 +23,28 @@ def engine(case, attention="auto"):
         raise
 
 
-def small_case(tiny_case, compute):
+def small_case(tiny_case, compute, accum=2):
     return load_case(tiny_case(model={"n_embd": 64, "n_head": 4, "n_ctx": 64}, data={"seq_len": 64, "batch_size": 4},
-                               optimizer={"grad_accum": 2}, precision={"compute": compute})).case
+                               optimizer={"grad_accum": accum}, precision={"compute": compute})).case
 
 
+@pytest.mark.parametrize("accum,chunked", [(1, False), (2, False), (2, True)])
 @pytest.mark.parametrize("compute,attention", PATHS)
-def test_first_gradients_match_the_cpu(tiny_case, compute, attention):
-    """Every tensor's gradient of one step (two micro-batches) against the CPU engine's float32."""
+def test_first_gradients_match_the_cpu(tiny_case, compute, attention, accum, chunked, monkeypatch):
+    """Every tensor's gradient of one step (one or two micro-batches) against the CPU engine's float32;
+    chunked: the LM head in two chunks of 128 rows (GPT-2 124M at B=16 runs it in four)."""
     from koifish_core.engine.cpu import CPUEngine
 
-    case = small_case(tiny_case, compute)
+    if chunked:
+        monkeypatch.setattr("koifish_core.config.plan.HEAD_BYTES", 1)  # the fewest rows: one 128-row tile
+    case = small_case(tiny_case, compute, accum)
     cpu, gpu = CPUEngine(case), engine(case, attention)
-    batches = [TokenLoader(case.data.train, 4, 64).next_batch() for _ in range(2)]
+    assert gpu.head_rows == (128 if chunked else 256)
+    batches = [TokenLoader(case.data.train, 4, 64).next_batch() for _ in range(accum)]
     cpu.model.zero_grad()
     for x, y in batches:
         cpu.model.forward(x, y, return_logits=False)
-        cpu.model.backward(grad_scale=0.5)
+        cpu.model.backward(grad_scale=1.0 / accum)
     gpu.train_step(batches, 0.0)  # the gradients stay in gpu.g after the step
     # TF32 operands carry 10 mantissa bits, bf16 8: measured 1e-3 and 3e-3..8e-3 on an H200
     bound = 5e-3 if compute == "fp32" else 1.5e-2

@@ -40,7 +40,7 @@ def test_layernorm_forward_backward():
     from koifish_cuda.layernorm import layernorm_backward, layernorm_backward_ref, layernorm_forward, layernorm_forward_ref
 
     r = rng()
-    N, C = (4096, 768) if ON_GPU else (6, 40)
+    N, C = (4096, 768) if ON_GPU else (6, 300)  # 300: several columns a thread, the last ones partly past the row
     x, w, b = r.standard_normal((N, C)) * 2 + 0.5, r.standard_normal(C), r.standard_normal(C)
     out, mean, rstd = (dev(np.full(s, np.nan, np.float32)) for s in ((N, C), (N,), (N,)))
     f32 = lambda a: dev(a.astype(np.float32))  # noqa: E731
@@ -49,9 +49,13 @@ def test_layernorm_forward_backward():
     assert rel_err(host(out), ro) < TOL and rel_err(host(mean), rm) < TOL and rel_err(host(rstd), rr) < TOL
     dout = r.standard_normal((N, C))
     dx, dw, db = dev(np.zeros((N, C), np.float32)), dev(np.zeros(C, np.float32)), dev(np.zeros(C, np.float32))
-    layernorm_backward(dx, dw, db, f32(dout), f32(x), f32(w), mean, rstd)
+    dsum0 = r.standard_normal(C)
+    dsum = f32(dsum0)
+    layernorm_backward(dx, dw, db, f32(dout), f32(x), f32(w), mean, rstd, dsum=dsum)
     rdx, rdw, rdb = layernorm_backward_ref(dout, x, w, rm, rr)
     assert rel_err(host(dx), rdx) < 1e-4 and rel_err(host(dw), rdw) < 1e-4 and rel_err(host(db), rdb) < 1e-4
+    # dsum += the new dx's column sums (which nearly cancel: bounded against the terms' size)
+    assert np.max(np.abs(host(dsum) - dsum0 - rdx.sum(0))) < 1e-5 * np.abs(rdx).sum(0).max()
 
 
 def f32(a):
@@ -191,9 +195,13 @@ def test_adamw_and_norm():
     step, lr, b1, b2, eps, wd = 3, 1e-2, 0.9, 0.95, 1e-8, 0.1
     hyper = f32([lr, b1, b2, eps, wd, 1 - b1**step, 1 - b2**step, clip])
     pd, md, vd = f32(p), f32(m), f32(v)
-    adamw_update(pd, gd, md, vd, dev(mask.astype(np.uint8)), norm_sq, hyper)
+    p16 = dev(np.zeros(n, np.uint16))
+    adamw_update(pd, gd, md, vd, dev(mask.astype(np.uint8)), norm_sq, hyper, params16=p16)
     adamw_update_ref(p, g * (clip / (norm + 1e-6)), m, v, mask, step, lr, b1, b2, eps, wd)
     assert rel_err(host(pd), p) < 1e-5 and rel_err(host(md), m) < 1e-5 and rel_err(host(vd), v) < 1e-5
+    from koifish_cuda.bf16 import to_bf16_ref
+
+    assert np.array_equal(host(p16), to_bf16_ref(host(pd)))  # the bf16 copy, refreshed in the same pass
 
 
 def _adam_state(r, n):
@@ -208,7 +216,7 @@ def test_update_stats_match_the_update_adamw_applies():
     2.4e-7 over 15 random draws under the simulator (n <= 700), and 4e-7 in a NumPy emulation of the
     kernel's summation order at n = 2^20 (3 and 132 blocks); 3e-6 leaves a margin of ~8x."""
     from koifish_cuda.adamw import adamw_update, global_norm_ref
-    from koifish_cuda.update_stats import update_stats, update_stats_ref
+    from koifish_cuda.update_stats import stat_chunks, update_stats, update_stats_ref
 
     r = rng()
     sizes = [1 << 20, 4096, 1, 300] if ON_GPU else [700, 130, 1, 5]
@@ -221,11 +229,10 @@ def test_update_stats_match_the_update_adamw_applies():
     p, g, m, v = (f32(a) for a in flat[:4])
     mask = dev(flat[4].astype(np.uint8))
     out = f32(np.zeros((len(sizes) + 1, 3)))
-    lo = 0
-    for i, n in enumerate(sizes):
-        sl = slice(lo, lo + n)
-        update_stats(out, i, p[sl], g[sl], m[sl], v[sl], mask[sl], norm_sq, hyper, blocks=3)  # grid-stride too
-        lo += n
+    starts = np.cumsum([0] + sizes)
+    # one launch over every tensor, cut into chunks (small ones under the simulator: several a tensor)
+    chunks = stat_chunks([(i, starts[i], starts[i + 1]) for i in range(len(sizes))], 1 << 16 if ON_GPU else 128)
+    update_stats(out, dev(chunks), p, g, m, v, mask, norm_sq, hyper)
     got = host(out)
     assert np.all(got[-1] == 0)  # rows of other tensors untouched
     lo = 0
@@ -254,7 +261,7 @@ def test_update_stats_match_the_update_adamw_applies():
 
 
 def test_update_stats_clip_off_accumulation_and_nonfinite_norm():
-    from koifish_cuda.update_stats import update_stats, update_stats_ref
+    from koifish_cuda.update_stats import stat_chunks, update_stats, update_stats_ref
 
     r = rng()
     n = 1 << 16 if ON_GPU else 257
@@ -263,8 +270,9 @@ def test_update_stats_clip_off_accumulation_and_nonfinite_norm():
     step, lr, b1, b2, eps, wd = 1, 1e-2, 0.9, 0.999, 1e-8, 0.0
     hyper_h = np.array([lr, b1, b2, eps, wd, 1 - b1**step, 1 - b2**step, 0.0], np.float32)  # no clipping
     out = f32(np.zeros((2, 3)))
-    for state in (a, b):  # two slices into the same row add up (a group measured as one)
-        update_stats(out, 1, *(f32(x) for x in state[:4]), dev(state[4].astype(np.uint8)), f32([4.0]), f32(hyper_h))
+    both = [np.concatenate([x, y]) for x, y in zip(a, b)]
+    chunks = dev(stat_chunks([(1, 0, n), (1, n, 2 * n)]))  # two ranges into the same row add up
+    update_stats(out, chunks, *(f32(x) for x in both[:4]), dev(both[4].astype(np.uint8)), f32([4.0]), f32(hyper_h))
     ref = np.add(update_stats_ref(*a, np.float32(4.0), hyper_h), update_stats_ref(*b, np.float32(4.0), hyper_h))
     got = host(out)
     # float32 partial sums over 2^16 terms, added in an order the atomics pick: 3e-6 failed once on an H200
@@ -273,7 +281,8 @@ def test_update_stats_clip_off_accumulation_and_nonfinite_norm():
     assert update_stats_ref(*a, np.float32(4.0), hyper_h)[0] == pytest.approx(n * lr * lr, rel=1e-4)  # float32 hyper
     # a non-finite gradient norm: adamw_update skips, so the update is 0; the weights still count
     out = f32(np.zeros((1, 3)))
-    update_stats(out, 0, *(f32(x) for x in a[:4]), dev(a[4].astype(np.uint8)), f32([np.inf]), f32(hyper_h))
+    update_stats(out, dev(stat_chunks([(0, 0, n)])), *(f32(x) for x in a[:4]), dev(a[4].astype(np.uint8)),
+                 f32([np.inf]), f32(hyper_h))
     got = host(out)[0]
     assert got[0] == 0 and got[1] == pytest.approx(float(a[0] @ a[0]), rel=3e-6)
     assert update_stats_ref(*a, np.float32(np.nan), hyper_h)[0] == 0.0

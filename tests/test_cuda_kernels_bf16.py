@@ -53,10 +53,14 @@ def test_layernorm_writes_bf16_and_its_backward_a_bf16_copy_of_dx():
     from koifish_cuda.bf16 import from_bf16_ref, to_bf16_ref
     assert np.array_equal(host(dx16), to_bf16_ref(host(dx))), "the copy is the float32 dx, rounded"
     assert from_bf16_ref(host(dx16)).shape == (N, C)
+    # dout in bf16 (a bf16 GEMM's product, as the engine's dln)
+    (dout16, dv), dx = bf(dout), f32(dx0)
+    layernorm_backward(dx, f32(np.zeros(C)), f32(np.zeros(C)), dout16, f32(x), f32(w), mean, rstd)
+    assert rel_err(host(dx), layernorm_backward_ref(dv, x, w, rm, rr)[0] + dx0) < 1e-4
 
 
 def test_gelu_on_bf16_rows():
-    from koifish_cuda.gelu import bias_gelu_forward, gelu_backward, gelu_backward_ref, gelu_forward_ref
+    from koifish_cuda.gelu import bias_gelu_forward, gelu_backward, gelu_backward_ref, gelu_forward, gelu_forward_ref
 
     r = rng()
     N, F = (2048, 3072) if ON_GPU else (3, 20)
@@ -67,6 +71,12 @@ def test_gelu_on_bf16_rows():
     assert np.all(np.abs(biased - (pre_v + bias)) <= BF16 * np.abs(pre_v + bias) + 1e-6)
     ref = gelu_forward_ref(biased)
     assert np.all(np.abs(val(out) - ref) <= BF16 * np.abs(ref) + 1e-5)
+    # remat 1's rebuild: GELU alone, two values a 32-bit word (even widths), else the generic kernel
+    for width in (F, F - 1):
+        again = dev(np.zeros((N, width), np.uint16))
+        src = pre if width == F else dev(host(pre)[:, :width].copy())
+        gelu_forward(again, src)
+        assert np.array_equal(host(again), host(out)[:, :width]), width
     dout, dout_v = bf(r.standard_normal((N, F)))
     dpre = dev(np.zeros((N, F), np.uint16))
     gelu_backward(dpre, pre, dout)
@@ -75,17 +85,25 @@ def test_gelu_on_bf16_rows():
 
 
 def test_bias_add_and_bias_grad_on_bf16_rows():
-    from koifish_cuda.matmul import add_bias, bias_grad
+    from koifish_cuda.matmul import accumulate, add_bias, bias_grad
 
     r = rng()
-    N, C = (4096, 2304) if ON_GPU else (37, 9)
+    N, C = (4096, 2304) if ON_GPU else (37, 10)
     (x, xv), b = bf(r.standard_normal((N, C))), r.standard_normal(C).astype(np.float32)
     add_bias(x, f32(b))
     assert np.all(np.abs(val(x) - (xv + b)) <= BF16 * np.abs(xv + b) + 1e-6)
-    dout, dv = bf(r.standard_normal((N, C)))
-    db = f32(np.zeros(C))
-    bias_grad(db, dout, rows_per_block=8)
-    assert rel_err(host(db), dv.sum(0)) < 1e-5  # float32 sums of exact bf16 values
+    for width in (C, C + 1):  # an even width is read two columns a 32-bit word, an odd one is not
+        dout, dv = bf(r.standard_normal((N, width)))
+        db = f32(np.zeros(width))
+        bias_grad(db, dout, rows_per_block=8)
+        assert rel_err(host(db), dv.sum(0)) < 1e-5  # float32 sums of exact bf16 values
+    # an epilogue's bf16 bias gradient added into a float32 gradient
+    g0 = r.standard_normal(C).astype(np.float32)
+    g, (db16, db16v) = f32(g0), bf(r.standard_normal(C))
+    accumulate(g, db16)
+    assert np.allclose(host(g), g0 + db16v, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="differ"):
+        accumulate(g, db16[:1])
 
 
 def test_heads_split_from_and_merge_into_bf16_rows():
@@ -106,17 +124,25 @@ def test_heads_split_from_and_merge_into_bf16_rows():
     assert np.array_equal(host(rows), to_bf16_ref(y.reshape(B, nh, T, hs).transpose(0, 2, 1, 3).reshape(B * T, C)))
 
 
-def test_fused_classifier_on_bf16_logits():
-    from koifish_cuda.classifier import fused_classifier, fused_classifier_ref
+@pytest.mark.parametrize("shape", ["gpt2", "narrow", "odd"])
+def test_fused_classifier_on_bf16_logits(shape):
+    """Even widths run the register kernel (a row in registers, two logits a 32-bit word: one word a
+    thread ("narrow"), several ("gpt2"), the last ones partly past the row); an odd width the generic one."""
+    from koifish_cuda.classifier import _bf16_shape, fused_classifier, fused_classifier_ref
 
     r = rng()
-    N, V, Vp = (1024, 50257, 50304) if ON_GPU else (4, 50, 64)
+    N, V, Vp = {"gpt2": (1024, 50257, 50304) if ON_GPU else (3, 601, 640), "narrow": (4, 50, 64),
+                "odd": (4, 50, 51)}[shape]
+    assert (_bf16_shape(Vp) is None) == (shape == "odd")
     logits, lv = bf(r.standard_normal((N, Vp)) * 3)
     targets = r.integers(0, V, N)
+    targets[0] = V - 1  # the row's last real column (GPT-2's is the odd half of a word)
     ref_losses, ref_d = fused_classifier_ref(lv[:, :V].copy(), targets, 1.0 / N)
-    losses, loss_sum = f32(np.zeros(N)), f32(np.zeros(1))
-    fused_classifier(logits, losses, loss_sum, dev(targets.astype(np.int32)), V, 1.0 / N)
+    losses, loss_sum, top = f32(np.zeros(N)), f32(np.zeros(1)), f32([-np.inf])
+    fused_classifier(logits, losses, loss_sum, dev(targets.astype(np.int32)), V, 1.0 / N, max_logit=top)
     assert rel_err(host(losses), ref_losses) < 1e-5  # the loss is computed in float32 from exact values
+    assert abs(host(loss_sum)[0] - ref_losses.mean()) < 1e-5 * ref_losses.mean()
+    assert host(top)[0] == lv[:, :V].max()
     got = val(logits)
     assert np.all(np.abs(got[:, :V] - ref_d) <= BF16 * np.abs(ref_d) + 1e-9) and np.all(got[:, V:] == 0)
 
@@ -234,5 +260,22 @@ def test_cublaslt_epilogues(dtype):
         lt.matmul(dpre, dout, w2, epilogue="dgelu", aux=aux)
         stream.synchronize()
     assert rel_err(got(dpre), gelu_backward_ref(got(aux), dv @ w2v)) < tol
+    # the bias-gradient epilogues (written over whatever the buffer held), in out's type
+    t = "uint16" if half else "float32"
+    assert lt.supports("dgelu_bgrad", t, t) and lt.supports("bgradb", t, "float32")
+    dbias = empty((N,))
+    with stream:
+        lt.matmul(dpre, dout, w2, epilogue="dgelu_bgrad", aux=aux, bias=dbias)
+        stream.synchronize()
+    ref = gelu_backward_ref(got(aux), dv @ w2v)
+    assert rel_err(got(dpre), ref) < tol and rel_err(got(dbias), ref.sum(axis=0)) < tol
+    g0 = r.standard_normal((N, K)).astype(np.float32)  # a weight gradient (N, K) accumulating dy.T @ xs
+    gw, db = f32(g0), f32(np.full(N, 7.0))
+    (dy, dyv), (xs, xsv) = operand((M, N)), operand((M, K))
+    with stream:
+        lt.matmul(gw, dy, xs, trans_a=True, c=gw, epilogue="bgradb", bias=db)
+        stream.synchronize()
+    assert rel_err(host(gw), g0 + dyv.T @ xsv) < 2e-3
+    assert rel_err(host(db), dyv.sum(axis=0)) < 1e-4
     with pytest.raises(ValueError, match="epilogue"):
         lt.matmul(out, x, w, trans_b=True, epilogue="bias")

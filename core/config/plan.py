@@ -47,6 +47,18 @@ def activation_bytes(case: Case, bytes_per_value: int) -> int:
 
 
 CUBLASLT_WORKSPACE, CUBLAS_WORKSPACE = 32 << 20, 64 << 20  # koifish_cuda.cublaslt's; cublas_raw's (cuBLAS attention)
+HEAD_BYTES = 512 << 20  # the CUDA engine's logits buffer: the LM head runs in chunks of rows this fits
+
+
+def head_rows(N: int, Vp: int, itemsize: int) -> int:
+    """Rows of logits the CUDA engine's LM head computes at a time: all N when they fit HEAD_BYTES,
+    else the fewest equal chunks that do, rounded up to 128 rows (GEMM tiles). GPT-2's logits at
+    B=16, T=1024 would take 1.5 GiB in bf16, more than a sixth of the whole step's memory."""
+    chunks = -(-N * Vp * itemsize // HEAD_BYTES)
+    if chunks <= 1:
+        return N
+    rows = -(-N // chunks)
+    return min(N, -(-rows // 128) * 128)
 
 
 def cuda_activation_bytes(case: Case) -> int:
@@ -68,11 +80,12 @@ def cuda_activation_bytes(case: Case) -> int:
     elif m.remat == 2:
         shared = set(row) - {"res3"}
     kept = L * sum(v for k, v in row.items() if k not in shared) + sum(row[k] for k in shared)
-    top = 4 * C + a * C + 8 + a * Vp + 4  # x0, lnf and its statistics, logits, losses
-    scratch = 4 * C + 4 * C + (a * C if a == 2 else 0) + a * 3 * C + a * F + a * C  # dres, dln, dres_g, dqkv, dfch, datty
+    top = 4 * C + a * C + 8 + 4  # x0, lnf and its statistics, losses
+    logits = a * Vp * head_rows(B * T, Vp, a)  # one chunk of rows at a time
+    scratch = 4 * C + a * C + (a * C if a == 2 else 0) + a * 3 * C + a * C  # dres, dln, dres_g, dqkv, datty
     if a == 4:
         scratch += 5 * 4 * C + 4 * nh * T  # the cuBLAS attention's head copies and score gradient
-    return B * T * (kept + top + scratch)
+    return B * T * (kept + top + scratch) + logits
 
 
 def make_plan(case: Case) -> Plan:

@@ -16,8 +16,11 @@ that feed GEMMs), accumulation and the product in float32 where a float32 kernel
 residual stream, LayerNorm statistics, gradients and AdamW's state stay float32; attention is
 cuDNN's fused flash attention when cudnn-frontend is installed (cuda_attention.py). fp32: float32
 everywhere, TF32 GEMMs. Biases, residual adds and GELU ride in the GEMMs' cuBLASLt epilogues
-(koifish_cuda.cublaslt), so the only passes of their own are LayerNorm, the classifier, bias
-gradients and the embedding. Parameters, names and shapes are exactly the CPU model's, so checkpoints
+(koifish_cuda.cublaslt), so the only passes of their own are LayerNorm, the classifier, the
+embedding and two of a block's four bias gradients: the projections' bias gradients are the column
+sums of the residual gradient, which the LayerNorm backward that writes it sums on the way.
+(cuBLASLt's bias-gradient epilogues were measured and not taken: on an H200 they slowed the
+weight-gradient GEMMs by 0.02-0.04 ms each and the bf16 dGELU GEMM from 0.10 to 0.43 ms.) Parameters, names and shapes are exactly the CPU model's, so checkpoints
 move between the two engines unchanged. model.remat trades compute for memory: 1 rebuilds the LayerNorm and
 GELU outputs in the backward, 2 keeps only each block's output and reruns the block's forward
 just before its backward (about a third more forward work; activations shrink by ~L times).
@@ -30,6 +33,7 @@ import math
 import numpy as np
 
 import koifish_cuda.compat  # noqa: F401  (before numba compiles)
+from koifish_core.config.plan import head_rows
 from koifish_core.engine.base import StepResult
 from koifish_core.engine.cuda_dp import GradSync, ZeroShards, block_of, host_spans
 from koifish_core.errors import KoifishError
@@ -164,12 +168,14 @@ class CUDAEngine:
         one = {k: kinds[k][0](*kinds[k][1:]) for k in shared}
         self.act = [{k: one[k] if k in shared else new(*shape) for k, (new, *shape) in kinds.items()} for _ in range(L)]
         self.lnf, self.mf, self.rf = h(N, C), f(N), f(N)
-        self.logits, self.losses, self.loss_sum = h(N, Vp), f(N), f(1)
+        self.head_rows = head_rows(N, Vp, 2 if self.bf16 else 4)  # the LM head's chunk (_head)
+        self.logits, self.losses, self.loss_sum = h(self.head_rows, Vp), f(N), f(1)
         # scratch shared by the layers; dres is the residual stream's gradient (float32), dres_g its
-        # GEMM operand (a bf16 copy written by the LayerNorm backward, or dres itself)
-        self.dres, self.dln = f(N, C), f(N, C)
+        # GEMM operand (a bf16 copy written by the LayerNorm backward, or dres itself); dln, a
+        # LayerNorm output's gradient, is a GEMM's product (bf16 under bf16)
+        self.dres, self.dln = f(N, C), h(N, C)
         self.dres_g = h(N, C) if self.bf16 else self.dres
-        self.dqkv, self.dfch, self.datty = h(N, 3 * C), h(N, F), h(N, C)
+        self.dqkv, self.datty = h(N, 3 * C), h(N, C)  # the MLP's dGELU output goes over the layer's fch_gelu
         self.norm_sq = f(1)
         self.hyper = f(8)
         # Instability signals, read at the step's one sync (_read_signals): loss, squared gradient
@@ -180,8 +186,8 @@ class CUDAEngine:
         self.max_logit = cp.full(1, -math.inf, dtype=cp.float32)  # raised by the forward's classifier (eval's too)
 
     # ---- the step, as kernels -----------------------------------------------------------------
-    def _forward(self, dloss: float) -> None:
-        from koifish_cuda.classifier import fused_classifier
+    def _forward(self, dloss: float, backward: bool = False) -> None:
+        """Forward and loss; with backward, the LM head's gradients too (_head)."""
         from koifish_cuda.embedding import encoder_forward
         from koifish_cuda.layernorm import layernorm_forward
 
@@ -192,9 +198,25 @@ class CUDAEngine:
             self._block_forward(l, resid)
             resid = self.act[l]["res3"]
         layernorm_forward(self.lnf, self.mf, self.rf, resid, p["ln_f.weight"], p["ln_f.bias"], s)
-        self.lt.matmul(self.logits, self.lnf, self.pw["wte"], trans_b=True)  # (N, Vp); padded wte rows are 0
-        fused_classifier(self.logits, self.losses, self.loss_sum, self.targets, self.cfg.vocab_size, dloss, s,
-                         max_logit=self.max_logit)
+        self._head(dloss, backward)
+
+    def _head(self, dloss: float, backward: bool) -> None:
+        """Logits, loss and (backward) their gradients, head_rows rows at a time: the logits buffer
+        holds one chunk (the whole (N, Vp) logits are GPT-2's largest activation), the classifier
+        writes the chunk's gradient over it, and with backward the chunk's share of wte's gradient
+        and of dln follows before the next chunk's logits overwrite it."""
+        from koifish_cuda.classifier import fused_classifier
+
+        w, g, s, R = self.pw, self.g, self.ns, self.head_rows
+        for r0 in range(0, self.N, R):
+            rows = slice(r0, min(r0 + R, self.N))
+            logits = self.logits[:rows.stop - r0]
+            self.lt.matmul(logits, self.lnf[rows], w["wte"], trans_b=True)  # (R, Vp); padded wte rows are 0
+            fused_classifier(logits, self.losses[rows], self.loss_sum, self.targets[rows], self.cfg.vocab_size, dloss,
+                             s, max_logit=self.max_logit)
+            if backward:
+                self.lt.matmul(g["wte"], logits, self.lnf[rows], trans_a=True, c=g["wte"])  # (Vp, C) += dlogits^T lnf
+                self.lt.matmul(self.dln[rows], logits, w["wte"])  # (R, C)
 
     def _bias(self, name: str, out):
         """A bias in its GEMM output's type: the bf16 copy for a bf16 output, else the master."""
@@ -248,37 +270,36 @@ class CUDAEngine:
         dres, dres_g = self.dres, self.dres_g  # float32, and the GEMMs' copy of it
         copy = dres_g if dres_g is not dres else None
 
-        def ln_backward(name, x, mean, rstd):  # dres += LayerNorm backward of dln; dres_g follows
+        def ln_backward(name, x, mean, rstd, proj_bias):
+            """dres += LayerNorm backward of dln (dres_g follows); the new dres is the gradient of a
+            residual add, whose column sums are proj_bias' gradient (the projection added there)."""
             layernorm_backward(dres, g[name + ".weight"], g[name + ".bias"], self.dln, x, p[name + ".weight"], mean,
-                               rstd, s, dx16=copy)
+                               rstd, s, dx16=copy, dsum=None if proj_bias is None else g[proj_bias])
 
-        dlogits = self.logits  # the classifier wrote the gradient over the logits
-        grad("wte", dlogits, self.lnf)  # (Vp, C) += dlogits^T lnf
-        gemm(self.dln, dlogits, w["wte"])  # (N, C)
-        dres.fill(0)
-        ln_backward("ln_f", self.act[-1]["res3"], self.mf, self.rf)
+        dres.fill(0)  # the LM head's backward ran with the forward (_head): dln is ln_f's output gradient
+        L = self.cfg.n_layer
+        ln_backward("ln_f", self.act[-1]["res3"], self.mf, self.rf, f"h.{L - 1}.mlp.c_proj.bias")
         self._ready(("ln_f.weight", "ln_f.bias"))
-        for l in reversed(range(self.cfg.n_layer)):
+        for l in reversed(range(L)):
             a, h = self.act[l], f"h.{l}."
             resid_in = self.x0 if l == 0 else self.act[l - 1]["res3"]
             self._rebuild(l, resid_in)
-            # MLP: res3 = res2 + c_proj(gelu(c_fc(ln2(res2))))
-            bias_grad(g[h + "mlp.c_proj.bias"], dres, s)
+            # MLP: res3 = res2 + c_proj(gelu(c_fc(ln2(res2)))); c_proj's bias gradient is already in
             grad(h + "mlp.c_proj.weight", dres_g, a["fch_gelu"])
-            gemm(self.dfch, dres_g, w[h + "mlp.c_proj.weight"], epilogue="dgelu", aux=a["fch"])
-            bias_grad(g[h + "mlp.c_fc.bias"], self.dfch, s)
-            grad(h + "mlp.c_fc.weight", self.dfch, a["ln2"])
-            gemm(self.dln, self.dfch, w[h + "mlp.c_fc.weight"])
-            ln_backward(h + "ln_2", a["res2"], a["m2"], a["r2"])
+            dfch = a["fch_gelu"]  # GELU's output is spent: its buffer takes the pre-activation's gradient
+            gemm(dfch, dres_g, w[h + "mlp.c_proj.weight"], epilogue="dgelu", aux=a["fch"])
+            bias_grad(g[h + "mlp.c_fc.bias"], dfch, s)
+            grad(h + "mlp.c_fc.weight", dfch, a["ln2"])
+            gemm(self.dln, dfch, w[h + "mlp.c_fc.weight"])
+            ln_backward(h + "ln_2", a["res2"], a["m2"], a["r2"], h + "attn.c_proj.bias")
             # attention: res2 = resid_in + c_proj(attn(c_attn(ln1(resid_in))))
-            bias_grad(g[h + "attn.c_proj.bias"], dres, s)
             grad(h + "attn.c_proj.weight", dres_g, a["atty"])
             gemm(self.datty, dres_g, w[h + "attn.c_proj.weight"])
             self.attn.backward(a, self.datty, self.dqkv)
             bias_grad(g[h + "attn.c_attn.bias"], self.dqkv, s)
             grad(h + "attn.c_attn.weight", self.dqkv, a["ln1"])
             gemm(self.dln, self.dqkv, w[h + "attn.c_attn.weight"])
-            ln_backward(h + "ln_1", resid_in, a["m1"], a["r1"])
+            ln_backward(h + "ln_1", resid_in, a["m1"], a["r1"], f"h.{l - 1}.mlp.c_proj.bias" if l else None)
             self._ready([k for k in self.shapes if block_of(k) == l])
         encoder_backward(g["wte"], g["wpe"], dres, self.idx, s)
         self._ready(("wte", "wpe"))
@@ -299,9 +320,9 @@ class CUDAEngine:
     def _update(self) -> None:
         from koifish_cuda.adamw import adamw_update
 
-        adamw_update(*self._opt_arrays(), self.norm_sq, self.hyper, self.ns)
-        if self.zero is None:  # ZeRO-1 refreshes after the all-gather (train_step)
-            self._refresh_weights16()
+        # the bf16 copy is refreshed in the same pass; with ZeRO-1 after the all-gather (train_step)
+        fresh16 = self.params16 if self.bf16 and self.zero is None else None
+        adamw_update(*self._opt_arrays(), self.norm_sq, self.hyper, self.ns, params16=fresh16)
 
     def _capture(self, accum: int) -> None:
         """Run each phase once eagerly (kernels compile, cuBLAS sets up its workspace), then capture."""
@@ -314,7 +335,7 @@ class CUDAEngine:
             def run():
                 if self.sync is not None:
                     self.sync.begin(last)  # the last micro-batch all-reduces the gradient buckets
-                self._forward(dloss)
+                self._forward(dloss, backward=True)
                 self._backward()
                 if self.sync is not None:
                     self.sync.end()
@@ -456,20 +477,18 @@ class CUDAEngine:
     # ---- instability signals: judged before the update, read at the step's one sync ---------------
     def _update_stats(self) -> None:
         """Per tensor, what the coming AdamW update will do (koifish_cuda.update_stats) into
-        self.stats: one launch per tensor, inside a captured graph. With ZeRO-1 each rank measures
-        the part of each tensor it updates (the rows are summed over the ranks afterwards)."""
-        from koifish_cuda.update_stats import update_stats
+        self.stats: one launch over every tensor, inside a captured graph. With ZeRO-1 each rank
+        measures the part of each tensor it updates (the rows are summed over the ranks afterwards)."""
+        from koifish_cuda.update_stats import stat_chunks, update_stats
 
         params, grads, m, v, decay = self._opt_arrays()
         lo = self.zero.lo if self.zero is not None else 0
         hi = lo + params.size
+        if getattr(self, "_chunks", (None,))[0] != (lo, hi):
+            ranges = [(i, max(sp.start, lo) - lo, min(sp.stop, hi) - lo) for i, sp in enumerate(self.spans)]
+            self._chunks = ((lo, hi), self.cp.asarray(stat_chunks(ranges)))
         self.stats.fill(0)
-        for i, span in enumerate(self.spans):
-            a, b = max(span.start, lo), min(span.stop, hi)
-            if a < b:
-                sl = slice(a - lo, b - lo)
-                update_stats(self.stats, i, params[sl], grads[sl], m[sl], v[sl], decay[sl], self.norm_sq,
-                             self.hyper, self.ns)
+        update_stats(self.stats, self._chunks[1], params, grads, m, v, decay, self.norm_sq, self.hyper, self.ns)
 
     def _collect_signals(self) -> None:
         """The step's loss and largest logit into the report; the next step's maximum starts over
