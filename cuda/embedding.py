@@ -20,19 +20,20 @@ def encoder_backward_ref(dwte: np.ndarray, dwpe: np.ndarray, dout: np.ndarray, i
 
 # ---- CUDA ------------------------------------------------------------------------------------
 import koifish_cuda.compat  # noqa: E402,F401  (before numba compiles)
+from koifish_cuda.bf16 import store  # noqa: E402
 from numba import cuda  # noqa: E402
 
 
 @cuda.jit(cache=True)
 def encoder_forward_kernel(out, idx, wte, wpe):
-    """out (N, C) with N = B*T rows; a 2-D grid: columns x (b, t)."""
+    """out (N, C) float32 or bf16 bits, N = B*T rows; a 2-D grid: columns x (b, t)."""
     B, T = idx.shape
     C = out.shape[1]
     c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     if c < C:
         for row in range(cuda.blockIdx.y, B * T, cuda.gridDim.y):
             b, t = row // T, row % T  # once per row, not per element
-            out[row, c] = wte[idx[b, t], c] + wpe[t, c]
+            store(out, (row, c), wte[idx[b, t], c] + wpe[t, c])
 
 
 @cuda.jit(cache=True)

@@ -53,7 +53,7 @@ BACKWARD_BLOCKS = 528  # the backward's grid (4 blocks an SM of an H100/H200)
 def _forward_kernel(PER: int):
     @cuda.jit
     def kernel(out, mean, rstd, x, w, b, eps):
-        """out (N, C) float32 or bf16 bits = LayerNorm of x (N, C) float32; mean and rstd kept."""
+        """out (N, C) = LayerNorm of x (N, C), each float32 or bf16 bits; mean and rstd kept (float32)."""
         N, C = x.shape
         buf = cuda.shared.array(BUF, float32)
         lane = cuda.threadIdx.x % 32
@@ -63,7 +63,7 @@ def _forward_kernel(PER: int):
         s = float32(0.0)
         for k in range(PER):
             c = lane + 32 * k
-            v[k] = x[row, c] if live and c < C else float32(0.0)
+            v[k] = load(x, (row, c)) if live and c < C else float32(0.0)
             s += v[k]
         m = warp_sum(s, buf) / float32(C)  # float32(C): an int divisor would make m, and all after it, float64
         s = float32(0.0)
@@ -134,7 +134,7 @@ def _backward_kernel(PER: int):
                 for k in range(PER):
                     c = t + k * THREADS
                     if live and c < C:
-                        n = (x[row, c] - m) * r
+                        n = (load(x, (row, c)) - m) * r
                         g = load(dout, (row, c))
                         nr[q * PER + k] = n
                         gr[q * PER + k] = g

@@ -59,6 +59,32 @@ def test_layernorm_writes_bf16_and_its_backward_a_bf16_copy_of_dx():
     assert rel_err(host(dx), layernorm_backward_ref(dv, x, w, rm, rr)[0] + dx0) < 1e-4
 
 
+def test_residual_stream_in_bf16():
+    """The engine's bf16 residual stream: the embedding writes it, LayerNorm's forward and backward
+    read it (statistics and dx stay float32)."""
+    from koifish_cuda.embedding import encoder_forward, encoder_forward_ref
+    from koifish_cuda.layernorm import layernorm_backward, layernorm_backward_ref, layernorm_forward, layernorm_forward_ref
+
+    r = rng()
+    B, T, C, V = (8, 1024, 768, 512) if ON_GPU else (2, 3, 40, 11)
+    wte, wpe = r.standard_normal((V, C)).astype(np.float32), r.standard_normal((T, C)).astype(np.float32)
+    idx = r.integers(0, V, (B, T)).astype(np.int32)
+    x = dev(np.zeros((B * T, C), np.uint16))
+    encoder_forward(x, dev(idx), f32(wte), f32(wpe))
+    ref = encoder_forward_ref(wte, wpe, idx).reshape(B * T, C)
+    assert np.all(np.abs(val(x) - ref) <= BF16 * np.abs(ref) + 1e-6)
+    xv, w, b = val(x), r.standard_normal(C), r.standard_normal(C)
+    out, mean, rstd = f32(np.zeros((B * T, C))), f32(np.zeros(B * T)), f32(np.zeros(B * T))
+    layernorm_forward(out, mean, rstd, x, f32(w), f32(b))
+    ro, rm, rr = layernorm_forward_ref(xv, w.astype(np.float32), b.astype(np.float32))
+    assert rel_err(host(out), ro) < 1e-5  # float32 arithmetic on the exact bf16 values
+    dout = r.standard_normal((B * T, C))
+    dx, dw, db = f32(np.zeros((B * T, C))), f32(np.zeros(C)), f32(np.zeros(C))
+    layernorm_backward(dx, dw, db, f32(dout), x, f32(w), mean, rstd)
+    rdx, rdw, rdb = layernorm_backward_ref(dout, xv, w, rm, rr)
+    assert rel_err(host(dx), rdx) < 1e-4 and rel_err(host(dw), rdw) < 1e-4 and rel_err(host(db), rdb) < 1e-4
+
+
 def test_gelu_on_bf16_rows():
     from koifish_cuda.gelu import bias_gelu_forward, gelu_backward, gelu_backward_ref, gelu_forward, gelu_forward_ref
 

@@ -12,9 +12,11 @@ launch costs ~50 us on an H100 and a step has several hundred launches; a replay
 
 precision.compute picks the arithmetic. bf16 (the shipped cases): every GEMM operand is bf16 (the
 weights as a bf16 copy of the float32 master weights, refreshed after each update; the activations
-that feed GEMMs), accumulation and the product in float32 where a float32 kernel reads it; the
-residual stream, LayerNorm statistics, gradients and AdamW's state stay float32; attention is
-cuDNN's fused flash attention when cudnn-frontend is installed (cuda_attention.py). fp32: float32
+that feed GEMMs), accumulation in float32; the residual stream, LayerNorm statistics, the
+gradients and AdamW's state stay float32 (a bf16 residual stream, llm.c's choice, was measured:
+0.6 GB less at 124M B=16 but 0.5 ms a step slower, LayerNorm reading 2-byte values; the kernels
+take either); attention is cuDNN's fused flash attention when cudnn-frontend is installed
+(cuda_attention.py). fp32: float32
 everywhere, TF32 GEMMs. Biases, residual adds and GELU ride in the GEMMs' cuBLASLt epilogues
 (koifish_cuda.cublaslt), so the only passes of their own are LayerNorm, the classifier, the
 embedding and two of a block's four bias gradients: the projections' bias gradients are the column
@@ -153,7 +155,7 @@ class CUDAEngine:
         h = lambda *s: cp.zeros(s, dtype=cp.uint16 if self.bf16 else cp.float32)  # noqa: E731  GEMM operands
         self.idx = cp.zeros((B, T), dtype=cp.int32)
         self.targets = cp.zeros(N, dtype=cp.int32)
-        self.x0 = f(N, C)
+        self.x0 = f(N, C)  # the residual stream: float32 (_alloc's note on kinds)
         self.attn, self.attn_note = make_attention(self.attention, self.bf16, B, T, nh, hs, self.stream, self.ns, f)
         # Per-layer activations kept for the backward (h: a GEMM's operand, bf16 under bf16). Keys in
         # `shared` get one buffer for all layers: qkv unless the attention's backward reads it, and
@@ -235,13 +237,13 @@ class CUDAEngine:
                bias=self._bias(h + "attn.c_attn.bias", a["qkv"]))
         self.attn.forward(a)
         linear(a["res2"], a["atty"], w[h + "attn.c_proj.weight"], trans_b=True, epilogue="bias",
-               bias=p[h + "attn.c_proj.bias"], c=resid)  # res2 = resid + attention's projection
+               bias=self._bias(h + "attn.c_proj.bias", a["res2"]), c=resid)  # res2 = resid + attention's projection
         layernorm_forward(a["ln2"], a["m2"], a["r2"], a["res2"], p[h + "ln_2.weight"], p[h + "ln_2.bias"], s)
         linear(a["fch_gelu"], a["ln2"], w[h + "mlp.c_fc.weight"], trans_b=True, epilogue="gelu_aux_bias",
                bias=self._bias(h + "mlp.c_fc.bias", a["fch_gelu"]), aux=a["fch"])  # fch: the pre-activation
         if full:
             linear(a["res3"], a["fch_gelu"], w[h + "mlp.c_proj.weight"], trans_b=True, epilogue="bias",
-                   bias=p[h + "mlp.c_proj.bias"], c=a["res2"])
+                   bias=self._bias(h + "mlp.c_proj.bias", a["res3"]), c=a["res2"])
 
     def _rebuild(self, l: int, resid_in) -> None:
         """Recompute what remat dropped from block l, just before its backward."""
