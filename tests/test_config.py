@@ -126,14 +126,14 @@ def test_case_format_doc_lists_every_field():
                 assert f"| `{sub.name}` |" in doc, f"{f.name}.{sub.name}"
 
 
-# Peak VRAM of the CUDA engine in bf16 measured on an H200 (bench/results/train_h200_b16_bf16*.json,
-# train_h200_b4_bf16.json; CuPy's pool, GiB): the plan counts the engine's own buffers
+# Peak VRAM of the CUDA engine in bf16 measured on an H200 (bench/results/train_h200_*_s13.json; CuPy's
+# pool, GiB): the plan counts the engine's own buffers
 @pytest.mark.parametrize("layers,heads,width,batch,remat,measured", [
-    (12, 12, 768, 16, 0, 9.3), (12, 12, 768, 16, 1, 7.8), (12, 12, 768, 16, 2, 5.2),
-    (24, 16, 1024, 16, 0, 22.0), (36, 20, 1280, 4, 0, 20.7), (48, 25, 1600, 4, 0, 38.8)])
+    (12, 12, 768, 16, 0, 8.1), (12, 12, 768, 16, 1, 6.5), (12, 12, 768, 16, 2, 3.9),
+    (24, 16, 1024, 16, 0, 20.7), (36, 20, 1280, 4, 0, 20.6), (48, 25, 1600, 4, 0, 38.7)])
 def test_cuda_plan_matches_the_measured_peak_memory(layers, heads, width, batch, remat, measured):
     case = build_case({"model": {"n_layer": layers, "n_head": heads, "n_embd": width, "n_ctx": 1024, "remat": remat},
                        "data": {"batch_size": batch, "seq_len": 1024}, "train": {"device": "cuda"},
                        "precision": {"compute": "bf16"}}, "plan")
     estimate = make_plan(case).memory_total / 2**30
-    assert 0.94 * measured < estimate <= measured  # measured 2-4% above: the pool's rounding, cuDNN's workspace
+    assert 0.94 * measured < estimate <= measured  # measured 2-5% above: the pool's rounding, cuDNN's workspace
