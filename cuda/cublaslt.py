@@ -16,7 +16,9 @@ is cuBLASLt's bias along D's rows and the aux matrix has out's layout; the bias 
 weight gradient (out = dout.T @ x, dout = a with trans_a) sums cuBLASLt's B over k, along D's
 columns. The bias-gradient epilogues write (never add into) their bias buffer. Every bias is in
 out's type: cuBLASLt 12/13 on an H200 offers no other combination (a bf16 dGELU's bias gradient
-is bf16; a weight gradient accumulated in float32 gets a float32 one). Plans (descriptors and the
+is bf16; a weight gradient accumulated in float32 gets a float32 one). The training engine does
+not use them: on an H200 they cost more GEMM time than the bias-gradient passes they replace
+(bench/RESULTS.md, session 13). Plans (descriptors and the
 algorithm) are cached per shape, so a graph re-capture costs no heuristic calls. The algorithm
 is tuned on first use outside a graph capture: the heuristic's first TUNE candidates are each
 timed on the call's own operands (into a scratch output) and the fastest kept; the heuristic's

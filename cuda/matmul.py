@@ -4,8 +4,8 @@
 On the GPU these are cuBLAS(Lt) GEMMs (cublas_raw.py, cublaslt.py: the training engine fuses the bias
 into the GEMM's epilogue); this is the reference the engine is checked against. add_bias is the
 unfused form (no engine calls it since the epilogues; kept with its test as the reference
-kernel); bias_grad computes the engine's bias gradients where cuBLASLt's epilogues cannot, and
-accumulate adds an epilogue's bias gradient (float32 or bf16) into a float32 gradient.
+kernel); bias_grad computes the bias gradients the engine does not get for free (the LayerNorm
+backward sums the projections' ones).
 """
 
 import numpy as np
@@ -57,13 +57,6 @@ def bias_grad_kernel(dbias, dout, rows_per_block):
 
 
 @cuda.jit(cache=True)
-def accumulate_kernel(dst, src):
-    i = cuda.grid(1)
-    if i < dst.size:
-        dst[i] += load(src, i)
-
-
-@cuda.jit(cache=True)
 def bias_grad_pairs_kernel(dbias, words, rows_per_block):
     """bias_grad_kernel on bf16 rows read as 32-bit words (two columns a thread, one load)."""
     N, W = words.shape
@@ -81,13 +74,6 @@ def bias_grad_pairs_kernel(dbias, words, rows_per_block):
     cuda.atomic.add(dbias, 2 * j + 1, hi)
 
 
-def accumulate(dst, src, stream=0):
-    """dst (n,) float32 += src (n,) float32 or bf16 bits."""
-    if dst.shape != src.shape:
-        raise ValueError(f"accumulate: dst {dst.shape} and src {src.shape} differ")
-    accumulate_kernel[(dst.size + 255) // 256, 256, stream](dst, src)
-
-
 def add_bias(out, bias, stream=0):
     N, C = out.shape
     add_bias_kernel[((C + 255) // 256, min(N, 65535)), 256, stream](out, bias)
@@ -95,8 +81,8 @@ def add_bias(out, bias, stream=0):
 
 def bias_grad(dbias, dout, stream=0, rows_per_block=64):
     """dbias += dout's column sums, in slabs of 64 rows (at 16384 x 2304 bf16 on an H200: 16 rows
-    0.059 ms, 32 0.038, 64 0.030; 256-row slabs left most of the GPU idle). bf16 rows of even width are read two
-    columns a 32-bit load (2-byte loads kept the kernel at 57% of copy bandwidth)."""
+    0.059 ms, 32 0.038, 64 0.030; 256-row slabs left most of the GPU idle). bf16 rows of even
+    width are read two columns a 32-bit load (2-byte loads kept the kernel at 57% of copy)."""
     N, C = dout.shape
     rows = (N + rows_per_block - 1) // rows_per_block
     if dout.dtype == np.uint16 and C % 2 == 0 and dout.strides[1] == 2 and dout.strides[0] % 4 == 0:

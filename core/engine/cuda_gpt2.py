@@ -11,21 +11,25 @@ tensors, or over this rank's slice with ZeRO-1). A Python
 launch costs ~50 us on an H100 and a step has several hundred launches; a replay costs a few us.
 
 precision.compute picks the arithmetic. bf16 (the shipped cases): every GEMM operand is bf16 (the
-weights as a bf16 copy of the float32 master weights, refreshed after each update; the activations
-that feed GEMMs), accumulation in float32; the residual stream, LayerNorm statistics, the
-gradients and AdamW's state stay float32 (a bf16 residual stream, llm.c's choice, was measured:
+weights as a bf16 copy of the float32 master weights, refreshed by AdamW as it updates them; the
+activations that feed GEMMs), accumulation in float32; the residual stream, LayerNorm statistics,
+the gradients and AdamW's state stay float32 (a bf16 residual stream, llm.c's choice, was measured:
 0.6 GB less at 124M B=16 but 0.5 ms a step slower, LayerNorm reading 2-byte values; the kernels
-take either); attention is cuDNN's fused flash attention when cudnn-frontend is installed
-(cuda_attention.py). fp32: float32
-everywhere, TF32 GEMMs. Biases, residual adds and GELU ride in the GEMMs' cuBLASLt epilogues
-(koifish_cuda.cublaslt), so the only passes of their own are LayerNorm, the classifier, the
-embedding and two of a block's four bias gradients: the projections' bias gradients are the column
-sums of the residual gradient, which the LayerNorm backward that writes it sums on the way.
-(cuBLASLt's bias-gradient epilogues were measured and not taken: on an H200 they slowed the
-weight-gradient GEMMs by 0.02-0.04 ms each and the bf16 dGELU GEMM from 0.10 to 0.43 ms.) Parameters, names and shapes are exactly the CPU model's, so checkpoints
-move between the two engines unchanged. model.remat trades compute for memory: 1 rebuilds the LayerNorm and
-GELU outputs in the backward, 2 keeps only each block's output and reruns the block's forward
-just before its backward (about a third more forward work; activations shrink by ~L times).
+take either). Attention is cuDNN's fused flash attention when cudnn-frontend is installed
+(cuda_attention.py). fp32: float32 everywhere, TF32 GEMMs.
+
+Biases, residual adds and GELU ride in the GEMMs' cuBLASLt epilogues (koifish_cuda.cublaslt), so
+the only passes of their own are LayerNorm, the classifier, the embedding and two of a block's four
+bias gradients: the projections' bias gradients are the column sums of the residual gradient,
+which the LayerNorm backward that writes it sums on the way. (cuBLASLt's bias-gradient epilogues
+were measured and not taken: on an H200 they slowed the weight-gradient GEMMs by 0.02-0.04 ms
+each and the bf16 dGELU GEMM from 0.10 to 0.43 ms.) The LM head runs in chunks of rows, each
+chunk's backward GEMMs right after its loss, so the logits never exist whole (_head).
+
+Parameters, names and shapes are exactly the CPU model's, so checkpoints move between the two
+engines unchanged. model.remat trades compute for memory: 1 rebuilds the LayerNorm and GELU
+outputs in the backward, 2 keeps only each block's output and reruns the block's forward just
+before its backward (about a third more forward work; activations shrink by ~L times).
 """
 
 from __future__ import annotations
@@ -155,7 +159,7 @@ class CUDAEngine:
         h = lambda *s: cp.zeros(s, dtype=cp.uint16 if self.bf16 else cp.float32)  # noqa: E731  GEMM operands
         self.idx = cp.zeros((B, T), dtype=cp.int32)
         self.targets = cp.zeros(N, dtype=cp.int32)
-        self.x0 = f(N, C)  # the residual stream: float32 (_alloc's note on kinds)
+        self.x0 = f(N, C)  # the embedding's output, the residual stream's start
         self.attn, self.attn_note = make_attention(self.attention, self.bf16, B, T, nh, hs, self.stream, self.ns, f)
         # Per-layer activations kept for the backward (h: a GEMM's operand, bf16 under bf16). Keys in
         # `shared` get one buffer for all layers: qkv unless the attention's backward reads it, and
@@ -286,7 +290,7 @@ class CUDAEngine:
             a, h = self.act[l], f"h.{l}."
             resid_in = self.x0 if l == 0 else self.act[l - 1]["res3"]
             self._rebuild(l, resid_in)
-            # MLP: res3 = res2 + c_proj(gelu(c_fc(ln2(res2)))); c_proj's bias gradient is already in
+            # MLP: res3 = res2 + c_proj(gelu(c_fc(ln2(res2)))); c_proj's bias gradient came with dres
             grad(h + "mlp.c_proj.weight", dres_g, a["fch_gelu"])
             dfch = a["fch_gelu"]  # GELU's output is spent: its buffer takes the pre-activation's gradient
             gemm(dfch, dres_g, w[h + "mlp.c_proj.weight"], epilogue="dgelu", aux=a["fch"])
