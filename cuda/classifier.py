@@ -49,25 +49,65 @@ from koifish_cuda.bf16 import as_float, f32_to_bf16, load, store  # noqa: E402
 from koifish_cuda.reduce import NEG_INF, THREADS, block_max, block_reduce_warps, block_sum  # noqa: E402
 from numba import config, cuda, float32, uint32  # noqa: E402
 
-MAX_PER = 32  # most 32-bit words (two bf16 logits) a thread of the bf16 kernel holds in registers
+MAX_PER = 32  # most 32-bit words (two bf16 logits) a thread of the bf16 kernels holds in registers
+SHARED_WORDS = 11264  # words of a row the "split" kernel keeps in shared memory (44 KB of the 48 KB static limit)
 ONE, ZERO = float32(1.0), float32(0.0)
 HIGH = uint32(0xFFFF0000)
 
 
+@cuda.jit(device=True, inline=True)
+def _word_max(mt, u, c, V):
+    """mt raised by the logits of word u (columns c and c + 1; those at or past V are padding)."""
+    if c < V:
+        mt = max(mt, as_float(u << uint32(16)))
+    if c + 1 < V:
+        mt = max(mt, as_float(u & HIGH))
+    return mt
+
+
+@cuda.jit(device=True, inline=True)
+def _word_sum(st, u, c, V, m):
+    if c < V:
+        st += math.exp(as_float(u << uint32(16)) - m)
+    if c + 1 < V:
+        st += math.exp(as_float(u & HIGH) - m)
+    return st
+
+
+@cuda.jit(device=True, inline=True)
+def _word_grad(u, c, V, m, inv, tgt, dloss):
+    """The word's two gradients dloss * (softmax - onehot), packed as bf16 (0 over the padding)."""
+    lo = ZERO
+    hi = ZERO
+    if c < V:
+        lo = (math.exp(as_float(u << uint32(16)) - m) * inv - (ONE if c == tgt else ZERO)) * dloss
+    if c + 1 < V:
+        hi = (math.exp(as_float(u & HIGH) - m) * inv - (ONE if c + 1 == tgt else ZERO)) * dloss
+    return uint32(f32_to_bf16(lo)) | (uint32(f32_to_bf16(hi)) << uint32(16))
+
+
 @functools.lru_cache(maxsize=None)
-def _bf16_rows_kernel(PER: int, NT: int):
-    # launch bounds: registers for NT threads a block (unbounded, ptxas took more than 1024 threads
-    # can have: the launch failed); the simulator takes no such option
-    bounds = {} if config.ENABLE_CUDASIM else {"launch_bounds": NT}
+def _bf16_rows_kernel(PER: int, SHK: int, NT: int, PER_SM: int):
+    """A block of NT threads per row: words t + NT k (k < PER) in each thread's registers, the
+    SHK * NT words after them in shared memory. "registers" (SHK = 0, 1024 threads): a whole
+    GPT-2 row in registers, one block an SM. "split" (512 threads, 44 KB of the row in shared
+    memory): two blocks, so two rows, an SM, one block's reductions and exponentials overlapping
+    the other's loads."""
+    SHW = max(SHK * NT, 1)  # shared sizes must be plain constants
+    BUF = NT if config.ENABLE_CUDASIM else 1  # the simulator's warp reductions go through shared memory
+    # launch bounds: registers for NT threads, PER_SM blocks an SM (unbounded, ptxas took more than
+    # 1024 threads can have: the launch failed); the simulator takes no such option
+    bounds = {} if config.ENABLE_CUDASIM else {"launch_bounds": (NT, PER_SM)}
 
     @cuda.jit(fastmath=True, **bounds)
     def kernel(words, losses, loss_sum, targets, V, dloss, max_logit):
-        """bf16 logits, read as words (N, Vp/2) uint32 (two logits a word, the lower column in the
-        low half): one block of NT threads per row, the row held in registers (PER words a
-        thread), so it is read once and written once, where the generic kernel reads it twice."""
+        """bf16 logits read as words (N, Vp/2) uint32 (two logits a word, the lower column in the
+        low half), the row held on chip: read once and written once, where the generic kernel
+        reads it twice."""
         N, W = words.shape
-        buf = cuda.shared.array(NT, float32)  # the simulator's warp reductions
+        buf = cuda.shared.array(BUF, float32)
         wbuf = cuda.shared.array(32, float32)
+        sh = cuda.shared.array(SHW, uint32)
         row, t = cuda.blockIdx.x, cuda.threadIdx.x
         tgt = targets[row]
         xt = ZERO
@@ -79,31 +119,30 @@ def _bf16_rows_kernel(PER: int, NT: int):
         for k in range(PER):
             j = t + k * NT
             x[k] = words[row, j] if j < W else uint32(0)
-            if 2 * j < V:
-                mt = max(mt, as_float(x[k] << uint32(16)))
-            if 2 * j + 1 < V:
-                mt = max(mt, as_float(x[k] & HIGH))
+            mt = _word_max(mt, x[k], 2 * j, V)
+        for k in range(SHK):
+            j = PER * NT + t + k * NT
+            if j < W:
+                sh[t + k * NT] = words[row, j]
+                mt = _word_max(mt, sh[t + k * NT], 2 * j, V)
         m = block_reduce_warps(mt, buf, wbuf, True)
         st = ZERO
         for k in range(PER):
-            j = t + k * NT
-            if 2 * j < V:
-                st += math.exp(as_float(x[k] << uint32(16)) - m)
-            if 2 * j + 1 < V:
-                st += math.exp(as_float(x[k] & HIGH) - m)
+            st = _word_sum(st, x[k], 2 * (t + k * NT), V, m)
+        for k in range(SHK):
+            j = PER * NT + t + k * NT
+            if j < W:
+                st = _word_sum(st, sh[t + k * NT], 2 * j, V, m)
         s = block_reduce_warps(st, buf, wbuf, False)
         inv = ONE / s
         for k in range(PER):
             j = t + k * NT
             if j < W:
-                c = 2 * j
-                lo = ZERO
-                hi = ZERO
-                if c < V:
-                    lo = (math.exp(as_float(x[k] << uint32(16)) - m) * inv - (ONE if c == tgt else ZERO)) * dloss
-                if c + 1 < V:
-                    hi = (math.exp(as_float(x[k] & HIGH) - m) * inv - (ONE if c + 1 == tgt else ZERO)) * dloss
-                words[row, j] = uint32(f32_to_bf16(lo)) | (uint32(f32_to_bf16(hi)) << uint32(16))
+                words[row, j] = _word_grad(x[k], 2 * j, V, m, inv, tgt, dloss)
+        for k in range(SHK):
+            j = PER * NT + t + k * NT
+            if j < W:
+                words[row, j] = _word_grad(sh[t + k * NT], 2 * j, V, m, inv, tgt, dloss)
         if t == 0:
             loss = math.log(s) + m - xt
             losses[row] = loss
@@ -113,16 +152,21 @@ def _bf16_rows_kernel(PER: int, NT: int):
     return kernel
 
 
-def _bf16_shape(Vp: int):
-    """(PER, NT) of the register kernel for rows of Vp bf16 logits, or None (odd or too wide)."""
+def _bf16_plan(Vp: int, variant: str = "registers"):
+    """(PER, SHK, NT, blocks an SM) of a bf16 row kernel for rows of Vp logits, or None (odd width,
+    or too wide for the variant). GPT-2's 50304 columns (25152 words): "registers" 25 words x 1024
+    threads; "split" 28 words x 512 threads in registers and 22 x 512 in shared memory."""
     W = Vp // 2
     if Vp % 2:
         return None
     nt = 32
-    while nt < 1024 and nt * 16 < W:  # ~16+ words a thread, at most 1024 threads
+    while nt < (1024 if variant == "registers" else 512) and nt * 16 < W:  # ~16+ words a thread
         nt *= 2
-    per = -(-W // nt)
-    return (per, nt) if per <= MAX_PER else None
+    shk = 0
+    if variant == "split":
+        shk = min(SHARED_WORDS // nt, max(0, W // nt - 1))  # at least one word a thread in registers
+    per = -(-(W - shk * nt) // nt)
+    return (per, shk, nt, 1 if variant == "registers" else 2) if per <= MAX_PER else None
 
 
 @cuda.jit(cache=True, fastmath=True)  # __expf: 2 ulp, far inside what a loss and its gradient need
@@ -163,16 +207,16 @@ def fused_classifier_kernel(logits, losses, loss_sum, targets, V, dloss, max_log
         cuda.atomic.max(max_logit, 0, m)
 
 
-def fused_classifier(logits, losses, loss_sum, targets, V, dloss, stream=0, max_logit=None):
+def fused_classifier(logits, losses, loss_sum, targets, V, dloss, stream=0, max_logit=None, variant="registers"):
     """max_logit: a 1-element float32 device buffer raised to the largest logit of these rows
-    (None: a scratch buffer, not recorded)."""
+    (None: a scratch buffer, not recorded). variant: the bf16 row kernel, "registers" (measured,
+    the engine's) or "split" (two rows an SM; written for measurement, _bf16_rows_kernel)."""
     if max_logit is None:  # a scratch maximum, nobody's
         max_logit = koifish_cuda.compat.device_constant((1,), np.float32)
-    shape = _bf16_shape(logits.shape[1]) if logits.dtype == np.uint16 else None
-    if shape is not None:  # bf16 rows: the register kernel (GPT-2's 50304 columns: 25 words x 1024 threads)
-        per, nt = shape
-        _bf16_rows_kernel(per, nt)[logits.shape[0], nt, stream](logits.view(np.uint32), losses, loss_sum, targets, V,
-                                                                 np.float32(dloss), max_logit)
+    plan = _bf16_plan(logits.shape[1], variant) if logits.dtype == np.uint16 else None
+    if plan is not None:  # bf16 rows: a row kernel (GPT-2's 50304 columns: 25 words x 1024 threads)
+        _bf16_rows_kernel(*plan)[logits.shape[0], plan[2], stream](logits.view(np.uint32), losses, loss_sum, targets,
+                                                                    V, np.float32(dloss), max_logit)
         return
     fused_classifier_kernel[logits.shape[0], THREADS, stream](logits, losses, loss_sum, targets, V, np.float32(dloss),
                                                               max_logit)  # float32: a Python float is float64

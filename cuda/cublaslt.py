@@ -41,7 +41,10 @@ EPILOGUES = {"default": 1, "bias": 4, "gelu_aux_bias": 164, "dgelu": 192, "dgelu
 BIASED = ("bias", "gelu_aux_bias", "dgelu_bgrad", "bgradb")  # epilogues that read or write a bias vector
 PREF_MAX_WORKSPACE_BYTES = 1
 R_32F = 0  # cudaDataType of the scale (alpha, beta)
-TUNE = 8  # candidate algorithms timed per shape
+# candidate algorithms timed per shape: the weight gradients of narrow layers (768 x 768 x 16384: 36
+# output tiles for 132 SMs) ran at 430-460 TFLOP/s with the first 8; further down the heuristic's
+# list are split-K variants (32 since session 13; against 8 not yet measured)
+TUNE = 32
 
 
 @dataclass

@@ -143,22 +143,28 @@ def test_heads_split_from_and_merge_into_bf16_rows():
     assert np.array_equal(host(rows), to_bf16_ref(y.reshape(B, nh, T, hs).transpose(0, 2, 1, 3).reshape(B * T, C)))
 
 
+@pytest.mark.parametrize("variant", ["registers", "split"])
 @pytest.mark.parametrize("shape", ["gpt2", "narrow", "odd"])
-def test_fused_classifier_on_bf16_logits(shape):
-    """Even widths run the register kernel (a row in registers, two logits a 32-bit word: one word a
-    thread ("narrow"), several ("gpt2"), the last ones partly past the row); an odd width the generic one."""
-    from koifish_cuda.classifier import _bf16_shape, fused_classifier, fused_classifier_ref
+def test_fused_classifier_on_bf16_logits(shape, variant):
+    """Even widths run a row kernel (two logits a 32-bit word; the row in registers, or split between
+    registers and shared memory: one word a thread ("narrow"), several ("gpt2"), the last ones
+    partly past the row); an odd width the generic kernel."""
+    from koifish_cuda.classifier import _bf16_plan, fused_classifier, fused_classifier_ref
 
     r = rng()
     N, V, Vp = {"gpt2": (1024, 50257, 50304) if ON_GPU else (3, 601, 640), "narrow": (4, 50, 64),
                 "odd": (4, 50, 51)}[shape]
-    assert (_bf16_shape(Vp) is None) == (shape == "odd")
+    plan = _bf16_plan(Vp, variant)
+    assert (plan is None) == (shape == "odd")
+    if variant == "split" and shape == "gpt2":
+        assert plan[1] > 0  # part of the row in shared memory
     logits, lv = bf(r.standard_normal((N, Vp)) * 3)
     targets = r.integers(0, V, N)
     targets[0] = V - 1  # the row's last real column (GPT-2's is the odd half of a word)
     ref_losses, ref_d = fused_classifier_ref(lv[:, :V].copy(), targets, 1.0 / N)
     losses, loss_sum, top = f32(np.zeros(N)), f32(np.zeros(1)), f32([-np.inf])
-    fused_classifier(logits, losses, loss_sum, dev(targets.astype(np.int32)), V, 1.0 / N, max_logit=top)
+    fused_classifier(logits, losses, loss_sum, dev(targets.astype(np.int32)), V, 1.0 / N, max_logit=top,
+                     variant=variant)
     assert rel_err(host(losses), ref_losses) < 1e-5  # the loss is computed in float32 from exact values
     assert abs(host(loss_sum)[0] - ref_losses.mean()) < 1e-5 * ref_losses.mean()
     assert host(top)[0] == lv[:, :V].max()
