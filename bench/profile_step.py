@@ -60,6 +60,7 @@ def main():
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--compute", default="bf16", choices=("bf16", "fp32"))
     ap.add_argument("--attention", default="auto", choices=("auto", "cudnn", "cublas"))
+    ap.add_argument("--variants", default="", help="kernel variants to try, e.g. classifier=split,layernorm_backward=warp")
     ap.add_argument("--out", default="bench/profile.json")
     args = ap.parse_args()
 
@@ -73,6 +74,11 @@ def main():
                        "data": {"batch_size": B, "seq_len": T}, "train": {"device": "cuda"},
                        "precision": {"compute": args.compute}}, "profile")
     eng = CUDAEngine(case, attention=args.attention)
+    for item in filter(None, args.variants.split(",")):
+        kernel, variant = item.split("=")
+        if kernel not in eng.variants:
+            raise SystemExit(f"--variants: no kernel {kernel!r} (one of {', '.join(eng.variants)})")
+        eng.variants[kernel] = variant
     rng = np.random.default_rng(0)
     eng.train_step([(rng.integers(0, 50257, (B, T)), rng.integers(0, 50257, (B, T)))], 1e-4)
     rows = [{"group": "full micro-batch graph", "ms": replay_ms(eng)}]
@@ -105,7 +111,7 @@ def main():
     for r in rows:
         r["share"] = r["ms"] / total
     gpu = gpu_name()
-    print(f"{args.size} B={B} T={T} {args.compute} attention {eng.attn.name} on {gpu}\n"
+    print(f"{args.size} B={B} T={T} {args.compute} attention {eng.attn.name} variants {eng.variants} on {gpu}\n"
           f"{'group':>26} {'ms':>8} {'share':>6}")
     for r in rows:
         print(f"{r['group']:>26} {r['ms']:>8.2f} {r['share']:>6.1%}")
@@ -117,7 +123,7 @@ def main():
     print(f"GEMMs of a micro-batch: {sum(r['ms'] * r['calls'] for r in gemms):.2f} ms "
           f"({sum(r['plain_ms'] * r['calls'] for r in gemms):.2f} without epilogues)")
     write_json(args.out, {"gpu": gpu, "commit": commit(), "size": args.size, "batch": B, "seq": T,
-                          "compute": args.compute, "attention": eng.attn.name,
+                          "compute": args.compute, "attention": eng.attn.name, "variants": eng.variants,
                           "rows": rows, "gemms": gemms})
 
 

@@ -28,11 +28,13 @@ def small_case(tiny_case, compute, accum=2):
                                optimizer={"grad_accum": accum}, precision={"compute": compute})).case
 
 
-@pytest.mark.parametrize("accum,chunked", [(1, False), (2, False), (2, True)])
+@pytest.mark.parametrize("accum,chunked,variants", [(1, False, {}), (2, False, {}), (2, True, {}),
+                                                    (2, False, {"classifier": "split", "layernorm_backward": "warp"})])
 @pytest.mark.parametrize("compute,attention", PATHS)
-def test_first_gradients_match_the_cpu(tiny_case, compute, attention, accum, chunked, monkeypatch):
+def test_first_gradients_match_the_cpu(tiny_case, compute, attention, accum, chunked, variants, monkeypatch):
     """Every tensor's gradient of one step (one or two micro-batches) against the CPU engine's float32;
-    chunked: the LM head in two chunks of 128 rows (GPT-2 124M at B=16 runs it in four)."""
+    chunked: the LM head in two chunks of 128 rows (GPT-2 124M at B=16 runs it in four); variants:
+    the kernels written for measurement in place of the engine's."""
     from koifish_core.engine.cpu import CPUEngine
 
     if chunked:
@@ -40,6 +42,7 @@ def test_first_gradients_match_the_cpu(tiny_case, compute, attention, accum, chu
     case = small_case(tiny_case, compute, accum)
     cpu, gpu = CPUEngine(case), engine(case, attention)
     assert gpu.head_rows == (128 if chunked else 256)
+    gpu.variants.update(variants)
     batches = [TokenLoader(case.data.train, 4, 64).next_batch() for _ in range(accum)]
     cpu.model.zero_grad()
     for x, y in batches:

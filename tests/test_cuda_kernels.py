@@ -48,14 +48,15 @@ def test_layernorm_forward_backward():
     ro, rm, rr = layernorm_forward_ref(x, w, b)
     assert rel_err(host(out), ro) < TOL and rel_err(host(mean), rm) < TOL and rel_err(host(rstd), rr) < TOL
     dout = r.standard_normal((N, C))
-    dx, dw, db = dev(np.zeros((N, C), np.float32)), dev(np.zeros(C, np.float32)), dev(np.zeros(C, np.float32))
-    dsum0 = r.standard_normal(C)
-    dsum = f32(dsum0)
-    layernorm_backward(dx, dw, db, f32(dout), f32(x), f32(w), mean, rstd, dsum=dsum)
     rdx, rdw, rdb = layernorm_backward_ref(dout, x, w, rm, rr)
-    assert rel_err(host(dx), rdx) < 1e-4 and rel_err(host(dw), rdw) < 1e-4 and rel_err(host(db), rdb) < 1e-4
-    # dsum += the new dx's column sums (which nearly cancel: bounded against the terms' size)
-    assert np.max(np.abs(host(dsum) - dsum0 - rdx.sum(0))) < 1e-5 * np.abs(rdx).sum(0).max()
+    for variant in ("block", "warp"):
+        dx, dw, db = dev(np.zeros((N, C), np.float32)), dev(np.zeros(C, np.float32)), dev(np.zeros(C, np.float32))
+        dsum0 = r.standard_normal(C)
+        dsum = f32(dsum0)
+        layernorm_backward(dx, dw, db, f32(dout), f32(x), f32(w), mean, rstd, dsum=dsum, variant=variant)
+        assert rel_err(host(dx), rdx) < 1e-4 and rel_err(host(dw), rdw) < 1e-4 and rel_err(host(db), rdb) < 1e-4
+        # dsum += the new dx's column sums (which nearly cancel: bounded against the terms' size)
+        assert np.max(np.abs(host(dsum) - dsum0 - rdx.sum(0))) < 1e-5 * np.abs(rdx).sum(0).max(), variant
 
 
 def f32(a):

@@ -85,6 +85,9 @@ class CUDAEngine:
             self._alloc_weights16()
             self._alloc(case.data.batch_size, case.data.seq_len)
         self.adam_step = 0
+        # kernel variants written for measurement beside the measured ones (bench/profile_step.py
+        # --variants); set before the first step (the graphs capture them)
+        self.variants = {"classifier": "registers", "layernorm_backward": "block"}
         self.graphs = None
         self.collective = None  # data-parallel (attach_collective): NCCL between ranks
         self.sync = None  # GradSync: bucket all-reduces captured inside the last micro-batch graph
@@ -219,7 +222,7 @@ class CUDAEngine:
             logits = self.logits[:rows.stop - r0]
             self.lt.matmul(logits, self.lnf[rows], w["wte"], trans_b=True)  # (R, Vp); padded wte rows are 0
             fused_classifier(logits, self.losses[rows], self.loss_sum, self.targets[rows], self.cfg.vocab_size, dloss,
-                             s, max_logit=self.max_logit)
+                             s, max_logit=self.max_logit, variant=self.variants["classifier"])
             if backward:
                 self.lt.matmul(g["wte"], logits, self.lnf[rows], trans_a=True, c=g["wte"])  # (Vp, C) += dlogits^T lnf
                 self.lt.matmul(self.dln[rows], logits, w["wte"])  # (R, C)
@@ -280,7 +283,8 @@ class CUDAEngine:
             """dres += LayerNorm backward of dln (dres_g follows); the new dres is the gradient of a
             residual add, whose column sums are proj_bias' gradient (the projection added there)."""
             layernorm_backward(dres, g[name + ".weight"], g[name + ".bias"], self.dln, x, p[name + ".weight"], mean,
-                               rstd, s, dx16=copy, dsum=None if proj_bias is None else g[proj_bias])
+                               rstd, s, dx16=copy, dsum=None if proj_bias is None else g[proj_bias],
+                               variant=self.variants["layernorm_backward"])
 
         dres.fill(0)  # the LM head's backward ran with the forward (_head): dln is ln_f's output gradient
         L = self.cfg.n_layer
