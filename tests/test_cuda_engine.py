@@ -123,3 +123,24 @@ def test_remat_gives_the_same_steps(tiny_case, remat, compute, attention):
     for _ in range(4):  # Adam divides by sqrt(v): tiny gradient differences grow, so looser from here
         batches = [loader.next_batch() for _ in range(2)]
         assert rebuilt.train_step(batches, 1e-2).loss == pytest.approx(base.train_step(batches, 1e-2).loss, rel=1e-3)
+
+
+def test_sampled_update_statistics_estimate_the_exact_ones(tiny_case):
+    """instability.update_sample: the engine measures large tensors on one chunk in S (a different
+    one each step), scaled to the tensor; the update ratios it reports stay within a few per cent
+    of the exact ones (chunks of 64 elements here, so the tiny model's matrices are sampled)."""
+    case = small_case(tiny_case, "bf16", accum=1)
+    signals = {}
+    for name, sample in (("exact", 1), ("sampled", 4)):
+        gpu = engine(case)
+        gpu.stat_chunk, gpu.stat_sample = 64, sample
+        loader = TokenLoader(case.data.train, case.data.batch_size, case.data.seq_len)
+        seen = []
+        for _ in range(3):  # three steps: three phases
+            gpu.train_step([loader.next_batch()], 1e-3, gate=lambda loss, norm, s: seen.append(s) or True)
+        signals[name] = seen
+        assert bool((gpu._chunks[1][:, 3] >= 0).any()) == (sample > 1)  # some tensors were sampled
+    for exact, sampled in zip(signals["exact"], signals["sampled"]):
+        assert exact["update_ratio"].keys() == sampled["update_ratio"].keys()
+        for group, ratio in exact["update_ratio"].items():
+            assert sampled["update_ratio"][group] == pytest.approx(ratio, rel=0.1), group

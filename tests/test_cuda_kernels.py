@@ -211,6 +211,46 @@ def _adam_state(r, n):
     return p, g, r.standard_normal(n) * 0.1, r.random(n) * 0.1, r.random(n) < 0.5
 
 
+def _stat_launch(chunks, phase=0):
+    """stat_chunks' rows and weights, and the phase, as update_stats takes them (device arrays)."""
+    rows, weights = chunks
+    return dev(rows), dev(weights), dev(np.array([phase], np.int32))
+
+
+def test_update_stats_sampled_chunks_estimate_the_sums():
+    """A large tensor measured on one chunk in S (a different one each phase): each phase's output
+    is exactly the weighted sum over its chunks (float32 sums), and the S phases' mean is the whole
+    tensor's sums; a small tensor beside it is measured whole in every phase."""
+    from koifish_cuda.update_stats import stat_chunks, update_stats, update_stats_ref
+
+    r = rng()
+    S, chunk = (4, 4096) if ON_GPU else (2, 16)
+    big, small = 8 * S * chunk + chunk // 2, chunk * 3  # the big one ends in a half chunk
+    state = [np.concatenate(pair) for pair in zip(_adam_state(r, big), _adam_state(r, small))]
+    step, lr, b1, b2, eps, wd = 5, 1e-3, 0.9, 0.95, 1e-8, 0.1
+    hyper_h = np.array([lr, b1, b2, eps, wd, 1 - b1**step, 1 - b2**step, 0.0], np.float32)
+    norm_sq = np.float32(state[1] @ state[1])
+    rows, weights = stat_chunks([(0, 0, big), (1, big, big + small)], chunk, sample=S)
+    assert set(rows[rows[:, 0] == 0, 3]) == set(range(S)) and set(rows[rows[:, 0] == 1, 3]) == {-1}
+    dev_state = [f32(x) for x in state[:4]] + [dev(state[4].astype(np.uint8))]
+    f32_state = [x.astype(np.float32) for x in state]
+    exact = [np.array(update_stats_ref(*(x[lo:hi] for x in f32_state), norm_sq, hyper_h)) for lo, hi in
+             ((0, big), (big, big + small))]
+    def estimate(phase):  # the weighted sums over the phase's chunks, in float64
+        return sum(w * np.array(update_stats_ref(*(x[a:b] for x in f32_state), norm_sq, hyper_h))
+                   for (i, a, b, ph), w in zip(rows, weights) if i == 0 and ph == phase)
+
+    # the phases' chunks are equal but for the big tensor's last half chunk: their mean is within a
+    # few parts in a thousand of the whole sums
+    assert np.allclose(sum(estimate(phase) for phase in range(S)) / S, exact[0], rtol=2e-2)
+    for phase in range(S) if ON_GPU else [1]:  # each phase a launch: the simulator runs one
+        out = f32(np.zeros((2, 3)))
+        update_stats(out, *_stat_launch((rows, weights), phase), *dev_state, f32([norm_sq]), f32(hyper_h))
+        got = host(out).astype(np.float64)
+        assert np.allclose(got[0], estimate(phase), rtol=2e-5), phase
+        assert np.allclose(got[1], exact[1], rtol=2e-5), phase
+
+
 def test_update_stats_match_the_update_adamw_applies():
     """The kernel's (sum dp^2, sum p^2, sum g^2) against the float64 reference, and dp is what
     adamw_update then really does to the weights. Bound: float32 sums; worst relative error seen
@@ -232,8 +272,9 @@ def test_update_stats_match_the_update_adamw_applies():
     out = f32(np.zeros((len(sizes) + 1, 3)))
     starts = np.cumsum([0] + sizes)
     # one launch over every tensor, cut into chunks (small ones under the simulator: several a tensor)
-    chunks = stat_chunks([(i, starts[i], starts[i + 1]) for i in range(len(sizes))], 1 << 16 if ON_GPU else 128)
-    update_stats(out, dev(chunks), p, g, m, v, mask, norm_sq, hyper)
+    chunks = _stat_launch(stat_chunks([(i, starts[i], starts[i + 1]) for i in range(len(sizes))],
+                                      1 << 16 if ON_GPU else 128))
+    update_stats(out, *chunks, p, g, m, v, mask, norm_sq, hyper)
     got = host(out)
     assert np.all(got[-1] == 0)  # rows of other tensors untouched
     lo = 0
@@ -272,8 +313,8 @@ def test_update_stats_clip_off_accumulation_and_nonfinite_norm():
     hyper_h = np.array([lr, b1, b2, eps, wd, 1 - b1**step, 1 - b2**step, 0.0], np.float32)  # no clipping
     out = f32(np.zeros((2, 3)))
     both = [np.concatenate([x, y]) for x, y in zip(a, b)]
-    chunks = dev(stat_chunks([(1, 0, n), (1, n, 2 * n)]))  # two ranges into the same row add up
-    update_stats(out, chunks, *(f32(x) for x in both[:4]), dev(both[4].astype(np.uint8)), f32([4.0]), f32(hyper_h))
+    chunks = _stat_launch(stat_chunks([(1, 0, n), (1, n, 2 * n)]))  # two ranges into the same row add up
+    update_stats(out, *chunks, *(f32(x) for x in both[:4]), dev(both[4].astype(np.uint8)), f32([4.0]), f32(hyper_h))
     ref = np.add(update_stats_ref(*a, np.float32(4.0), hyper_h), update_stats_ref(*b, np.float32(4.0), hyper_h))
     got = host(out)
     # float32 partial sums over 2^16 terms, added in an order the atomics pick: 3e-6 failed once on an H200
@@ -282,7 +323,7 @@ def test_update_stats_clip_off_accumulation_and_nonfinite_norm():
     assert update_stats_ref(*a, np.float32(4.0), hyper_h)[0] == pytest.approx(n * lr * lr, rel=1e-4)  # float32 hyper
     # a non-finite gradient norm: adamw_update skips, so the update is 0; the weights still count
     out = f32(np.zeros((1, 3)))
-    update_stats(out, dev(stat_chunks([(0, 0, n)])), *(f32(x) for x in a[:4]), dev(a[4].astype(np.uint8)),
+    update_stats(out, *_stat_launch(stat_chunks([(0, 0, n)])), *(f32(x) for x in a[:4]), dev(a[4].astype(np.uint8)),
                  f32([np.inf]), f32(hyper_h))
     got = host(out)[0]
     assert got[0] == 0 and got[1] == pytest.approx(float(a[0] @ a[0]), rel=3e-6)

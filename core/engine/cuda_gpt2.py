@@ -39,10 +39,12 @@ import math
 import numpy as np
 
 import koifish_cuda.compat  # noqa: F401  (before numba compiles)
+from koifish_cuda.update_stats import CHUNK as STAT_CHUNK
 from koifish_core.config.plan import head_rows
 from koifish_core.engine.base import StepResult
 from koifish_core.engine.cuda_dp import GradSync, ZeroShards, block_of, host_spans
 from koifish_core.errors import KoifishError
+from koifish_core.train.instability import InstabilityConfig
 from koifish_core.models.gpt2 import GPT2, GPT2Config, _views
 from koifish_core.train.checkpoint import copy_into
 
@@ -88,6 +90,9 @@ class CUDAEngine:
         # kernel variants written for measurement beside the measured ones (bench/profile_step.py
         # --variants); set before the first step (the graphs capture them)
         self.variants = {"classifier": "registers", "layernorm_backward": "block"}
+        # the update statistics: large tensors sampled (instability.update_sample; koifish_cuda.update_stats)
+        self.stat_sample = InstabilityConfig.from_dict(case.instability).update_sample
+        self.stat_chunk = STAT_CHUNK
         self.graphs = None
         self.collective = None  # data-parallel (attach_collective): NCCL between ranks
         self.sync = None  # GradSync: bucket all-reduces captured inside the last micro-batch graph
@@ -187,6 +192,7 @@ class CUDAEngine:
         self.dqkv, self.datty = h(N, 3 * C), h(N, C)  # the MLP's dGELU output goes over the layer's fch_gelu
         self.norm_sq = f(1)
         self.hyper = f(8)
+        self.stat_phase = cp.zeros(1, dtype=cp.int32)  # which sampled chunks this step's statistics read
         # Instability signals, read at the step's one sync (_read_signals): loss, squared gradient
         # norm, largest logit, then per tensor (self.spans order) the sums of the squared coming
         # update, squared weights and squared gradient (koifish_cuda.update_stats).
@@ -399,6 +405,7 @@ class CUDAEngine:
                 self.grads[:1].fill(float("nan"))
         self._average_gradients()
         self.hyper.set(hyper, stream=self.stream)  # before the norm graph: its update statistics read it
+        self.stat_phase.set(np.array([self.adam_step % self.stat_sample], np.int32), stream=self.stream)
         self.graphs["norm"].launch(self.stream)
         if self.zero is not None:  # each rank summed the squares of its shard: add them up
             self.collective.all_reduce_mean(self.norm_sq)
@@ -487,8 +494,9 @@ class CUDAEngine:
     # ---- instability signals: judged before the update, read at the step's one sync ---------------
     def _update_stats(self) -> None:
         """Per tensor, what the coming AdamW update will do (koifish_cuda.update_stats) into
-        self.stats: one launch over every tensor, inside a captured graph. With ZeRO-1 each rank
-        measures the part of each tensor it updates (the rows are summed over the ranks afterwards)."""
+        self.stats: one launch over every tensor, inside a captured graph, tensors of many chunks
+        sampled (stat_sample, a phase a step). With ZeRO-1 each rank measures the part of each
+        tensor it updates (its estimates scaled to that part; the rows are summed over the ranks)."""
         from koifish_cuda.update_stats import stat_chunks, update_stats
 
         params, grads, m, v, decay = self._opt_arrays()
@@ -496,9 +504,11 @@ class CUDAEngine:
         hi = lo + params.size
         if getattr(self, "_chunks", (None,))[0] != (lo, hi):
             ranges = [(i, max(sp.start, lo) - lo, min(sp.stop, hi) - lo) for i, sp in enumerate(self.spans)]
-            self._chunks = ((lo, hi), self.cp.asarray(stat_chunks(ranges)))
+            rows, weights = stat_chunks(ranges, self.stat_chunk, self.stat_sample)
+            self._chunks = ((lo, hi), self.cp.asarray(rows), self.cp.asarray(weights))
         self.stats.fill(0)
-        update_stats(self.stats, self._chunks[1], params, grads, m, v, decay, self.norm_sq, self.hyper, self.ns)
+        update_stats(self.stats, *self._chunks[1:], self.stat_phase, params, grads, m, v, decay, self.norm_sq,
+                     self.hyper, self.ns)
 
     def _collect_signals(self) -> None:
         """The step's loss and largest logit into the report; the next step's maximum starts over
