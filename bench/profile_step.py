@@ -61,6 +61,8 @@ def main():
     ap.add_argument("--compute", default="bf16", choices=("bf16", "fp32"))
     ap.add_argument("--attention", default="auto", choices=("auto", "cudnn", "cublas"))
     ap.add_argument("--variants", default="", help="kernel variants to try, e.g. classifier=split,layernorm_backward=warp")
+    ap.add_argument("--tune", type=int, default=8, help="cuBLASLt algorithms timed per GEMM shape")
+    ap.add_argument("--update-sample", type=int, default=1, help="instability.update_sample")
     ap.add_argument("--out", default="bench/profile.json")
     args = ap.parse_args()
 
@@ -74,6 +76,8 @@ def main():
                        "data": {"batch_size": B, "seq_len": T}, "train": {"device": "cuda"},
                        "precision": {"compute": args.compute}}, "profile")
     eng = CUDAEngine(case, attention=args.attention)
+    eng.lt.tune = args.tune  # candidates timed per GEMM shape (before the first step tunes them)
+    eng.stat_sample = args.update_sample
     for item in filter(None, args.variants.split(",")):
         kernel, variant = item.split("=")
         if kernel not in eng.variants:
@@ -124,6 +128,7 @@ def main():
           f"({sum(r['plain_ms'] * r['calls'] for r in gemms):.2f} without epilogues)")
     write_json(args.out, {"gpu": gpu, "commit": commit(), "size": args.size, "batch": B, "seq": T,
                           "compute": args.compute, "attention": eng.attn.name, "variants": eng.variants,
+                          "tune": eng.lt.tune, "update_sample": eng.stat_sample,
                           "rows": rows, "gemms": gemms})
 
 

@@ -20,7 +20,7 @@ is bf16; a weight gradient accumulated in float32 gets a float32 one). The train
 not use them: on an H200 they cost more GEMM time than the bias-gradient passes they replace
 (bench/RESULTS.md, session 13). Plans (descriptors and the
 algorithm) are cached per shape, so a graph re-capture costs no heuristic calls. The algorithm
-is tuned on first use outside a graph capture: the heuristic's first TUNE candidates are each
+is tuned on first use outside a graph capture: the heuristic's first `tune` candidates are each
 timed on the call's own operands (into a scratch output) and the fastest kept; the heuristic's
 first pick alone ran the fused GEMMs of GPT-2 124M at ~490 TFLOP/s on an H200.
 """
@@ -41,10 +41,10 @@ EPILOGUES = {"default": 1, "bias": 4, "gelu_aux_bias": 164, "dgelu": 192, "dgelu
 BIASED = ("bias", "gelu_aux_bias", "dgelu_bgrad", "bgradb")  # epilogues that read or write a bias vector
 PREF_MAX_WORKSPACE_BYTES = 1
 R_32F = 0  # cudaDataType of the scale (alpha, beta)
-# candidate algorithms timed per shape: the weight gradients of narrow layers (768 x 768 x 16384: 36
-# output tiles for 132 SMs) ran at 430-460 TFLOP/s with the first 8; further down the heuristic's
-# list are split-K variants (32 since session 13; against 8 not yet measured)
-TUNE = 32
+# candidate algorithms timed per shape (measured: 8). The weight gradients of narrow layers (768 x 768
+# x 16384: 36 output tiles for 132 SMs) ran at 430-460 TFLOP/s with the first 8; further down the
+# heuristic's list are split-K variants: CublasLt(tune=32) is there to be measured against it.
+TUNE = 8
 
 
 @dataclass
@@ -86,10 +86,10 @@ def _load():
 
 
 class CublasLt:
-    def __init__(self, stream, tf32: bool = True, workspace_bytes: int = 32 << 20):
+    def __init__(self, stream, tf32: bool = True, workspace_bytes: int = 32 << 20, tune: int = TUNE):
         import cupy as cp
 
-        self.lib, self.stream, self.tf32 = _load(), stream, tf32
+        self.lib, self.stream, self.tf32, self.tune = _load(), stream, tf32, tune
         self.handle = ctypes.c_void_p()
         _check(self.lib.cublasLtCreate(ctypes.byref(self.handle)), "cublasLtCreate")
         self.workspace = cp.empty(workspace_bytes, dtype=cp.uint8)
@@ -127,8 +127,8 @@ class CublasLt:
         ws = ctypes.c_uint64(self.workspace.nbytes)
         _check(lib.cublasLtMatmulPreferenceSetAttribute(pref, PREF_MAX_WORKSPACE_BYTES, ctypes.cast(ctypes.byref(ws), _P),
                                                         ctypes.sizeof(ws)), "preference attribute")
-        results, count = (_Heuristic * TUNE)(), ctypes.c_int(0)
-        _check(lib.cublasLtMatmulAlgoGetHeuristic(self.handle, desc, a_lay, b_lay, d_lay, d_lay, pref, TUNE,
+        results, count = (_Heuristic * self.tune)(), ctypes.c_int(0)
+        _check(lib.cublasLtMatmulAlgoGetHeuristic(self.handle, desc, a_lay, b_lay, d_lay, d_lay, pref, self.tune,
                                                   ctypes.cast(results, _P), ctypes.cast(ctypes.byref(count), _P)),
                "heuristic")
         lib.cublasLtMatmulPreferenceDestroy(pref)
