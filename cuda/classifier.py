@@ -98,8 +98,10 @@ def _bf16_rows_kernel(PER: int, SHK: int, NT: int, PER_SM: int):
     # launch bounds: registers for NT threads, PER_SM blocks an SM (unbounded, ptxas took more than
     # 1024 threads can have: the launch failed); the simulator takes no such option
     bounds = {} if config.ENABLE_CUDASIM else {"launch_bounds": (NT, PER_SM)}
+    # cached on disk keyed by the closure's cells (PER, SHK, NT, ...): two plans that differ only
+    # in PER_SM (tiny rows) share an entry, which changes register limits, not results
 
-    @cuda.jit(fastmath=True, **bounds)
+    @cuda.jit(cache=True, fastmath=True, **bounds)
     def kernel(words, losses, loss_sum, targets, V, dloss, max_logit):
         """bf16 logits read as words (N, Vp/2) uint32 (two logits a word, the lower column in the
         low half), the row held on chip: read once and written once, where the generic kernel

@@ -51,7 +51,7 @@ BACKWARD_BLOCKS = 528  # the backward's grid (4 blocks an SM of an H100/H200)
 
 @functools.lru_cache(maxsize=None)
 def _forward_kernel(PER: int):
-    @cuda.jit
+    @cuda.jit(cache=True)  # cached on disk per value of its constants (the closure's cells are in the key)
     def kernel(out, mean, rstd, x, w, b, eps):
         """out (N, C) = LayerNorm of x (N, C), each float32 or bf16 bits; mean and rstd kept (float32)."""
         N, C = x.shape
@@ -87,7 +87,7 @@ def _forward_kernel(PER: int):
 def _backward_kernel(PER: int):
     PR = PER * BACK_ROWS  # a local array's size must be a plain constant, not an expression
 
-    @cuda.jit
+    @cuda.jit(cache=True)
     def kernel(dx, dx16, dsum, dw, db, dout, x, w, mean, rstd):
         """A block walks rows, BACK_ROWS at a time (grid-stride); thread t owns columns t + THREADS k,
         k < PER (a compile-time constant, so every per-column array below is registers): its
@@ -186,7 +186,7 @@ def _backward_kernel(PER: int):
 def _backward_warp_kernel(PER: int):
     ACC = 3 * 32 * PER  # dw, db and dsum partial sums of the block, in shared memory
 
-    @cuda.jit
+    @cuda.jit(cache=True)
     def kernel(dx, dx16, dsum, dw, db, dout, x, w, mean, rstd):
         """The "warp" variant: a warp per row (ROWS warps a block, grid-stride), lane l owning
         columns l + 32 k (k < PER) as the forward: the row's two sums by shuffles alone, no block
