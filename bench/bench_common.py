@@ -77,3 +77,22 @@ def copy_bandwidth() -> float:
 def _copy_bandwidth(src) -> float:
     dst = src.copy()
     return 2 * src.nbytes / median_time(lambda s: dst.__setitem__(Ellipsis, src), 10, 2)
+
+
+def engine_options(ap) -> None:
+    """The CUDA engine's options still being measured, as command-line flags (apply_engine_options)."""
+    ap.add_argument("--variants", default="", help="kernel variants, e.g. classifier=split,layernorm_backward=warp")
+    ap.add_argument("--tune", type=int, default=8, help="cuBLASLt algorithms timed per GEMM shape")
+    ap.add_argument("--update-sample", type=int, default=1, help="instability.update_sample")
+
+
+def apply_engine_options(eng, args) -> dict:
+    """Set engine_options' flags on a CUDA engine before its first step; returns what was set."""
+    for item in filter(None, args.variants.split(",")):
+        kernel, variant = item.split("=")
+        if kernel not in eng.variants:
+            raise SystemExit(f"--variants: no kernel {kernel!r} (one of {', '.join(eng.variants)})")
+        eng.variants[kernel] = variant
+    eng.lt.tune = args.tune  # candidates timed per GEMM shape (the first step tunes them)
+    eng.stat_sample = args.update_sample
+    return {"variants": dict(eng.variants), "tune": args.tune, "update_sample": args.update_sample}

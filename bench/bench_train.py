@@ -19,7 +19,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import commit, gpu_name, write_json  # noqa: E402
+from bench_common import apply_engine_options, commit, engine_options, gpu_name, write_json  # noqa: E402
 
 SIZES = {"124M": (12, 12, 768), "355M": (24, 16, 1024), "774M": (36, 20, 1280), "1558M": (48, 25, 1600)}
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM, for MFU
@@ -30,9 +30,10 @@ def flops_per_token(L, C, T, n_params):
 
 
 def run_koifish(size, B, T, steps, warmup, remat=0, dist=None, collective=None, rank=0, compute="bf16",
-                attention="auto"):
+                attention="auto", options=None):
     """koifish's CUDA engine on random tokens: tokens/s of this process, first-step latency, memory.
-    dist/collective: a data-parallel rank's case block and collective (bench_dist.py)."""
+    dist/collective: a data-parallel rank's case block and collective (bench_dist.py); options: the
+    parsed engine_options flags (bench_common), None for the engine's defaults."""
     import numpy as np
 
     import koifish_cuda.compat  # noqa: F401
@@ -48,6 +49,7 @@ def run_koifish(size, B, T, steps, warmup, remat=0, dist=None, collective=None, 
                        "dist": dist or {}}, "bench")
     t0 = time.perf_counter()
     eng = CUDAEngine(case, attention=attention)
+    chosen = apply_engine_options(eng, options) if options is not None else {}
     eng.attach_collective(collective, case.dist)
     rng = np.random.default_rng(rank)  # each rank its own rows
     batch = lambda: (rng.integers(0, 50257, (B, T)), rng.integers(0, 50257, (B, T)))  # noqa: E731
@@ -64,7 +66,8 @@ def run_koifish(size, B, T, steps, warmup, remat=0, dist=None, collective=None, 
     free, total = cp.cuda.runtime.memGetInfo()
     return {"tokens_per_s": steps * B * T / dt, "step_ms": 1000 * dt / steps, "first_step_s": first, "loss": r.loss,
             "peak_vram_bytes": cp.get_default_memory_pool().total_bytes(), "device_used_bytes": total - free,
-            "n_params": eng.n_params, "compute": compute, "attention": eng.attn.name, "attention_note": eng.attn_note}
+            "n_params": eng.n_params, "compute": compute, "attention": eng.attn.name, "attention_note": eng.attn_note,
+            **chosen}
 
 
 def run_torch(size, B, T, steps, warmup):
@@ -140,7 +143,7 @@ def run_torch(size, B, T, steps, warmup):
 def child(args):
     if args.child == "koifish":
         res = run_koifish(args.size, args.batch, args.seq, args.steps, args.warmup, args.remat, compute=args.compute,
-                          attention=args.attention)
+                          attention=args.attention, options=args)
     else:
         res = run_torch(args.size, args.batch, args.seq, args.steps, args.warmup)
     print("RESULT " + json.dumps(res), flush=True)
@@ -157,6 +160,7 @@ def main():
     ap.add_argument("--remat", type=int, default=0, help="koifish's model.remat (0, 1, 2)")
     ap.add_argument("--compute", default="bf16", choices=("bf16", "fp32"), help="koifish's precision.compute")
     ap.add_argument("--attention", default="auto", choices=("auto", "cudnn", "cublas"), help="koifish's attention")
+    engine_options(ap)
     ap.add_argument("--out", default="bench/train.json")
     ap.add_argument("--child", default=None)
     ap.add_argument("--size", default=None)
@@ -168,7 +172,8 @@ def main():
         for fw in args.frameworks.split(","):
             cmd = [sys.executable, __file__, "--child", fw, "--size", size, "--batch", str(args.batch),
                    "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--remat", str(args.remat),
-                   "--compute", args.compute, "--attention", args.attention]
+                   "--compute", args.compute, "--attention", args.attention, "--variants", args.variants,
+                   "--tune", str(args.tune), "--update-sample", str(args.update_sample)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if proc.returncode or not line:

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import commit, gpu_name, write_json  # noqa: E402
+from bench_common import apply_engine_options, commit, engine_options, gpu_name, write_json  # noqa: E402
 
 GROUPS = {
     "embedding": ("koifish_cuda.embedding", ("encoder_forward", "encoder_backward")),
@@ -60,9 +60,7 @@ def main():
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--compute", default="bf16", choices=("bf16", "fp32"))
     ap.add_argument("--attention", default="auto", choices=("auto", "cudnn", "cublas"))
-    ap.add_argument("--variants", default="", help="kernel variants to try, e.g. classifier=split,layernorm_backward=warp")
-    ap.add_argument("--tune", type=int, default=8, help="cuBLASLt algorithms timed per GEMM shape")
-    ap.add_argument("--update-sample", type=int, default=1, help="instability.update_sample")
+    engine_options(ap)
     ap.add_argument("--out", default="bench/profile.json")
     args = ap.parse_args()
 
@@ -76,13 +74,7 @@ def main():
                        "data": {"batch_size": B, "seq_len": T}, "train": {"device": "cuda"},
                        "precision": {"compute": args.compute}}, "profile")
     eng = CUDAEngine(case, attention=args.attention)
-    eng.lt.tune = args.tune  # candidates timed per GEMM shape (before the first step tunes them)
-    eng.stat_sample = args.update_sample
-    for item in filter(None, args.variants.split(",")):
-        kernel, variant = item.split("=")
-        if kernel not in eng.variants:
-            raise SystemExit(f"--variants: no kernel {kernel!r} (one of {', '.join(eng.variants)})")
-        eng.variants[kernel] = variant
+    options = apply_engine_options(eng, args)
     rng = np.random.default_rng(0)
     eng.train_step([(rng.integers(0, 50257, (B, T)), rng.integers(0, 50257, (B, T)))], 1e-4)
     rows = [{"group": "full micro-batch graph", "ms": replay_ms(eng)}]
@@ -127,8 +119,7 @@ def main():
     print(f"GEMMs of a micro-batch: {sum(r['ms'] * r['calls'] for r in gemms):.2f} ms "
           f"({sum(r['plain_ms'] * r['calls'] for r in gemms):.2f} without epilogues)")
     write_json(args.out, {"gpu": gpu, "commit": commit(), "size": args.size, "batch": B, "seq": T,
-                          "compute": args.compute, "attention": eng.attn.name, "variants": eng.variants,
-                          "tune": eng.lt.tune, "update_sample": eng.stat_sample,
+                          "compute": args.compute, "attention": eng.attn.name, **options,
                           "rows": rows, "gemms": gemms})
 
 
