@@ -7,18 +7,12 @@ epilogue while the tile is still in registers, so none of them is a pass over me
     linear:        out = x @ W.T + bias [+ resid]                  (EPILOGUE_BIAS, beta=1 with C=resid)
     linear + GELU: out = gelu(pre), pre = x @ W.T + bias kept      (EPILOGUE_GELU_AUX_BIAS)
     dGELU:         dpre = (dout @ W) * gelu'(pre)                  (EPILOGUE_DGELU)
-    + bias grad:   dpre as above, dbias = column sums of dpre       (EPILOGUE_DGELU_BGRAD)
-    weight grad:   dW = dout.T @ x, dbias = column sums of dout    (EPILOGUE_BGRADB)
 
 GELU is the tanh approximation, as GPT-2's. Row-major operands (views with unit column stride);
 row-major out = op(a) op(b) is column-major out^T = op(b)^T op(a)^T, so a bias along out's columns
-is cuBLASLt's bias along D's rows and the aux matrix has out's layout; the bias gradient of a
-weight gradient (out = dout.T @ x, dout = a with trans_a) sums cuBLASLt's B over k, along D's
-columns. The bias-gradient epilogues write (never add into) their bias buffer. Every bias is in
-out's type: cuBLASLt 12/13 on an H200 offers no other combination (a bf16 dGELU's bias gradient
-is bf16; a weight gradient accumulated in float32 gets a float32 one). The training engine does
-not use them: on an H200 they cost more GEMM time than the bias-gradient passes they replace
-(bench/RESULTS.md, session 13). Plans (descriptors and the
+is cuBLASLt's bias along D's rows and the aux matrix has out's layout. (Its bias-gradient
+epilogues, BGRADB and DGELU_BGRAD, were tried for the engine's bias gradients and measured slower
+than the passes they would replace: bench/RESULTS.md, session 13.) Plans (descriptors and the
 algorithm) are cached per shape, so a graph re-capture costs no heuristic calls. The algorithm
 is tuned on first use outside a graph capture: the heuristic's first `tune` candidates are each
 timed on the call's own operands (into a scratch output) and the fastest kept; the heuristic's
@@ -37,8 +31,7 @@ _SONAMES = ("libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so.11", "libc
 # cublasLtMatmulDescAttributes_t, cublasLtEpilogue_t, cublasLtMatmulPreferenceAttributes_t
 DESC_TRANSA, DESC_TRANSB, DESC_EPILOGUE, DESC_BIAS_POINTER = 3, 4, 7, 8
 DESC_AUX_POINTER, DESC_AUX_LD, DESC_BIAS_DATA_TYPE = 11, 12, 26
-EPILOGUES = {"default": 1, "bias": 4, "gelu_aux_bias": 164, "dgelu": 192, "dgelu_bgrad": 208, "bgradb": 512}
-BIASED = ("bias", "gelu_aux_bias", "dgelu_bgrad", "bgradb")  # epilogues that read or write a bias vector
+EPILOGUES = {"default": 1, "bias": 4, "gelu_aux_bias": 164, "dgelu": 192}
 PREF_MAX_WORKSPACE_BYTES = 1
 R_32F = 0  # cudaDataType of the scale (alpha, beta)
 # candidate algorithms timed per shape (measured: 8). The weight gradients of narrow layers (768 x 768
@@ -145,8 +138,7 @@ class CublasLt:
                                        self.workspace.data.ptr, self.workspace.nbytes, self.stream.ptr)
 
     def _tune(self, plan: _Plan, a, b, src, out, beta) -> None:
-        """Keep the fastest of the plan's candidates, timed into a scratch copy of out (a bias-gradient
-        epilogue writes the caller's bias: the call that follows writes it again)."""
+        """Keep the fastest of the plan's candidates, timed into a scratch copy of out."""
         import cupy as cp
 
         scratch = cp.empty_like(out)
@@ -163,45 +155,27 @@ class CublasLt:
             best = min(best, (cp.cuda.get_elapsed_time(start, stop), algo), key=lambda t: t[0])
         plan.algos, plan.tuned = [best[1]], True
 
-    def supports(self, epilogue: str, dtype: str, out_dtype: str) -> bool:
-        """Whether this cuBLASLt has an algorithm for `epilogue` on dtype operands into out_dtype, as
-        the training engine calls it (the bias-gradient epilogues are not offered everywhere)."""
-        op_b = CUBLAS_OP_T if epilogue == "bgradb" else CUBLAS_OP_N  # a weight gradient's dout: trans_a
-        try:
-            self._plan(("probe", epilogue, dtype, out_dtype), 64, 64, 64, CUBLAS_OP_N, op_b, dtype, dtype, out_dtype,
-                       64, 64, 64, epilogue, out_dtype if epilogue in BIASED else None, 64 if "gelu" in epilogue else 0)
-        except RuntimeError:
-            return False
-        return True
-
     def matmul(self, out, a, b, trans_a=False, trans_b=False, bias=None, epilogue="default", aux=None, c=None):
         """Row-major out (M, N) = op(a) op(b) with `epilogue`: 'default'; 'bias' (+ bias (N,)); 'gelu_aux_bias'
-        (aux = op(a) op(b) + bias, out = gelu(aux)); 'dgelu' (out = (op(a) op(b)) * gelu'(aux));
-        'dgelu_bgrad' (dgelu, and bias (N,) = out's column sums, before out's rounding);
-        'bgradb' (bias (M,) = op(a)'s column sums, a weight gradient's bias: trans_a).
-        c, if given (out's shape and dtype), is added (out = ... + c; c may be out itself). Operands
-        alike (float32 or bf16 bits), out and aux float32 or the operands' type, bias out's type."""
+        (aux = op(a) op(b) + bias, out = gelu(aux)); 'dgelu' (out = (op(a) op(b)) * gelu'(aux)). c, if
+        given (out's shape and dtype), is added (out = ... + c; c may be out itself). Operands alike
+        (float32 or bf16 bits), out and aux float32 or the operands' type, bias out's type."""
         M, N = out.shape
         K = a.shape[0] if trans_a else a.shape[1]
         check_types(a, b, out)
-        if (bias is not None) != (epilogue in BIASED) or (aux is not None) != ("gelu" in epilogue):
+        if (bias is not None) != ("bias" in epilogue) or (aux is not None) != ("gelu" in epilogue):
             raise ValueError(f"cublasLt epilogue {epilogue!r}: bias {bias is not None}, aux {aux is not None}")
         for name, x in (("aux", aux), ("c", c)):
             if x is not None and (x.shape != out.shape or x.dtype != out.dtype or _ld(x) != _ld(out)):
                 raise ValueError(f"cublasLt: {name} {x.shape} {x.dtype} must be laid out as out {out.shape} {out.dtype}")
-        if bias is not None:
-            want = (M if epilogue == "bgradb" else N,)
-            if bias.shape != want or bias.dtype != out.dtype:
-                raise ValueError(f"cublasLt: bias {bias.shape} {bias.dtype}, expected {want} {out.dtype}")
-            if epilogue == "bgradb" and not trans_a:
-                raise ValueError("cublasLt: 'bgradb' sums a weight gradient's dout: pass it as a with trans_a")
+        if bias is not None and (bias.shape != (N,) or bias.dtype != out.dtype):
+            raise ValueError(f"cublasLt: bias {bias.shape} {bias.dtype}, expected ({N},) {out.dtype}")
         # column-major D^T (N, M) = op(b)^T (N, K) op(a)^T (K, M)
         op_a, op_b = (CUBLAS_OP_T if trans_b else CUBLAS_OP_N), (CUBLAS_OP_T if trans_a else CUBLAS_OP_N)
         lda, ldb, ldd = _ld(b), _ld(a), _ld(out)
-        bias_dtype = None if bias is None else bias.dtype.name
-        key = (M, N, K, op_a, op_b, a.dtype.name, out.dtype.name, lda, ldb, ldd, epilogue, bias_dtype)
+        key = (M, N, K, op_a, op_b, a.dtype.name, out.dtype.name, lda, ldb, ldd, epilogue)
         plan = self._plan(key, N, M, K, op_a, op_b, b.dtype.name, a.dtype.name, out.dtype.name, lda, ldb, ldd,
-                          epilogue, bias_dtype, ldd if aux is not None else 0)
+                          epilogue, None if bias is None else bias.dtype.name, ldd if aux is not None else 0)
         if bias is not None:
             self._attr(plan.desc, DESC_BIAS_POINTER, bias.data.ptr, ctypes.c_void_p)
         if aux is not None:
