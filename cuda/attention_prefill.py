@@ -24,9 +24,9 @@ import numpy as np
 
 import koifish_cuda.compat  # noqa: F401
 from koifish_cuda.compat import nb
-from koifish_cuda.bf16 import f32_to_bf16
+from koifish_cuda.bf16 import f32_to_bf16, pack_bits
 from koifish_cuda.reduce import NEG_INF, THREADS, WARPS, warp_max, warp_sum
-from numba import config, cuda, float32, uint32
+from numba import config, cuda, float32
 
 QUERY_TILE = 512  # queries per tile: a tile's scores stop at the keys its last query sees
 HELD = 64  # scores a softmax lane keeps in registers: rows of up to HELD * 32 keys are read once
@@ -65,7 +65,7 @@ def merge_heads_kernel(att2, o, T, n_rep):
         row = pair_row(b, r - b * T, h, T, n_rep, nkv)
         lo = f32_to_bf16(float32(o[row, d]))
         hi = f32_to_bf16(float32(o[row, d + 1]))
-        att2[r, c2] = uint32(lo) | (uint32(hi) << uint32(16))
+        att2[r, c2] = pack_bits(lo, hi)
 
 
 if config.ENABLE_CUDASIM:

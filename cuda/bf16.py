@@ -59,6 +59,31 @@ def bf16_to_f32(h):
     return as_float(uint32(h) << uint32(16))
 
 
+# Two bf16 values in one 32-bit word (the lower column in the low half, as memory holds a uint16 pair):
+# kernels on bf16 rows read and write them a word at a time, half the load/store instructions.
+@cuda.jit(device=True, inline=True)
+def word_lo(u):
+    """The float32 value of the lower bf16 of word u (uint32)."""
+    return as_float(u << uint32(16))
+
+
+@cuda.jit(device=True, inline=True)
+def word_hi(u):
+    return as_float(u & uint32(0xFFFF0000))
+
+
+@cuda.jit(device=True, inline=True)
+def pack_bits(lo, hi):
+    """Two bf16 bit patterns, lower column first, as one word."""
+    return uint32(lo) | (uint32(hi) << uint32(16))
+
+
+@cuda.jit(device=True, inline=True)
+def pack_word(lo, hi):
+    """Two float32 values rounded to bf16, as one word."""
+    return pack_bits(f32_to_bf16(lo), f32_to_bf16(hi))
+
+
 # load(a, i) / store(a, i, v): an element of a float32 array, or of a uint16 array holding bf16 bits,
 # as float32, so one kernel serves both precisions of the training engine (Numba compiles a kernel
 # per argument type; the overload picks the conversion at compile time).

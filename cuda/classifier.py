@@ -45,32 +45,31 @@ import functools  # noqa: E402
 import math  # noqa: E402
 
 import koifish_cuda.compat  # noqa: E402,F401
-from koifish_cuda.bf16 import as_float, f32_to_bf16, load, store  # noqa: E402
+from koifish_cuda.bf16 import load, pack_word, store, word_hi, word_lo  # noqa: E402
 from koifish_cuda.reduce import NEG_INF, THREADS, block_max, block_reduce_warps, block_sum  # noqa: E402
 from numba import config, cuda, float32, uint32  # noqa: E402
 
 MAX_PER = 32  # most 32-bit words (two bf16 logits) a thread of the bf16 kernels holds in registers
 SHARED_WORDS = 11264  # words of a row the "split" kernel keeps in shared memory (44 KB of the 48 KB static limit)
 ONE, ZERO = float32(1.0), float32(0.0)
-HIGH = uint32(0xFFFF0000)
 
 
 @cuda.jit(device=True, inline=True)
 def _word_max(mt, u, c, V):
     """mt raised by the logits of word u (columns c and c + 1; those at or past V are padding)."""
     if c < V:
-        mt = max(mt, as_float(u << uint32(16)))
+        mt = max(mt, word_lo(u))
     if c + 1 < V:
-        mt = max(mt, as_float(u & HIGH))
+        mt = max(mt, word_hi(u))
     return mt
 
 
 @cuda.jit(device=True, inline=True)
 def _word_sum(st, u, c, V, m):
     if c < V:
-        st += math.exp(as_float(u << uint32(16)) - m)
+        st += math.exp(word_lo(u) - m)
     if c + 1 < V:
-        st += math.exp(as_float(u & HIGH) - m)
+        st += math.exp(word_hi(u) - m)
     return st
 
 
@@ -80,10 +79,10 @@ def _word_grad(u, c, V, m, inv, tgt, dloss):
     lo = ZERO
     hi = ZERO
     if c < V:
-        lo = (math.exp(as_float(u << uint32(16)) - m) * inv - (ONE if c == tgt else ZERO)) * dloss
+        lo = (math.exp(word_lo(u) - m) * inv - (ONE if c == tgt else ZERO)) * dloss
     if c + 1 < V:
-        hi = (math.exp(as_float(u & HIGH) - m) * inv - (ONE if c + 1 == tgt else ZERO)) * dloss
-    return uint32(f32_to_bf16(lo)) | (uint32(f32_to_bf16(hi)) << uint32(16))
+        hi = (math.exp(word_hi(u) - m) * inv - (ONE if c + 1 == tgt else ZERO)) * dloss
+    return pack_word(lo, hi)
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,7 +114,7 @@ def _bf16_rows_kernel(PER: int, SHK: int, NT: int, PER_SM: int):
         xt = ZERO
         if t == 0:  # before any thread can overwrite the row (the first barrier is in the reduction)
             w = words[row, tgt // 2]
-            xt = as_float(w << uint32(16)) if tgt % 2 == 0 else as_float(w & HIGH)
+            xt = word_lo(w) if tgt % 2 == 0 else word_hi(w)
         x = cuda.local.array(PER, uint32)
         mt = NEG_INF
         for k in range(PER):

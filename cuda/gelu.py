@@ -24,8 +24,8 @@ def gelu_backward_ref(x: np.ndarray, dout: np.ndarray) -> np.ndarray:
 import math  # noqa: E402
 
 import koifish_cuda.compat  # noqa: E402,F401
-from koifish_cuda.bf16 import as_float, f32_to_bf16, load, rounded, store  # noqa: E402
-from numba import cuda, float32, uint32  # noqa: E402
+from koifish_cuda.bf16 import load, pack_word, rounded, store, word_hi, word_lo  # noqa: E402
+from numba import cuda, float32  # noqa: E402
 
 # float32 constants: Python floats would make the arithmetic, and tanh with it, float64 on the GPU
 S32, A32, A3_32 = np.float32(GELU_SCALE), np.float32(0.044715), np.float32(3 * 0.044715)
@@ -68,9 +68,7 @@ def gelu_pairs_kernel(out, pre):
     n = pre.size
     for i in range(cuda.grid(1), n, cuda.gridsize(1)):
         u = pre[i]
-        lo = _gelu(as_float(u << uint32(16)))
-        hi = _gelu(as_float(u & uint32(0xFFFF0000)))
-        out[i] = uint32(f32_to_bf16(lo)) | (uint32(f32_to_bf16(hi)) << uint32(16))
+        out[i] = pack_word(_gelu(word_lo(u)), _gelu(word_hi(u)))
 
 
 @cuda.jit(cache=True, fastmath=True)

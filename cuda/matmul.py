@@ -26,8 +26,8 @@ def matmul_backward_ref(dout: np.ndarray, x: np.ndarray, w: np.ndarray):
 # ---- CUDA ------------------------------------------------------------------------------------
 # The products themselves are cuBLAS GEMMs (koifish_cuda.cublas_raw); these kernels do the rest.
 import koifish_cuda.compat  # noqa: E402,F401
-from koifish_cuda.bf16 import as_float, load, store  # noqa: E402
-from numba import cuda, float32, uint32  # noqa: E402
+from koifish_cuda.bf16 import load, store, word_hi, word_lo  # noqa: E402
+from numba import cuda, float32  # noqa: E402
 
 
 @cuda.jit(cache=True)
@@ -68,8 +68,8 @@ def bias_grad_pairs_kernel(dbias, words, rows_per_block):
     hi = float32(0.0)
     for r in range(start, min(start + rows_per_block, N)):
         u = words[r, j]
-        lo += as_float(u << uint32(16))
-        hi += as_float(u & uint32(0xFFFF0000))
+        lo += word_lo(u)
+        hi += word_hi(u)
     cuda.atomic.add(dbias, 2 * j, lo)
     cuda.atomic.add(dbias, 2 * j + 1, hi)
 

@@ -84,7 +84,7 @@ def dequant_matmul_ref(x: np.ndarray, codes, scales, zeros, group_size: int, g_i
 # Scales are float32 on the device (converted once at load; 1/32 of the 4-bit weight bytes).
 import koifish_cuda.compat  # noqa: E402,F401
 from koifish_cuda.compat import nb  # noqa: E402
-from koifish_cuda.bf16 import as_float as _as_float, f32_to_bf16  # noqa: E402
+from koifish_cuda.bf16 import as_float as _as_float, f32_to_bf16, pack_bits  # noqa: E402
 from koifish_cuda.reduce import THREADS, block_sum, warp_sum  # noqa: E402
 from numba import cuda, float32  # noqa: E402
 
@@ -237,7 +237,7 @@ def dequantize_bf16_kernel(out2, words, scales, zeros, bits, group_size, n0, k0,
         z = float32(zeros[row, g])
         lo = f32_to_bf16((float32(_code(words, row, chunk, j, bits, mask)) - z) * s)
         hi = f32_to_bf16((float32(_code(words, row, chunk, j + 1, bits, mask)) - z) * s)
-        out2[i, c2] = uint32(lo) | (uint32(hi) << uint32(16))
+        out2[i, c2] = pack_bits(lo, hi)
 
 
 DEQUANT_ROWS = 4  # rows a thread of the word kernel takes per turn (measured: 4 rows, <= 1024 row blocks)
