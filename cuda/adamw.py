@@ -32,8 +32,26 @@ import math  # noqa: E402
 import koifish_cuda.compat  # noqa: E402,F401
 from koifish_cuda.bf16 import f32_to_bf16  # noqa: E402
 from koifish_cuda.reduce import THREADS, block_sum  # noqa: E402
-from koifish_cuda.update_stats import HUGE, ONE, TINY  # noqa: E402
 from numba import cuda, float32  # noqa: E402
+
+ONE, TINY, HUGE = np.float32(1.0), np.float32(1e-6), np.float32(3.0e38)  # float32: Python floats make float64
+
+
+@cuda.jit(device=True, inline=True)
+def clip_scale(norm_sq, clip):
+    """(live, scale): whether the gradient norm is finite (else no weight moves), and the factor
+    clipping multiplies every gradient by. koifish_cuda.update_stats measures with the same."""
+    norm = math.sqrt(norm_sq)
+    scale = ONE
+    if clip > 0 and norm > clip:
+        scale = clip / (norm + TINY)
+    return norm < HUGE, scale
+
+
+@cuda.jit(device=True, inline=True)
+def moments(g, m, v, b1, b2):
+    """AdamW's new first and second moments of clipped gradient g."""
+    return b1 * m + (ONE - b1) * g, b2 * v + (ONE - b2) * g * g
 
 
 @cuda.jit(cache=True)
@@ -59,15 +77,10 @@ def adamw_kernel(params, grads, m, v, decay_mask, norm_sq, hyper, params16):
         return
     lr, b1, b2, eps, wd, bc1, bc2, clip = (hyper[0], hyper[1], hyper[2], hyper[3], hyper[4], hyper[5],
                                           hyper[6], hyper[7])
-    norm = math.sqrt(norm_sq[0])
-    if not norm < HUGE:  # NaN or Inf gradients: skip the update everywhere (the trainer logs it)
+    live, scale = clip_scale(norm_sq[0], clip)
+    if not live:  # NaN or Inf gradients: skip the update everywhere (the trainer logs it)
         return
-    scale = ONE
-    if clip > 0 and norm > clip:
-        scale = clip / (norm + TINY)
-    g = grads[i] * scale
-    mi = b1 * m[i] + (ONE - b1) * g
-    vi = b2 * v[i] + (ONE - b2) * g * g
+    mi, vi = moments(grads[i] * scale, m[i], v[i], b1, b2)
     m[i] = mi
     v[i] = vi
     p = params[i]

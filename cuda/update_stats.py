@@ -51,11 +51,11 @@ def update_stats_ref(params, grads, m, v, decay_mask, norm_sq: float, hyper) -> 
 import math  # noqa: E402
 
 import koifish_cuda.compat  # noqa: E402,F401
+from koifish_cuda.adamw import clip_scale, moments  # noqa: E402
 from koifish_cuda.reduce import THREADS, block_sum  # noqa: E402
 from numba import cuda, float32  # noqa: E402
 
 CHUNK = 16384  # elements a block sums: 128 a thread
-ONE, TINY, HUGE = np.float32(1.0), np.float32(1e-6), np.float32(3.0e38)  # float32: Python floats make float64
 
 
 def stat_chunks(ranges, chunk: int = CHUNK, sample: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -89,11 +89,7 @@ def update_stats_kernel(out, chunks, weights, phase, params, grads, m, v, decay_
     index, start, stop = chunks[c, 0], chunks[c, 1], chunks[c, 2]
     lr, b1, b2, eps, wd, bc1, bc2, clip = (hyper[0], hyper[1], hyper[2], hyper[3], hyper[4], hyper[5],
                                           hyper[6], hyper[7])
-    norm = math.sqrt(norm_sq[0])
-    live = norm < HUGE  # NaN or Inf gradients: adamw_update leaves the weights alone
-    scale = ONE
-    if clip > 0 and norm > clip:
-        scale = clip / (norm + TINY)
+    live, scale = clip_scale(norm_sq[0], clip)  # not live: NaN or Inf gradients, adamw_update moves nothing
     step = lr / bc1
     su = float32(0.0)
     sw = float32(0.0)
@@ -104,9 +100,7 @@ def update_stats_kernel(out, chunks, weights, phase, params, grads, m, v, decay_
         sw += p * p
         sg += graw * graw
         if live:
-            g = graw * scale
-            mi = b1 * m[i] + (ONE - b1) * g
-            vi = b2 * v[i] + (ONE - b2) * g * g
+            mi, vi = moments(graw * scale, m[i], v[i], b1, b2)
             d = -step * mi / (math.sqrt(vi / bc2) + eps)
             if decay_mask[i]:
                 d -= lr * wd * p
