@@ -502,10 +502,11 @@ class CUDAEngine:
         params, grads, m, v, decay = self._opt_arrays()
         lo = self.zero.lo if self.zero is not None else 0
         hi = lo + params.size
-        if getattr(self, "_chunks", (None,))[0] != (lo, hi):
+        key = (lo, hi, self.stat_chunk, self.stat_sample)  # what the chunk table is made from
+        if getattr(self, "_chunks", (None,))[0] != key:
             ranges = [(i, max(sp.start, lo) - lo, min(sp.stop, hi) - lo) for i, sp in enumerate(self.spans)]
             rows, weights = stat_chunks(ranges, self.stat_chunk, self.stat_sample)
-            self._chunks = ((lo, hi), self.cp.asarray(rows), self.cp.asarray(weights))
+            self._chunks = (key, self.cp.asarray(rows), self.cp.asarray(weights))
         self.stats.fill(0)
         update_stats(self.stats, *self._chunks[1:], self.stat_phase, params, grads, m, v, decay, self.norm_sq,
                      self.hyper, self.ns)
