@@ -81,9 +81,9 @@ def _copy_bandwidth(src) -> float:
 
 def engine_options(ap) -> None:
     """The CUDA engine's options still being measured, as command-line flags (apply_engine_options)."""
-    ap.add_argument("--variants", default="", help="kernel variants, e.g. classifier=split,layernorm_backward=warp")
+    ap.add_argument("--variants", default="", help="kernel variants, e.g. classifier=registers")
     ap.add_argument("--tune", type=int, default=8, help="cuBLASLt algorithms timed per GEMM shape")
-    ap.add_argument("--update-sample", type=int, default=1, help="instability.update_sample")
+    ap.add_argument("--update-sample", type=int, default=None, help="instability.update_sample (default: the case's)")
 
 
 def apply_engine_options(eng, args) -> dict:
@@ -94,5 +94,6 @@ def apply_engine_options(eng, args) -> dict:
             raise SystemExit(f"--variants: no kernel {kernel!r} (one of {', '.join(eng.variants)})")
         eng.variants[kernel] = variant
     eng.lt.tune = args.tune  # candidates timed per GEMM shape (the first step tunes them)
-    eng.stat_sample = args.update_sample
-    return {"variants": dict(eng.variants), "tune": args.tune, "update_sample": args.update_sample}
+    if args.update_sample is not None:
+        eng.stat_sample = args.update_sample
+    return {"variants": dict(eng.variants), "tune": args.tune, "update_sample": eng.stat_sample}

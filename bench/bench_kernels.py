@@ -1,6 +1,7 @@
 """Bandwidth of the memory-bound kernels against a device-to-device copy measured in the same run.
 
     python bench/bench_kernels.py --out bench/kernels.json
+    python bench/bench_kernels.py --sweep --out bench/kernels_sweep.json   (LayerNorm's grid and rows in flight)
 
 Bytes are the fewest each kernel must move (every input read once, every output written once);
 times are CUDA-event medians of graph-replayed launches on GPT-2 124M shapes (B=8, T=1024).
@@ -35,7 +36,10 @@ def main():
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/kernels.json")
+    ap.add_argument("--sweep", action="store_true", help="LayerNorm forward/backward over grids and rows in flight")
     args = ap.parse_args()
+    if args.sweep:
+        return sweep(args)
     B, T, C, nh, V, Vp = 8, 1024, 768, 12, 50257, 50304
     N, F4 = B * T, 4 * 768
     rnd = lambda *s: cp.random.standard_normal(s, dtype=cp.float32)  # noqa: E731
@@ -66,15 +70,12 @@ def main():
          N * C * (f + h) + 2 * N * f),
         ("layernorm_backward + bf16 dx", lambda s: layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, s, dx16=dx16),
          (4 * N * C + 2 * N) * f + N * C * h),
-        ("layernorm_backward warp + bf16 dx", lambda s: layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, s,
-                                                                          dx16=dx16, variant="warp"),
-         (4 * N * C + 2 * N) * f + N * C * h),
         ("gelu_forward bf16 (remat 1)", lambda s: gelu_forward(act16, pre16, s), 2 * N * F4 * h),
         ("bias_grad bf16 (N, 4C)", lambda s: bias_grad(db4, act16, s), N * F4 * h),
         ("fused_classifier bf16", lambda s: fused_classifier(logits16, losses, loss_sum, targets, V, 1.0 / N, s),
          2 * N * Vp * h),
-        ("fused_classifier bf16 split", lambda s: fused_classifier(logits16, losses, loss_sum, targets, V, 1.0 / N, s,
-                                                                   variant="split"), 2 * N * Vp * h),
+        ("fused_classifier bf16 registers", lambda s: fused_classifier(logits16, losses, loss_sum, targets, V, 1.0 / N,
+                                                                       s, variant="registers"), 2 * N * Vp * h),
         ("sum_squares (124M)", lambda s: sum_squares(norm_sq, grads, s), n_par * f),
         ("adamw (124M)", lambda s: adamw_update(params, grads, m, v, mask, norm_sq, hyper, s), (7 * n_par * f + n_par)),
     ]
@@ -86,6 +87,37 @@ def main():
         rows.append({"kernel": name, "ms": t * 1e3, "GBps": bw / 1e9, "share_of_copy": bw / copy_bw})
         print(f"{name:<30} {t * 1e3:>9.3f} {bw / 1e9:>8.0f} {bw / copy_bw:>7.0%}")
     print(f"{'device copy':<30} {'':>9} {copy_bw / 1e9:>8.0f} {1:>7.0%}")
+    write_json(args.out, {"gpu": gpu_name(), "commit": commit(), "copy_GBps": copy_bw / 1e9, "rows": rows})
+
+
+def sweep(args):
+    """LayerNorm at the engine's shapes (B=16, T=1024; GPT-2 124M and 1558M widths): the forward's
+    grid, the backward's grid and rows in flight (bf16 out / bf16 dout and dx copy, as the engine)."""
+    import cupy as cp
+
+    from koifish_cuda.layernorm import layernorm_backward, layernorm_forward
+
+    copy_bw = copy_bandwidth()
+    N, f, h = 16384, 4, 2
+    rows = []
+    print(f"{'kernel':<44} {'time ms':>9} {'GB/s':>8} {'% copy':>7}")
+    for C in (768, 1600):
+        rnd = lambda *s: cp.random.standard_normal(s, dtype=cp.float32)  # noqa: E731
+        bf = lambda *s: (rnd(*s).view(cp.uint32) >> 16).astype(cp.uint16)  # noqa: E731
+        x, w, b, mean, rstd, dx, dw, db = rnd(N, C), rnd(C), rnd(C), rnd(N), cp.abs(rnd(N)), rnd(N, C), rnd(C), rnd(C)
+        out16, dout16, dx16 = bf(N, C), bf(N, C), bf(N, C)
+        cases = [(f"C={C} forward blocks={g or 'all'}",
+                  lambda s, g=g: layernorm_forward(out16, mean, rstd, x, w, b, s, blocks=g), N * C * (f + h) + 2 * N * f)
+                 for g in (None, 132 * 8, 132 * 16, 132 * 32)]
+        cases += [(f"C={C} backward rows={r} blocks={g}",
+                   lambda s, r=r, g=g: layernorm_backward(dx, dw, db, dout16, x, w, mean, rstd, s, blocks=g, dx16=dx16,
+                                                          rows=r), N * C * (3 * f + 2 * h) + 2 * N * f)
+                  for r in (1, 2, 4) for g in (264, 528, 792, 1056)]
+        for name, fn, nbytes in cases:
+            t = median_time(fn)
+            bw = nbytes / t
+            rows.append({"kernel": name, "ms": t * 1e3, "GBps": bw / 1e9, "share_of_copy": bw / copy_bw})
+            print(f"{name:<44} {t * 1e3:>9.3f} {bw / 1e9:>8.0f} {bw / copy_bw:>7.0%}")
     write_json(args.out, {"gpu": gpu_name(), "commit": commit(), "copy_GBps": copy_bw / 1e9, "rows": rows})
 
 

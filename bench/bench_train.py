@@ -173,7 +173,8 @@ def main():
             cmd = [sys.executable, __file__, "--child", fw, "--size", size, "--batch", str(args.batch),
                    "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--remat", str(args.remat),
                    "--compute", args.compute, "--attention", args.attention, "--variants", args.variants,
-                   "--tune", str(args.tune), "--update-sample", str(args.update_sample)]
+                   "--tune", str(args.tune)] + ([] if args.update_sample is None else
+                                                ["--update-sample", str(args.update_sample)])
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if proc.returncode or not line:

@@ -30,7 +30,7 @@ def from_bf16_ref(h) -> np.ndarray:
 # Bit casts between float32 and its 32 bits (the simulator has no libdevice).
 if config.ENABLE_CUDASIM:
 
-    def _bits(x):
+    def float_bits(x):
         return np.uint32(np.float32(x).view(np.uint32))
 
     def as_float(i):
@@ -40,7 +40,7 @@ else:
     from numba.cuda import libdevice
 
     @cuda.jit(device=True, inline=True)
-    def _bits(x):
+    def float_bits(x):
         return uint32(libdevice.float_as_int(x))
 
     @cuda.jit(device=True, inline=True)
@@ -50,7 +50,7 @@ else:
 
 @cuda.jit(device=True, inline=True)
 def f32_to_bf16(x):
-    u = _bits(x)
+    u = float_bits(x)
     return uint16((u + uint32(0x7FFF) + ((u >> uint32(16)) & uint32(1))) >> uint32(16))
 
 

@@ -44,7 +44,6 @@ from numba import cuda, float32  # noqa: E402
 ROWS = 8  # warps (rows in flight) per block
 BUF = 32 * ROWS  # a compile-time constant for the shared array of the simulator's warp reductions
 BACK_ROWS = 2  # rows the backward's block has in flight
-RED = 2 * WARPS * BACK_ROWS  # the backward's per-warp sums (a shared array's size must be a plain constant)
 MAX_C = 32 * 64  # widest row: 64 values a lane (GPT-2 1558M has C = 1600)
 BACKWARD_BLOCKS = 528  # the backward's grid (4 blocks an SM of an H100/H200)
 
@@ -57,35 +56,39 @@ def _forward_kernel(PER: int):
         N, C = x.shape
         buf = cuda.shared.array(BUF, float32)
         lane = cuda.threadIdx.x % 32
-        row = cuda.blockIdx.x * ROWS + cuda.threadIdx.x // 32
-        live = row < N
         v = cuda.local.array(PER, float32)
-        s = float32(0.0)
-        for k in range(PER):
-            c = lane + 32 * k
-            v[k] = load(x, (row, c)) if live and c < C else float32(0.0)
-            s += v[k]
-        m = warp_sum(s, buf) / float32(C)  # float32(C): an int divisor would make m, and all after it, float64
-        s = float32(0.0)
-        for k in range(PER):
-            d = v[k] - m if lane + 32 * k < C else float32(0.0)
-            s += d * d
-        r = float32(1.0) / math.sqrt(warp_sum(s, buf) / float32(C) + eps)
-        if live:
+        # grid-stride over groups of ROWS rows (the block's warps take the same turns: the
+        # simulator's warp sums are block-wide)
+        for base in range(cuda.blockIdx.x * ROWS, N, cuda.gridDim.x * ROWS):
+            row = base + cuda.threadIdx.x // 32
+            live = row < N
+            s = float32(0.0)
             for k in range(PER):
                 c = lane + 32 * k
-                if c < C:
-                    store(out, (row, c), (v[k] - m) * r * w[c] + b[c])
-            if lane == 0:
-                mean[row] = m
-                rstd[row] = r
+                v[k] = load(x, (row, c)) if live and c < C else float32(0.0)
+                s += v[k]
+            m = warp_sum(s, buf) / float32(C)  # float32(C): an int divisor would make m, and all after it, float64
+            s = float32(0.0)
+            for k in range(PER):
+                d = v[k] - m if lane + 32 * k < C else float32(0.0)
+                s += d * d
+            r = float32(1.0) / math.sqrt(warp_sum(s, buf) / float32(C) + eps)
+            if live:
+                for k in range(PER):
+                    c = lane + 32 * k
+                    if c < C:
+                        store(out, (row, c), (v[k] - m) * r * w[c] + b[c])
+                if lane == 0:
+                    mean[row] = m
+                    rstd[row] = r
 
     return kernel
 
 
 @functools.lru_cache(maxsize=None)
-def _backward_kernel(PER: int):
+def _backward_kernel(PER: int, BACK_ROWS: int = BACK_ROWS):
     PR = PER * BACK_ROWS  # a local array's size must be a plain constant, not an expression
+    RED = 2 * WARPS * BACK_ROWS  # the rows' per-warp sums
 
     @cuda.jit(cache=True)
     def kernel(dx, dx16, dsum, dw, db, dout, x, w, mean, rstd):
@@ -182,91 +185,28 @@ def _backward_kernel(PER: int):
     return kernel
 
 
-@functools.lru_cache(maxsize=None)
-def _backward_warp_kernel(PER: int):
-    ACC = 3 * 32 * PER  # dw, db and dsum partial sums of the block, in shared memory
-
-    @cuda.jit(cache=True)
-    def kernel(dx, dx16, dsum, dw, db, dout, x, w, mean, rstd):
-        """The "warp" variant: a warp per row (ROWS warps a block, grid-stride), lane l owning
-        columns l + 32 k (k < PER) as the forward: the row's two sums by shuffles alone, no block
-        barrier in the row loop; dw/db/dsum gathered in shared memory (shared atomics, one
-        global atomic per column per block at the end). Registers hold the row's normalised x
-        and dout between its two passes (2 PER values a lane), so more rows are in flight than
-        the block-per-row kernel's."""
-        N, C = x.shape
-        copy = dx16.shape[0] > 0
-        total = dsum.shape[0] > 0
-        buf = cuda.shared.array(BUF, float32)
-        acc = cuda.shared.array(ACC, float32)
-        t = cuda.threadIdx.x
-        lane = t % 32
-        for i in range(t, 3 * C, cuda.blockDim.x):
-            acc[i] = float32(0.0)
-        cuda.syncthreads()
-        nr = cuda.local.array(PER, float32)
-        gr = cuda.local.array(PER, float32)
-        for base in range(cuda.blockIdx.x * ROWS, N, cuda.gridDim.x * ROWS):
-            row = base + t // 32  # the block's warps take the same turns (the simulator's warp sums are block-wide)
-            live = row < N
-            m = mean[row] if live else float32(0.0)
-            r = rstd[row] if live else float32(0.0)
-            a = float32(0.0)
-            bs = float32(0.0)
-            for k in range(PER):
-                c = lane + 32 * k
-                n = float32(0.0)
-                g = float32(0.0)
-                if live and c < C:
-                    n = (load(x, (row, c)) - m) * r
-                    g = load(dout, (row, c))
-                    dn = g * w[c]
-                    a += dn
-                    bs += dn * n
-                nr[k] = n
-                gr[k] = g
-            a = warp_sum(a, buf) / float32(C)
-            bs = warp_sum(bs, buf) / float32(C)
-            if live:
-                for k in range(PER):
-                    c = lane + 32 * k
-                    if c < C:
-                        v = dx[row, c] + r * (gr[k] * w[c] - a - nr[k] * bs)
-                        dx[row, c] = v
-                        if copy:
-                            store(dx16, (row, c), v)
-                        cuda.atomic.add(acc, c, gr[k] * nr[k])
-                        cuda.atomic.add(acc, C + c, gr[k])
-                        if total:
-                            cuda.atomic.add(acc, 2 * C + c, v)
-        cuda.syncthreads()
-        for c in range(t, C, cuda.blockDim.x):
-            cuda.atomic.add(dw, c, acc[c])
-            cuda.atomic.add(db, c, acc[C + c])
-            if total:
-                cuda.atomic.add(dsum, c, acc[2 * C + c])
-
-    return kernel
-
-
 def _per(C: int) -> int:
     if C > MAX_C:
         raise ValueError(f"layernorm supports widths up to {MAX_C}, got {C}")
     return -(-C // 32)
 
 
-def layernorm_forward(out, mean, rstd, x, w, b, stream=0, eps=EPS):
+def layernorm_forward(out, mean, rstd, x, w, b, stream=0, eps=EPS, blocks=None):
+    """blocks: the grid (default a block for every ROWS rows; fewer walk the rows grid-stride, to be
+    measured with bench_kernels.py --sweep)."""
     kernel = _forward_kernel(_per(x.shape[1]))
+    grid = -(-x.shape[0] // ROWS)
     # np.float32: a Python float is typed float64 and drags the row's arithmetic into float64
-    kernel[(x.shape[0] + ROWS - 1) // ROWS, 32 * ROWS, stream](out, mean, rstd, x, w, b, np.float32(eps))
+    kernel[min(blocks or grid, grid), 32 * ROWS, stream](out, mean, rstd, x, w, b, np.float32(eps))
 
 
 def layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, stream=0, blocks=None, dx16=None, dsum=None,
-                       variant="block"):
+                       rows=BACK_ROWS):
     """Adds into dx, dw and db; dout float32 or bf16 bits. dx16 (bf16 bits, dx's shape), if given,
     receives a copy of the new dx; dsum (C,) float32, if given, += the new dx's column sums.
-    variant: "block" (a block per row pair; measured, the engine's) or "warp" (a warp per row;
-    written for measurement, _backward_warp_kernel)."""
+    blocks (the grid) and rows (a block's rows in flight) are there to be measured
+    (bench_kernels.py --sweep); a warp per row with shared-memory dw/db sums was measured 3x
+    slower (0.237 against 0.079 ms at 8192 x 768, H200) and is gone."""
     N, C = x.shape
     if C > MAX_C:
         raise ValueError(f"layernorm_backward supports widths up to {MAX_C}, got {C}")
@@ -274,10 +214,6 @@ def layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, stream=0, blocks=None
         dx16 = koifish_cuda.compat.device_constant((0, 1), np.uint16)
     if dsum is None:
         dsum = koifish_cuda.compat.device_constant((0,), np.float32)
-    if variant == "warp":
-        grid = min(blocks or 2 * BACKWARD_BLOCKS, -(-N // ROWS))
-        _backward_warp_kernel(_per(C))[grid, 32 * ROWS, stream](dx, dx16, dsum, dw, db, dout, x, w, mean, rstd)
-        return
-    kernel = _backward_kernel(-(-C // THREADS))
-    grid = min(blocks or BACKWARD_BLOCKS, -(-N // BACK_ROWS))
+    kernel = _backward_kernel(-(-C // THREADS), rows)
+    grid = min(blocks or BACKWARD_BLOCKS, -(-N // rows))
     kernel[grid, THREADS, stream](dx, dx16, dsum, dw, db, dout, x, w, mean, rstd)

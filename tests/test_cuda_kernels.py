@@ -47,16 +47,20 @@ def test_layernorm_forward_backward():
     layernorm_forward(out, mean, rstd, f32(x), f32(w), f32(b))
     ro, rm, rr = layernorm_forward_ref(x, w, b)
     assert rel_err(host(out), ro) < TOL and rel_err(host(mean), rm) < TOL and rel_err(host(rstd), rr) < TOL
+    again = dev(np.full((N, C), np.nan, np.float32))
+    layernorm_forward(again, mean, rstd, f32(x), f32(w), f32(b), blocks=1)  # one block walks every row
+    assert rel_err(host(again), ro) < TOL
     dout = r.standard_normal((N, C))
     rdx, rdw, rdb = layernorm_backward_ref(dout, x, w, rm, rr)
-    for variant in ("block", "warp"):
+    # the default, one row in flight, and a grid smaller than the rows (the grid-stride turns)
+    for rows, blocks in ((2, None), (1, None), (3, 2)):
         dx, dw, db = dev(np.zeros((N, C), np.float32)), dev(np.zeros(C, np.float32)), dev(np.zeros(C, np.float32))
         dsum0 = r.standard_normal(C)
         dsum = f32(dsum0)
-        layernorm_backward(dx, dw, db, f32(dout), f32(x), f32(w), mean, rstd, dsum=dsum, variant=variant)
+        layernorm_backward(dx, dw, db, f32(dout), f32(x), f32(w), mean, rstd, dsum=dsum, rows=rows, blocks=blocks)
         assert rel_err(host(dx), rdx) < 1e-4 and rel_err(host(dw), rdw) < 1e-4 and rel_err(host(db), rdb) < 1e-4
         # dsum += the new dx's column sums (which nearly cancel: bounded against the terms' size)
-        assert np.max(np.abs(host(dsum) - dsum0 - rdx.sum(0))) < 1e-5 * np.abs(rdx).sum(0).max(), variant
+        assert np.max(np.abs(host(dsum) - dsum0 - rdx.sum(0))) < 1e-5 * np.abs(rdx).sum(0).max(), rows
 
 
 def f32(a):
@@ -240,9 +244,11 @@ def test_update_stats_sampled_chunks_estimate_the_sums():
         return sum(w * np.array(update_stats_ref(*(x[a:b] for x in f32_state), norm_sq, hyper_h))
                    for (i, a, b, ph), w in zip(rows, weights) if i == 0 and ph == phase)
 
-    # the phases' chunks are equal but for the big tensor's last half chunk: their mean is within a
-    # few parts in a thousand of the whole sums
-    assert np.allclose(sum(estimate(phase) for phase in range(S)) / S, exact[0], rtol=2e-2)
+    # the phases partition the tensor: each phase's estimate, unscaled by its weight (the tensor's
+    # size over the phase's), adds up to the whole sums (the mean of the estimates is near them only
+    # statistically: heavy-tailed g^2 and the last half chunk put it 2% off in 1 draw of 20)
+    share = {ph: w for (i, a, b, ph), w in zip(rows, weights) if i == 0}
+    assert np.allclose(sum(estimate(phase) / share[phase] for phase in range(S)), exact[0], rtol=1e-9)
     for phase in range(S) if ON_GPU else [1]:  # each phase a launch: the simulator runs one
         out = f32(np.zeros((2, 3)))
         update_stats(out, *_stat_launch((rows, weights), phase), *dev_state, f32([norm_sq]), f32(hyper_h))

@@ -156,3 +156,26 @@ def test_long_prompt_in_chunks_then_decode(cpu_model, monkeypatch):
     assert _rel(got, ref) < PREFILL_REL
     assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.95
 
+
+
+@pytest.mark.gpu
+def test_int8_activations_stay_near_the_cpu_model(cpu_model):
+    """act_bits 8: the decode GEMVs round x to int8 per 16 values (koifish_cuda.quant_a8); the 4-bit
+    model's decode logits move by about that rounding (~5e-3 a GEMV, through two layers), no more."""
+    from koifish_core.infer.qwen3_gpu import Qwen3GPU
+
+    if not any(getattr(w, "bits", None) == 4 for w in cpu_model.weights.values()):
+        pytest.skip("float model: no 4-bit GEMVs")
+    ids = np.random.default_rng(2).integers(0, 200, (1, 10))
+    out = {}
+    for bits in (16, 8):
+        eng = Qwen3GPU.from_model(cpu_model, act_bits=bits)
+        cache = eng.new_cache(1, 32)
+        eng.forward(ids[:, :4], cache=cache)
+        out[bits] = np.concatenate([eng.forward(ids[:, t:t + 1], cache=cache)[0] for t in range(4, 10)], 1)
+    ref_cache = cpu_model.new_cache(max_len=32)
+    cpu_model.forward(ids[:, :4], cache=ref_cache)
+    ref = np.concatenate([cpu_model.forward(ids[:, t:t + 1], cache=ref_cache)[0] for t in range(4, 10)], 1)
+    err = _rel(out[8], ref)
+    assert _rel(out[16], ref) < BF16_REL
+    assert 1e-4 < err < 2e-2  # above 1e-4: the int8 kernel really ran

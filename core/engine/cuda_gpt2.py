@@ -89,7 +89,7 @@ class CUDAEngine:
         self.adam_step = 0
         # kernel variants written for measurement beside the measured ones (bench/profile_step.py
         # --variants); set before the first step (the graphs capture them)
-        self.variants = {"classifier": "registers", "layernorm_backward": "block"}
+        self.variants = {"classifier": "split"}
         # the update statistics: large tensors sampled (instability.update_sample; koifish_cuda.update_stats)
         self.stat_sample = InstabilityConfig.from_dict(case.instability).update_sample
         self.stat_chunk = STAT_CHUNK
@@ -289,8 +289,7 @@ class CUDAEngine:
             """dres += LayerNorm backward of dln (dres_g follows); the new dres is the gradient of a
             residual add, whose column sums are proj_bias' gradient (the projection added there)."""
             layernorm_backward(dres, g[name + ".weight"], g[name + ".bias"], self.dln, x, p[name + ".weight"], mean,
-                               rstd, s, dx16=copy, dsum=None if proj_bias is None else g[proj_bias],
-                               variant=self.variants["layernorm_backward"])
+                               rstd, s, dx16=copy, dsum=None if proj_bias is None else g[proj_bias])
 
         dres.fill(0)  # the LM head's backward ran with the forward (_head): dln is ln_f's output gradient
         L = self.cfg.n_layer

@@ -148,10 +148,15 @@ class Qwen3GPU:
     """Decoder protocol of koifish_core.models.qwen3.Qwen3 (new_cache, forward), plus sampling on the device:
     set_sampling, prefill_sample, decode_sample."""
 
-    def __init__(self, config, tf32: bool = True, cache_dtype=np.float16, decode_splits: int = 64):
+    def __init__(self, config, tf32: bool = True, cache_dtype=np.float16, decode_splits: int = 64,
+                 act_bits: int = 16):
         from koifish_cuda.quant import MAX_BATCH
 
         self.config = config
+        if act_bits not in (16, 8):
+            raise KoifishError(f"--act-bits: expected 16 or 8, got {act_bits}")
+        # 8: the batch-1 4-bit GEMVs take x rounded to int8 per 16 values (koifish_cuda.quant_a8)
+        self.act_bits = act_bits
         self.sim = simulated()
         self.gemv_rows = MAX_BATCH  # prompt chunks of at most this many rows run the decode kernels
         if not self.sim and not gpu_available():
@@ -421,7 +426,11 @@ class Qwen3GPU:
 
         if lin.perm is not None:
             x = self._gathered(x, lin, self.xg)
-        if lin.quantized:
+        if lin.quantized and lin.bits == 4 and self.act_bits == 8 and x.shape[0] == 1:
+            from koifish_cuda.quant_a8 import dequant_matvec4_a8
+
+            dequant_matvec4_a8(out, x, lin.words, lin.scales, lin.zeros, lin.group_size, self.ns)
+        elif lin.quantized:
             dequant_matvec(out, x, lin.words, lin.scales, lin.zeros, lin.bits, lin.group_size, self.ns)
         else:
             self.blas.matmul(out, x, lin.w)

@@ -62,12 +62,12 @@ class InstabilityConfig:
     max_logit: float = 1000.0
     """Largest |logit| allowed (0 = off): logits that grow without bound precede divergence (the
     reason for PaLM's z-loss); healthy GPT-2 training stays below about 50."""
-    update_sample: int = 1
+    update_sample: int = 8
     """With more than 1 the CUDA engine measures the update statistics of a tensor of at least 8 x
     this many 16k-element chunks (1M+ elements at 8) on one chunk in this many, a different one
-    each step, scaled to the whole tensor. 1 (the default until the sampled pass is measured on a
-    GPU): every element; that pass reads weights, gradients and both moments, 25 GB a step at GPT-2
-    1558M. The CPU engine measures every element."""
+    each step, scaled to the whole tensor; 1: every element. That pass reads weights, gradients and
+    both moments (25 GB a step at GPT-2 1558M): at 8 the norm graph of GPT-2 124M took 0.48 ms
+    instead of 0.97 (H200). The CPU engine measures every element."""
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "case") -> "InstabilityConfig":

@@ -1,0 +1,131 @@
+"""Batch-1 4-bit GEMV on 8-bit activations (W4A8): the decode step's matrix-vector products.
+
+x (1, K) is cut into chunks of 16 values, each rounded to int8 with its own scale
+(xs = max|x| / 127, round half to even), as llama.cpp does with its q8 activation blocks; a weight
+chunk's 16 4-bit codes then meet their x bytes in four dp4a instructions (dp4a.py):
+
+    y[n] = sum_c scale[n, g(c)] * xs[c] * (sum_j q[n, 16c + j] * x8[16c + j] - zero[n, g(c)] * sum_j x8[16c + j])
+
+The sum inside is exact in integers, so the kernel and its reference below differ only by float32
+rounding of the outer sum. The price is the rounding of x: each chunk keeps 8 bits of its largest
+value: a relative error of y near 5e-3 on Gaussian x, 20x under the 4-bit weights' own ~0.1
+(tests/test_quant_a8.py). The packed weights, scales and zeros are quant.py's, unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+CHUNK = 16  # x values per int8 scale: one uint64 of 4-bit codes
+
+
+def quantize_x16_ref(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x (K,) -> (x8 (K,) int64 in [-127, 127], xs (K/16,) float32): the kernel's rounding, in float32."""
+    x = np.asarray(x, np.float32).reshape(-1, CHUNK)
+    amax = np.abs(x).max(axis=1)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
+    x8 = np.rint(x * inv[:, None]).astype(np.int64)
+    return x8.reshape(-1), (amax / np.float32(127.0)).astype(np.float32)
+
+
+def dequant_matvec4_a8_ref(x: np.ndarray, codes, scales, zeros, group_size: int) -> np.ndarray:
+    """x (1, K) against 4-bit codes (N, K), scales (N, ng), zeros (N, ng) -> (1, N) float64."""
+    N, K = codes.shape
+    x8, xs = quantize_x16_ref(x[0])
+    q = codes.reshape(N, K // CHUNK, CHUNK).astype(np.int64)
+    dot = (q * x8.reshape(-1, CHUNK)).sum(-1)  # (N, K/16), exact
+    g = np.arange(K // CHUNK) // (group_size // CHUNK)
+    z = zeros.astype(np.int64)[:, g]
+    s = scales.astype(np.float64)[:, g]
+    return ((s * xs.astype(np.float64)) * (dot - z * x8.reshape(-1, CHUNK).sum(-1))).sum(-1)[None]
+
+
+# ---- CUDA ------------------------------------------------------------------------------------
+# The block shape is quant.py's batch-1 kernel's (ROWS4 rows a block, its warps splitting K, lane l
+# of warp w on uint64 32 (w + WARPS4 s) + l of every row): only the inner product changed. A lane
+# rounds its 16 x values once for all ROWS4 rows: v * (127 / max) + 1.5 * 2^23 in float32 leaves
+# round-half-even(v) in the low bits (|v| <= 127), so the byte is an AND away and no F2I is spent.
+import koifish_cuda.compat  # noqa: E402,F401
+from koifish_cuda.bf16 import float_bits  # noqa: E402
+from koifish_cuda.dp4a import dp4a  # noqa: E402
+from koifish_cuda.quant import _BOUNDS, BUF4, RED4, ROWS4, WARPS4  # noqa: E402
+from koifish_cuda.reduce import warp_sum  # noqa: E402
+from numba import cuda, float32, int32, uint32, uint64  # noqa: E402
+
+ROUNDER = np.float32(12582912.0)  # 1.5 * 2^23: adding it rounds to an integer, kept in the low bits
+ROUNDER_BITS = 0x4B400000
+NIBBLES = 0x0F0F0F0F
+
+
+@cuda.jit(cache=True, **_BOUNDS)
+def dequant_matvec4_a8_kernel(out, x, q64, scales, zeros, group_size):
+    """out (1, N) = x (1, K) @ dequant(W).T with x rounded to int8 per 16 values (see above)."""
+    N = q64.shape[0]
+    Kq = q64.shape[1]
+    buf = cuda.shared.array(BUF4, float32)
+    red = cuda.shared.array(RED4, float32)
+    t = cuda.threadIdx.x
+    lane = t % 32
+    wp = t // 32
+    n0 = cuda.blockIdx.x * ROWS4
+    qpg = group_size // CHUNK
+    acc = cuda.local.array(ROWS4, float32)
+    rows = cuda.local.array(ROWS4, int32)
+    for r in range(ROWS4):
+        acc[r] = float32(0.0)
+        rows[r] = min(n0 + r, N - 1)  # clamped: the extra rows are computed and dropped
+    wv = cuda.local.array(ROWS4, uint64)
+    xr = cuda.local.array(CHUNK, float32)
+    # the chunk's x bytes in the order the codes' nibbles come out of their words: [0] codes
+    # 0, 2, 4, 6 (the low nibbles of the low word), [1] 1, 3, 5, 7, [2] 8, 10, 12, 14, [3] 9, 11, 13, 15
+    xw = cuda.local.array(4, uint32)
+    for i in range(wp * 32 + lane, Kq, BUF4):
+        for r in range(ROWS4):  # the row loads first: they are what the kernel waits for
+            wv[r] = q64[rows[r], i]
+        amax = float32(0.0)
+        for j in range(CHUNK):
+            xr[j] = x[0, i * CHUNK + j]
+            amax = max(amax, abs(xr[j]))
+        inv = float32(127.0) / amax if amax > float32(0.0) else float32(0.0)
+        xs = amax / float32(127.0)
+        for k in range(4):
+            xw[k] = uint32(0)
+        xsum = int32(0)
+        for j in range(CHUNK):
+            b = float_bits(xr[j] * inv + ROUNDER)
+            xsum += int32(b) - int32(ROUNDER_BITS)
+            xw[(j // 8) * 2 + j % 2] |= (b & uint32(0xFF)) << uint32(8 * ((j % 8) // 2))
+        g = i // qpg
+        for r in range(ROWS4):
+            lo = uint32(wv[r] & uint64(0xFFFFFFFF))
+            hi = uint32(wv[r] >> uint64(32))
+            d = dp4a(lo & uint32(NIBBLES), int32(xw[0]), int32(0))
+            d = dp4a((lo >> uint32(4)) & uint32(NIBBLES), int32(xw[1]), d)
+            d = dp4a(hi & uint32(NIBBLES), int32(xw[2]), d)
+            d = dp4a((hi >> uint32(4)) & uint32(NIBBLES), int32(xw[3]), d)
+            # int32(): Numba widens int32 arithmetic to int64, and an int64 -> float conversion is slow
+            dz = int32(d - int32(zeros[rows[r], g]) * xsum)
+            acc[r] += scales[rows[r], g] * (xs * float32(dz))
+    for r in range(ROWS4):
+        tot = warp_sum(acc[r], buf)
+        if lane == 0:
+            red[wp * ROWS4 + r] = tot
+    cuda.syncthreads()
+    if t < ROWS4 and n0 + t < N:
+        s = float32(0.0)
+        for w in range(WARPS4):
+            s += red[w * ROWS4 + t]
+        out[0, n0 + t] = s
+
+
+def dequant_matvec4_a8(out, x, words, scales, zeros, group_size: int, stream=0):
+    """out (1, N) float32 = x (1, K) float32 @ W.T, W 4-bit as quant.dequant_matvec takes it (words
+    uint32 (N, K/8), scales float32 and zeros uint8 (N, K/group_size)); K a multiple of 32."""
+    M, K = x.shape
+    if M != 1 or K % 32 or group_size % CHUNK:
+        raise ValueError(f"dequant_matvec4_a8 takes one row of x, K a multiple of 32 and groups of 16k; "
+                         f"got x {x.shape}, group_size {group_size}")
+    N = out.shape[1]
+    dequant_matvec4_a8_kernel[(N + ROWS4 - 1) // ROWS4, BUF4, stream](out, x, words.view(np.uint64), scales, zeros,
+                                                                      group_size)
