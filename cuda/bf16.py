@@ -136,6 +136,45 @@ else:
         return lambda a, v: float32(v)
 
 
+# load_4(a, idx) / store_4(a, idx, v0, v1, v2, v3): four consecutive elements along the last axis, as
+# load/store above, in one 16-byte (float32) or 8-byte (bf16) memory instruction (vload.py); idx
+# aligned to four elements.
+if config.ENABLE_CUDASIM:
+
+    def load_4(a, idx):
+        return tuple(load(a, (*idx[:-1], idx[-1] + k)) for k in range(4))
+
+    def store_4(a, idx, v0, v1, v2, v3):
+        for k, v in enumerate((v0, v1, v2, v3)):
+            store(a, (*idx[:-1], idx[-1] + k), v)
+
+else:
+    from koifish_cuda.vload import load4, store4
+
+    def load_4(a, idx):
+        raise NotImplementedError("device function")
+
+    def store_4(a, idx, v0, v1, v2, v3):
+        raise NotImplementedError("device function")
+
+    @overload(load_4, target="cuda")
+    def _load_4(a, idx):
+        if a.dtype == types.uint16:
+            def bits(a, idx):
+                h0, h1, h2, h3 = load4(a, idx)
+                return bf16_to_f32(h0), bf16_to_f32(h1), bf16_to_f32(h2), bf16_to_f32(h3)
+            return bits
+        return lambda a, idx: load4(a, idx)
+
+    @overload(store_4, target="cuda")
+    def _store_4(a, idx, v0, v1, v2, v3):
+        if a.dtype == types.uint16:
+            def bits(a, idx, v0, v1, v2, v3):
+                store4(a, idx, f32_to_bf16(v0), f32_to_bf16(v1), f32_to_bf16(v2), f32_to_bf16(v3))
+            return bits
+        return lambda a, idx, v0, v1, v2, v3: store4(a, idx, v0, v1, v2, v3)
+
+
 @cuda.jit(cache=True)
 def to_bf16_kernel(out, x):
     """out (R, C) uint16 = bf16(x (R, C) float32); a thread per element, grid-stride."""

@@ -36,14 +36,17 @@ import math  # noqa: E402
 
 
 import koifish_cuda.compat  # noqa: E402,F401
-from koifish_cuda.bf16 import load, store  # noqa: E402
+from koifish_cuda.bf16 import load, load_4, store, store_4  # noqa: E402
 from koifish_cuda.reduce import THREADS, WARPS, warp_sum  # noqa: E402
+from koifish_cuda.vload import load4  # noqa: E402
 from numba import cuda, float32  # noqa: E402
 
 
 ROWS = 8  # warps (rows in flight) per block
 BUF = 32 * ROWS  # a compile-time constant for the shared array of the simulator's warp reductions
-BACK_ROWS = 2  # rows the backward's block has in flight
+# rows the backward's block has in flight: bench_kernels --sweep on an H200 at N=16384 gave one row
+# 0.142 ms (C=768) and 0.296 ms (C=1600), two rows 0.150 and 0.549 (the wider row's registers spill)
+BACK_ROWS = 1
 MAX_C = 32 * 64  # widest row: 64 values a lane (GPT-2 1558M has C = 1600)
 BACKWARD_BLOCKS = 528  # the backward's grid (4 blocks an SM of an H100/H200)
 
@@ -86,6 +89,61 @@ def _forward_kernel(PER: int):
 
 
 @functools.lru_cache(maxsize=None)
+def _forward4_kernel(PER4: int):
+    PER = 4 * PER4
+
+    @cuda.jit(cache=True)
+    def kernel(out, mean, rstd, x, w, b, eps):
+        """The forward for C a multiple of 4, every array aligned to four elements: lane l owns columns
+        4 (l + 32 k) + e, e < 4, read in one 16-byte load and written in one store each (vload.py):
+        a quarter of the scalar kernel's memory instructions."""
+        N, C = x.shape
+        buf = cuda.shared.array(BUF, float32)
+        lane = cuda.threadIdx.x % 32
+        v = cuda.local.array(PER, float32)
+        for base in range(cuda.blockIdx.x * ROWS, N, cuda.gridDim.x * ROWS):
+            row = base + cuda.threadIdx.x // 32
+            live = row < N
+            s = float32(0.0)
+            for k in range(PER4):
+                c = 4 * (lane + 32 * k)
+                if live and c < C:
+                    v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3] = load_4(x, (row, c))
+                else:
+                    for e in range(4):
+                        v[4 * k + e] = float32(0.0)
+                s += (v[4 * k] + v[4 * k + 1]) + (v[4 * k + 2] + v[4 * k + 3])
+            m = warp_sum(s, buf) / float32(C)
+            s = float32(0.0)
+            for k in range(PER4):
+                if 4 * (lane + 32 * k) < C:
+                    for e in range(4):
+                        d = v[4 * k + e] - m
+                        s += d * d
+            r = float32(1.0) / math.sqrt(warp_sum(s, buf) / float32(C) + eps)
+            if live:
+                for k in range(PER4):
+                    c = 4 * (lane + 32 * k)
+                    if c < C:
+                        w0, w1, w2, w3 = load4(w, c)
+                        b0, b1, b2, b3 = load4(b, c)
+                        store_4(out, (row, c), (v[4 * k] - m) * r * w0 + b0, (v[4 * k + 1] - m) * r * w1 + b1,
+                                (v[4 * k + 2] - m) * r * w2 + b2, (v[4 * k + 3] - m) * r * w3 + b3)
+                if lane == 0:
+                    mean[row] = m
+                    rstd[row] = r
+
+    return kernel
+
+
+def _aligned(a, elements: int) -> bool:
+    """a's first element sits on a boundary of `elements` of its items (vector loads need it)."""
+    iface = getattr(a, "__cuda_array_interface__", None)
+    ptr = iface["data"][0] if iface else a.ctypes.data
+    return ptr % (elements * a.dtype.itemsize) == 0
+
+
+@functools.lru_cache(maxsize=None)
 def _backward_kernel(PER: int, BACK_ROWS: int = BACK_ROWS):
     PR = PER * BACK_ROWS  # a local array's size must be a plain constant, not an expression
     RED = 2 * WARPS * BACK_ROWS  # the rows' per-warp sums
@@ -98,8 +156,8 @@ def _backward_kernel(PER: int, BACK_ROWS: int = BACK_ROWS):
         dw/db (and dsum) partial sums, added into dw/db once per block, not once per row. The rows'
         sums are reduced in each warp by shuffles and across the warps through shared memory: two
         barriers for BACK_ROWS rows. The kernel is bound by latency, not bytes (float32 and bf16
-        dout ran alike): reading everything a row needs at once and two rows in flight is what
-        helps. dx16, unless it has no rows, gets a bf16 copy of the new dx (the bf16 GEMMs'
+        dout ran alike): reading everything a row needs at once is what helps (more rows in
+        flight did not, see BACK_ROWS). dx16, unless it has no rows, gets a bf16 copy of the new dx (the bf16 GEMMs'
         operand); dsum, unless empty, += the new dx's column sums (the residual gradient's: the
         bias gradient of the projection added at that residual, for free). A warp per row with
         the row in registers, as the forward, was slower: 248 registers a thread, 0.36 ms at
@@ -191,10 +249,15 @@ def _per(C: int) -> int:
     return -(-C // 32)
 
 
-def layernorm_forward(out, mean, rstd, x, w, b, stream=0, eps=EPS, blocks=None):
+def layernorm_forward(out, mean, rstd, x, w, b, stream=0, eps=EPS, blocks=None, vector=True):
     """blocks: the grid (default a block for every ROWS rows; fewer walk the rows grid-stride, to be
-    measured with bench_kernels.py --sweep)."""
-    kernel = _forward_kernel(_per(x.shape[1]))
+    measured with bench_kernels.py --sweep). vector: four columns a memory instruction where the
+    width and alignment allow it (else, or with vector=False, one)."""
+    C = x.shape[1]
+    if vector and C % 4 == 0 and all(_aligned(a, 4) for a in (x, out, w, b)):
+        kernel = _forward4_kernel(-(-_per(C) // 4))
+    else:
+        kernel = _forward_kernel(_per(C))
     grid = -(-x.shape[0] // ROWS)
     # np.float32: a Python float is typed float64 and drags the row's arithmetic into float64
     kernel[min(blocks or grid, grid), 32 * ROWS, stream](out, mean, rstd, x, w, b, np.float32(eps))

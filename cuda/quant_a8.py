@@ -42,71 +42,91 @@ def dequant_matvec4_a8_ref(x: np.ndarray, codes, scales, zeros, group_size: int)
 
 
 # ---- CUDA ------------------------------------------------------------------------------------
-# The block shape is quant.py's batch-1 kernel's (ROWS4 rows a block, its warps splitting K, lane l
-# of warp w on uint64 32 (w + WARPS4 s) + l of every row): only the inner product changed. A lane
-# rounds its 16 x values once for all ROWS4 rows: v * (127 / max) + 1.5 * 2^23 in float32 leaves
+# The block shape is quant.py's batch-1 kernel's (ROWS4 rows a block, its warps splitting K), but a
+# lane takes 32 codes of a row at a time, two uint64 in one 16-byte load (vload.py): lane l of warp w
+# reads pair 32 (w + WARPS4 s) + l of every row, 16 rows x 16 bytes in flight. It rounds its 32 x
+# values (two chunks of 16) once for all ROWS4 rows: v * (127 / max) + 1.5 * 2^23 in float32 leaves
 # round-half-even(v) in the low bits (|v| <= 127), so the byte is an AND away and no F2I is spent.
 import koifish_cuda.compat  # noqa: E402,F401
 from koifish_cuda.bf16 import float_bits  # noqa: E402
 from koifish_cuda.dp4a import dp4a  # noqa: E402
 from koifish_cuda.quant import _BOUNDS, BUF4, RED4, ROWS4, WARPS4  # noqa: E402
 from koifish_cuda.reduce import warp_sum  # noqa: E402
+from koifish_cuda.vload import load2  # noqa: E402
 from numba import cuda, float32, int32, uint32, uint64  # noqa: E402
 
 ROUNDER = np.float32(12582912.0)  # 1.5 * 2^23: adding it rounds to an integer, kept in the low bits
 ROUNDER_BITS = 0x4B400000
 NIBBLES = 0x0F0F0F0F
+PAIR = 2 * CHUNK  # codes a lane takes from a row per turn
+
+
+@cuda.jit(device=True, inline=True)
+def _round_chunk(xr, base, xw, wbase):
+    """Round xr[base : base + 16] to int8 by their largest magnitude; write the bytes into xw[wbase :
+    wbase + 4] in the order the codes' nibbles come out of their words ([0] codes 0, 2, 4, 6: the low
+    nibbles of the low word; [1] 1, 3, 5, 7; [2] 8, 10, 12, 14; [3] 9, 11, 13, 15). Returns (scale,
+    sum of the int8 values)."""
+    amax = float32(0.0)
+    for j in range(CHUNK):
+        amax = max(amax, abs(xr[base + j]))
+    inv = float32(127.0) / amax if amax > float32(0.0) else float32(0.0)
+    for k in range(4):
+        xw[wbase + k] = uint32(0)
+    xsum = int32(0)
+    for j in range(CHUNK):
+        b = float_bits(xr[base + j] * inv + ROUNDER)
+        xsum += int32(b) - int32(ROUNDER_BITS)
+        xw[wbase + (j // 8) * 2 + j % 2] |= (b & uint32(0xFF)) << uint32(8 * ((j % 8) // 2))
+    return amax / float32(127.0), xsum
+
+
+@cuda.jit(device=True, inline=True)
+def _dot_chunk(q, xw, wbase):
+    """sum_j code_j * x8_j over the 16 codes of the uint64 q: four dp4a."""
+    lo = uint32(q & uint64(0xFFFFFFFF))
+    hi = uint32(q >> uint64(32))
+    d = dp4a(lo & uint32(NIBBLES), int32(xw[wbase]), int32(0))
+    d = dp4a((lo >> uint32(4)) & uint32(NIBBLES), int32(xw[wbase + 1]), d)
+    d = dp4a(hi & uint32(NIBBLES), int32(xw[wbase + 2]), d)
+    return dp4a((hi >> uint32(4)) & uint32(NIBBLES), int32(xw[wbase + 3]), d)
 
 
 @cuda.jit(cache=True, **_BOUNDS)
 def dequant_matvec4_a8_kernel(out, x, q64, scales, zeros, group_size):
     """out (1, N) = x (1, K) @ dequant(W).T with x rounded to int8 per 16 values (see above)."""
     N = q64.shape[0]
-    Kq = q64.shape[1]
+    pairs = q64.shape[1] // 2
     buf = cuda.shared.array(BUF4, float32)
     red = cuda.shared.array(RED4, float32)
     t = cuda.threadIdx.x
     lane = t % 32
     wp = t // 32
     n0 = cuda.blockIdx.x * ROWS4
-    qpg = group_size // CHUNK
+    ppg = group_size // PAIR
     acc = cuda.local.array(ROWS4, float32)
     rows = cuda.local.array(ROWS4, int32)
     for r in range(ROWS4):
         acc[r] = float32(0.0)
         rows[r] = min(n0 + r, N - 1)  # clamped: the extra rows are computed and dropped
-    wv = cuda.local.array(ROWS4, uint64)
-    xr = cuda.local.array(CHUNK, float32)
-    # the chunk's x bytes in the order the codes' nibbles come out of their words: [0] codes
-    # 0, 2, 4, 6 (the low nibbles of the low word), [1] 1, 3, 5, 7, [2] 8, 10, 12, 14, [3] 9, 11, 13, 15
-    xw = cuda.local.array(4, uint32)
-    for i in range(wp * 32 + lane, Kq, BUF4):
+    w0 = cuda.local.array(ROWS4, uint64)
+    w1 = cuda.local.array(ROWS4, uint64)
+    xr = cuda.local.array(PAIR, float32)
+    xw = cuda.local.array(8, uint32)
+    for i in range(wp * 32 + lane, pairs, BUF4):
         for r in range(ROWS4):  # the row loads first: they are what the kernel waits for
-            wv[r] = q64[rows[r], i]
-        amax = float32(0.0)
-        for j in range(CHUNK):
-            xr[j] = x[0, i * CHUNK + j]
-            amax = max(amax, abs(xr[j]))
-        inv = float32(127.0) / amax if amax > float32(0.0) else float32(0.0)
-        xs = amax / float32(127.0)
-        for k in range(4):
-            xw[k] = uint32(0)
-        xsum = int32(0)
-        for j in range(CHUNK):
-            b = float_bits(xr[j] * inv + ROUNDER)
-            xsum += int32(b) - int32(ROUNDER_BITS)
-            xw[(j // 8) * 2 + j % 2] |= (b & uint32(0xFF)) << uint32(8 * ((j % 8) // 2))
-        g = i // qpg
+            w0[r], w1[r] = load2(q64, (rows[r], 2 * i))
+        for j in range(PAIR):
+            xr[j] = x[0, i * PAIR + j]
+        xs0, xsum0 = _round_chunk(xr, 0, xw, 0)
+        xs1, xsum1 = _round_chunk(xr, CHUNK, xw, 4)
+        g = i // ppg
         for r in range(ROWS4):
-            lo = uint32(wv[r] & uint64(0xFFFFFFFF))
-            hi = uint32(wv[r] >> uint64(32))
-            d = dp4a(lo & uint32(NIBBLES), int32(xw[0]), int32(0))
-            d = dp4a((lo >> uint32(4)) & uint32(NIBBLES), int32(xw[1]), d)
-            d = dp4a(hi & uint32(NIBBLES), int32(xw[2]), d)
-            d = dp4a((hi >> uint32(4)) & uint32(NIBBLES), int32(xw[3]), d)
+            z = int32(zeros[rows[r], g])
             # int32(): Numba widens int32 arithmetic to int64, and an int64 -> float conversion is slow
-            dz = int32(d - int32(zeros[rows[r], g]) * xsum)
-            acc[r] += scales[rows[r], g] * (xs * float32(dz))
+            d0 = int32(_dot_chunk(w0[r], xw, 0) - z * xsum0)
+            d1 = int32(_dot_chunk(w1[r], xw, 4) - z * xsum1)
+            acc[r] += scales[rows[r], g] * (xs0 * float32(d0) + xs1 * float32(d1))
     for r in range(ROWS4):
         tot = warp_sum(acc[r], buf)
         if lane == 0:
@@ -119,13 +139,21 @@ def dequant_matvec4_a8_kernel(out, x, q64, scales, zeros, group_size):
         out[0, n0 + t] = s
 
 
+def _address(a) -> int:
+    iface = getattr(a, "__cuda_array_interface__", None)
+    return iface["data"][0] if iface else a.ctypes.data
+
+
 def dequant_matvec4_a8(out, x, words, scales, zeros, group_size: int, stream=0):
     """out (1, N) float32 = x (1, K) float32 @ W.T, W 4-bit as quant.dequant_matvec takes it (words
-    uint32 (N, K/8), scales float32 and zeros uint8 (N, K/group_size)); K a multiple of 32."""
+    uint32 (N, K/8), scales float32 and zeros uint8 (N, K/group_size)); K and group_size multiples
+    of 32, words on a 16-byte boundary (its rows then are too: K/2 bytes each)."""
     M, K = x.shape
-    if M != 1 or K % 32 or group_size % CHUNK:
-        raise ValueError(f"dequant_matvec4_a8 takes one row of x, K a multiple of 32 and groups of 16k; "
+    if M != 1 or K % PAIR or group_size % PAIR:
+        raise ValueError(f"dequant_matvec4_a8 takes one row of x, K and group_size multiples of {PAIR}; "
                          f"got x {x.shape}, group_size {group_size}")
+    if _address(words) % 16:
+        raise ValueError("dequant_matvec4_a8: the packed weights must start on a 16-byte boundary")
     N = out.shape[1]
     dequant_matvec4_a8_kernel[(N + ROWS4 - 1) // ROWS4, BUF4, stream](out, x, words.view(np.uint64), scales, zeros,
                                                                       group_size)
