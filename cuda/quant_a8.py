@@ -42,23 +42,24 @@ def dequant_matvec4_a8_ref(x: np.ndarray, codes, scales, zeros, group_size: int)
 
 
 # ---- CUDA ------------------------------------------------------------------------------------
-# The block shape is quant.py's batch-1 kernel's (ROWS4 rows a block, its warps splitting K), but a
-# lane takes 32 codes of a row at a time, two uint64 in one 16-byte load (vload.py): lane l of warp w
-# reads pair 32 (w + WARPS4 s) + l of every row, 16 rows x 16 bytes in flight. It rounds its 32 x
-# values (two chunks of 16) once for all ROWS4 rows: v * (127 / max) + 1.5 * 2^23 in float32 leaves
-# round-half-even(v) in the low bits (|v| <= 127), so the byte is an AND away and no F2I is spent.
+# The block shape is quant.py's batch-1 kernel's (ROWS4 rows a block, its warps splitting K, lane l
+# of warp w on uint64 32 (w + WARPS4 s) + l of every row): only the inner product changed. A lane
+# rounds its 16 x values (four 16-byte loads) once for all ROWS4 rows: v * (127 / max) + 1.5 * 2^23
+# in float32 leaves round-half-even(v) in the low bits (|v| <= 127), so the byte is an AND away and
+# no F2I is spent. Measured on an H200 (bench_quant_gemv.py --variants): one token's GEMVs of
+# Qwen3-32B 10.85 ms against 14.58 with float32 x; reading two uint64 a row per 16-byte load instead
+# was slower (15.48 ms: 32 more registers a thread under the 170-register bound).
 import koifish_cuda.compat  # noqa: E402,F401
 from koifish_cuda.bf16 import float_bits  # noqa: E402
 from koifish_cuda.dp4a import dp4a  # noqa: E402
 from koifish_cuda.quant import _BOUNDS, BUF4, RED4, ROWS4, WARPS4  # noqa: E402
 from koifish_cuda.reduce import warp_sum  # noqa: E402
-from koifish_cuda.vload import load2  # noqa: E402
+from koifish_cuda.vload import load4  # noqa: E402
 from numba import cuda, float32, int32, uint32, uint64  # noqa: E402
 
 ROUNDER = np.float32(12582912.0)  # 1.5 * 2^23: adding it rounds to an integer, kept in the low bits
 ROUNDER_BITS = 0x4B400000
 NIBBLES = 0x0F0F0F0F
-PAIR = 2 * CHUNK  # codes a lane takes from a row per turn
 
 
 @cuda.jit(device=True, inline=True)
@@ -96,37 +97,33 @@ def _dot_chunk(q, xw, wbase):
 def dequant_matvec4_a8_kernel(out, x, q64, scales, zeros, group_size):
     """out (1, N) = x (1, K) @ dequant(W).T with x rounded to int8 per 16 values (see above)."""
     N = q64.shape[0]
-    pairs = q64.shape[1] // 2
+    Kq = q64.shape[1]
     buf = cuda.shared.array(BUF4, float32)
     red = cuda.shared.array(RED4, float32)
     t = cuda.threadIdx.x
     lane = t % 32
     wp = t // 32
     n0 = cuda.blockIdx.x * ROWS4
-    ppg = group_size // PAIR
+    qpg = group_size // CHUNK
     acc = cuda.local.array(ROWS4, float32)
     rows = cuda.local.array(ROWS4, int32)
     for r in range(ROWS4):
         acc[r] = float32(0.0)
         rows[r] = min(n0 + r, N - 1)  # clamped: the extra rows are computed and dropped
-    w0 = cuda.local.array(ROWS4, uint64)
-    w1 = cuda.local.array(ROWS4, uint64)
-    xr = cuda.local.array(PAIR, float32)
-    xw = cuda.local.array(8, uint32)
-    for i in range(wp * 32 + lane, pairs, BUF4):
+    wv = cuda.local.array(ROWS4, uint64)
+    xr = cuda.local.array(CHUNK, float32)
+    xw = cuda.local.array(4, uint32)
+    for i in range(wp * 32 + lane, Kq, BUF4):
         for r in range(ROWS4):  # the row loads first: they are what the kernel waits for
-            w0[r], w1[r] = load2(q64, (rows[r], 2 * i))
-        for j in range(PAIR):
-            xr[j] = x[0, i * PAIR + j]
-        xs0, xsum0 = _round_chunk(xr, 0, xw, 0)
-        xs1, xsum1 = _round_chunk(xr, CHUNK, xw, 4)
-        g = i // ppg
+            wv[r] = q64[rows[r], i]
+        for j in range(0, CHUNK, 4):
+            xr[j], xr[j + 1], xr[j + 2], xr[j + 3] = load4(x, (0, i * CHUNK + j))
+        xs, xsum = _round_chunk(xr, 0, xw, 0)
+        g = i // qpg
         for r in range(ROWS4):
-            z = int32(zeros[rows[r], g])
             # int32(): Numba widens int32 arithmetic to int64, and an int64 -> float conversion is slow
-            d0 = int32(_dot_chunk(w0[r], xw, 0) - z * xsum0)
-            d1 = int32(_dot_chunk(w1[r], xw, 4) - z * xsum1)
-            acc[r] += scales[rows[r], g] * (xs0 * float32(d0) + xs1 * float32(d1))
+            dz = int32(_dot_chunk(wv[r], xw, 0) - int32(zeros[rows[r], g]) * xsum)
+            acc[r] += scales[rows[r], g] * (xs * float32(dz))
     for r in range(ROWS4):
         tot = warp_sum(acc[r], buf)
         if lane == 0:
@@ -147,13 +144,13 @@ def _address(a) -> int:
 def dequant_matvec4_a8(out, x, words, scales, zeros, group_size: int, stream=0):
     """out (1, N) float32 = x (1, K) float32 @ W.T, W 4-bit as quant.dequant_matvec takes it (words
     uint32 (N, K/8), scales float32 and zeros uint8 (N, K/group_size)); K and group_size multiples
-    of 32, words on a 16-byte boundary (its rows then are too: K/2 bytes each)."""
+    of 16, x on a 16-byte boundary."""
     M, K = x.shape
-    if M != 1 or K % PAIR or group_size % PAIR:
-        raise ValueError(f"dequant_matvec4_a8 takes one row of x, K and group_size multiples of {PAIR}; "
+    if M != 1 or K % 32 or group_size % CHUNK:
+        raise ValueError(f"dequant_matvec4_a8 takes one row of x, K a multiple of 32 and group_size of {CHUNK}; "
                          f"got x {x.shape}, group_size {group_size}")
-    if _address(words) % 16:
-        raise ValueError("dequant_matvec4_a8: the packed weights must start on a 16-byte boundary")
+    if _address(x) % 16:
+        raise ValueError("dequant_matvec4_a8: x must start on a 16-byte boundary")
     N = out.shape[1]
     dequant_matvec4_a8_kernel[(N + ROWS4 - 1) // ROWS4, BUF4, stream](out, x, words.view(np.uint64), scales, zeros,
                                                                       group_size)

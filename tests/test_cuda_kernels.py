@@ -36,11 +36,15 @@ def test_encoder_forward_backward():
     assert rel_err(host(gwte), ref_wte) < TOL and rel_err(host(gwpe), ref_wpe) < TOL
 
 
-def test_layernorm_forward_backward():
+@pytest.mark.parametrize("odd", [False, True])
+def test_layernorm_forward_backward(odd):
+    """odd: C not a multiple of 4, so the kernels take four scalar loads a group, the last group partly
+    past the row's end; else one vector load a group (and the scalar kernel once, vector=False)."""
     from koifish_cuda.layernorm import layernorm_backward, layernorm_backward_ref, layernorm_forward, layernorm_forward_ref
 
     r = rng()
     N, C = (4096, 768) if ON_GPU else (6, 300)  # 300: several columns a thread, the last ones partly past the row
+    C += 2 * odd
     x, w, b = r.standard_normal((N, C)) * 2 + 0.5, r.standard_normal(C), r.standard_normal(C)
     out, mean, rstd = (dev(np.full(s, np.nan, np.float32)) for s in ((N, C), (N,), (N,)))
     f32 = lambda a: dev(a.astype(np.float32))  # noqa: E731
