@@ -83,8 +83,8 @@ def main():
     ap.add_argument("--layers", type=int, default=64)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--kv-bits", type=int, default=16, choices=(16, 8), help="KV cache: float16, or int8 + scales")
-    ap.add_argument("--act-bits", type=int, default=16, choices=(16, 8),
-                    help="the 4-bit GEMVs' x: float32, or int8 per 16 values (dp4a)")
+    ap.add_argument("--act-bits", type=int, default=8, choices=(16, 8),
+                    help="the 4-bit GEMVs' x: int8 per 16 values (dp4a; the engine's default), or float32")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed at each context")
     ap.add_argument("--contexts", default="8192", help="extra decode context lengths, comma separated ('' for none)")

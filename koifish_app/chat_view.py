@@ -8,13 +8,13 @@ import sys
 from rich.markup import escape
 
 
-def run_chat(model, *, models_dir, bits, device, kv_bits=16, think, max_new_tokens, temperature, seed, out,
-             err) -> None:
+def run_chat(model, *, models_dir, bits, device, kv_bits=16, act_bits=None, think, max_new_tokens, temperature,
+             seed, out, err) -> None:
     from koifish_core.infer.chat_open import open_chat
 
     err.print(f"loading {escape(str(model))} ...")
-    session = open_chat(model, models_dir=models_dir, bits=bits, device=device, kv_bits=kv_bits, think=think,
-                        max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    session = open_chat(model, models_dir=models_dir, bits=bits, device=device, kv_bits=kv_bits, act_bits=act_bits,
+                        think=think, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
 
     def write(text: str) -> None:
         sys.stdout.write(text)

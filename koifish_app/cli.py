@@ -27,6 +27,8 @@ app = typer.Typer(
 data_app = typer.Typer(help="Token shards: prepare them from plain text, inspect them.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 KV_BITS_HELP = "KV cache on the GPU: 16 (float16) or 8 (int8 codes and a scale per head vector: about half the memory)."
+ACT_BITS_HELP = ("Input of the GPU's 4-bit decode GEMVs: 8 (int8 per 16 values, dp4a: the default, a third faster) "
+                 "or 16 (float32, exact).")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -96,6 +98,7 @@ def generate(
     seed: Optional[int] = typer.Option(None, "--seed"),
     device: str = typer.Option("auto", "--device", help="auto (the GPU engine for Qwen3 when a GPU is visible), cpu or cuda."),
     kv_bits: int = typer.Option(16, "--kv-bits", help=KV_BITS_HELP),
+    act_bits: Optional[int] = typer.Option(None, "--act-bits", help=ACT_BITS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print {\"ids\": [...], \"text\": ...} on the last line."),
 ):
     """Continue a prompt with MODEL."""
@@ -103,6 +106,7 @@ def generate(
 
     result = generate_from_path(model, prompt=prompt, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_k=top_k, seed=seed, device=device, kv_bits=kv_bits,
+                                act_bits=act_bits,
                                 on_text=None if as_json else (lambda s: out.print(s, end="", markup=False)))
     if as_json:
         _json_last_line({"ids": result.ids, "text": result.text})
@@ -179,6 +183,7 @@ def chat(
     bits: Optional[int] = typer.Option(None, "--bits", help="Quantize weights at load: 8, 4 or 3."),
     device: str = typer.Option("auto", "--device", help="auto (the GPU when one is visible), cpu or cuda."),
     kv_bits: int = typer.Option(16, "--kv-bits", help=KV_BITS_HELP),
+    act_bits: Optional[int] = typer.Option(None, "--act-bits", help=ACT_BITS_HELP),
     think: bool = typer.Option(True, "--think/--no-think", help="Let Qwen3 think before answering."),
     max_new_tokens: int = typer.Option(1024, "--max-new-tokens"),
     temperature: Optional[float] = typer.Option(None, "--temperature"),
@@ -187,7 +192,7 @@ def chat(
     """Chat with a Qwen3 model (reads the prompt from stdin when it is not a terminal)."""
     from koifish_app.chat_view import run_chat
 
-    run_chat(model, models_dir=models_dir, bits=bits, device=device, kv_bits=kv_bits, think=think,
+    run_chat(model, models_dir=models_dir, bits=bits, device=device, kv_bits=kv_bits, act_bits=act_bits, think=think,
              max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, out=out, err=err)
 
 

@@ -87,11 +87,15 @@ def test_bad_model_folders(tmp_path):
     assert_clean_error(koifish("generate", folder, "--prompt-ids", "1,2"), "unsupported model_type 'mamba'")
 
 
-def test_kv_bits_is_checked_before_loading(tmp_path):
+def test_kv_and_act_bits_are_checked_before_loading(tmp_path):
     assert_clean_error(koifish("generate", tmp_path, "--prompt-ids", "1,2", "--kv-bits", "4"),
                        "--kv-bits: expected 16 or 8, got 4")
     assert_clean_error(koifish("chat", "qwen3-nonexistent-9b", "--device", "cpu", "--kv-bits", "8"),
                        "--kv-bits 8: the int8 KV cache is the GPU engine's")
+    assert_clean_error(koifish("generate", tmp_path, "--prompt-ids", "1,2", "--act-bits", "4"),
+                       "--act-bits: expected 16 or 8, got 4")
+    assert_clean_error(koifish("chat", "qwen3-nonexistent-9b", "--device", "cpu", "--act-bits", "16"),
+                       "--act-bits 16: the GPU engine's 4-bit GEMVs take it; this chat runs on the CPU")
 
 
 def test_train_eval_generate_plot_export(tmp_path, tiny_case):

@@ -38,7 +38,7 @@ def _rel(a, b):
 def test_prefill_and_decode_logits_equal_the_cpu_model(cpu_model):
     from koifish_core.infer.qwen3_gpu import Qwen3GPU
 
-    eng = Qwen3GPU.from_model(cpu_model)
+    eng = Qwen3GPU.from_model(cpu_model, act_bits=16)
     ids = np.random.default_rng(1).integers(0, 200, (1, 9 if ON_GPU else 5))
     P = ids.shape[1] - 3
     ref_cache = cpu_model.new_cache(max_len=32)
@@ -68,7 +68,7 @@ def test_greedy_continuation_equals_the_cpu_model(cpu_model):
         tok = int(np.argmax(logits[0, -1]))
         expected.append(tok)
         logits, _ = cpu_model.forward(np.array([[tok]]), cache=cache, last_only=True)
-    eng = Qwen3GPU.from_model(cpu_model)
+    eng = Qwen3GPU.from_model(cpu_model, act_bits=16)
     gcache = eng.new_cache(1, 40)
     eng.set_sampling(SamplingParams(temperature=0.0), seed=0)
     got = [int(eng.prefill_sample(np.array([prompt]), gcache)[0])]
@@ -82,7 +82,7 @@ def test_greedy_continuation_equals_the_cpu_model(cpu_model):
 def test_batched_decode_equals_one_sequence_at_a_time(cpu_model):
     from koifish_core.infer.qwen3_gpu import Qwen3GPU
 
-    eng = Qwen3GPU.from_model(cpu_model)
+    eng = Qwen3GPU.from_model(cpu_model, act_bits=16)
     eng.gemv_rows = 0  # prompts of 3 and of 1 sequence both take the bf16 prefill: same arithmetic
     ids = np.random.default_rng(4).integers(0, 200, (3, 12))
     cache = eng.new_cache(3, 32)
@@ -103,7 +103,7 @@ def test_seeded_sampling_on_the_gpu_repeats(cpu_model):
     from koifish_core.infer.qwen3_gpu import Qwen3GPU
     from koifish_core.infer.sampling import SamplingParams
 
-    eng = Qwen3GPU.from_model(cpu_model)
+    eng = Qwen3GPU.from_model(cpu_model, act_bits=16)
     runs = []
     for _ in range(2):
         cache = eng.new_cache(1, 64)
@@ -143,7 +143,7 @@ def test_long_prompt_in_chunks_then_decode(cpu_model, monkeypatch):
     # test_prefill_kernels checks the attention of a later chunk (past > 0) there
     B, T, steps, chunk = (2, 40, 2, 12) if ON_GPU else (1, 3, 0, 3)
     monkeypatch.setattr(q3, "PREFILL_ROWS", B * chunk)
-    eng = q3.Qwen3GPU.from_model(cpu_model)
+    eng = q3.Qwen3GPU.from_model(cpu_model, act_bits=16)
     if not ON_GPU:
         eng.gemv_rows = 2
     ids = np.random.default_rng(2).integers(0, 200, (B, T + steps))

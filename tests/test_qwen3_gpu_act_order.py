@@ -56,7 +56,7 @@ def _engines(act_order):
     from koifish_core.infer.qwen3_gpu_load import load_folder_gpu
 
     folder, cpu = act_order
-    return [Qwen3GPU.from_model(cpu), load_folder_gpu(folder)]
+    return [Qwen3GPU.from_model(cpu, act_bits=16), load_folder_gpu(folder, act_bits=16)]
 
 
 def _deq(cpu, name):
@@ -98,7 +98,7 @@ def test_parts_in_different_orders_are_joined_dense_and_correct(act_order):
     from koifish_core.infer.qwen3_gpu import Qwen3GPU
 
     cpu = act_order[1]
-    eng = Qwen3GPU.from_model(cpu)
+    eng = Qwen3GPU.from_model(cpu, act_bits=16)
     r = np.random.default_rng(4)
     parts = []
     for m in "qkv":

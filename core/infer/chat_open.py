@@ -45,19 +45,16 @@ def stop_ids_of(gen: dict, tokenizer) -> set[int]:
 def open_chat(model: str | Path, models_dir: str | Path | None = None, bits: int | None = None, device: str = "cpu",
               think: bool = True, max_new_tokens: int = 1024, temperature: float | None = None,
               seed: int | None = None, system: str | None = None, max_context: int | None = None,
-              on_tensor=None, kv_bits: int = 16) -> ChatSession:
+              on_tensor=None, kv_bits: int = 16, act_bits: int | None = None) -> ChatSession:
     from koifish_core.infer.chat_template import load_chat_template
     from koifish_core.infer.model_resolve import resolve_model
     from koifish_core.infer.tokenizer_hf import load_tokenizer_json
     from koifish_core.models.hf_qwen3 import load_hf_folder, read_json
 
-    from koifish_core.infer.qwen3_gpu import kv_cache_dtype, resolve_device
+    from koifish_core.infer.qwen3_gpu import engine_options, resolve_device
 
     on_gpu = resolve_device(device) == "cuda"
-    cache_dtype = kv_cache_dtype(kv_bits)
-    if kv_bits != 16 and not on_gpu:
-        raise KoifishError(f"--kv-bits {kv_bits}: the int8 KV cache is the GPU engine's; this chat runs on the CPU "
-                           f"(--device {device})")
+    options = engine_options(kv_bits, act_bits, on_gpu, "this chat", device)
     if bits is not None and bits not in (8, 4, 3):
         raise KoifishError(f"--bits: expected 8, 4 or 3, got {bits}")
     folder = resolve_model(model, models_dir)
@@ -73,7 +70,7 @@ def open_chat(model: str | Path, models_dir: str | Path | None = None, bits: int
         from koifish_core.infer.qwen3_gpu import GPU_DEFAULT_CONTEXT
         from koifish_core.infer.qwen3_gpu_load import load_folder_gpu
 
-        net = load_folder_gpu(folder, bits=bits, on_tensor=on_tensor, cache_dtype=cache_dtype)
+        net = load_folder_gpu(folder, bits=bits, on_tensor=on_tensor, **options)
         max_context = max_context or min(net.config.n_ctx, GPU_DEFAULT_CONTEXT)
     else:
         from koifish_core.models.hf_qwen3 import host_memory_bytes

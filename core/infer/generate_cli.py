@@ -26,24 +26,21 @@ def parse_prompt_ids(text: str) -> list[int]:
 
 def generate_from_path(model_path: Path, *, prompt: str | None, prompt_ids: str | None, max_new_tokens: int,
                        temperature: float, top_k: int | None, seed: int | None, device: str = "cpu",
-                       on_text=None, kv_bits: int = 16) -> GenerateResult:
+                       on_text=None, kv_bits: int = 16, act_bits: int | None = None) -> GenerateResult:
     from koifish_core.infer.generate import generate
     from koifish_core.models.from_path import open_model
 
     if (prompt is None) == (prompt_ids is None):
         raise KoifishError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
-    from koifish_core.infer.qwen3_gpu import kv_cache_dtype, resolve_device
+    from koifish_core.infer.qwen3_gpu import engine_options, resolve_device
 
     requested, device = device, resolve_device(device)
-    cache_dtype = kv_cache_dtype(kv_bits)
-    if kv_bits != 16 and device != "cuda":
-        raise KoifishError(f"--kv-bits {kv_bits}: the int8 KV cache is the GPU engine's; this run is on the CPU "
-                           f"(--device {requested})")
+    options = engine_options(kv_bits, act_bits, device == "cuda", "this generation", requested)
     if temperature < 0:
         raise KoifishError(f"--temperature: expected 0 (greedy) or a positive number, got {temperature}")
     if max_new_tokens <= 0:
         raise KoifishError(f"--max-new-tokens: expected a positive number, got {max_new_tokens}")
-    opened = open_model(model_path, gpu_engine=dict(cache_dtype=cache_dtype) if device == "cuda" else None)
+    opened = open_model(model_path, gpu_engine=options if device == "cuda" else None)
     enc = opened.encoding
     if prompt is not None:
         if enc is None:

@@ -66,6 +66,27 @@ def kv_cache_dtype(kv_bits: int):
     return np.float16 if kv_bits == 16 else np.int8
 
 
+ACT_BITS = 8  # the batch-1 4-bit GEMVs' input: int8 per 16 values (koifish_cuda.quant_a8), or 16: float32
+
+
+def engine_options(kv_bits: int = 16, act_bits: int | None = None, on_gpu: bool = True, run: str = "this run",
+                   device: str = "cpu") -> dict:
+    """Qwen3GPU keyword arguments for --kv-bits and --act-bits (None: the engine's ACT_BITS), checked before
+    anything loads. Both are the GPU engine's: a run on the CPU refuses them."""
+    cache_dtype = kv_cache_dtype(kv_bits)
+    if act_bits is not None and act_bits not in (16, 8):
+        raise KoifishError(f"--act-bits: expected 16 or 8, got {act_bits}")
+    if not on_gpu:
+        if kv_bits != 16:
+            raise KoifishError(f"--kv-bits {kv_bits}: the int8 KV cache is the GPU engine's; {run} runs on the CPU "
+                               f"(--device {device})")
+        if act_bits is not None:
+            raise KoifishError(f"--act-bits {act_bits}: the GPU engine's 4-bit GEMVs take it; {run} runs on the CPU "
+                               f"(--device {device})")
+        return {}
+    return dict(cache_dtype=cache_dtype, act_bits=ACT_BITS if act_bits is None else act_bits)
+
+
 def simulated() -> bool:
     return os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
@@ -149,7 +170,7 @@ class Qwen3GPU:
     set_sampling, prefill_sample, decode_sample."""
 
     def __init__(self, config, tf32: bool = True, cache_dtype=np.float16, decode_splits: int = 64,
-                 act_bits: int = 16):
+                 act_bits: int = ACT_BITS):
         from koifish_cuda.quant import MAX_BATCH
 
         self.config = config
