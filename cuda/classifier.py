@@ -47,6 +47,7 @@ import math  # noqa: E402
 import koifish_cuda.compat  # noqa: E402,F401
 from koifish_cuda.bf16 import load, pack_word, store, word_hi, word_lo  # noqa: E402
 from koifish_cuda.reduce import NEG_INF, THREADS, block_max, block_reduce_warps, block_sum  # noqa: E402
+from koifish_cuda.vload import aligned, load4, store4  # noqa: E402
 from numba import config, cuda, float32, uint32  # noqa: E402
 
 MAX_PER = 32  # most 32-bit words (two bf16 logits) a thread of the bf16 kernels holds in registers
@@ -86,18 +87,21 @@ def _word_grad(u, c, V, m, inv, tgt, dloss):
 
 
 @functools.lru_cache(maxsize=None)
-def _bf16_rows_kernel(PER: int, SHK: int, NT: int, PER_SM: int):
-    """A block of NT threads per row: words t + NT k (k < PER) in each thread's registers, the
-    SHK * NT words after them in shared memory. "registers" (SHK = 0, 1024 threads): a whole
-    GPT-2 row in registers, one block an SM. "split" (512 threads, 44 KB of the row in shared
-    memory): two blocks, so two rows, an SM, one block's reductions and exponentials overlapping
-    the other's loads."""
-    SHW = max(SHK * NT, 1)  # shared sizes must be plain constants
+def _bf16_rows_kernel(PER4: int, SHK: int, NT: int, PER_SM: int, VEC: bool):
+    """A block of NT threads per row: the groups of four words t + NT k (k < PER4) in each thread's
+    registers, the SHK * NT words after them in shared memory. "registers" (SHK = 0, 1024 threads):
+    a whole GPT-2 row in registers, one block an SM. "split" (512 threads, 44 KB of the row in
+    shared memory): two blocks, so two rows, an SM, one block's reductions and exponentials
+    overlapping the other's loads. VEC: a group is one 16-byte load and store (the row's words a
+    multiple of 4, aligned; vload.py), else four bounds-checked scalar ones."""
+    PER = 4 * PER4  # sizes must be plain constants
+    REG = PER * NT  # words held in registers (the shared part starts there)
+    SHW = max(SHK * NT, 1)
     BUF = NT if config.ENABLE_CUDASIM else 1  # the simulator's warp reductions go through shared memory
     # launch bounds: registers for NT threads, PER_SM blocks an SM (unbounded, ptxas took more than
     # 1024 threads can have: the launch failed); the simulator takes no such option
     bounds = {} if config.ENABLE_CUDASIM else {"launch_bounds": (NT, PER_SM)}
-    # cached on disk keyed by the closure's cells (PER, SHK, NT, ...): two plans that differ only
+    # cached on disk keyed by the closure's cells (PER4, SHK, NT, ...): two plans that differ only
     # in PER_SM (tiny rows) share an entry, which changes register limits, not results
 
     @cuda.jit(cache=True, fastmath=True, **bounds)
@@ -117,31 +121,44 @@ def _bf16_rows_kernel(PER: int, SHK: int, NT: int, PER_SM: int):
             xt = word_lo(w) if tgt % 2 == 0 else word_hi(w)
         x = cuda.local.array(PER, uint32)
         mt = NEG_INF
-        for k in range(PER):
-            j = t + k * NT
-            x[k] = words[row, j] if j < W else uint32(0)
-            mt = _word_max(mt, x[k], 2 * j, V)
+        for k in range(PER4):
+            j = 4 * (t + k * NT)
+            if VEC and j < W:
+                x[4 * k], x[4 * k + 1], x[4 * k + 2], x[4 * k + 3] = load4(words, (row, j))
+            else:
+                for e in range(4):
+                    x[4 * k + e] = words[row, j + e] if j + e < W else uint32(0)
+            for e in range(4):
+                mt = _word_max(mt, x[4 * k + e], 2 * (j + e), V)
         for k in range(SHK):
-            j = PER * NT + t + k * NT
+            j = REG + t + k * NT
             if j < W:
                 sh[t + k * NT] = words[row, j]
                 mt = _word_max(mt, sh[t + k * NT], 2 * j, V)
         m = block_reduce_warps(mt, buf, wbuf, True)
         st = ZERO
-        for k in range(PER):
-            st = _word_sum(st, x[k], 2 * (t + k * NT), V, m)
+        for k in range(PER4):
+            for e in range(4):
+                st = _word_sum(st, x[4 * k + e], 2 * (4 * (t + k * NT) + e), V, m)
         for k in range(SHK):
-            j = PER * NT + t + k * NT
+            j = REG + t + k * NT
             if j < W:
                 st = _word_sum(st, sh[t + k * NT], 2 * j, V, m)
         s = block_reduce_warps(st, buf, wbuf, False)
         inv = ONE / s
-        for k in range(PER):
-            j = t + k * NT
-            if j < W:
-                words[row, j] = _word_grad(x[k], 2 * j, V, m, inv, tgt, dloss)
+        for k in range(PER4):
+            j = 4 * (t + k * NT)
+            if VEC and j < W:
+                store4(words, (row, j), _word_grad(x[4 * k], 2 * j, V, m, inv, tgt, dloss),
+                       _word_grad(x[4 * k + 1], 2 * j + 2, V, m, inv, tgt, dloss),
+                       _word_grad(x[4 * k + 2], 2 * j + 4, V, m, inv, tgt, dloss),
+                       _word_grad(x[4 * k + 3], 2 * j + 6, V, m, inv, tgt, dloss))
+            elif not VEC:
+                for e in range(4):
+                    if j + e < W:
+                        words[row, j + e] = _word_grad(x[4 * k + e], 2 * (j + e), V, m, inv, tgt, dloss)
         for k in range(SHK):
-            j = PER * NT + t + k * NT
+            j = REG + t + k * NT
             if j < W:
                 words[row, j] = _word_grad(sh[t + k * NT], 2 * j, V, m, inv, tgt, dloss)
         if t == 0:
@@ -154,9 +171,10 @@ def _bf16_rows_kernel(PER: int, SHK: int, NT: int, PER_SM: int):
 
 
 def _bf16_plan(Vp: int, variant: str = "split"):
-    """(PER, SHK, NT, blocks an SM) of a bf16 row kernel for rows of Vp logits, or None (odd width,
-    or too wide for the variant). GPT-2's 50304 columns (25152 words): "registers" 25 words x 1024
-    threads; "split" 28 words x 512 threads in registers and 22 x 512 in shared memory."""
+    """(PER4, SHK, NT, blocks an SM) of a bf16 row kernel for rows of Vp logits, or None (odd width,
+    or too wide for the variant). GPT-2's 50304 columns (25152 words): "registers" 7 groups of four
+    words x 1024 threads; "split" 7 groups x 512 threads in registers and 22 words x 512 in shared
+    memory."""
     W = Vp // 2
     if Vp % 2:
         return None
@@ -165,9 +183,9 @@ def _bf16_plan(Vp: int, variant: str = "split"):
         nt *= 2
     shk = 0
     if variant == "split":
-        shk = min(SHARED_WORDS // nt, max(0, W // nt - 1))  # at least one word a thread in registers
-    per = -(-(W - shk * nt) // nt)
-    return (per, shk, nt, 1 if variant == "registers" else 2) if per <= MAX_PER else None
+        shk = min(SHARED_WORDS // nt, max(0, W // nt - 4))  # at least one group a thread in registers
+    per4 = -(-(W - shk * nt) // (4 * nt))
+    return (per4, shk, nt, 1 if variant == "registers" else 2) if 4 * per4 <= MAX_PER else None
 
 
 @cuda.jit(cache=True, fastmath=True)  # __expf: 2 ulp, far inside what a loss and its gradient need
@@ -217,8 +235,10 @@ def fused_classifier(logits, losses, loss_sum, targets, V, dloss, stream=0, max_
         max_logit = koifish_cuda.compat.device_constant((1,), np.float32)
     plan = _bf16_plan(logits.shape[1], variant) if logits.dtype == np.uint16 else None
     if plan is not None:  # bf16 rows: a row kernel (GPT-2's 50304 columns: 25 words x 1024 threads)
-        _bf16_rows_kernel(*plan)[logits.shape[0], plan[2], stream](logits.view(np.uint32), losses, loss_sum, targets,
-                                                                    V, np.float32(dloss), max_logit)
+        words = logits.view(np.uint32)
+        vec = words.shape[1] % 4 == 0 and aligned(words, 4)
+        _bf16_rows_kernel(*plan, vec)[logits.shape[0], plan[2], stream](words, losses, loss_sum, targets, V,
+                                                                         np.float32(dloss), max_logit)
         return
     fused_classifier_kernel[logits.shape[0], THREADS, stream](logits, losses, loss_sum, targets, V, np.float32(dloss),
                                                               max_logit)  # float32: a Python float is float64

@@ -42,6 +42,7 @@ import math  # noqa: E402
 import koifish_cuda.compat  # noqa: E402,F401
 from koifish_cuda.bf16 import load, load_4, store, store_4  # noqa: E402
 from koifish_cuda.reduce import THREADS, WARPS, warp_sum  # noqa: E402
+from koifish_cuda.vload import aligned  # noqa: E402
 from numba import cuda, float32  # noqa: E402
 
 
@@ -242,18 +243,11 @@ def _backward_kernel(PER4: int, BACK_ROWS: int, VEC: bool):
     return kernel
 
 
-def _aligned(a, elements: int) -> bool:
-    """a's first element sits on a boundary of `elements` of its items (vector loads need it)."""
-    iface = getattr(a, "__cuda_array_interface__", None)
-    ptr = iface["data"][0] if iface else a.ctypes.data
-    return ptr % (elements * a.dtype.itemsize) == 0
-
-
 def _vector(C: int, arrays, vector: bool) -> bool:
     """Groups of four columns in one memory instruction: C a multiple of 4, every array aligned."""
     if C > MAX_C:
         raise ValueError(f"layernorm supports widths up to {MAX_C}, got {C}")
-    return vector and C % 4 == 0 and all(a.size == 0 or _aligned(a, 4) for a in arrays)
+    return vector and C % 4 == 0 and all(a.size == 0 or aligned(a, 4) for a in arrays)
 
 
 def layernorm_forward(out, mean, rstd, x, w, b, stream=0, eps=EPS, blocks=None, vector=True):

@@ -54,7 +54,7 @@ from koifish_cuda.bf16 import float_bits  # noqa: E402
 from koifish_cuda.dp4a import dp4a  # noqa: E402
 from koifish_cuda.quant import _BOUNDS, BUF4, RED4, ROWS4, WARPS4  # noqa: E402
 from koifish_cuda.reduce import warp_sum  # noqa: E402
-from koifish_cuda.vload import load4  # noqa: E402
+from koifish_cuda.vload import aligned, load4  # noqa: E402
 from numba import cuda, float32, int32, uint32, uint64  # noqa: E402
 
 ROUNDER = np.float32(12582912.0)  # 1.5 * 2^23: adding it rounds to an integer, kept in the low bits
@@ -136,11 +136,6 @@ def dequant_matvec4_a8_kernel(out, x, q64, scales, zeros, group_size):
         out[0, n0 + t] = s
 
 
-def _address(a) -> int:
-    iface = getattr(a, "__cuda_array_interface__", None)
-    return iface["data"][0] if iface else a.ctypes.data
-
-
 def dequant_matvec4_a8(out, x, words, scales, zeros, group_size: int, stream=0):
     """out (1, N) float32 = x (1, K) float32 @ W.T, W 4-bit as quant.dequant_matvec takes it (words
     uint32 (N, K/8), scales float32 and zeros uint8 (N, K/group_size)); K and group_size multiples
@@ -149,7 +144,7 @@ def dequant_matvec4_a8(out, x, words, scales, zeros, group_size: int, stream=0):
     if M != 1 or K % 32 or group_size % CHUNK:
         raise ValueError(f"dequant_matvec4_a8 takes one row of x, K a multiple of 32 and group_size of {CHUNK}; "
                          f"got x {x.shape}, group_size {group_size}")
-    if _address(x) % 16:
+    if not aligned(x, 4):
         raise ValueError("dequant_matvec4_a8: x must start on a 16-byte boundary")
     N = out.shape[1]
     dequant_matvec4_a8_kernel[(N + ROWS4 - 1) // ROWS4, BUF4, stream](out, x, words.view(np.uint64), scales, zeros,

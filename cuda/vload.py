@@ -18,6 +18,13 @@ from __future__ import annotations
 import koifish_cuda.compat  # noqa: F401
 from numba import config, types
 
+
+def aligned(a, elements: int) -> bool:
+    """a's first element sits on a boundary of `elements` of its items (a CuPy, Numba or NumPy array)."""
+    iface = getattr(a, "__cuda_array_interface__", None)
+    ptr = iface["data"][0] if iface else a.ctypes.data
+    return ptr % (elements * a.dtype.itemsize) == 0
+
 if config.ENABLE_CUDASIM:
 
     def _at(idx, k):

@@ -146,16 +146,17 @@ def test_heads_split_from_and_merge_into_bf16_rows():
 
 
 @pytest.mark.parametrize("variant", ["registers", "split"])
-@pytest.mark.parametrize("shape", ["gpt2", "narrow", "odd"])
+@pytest.mark.parametrize("shape", ["gpt2", "narrow", "ragged", "odd"])
 def test_fused_classifier_on_bf16_logits(shape, variant):
     """Even widths run a row kernel (two logits a 32-bit word; the row in registers, or split between
-    registers and shared memory: one word a thread ("narrow"), several ("gpt2"), the last ones
-    partly past the row); an odd width the generic kernel."""
+    registers and shared memory: one group of words a thread ("narrow"), several ("gpt2"), the last
+    ones partly past the row; words a multiple of 4: a group is a 16-byte load, else ("ragged", 27
+    words) four scalar ones); an odd width the generic kernel."""
     from koifish_cuda.classifier import _bf16_plan, fused_classifier, fused_classifier_ref
 
     r = rng()
     N, V, Vp = {"gpt2": (1024, 50257, 50304) if ON_GPU else (3, 601, 640), "narrow": (4, 50, 64),
-                "odd": (4, 50, 51)}[shape]
+                "ragged": (4, 50, 54), "odd": (4, 50, 51)}[shape]
     plan = _bf16_plan(Vp, variant)
     assert (plan is None) == (shape == "odd")
     if variant == "split" and shape == "gpt2":
