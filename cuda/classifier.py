@@ -170,7 +170,7 @@ def _bf16_rows_kernel(PER4: int, SHK: int, NT: int, PER_SM: int, VEC: bool):
     return kernel
 
 
-def _bf16_plan(Vp: int, variant: str = "split"):
+def _bf16_plan(Vp: int, variant: str = "registers"):
     """(PER4, SHK, NT, blocks an SM) of a bf16 row kernel for rows of Vp logits, or None (odd width,
     or too wide for the variant). GPT-2's 50304 columns (25152 words): "registers" 7 groups of four
     words x 1024 threads; "split" 7 groups x 512 threads in registers and 22 words x 512 in shared
@@ -226,11 +226,12 @@ def fused_classifier_kernel(logits, losses, loss_sum, targets, V, dloss, max_log
         cuda.atomic.max(max_logit, 0, m)
 
 
-def fused_classifier(logits, losses, loss_sum, targets, V, dloss, stream=0, max_logit=None, variant="split"):
+def fused_classifier(logits, losses, loss_sum, targets, V, dloss, stream=0, max_logit=None, variant="registers"):
     """max_logit: a 1-element float32 device buffer raised to the largest logit of these rows
-    (None: a scratch buffer, not recorded). variant: the bf16 row kernel's plan, "split" (two rows
-    an SM, part of each row in shared memory: the engine's, 1.285 ms at 8192 x 50304 on an H200)
-    or "registers" (one row an SM, all of it in registers: 1.443 ms there)."""
+    (None: a scratch buffer, not recorded). variant: the bf16 row kernel's plan, "registers" (one
+    row an SM, all of it in registers) or "split" (two rows an SM, part of each in shared memory).
+    On an H200 (GPT-2 124M, B=16, the step's four 4096-row chunks, bench/profile_step.py) with
+    16-byte loads: registers 2.00 ms, split 2.51; with 4-byte loads split had won (2.64 vs 2.95)."""
     if max_logit is None:  # a scratch maximum, nobody's
         max_logit = koifish_cuda.compat.device_constant((1,), np.float32)
     plan = _bf16_plan(logits.shape[1], variant) if logits.dtype == np.uint16 else None
