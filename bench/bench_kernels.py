@@ -74,8 +74,8 @@ def main():
         ("bias_grad bf16 (N, 4C)", lambda s: bias_grad(db4, act16, s), N * F4 * h),
         ("fused_classifier bf16", lambda s: fused_classifier(logits16, losses, loss_sum, targets, V, 1.0 / N, s),
          2 * N * Vp * h),
-        ("fused_classifier bf16 registers", lambda s: fused_classifier(logits16, losses, loss_sum, targets, V, 1.0 / N,
-                                                                       s, variant="registers"), 2 * N * Vp * h),
+        ("fused_classifier bf16 split", lambda s: fused_classifier(logits16, losses, loss_sum, targets, V, 1.0 / N,
+                                                                   s, variant="split"), 2 * N * Vp * h),
         ("sum_squares (124M)", lambda s: sum_squares(norm_sq, grads, s), n_par * f),
         ("adamw (124M)", lambda s: adamw_update(params, grads, m, v, mask, norm_sq, hyper, s), (7 * n_par * f + n_par)),
     ]
