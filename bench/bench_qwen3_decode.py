@@ -74,7 +74,7 @@ def main():
         return
     import cupy as cp
 
-    from bench.bench_common import copy_bandwidth
+    from bench.bench_common import commit, copy_bandwidth
     from koifish_core.infer.qwen3_gpu import Qwen3GPU, kv_cache_dtype
     from koifish_core.infer.sampling import SamplingParams
     from koifish_core.models.qwen3 import Qwen3Config
@@ -160,7 +160,7 @@ def main():
     eng.set_sampling(SamplingParams(temperature=0.0), seed=1)  # argmax: what the filters cost
     decode_at(args.prompt, "greedy")
     pool = cp.get_default_memory_pool().total_bytes()
-    res = {"model": f"Qwen3-32B shapes, {args.layers} layers, random {args.bits}-bit weights (group 128)",
+    res = {"commit": commit(), "model": f"Qwen3-32B shapes, {args.layers} layers, random {args.bits}-bit weights (group 128)",
            "device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "copy_GBps": copy_bw / 1e9,
            "weights_GB": eng.weight_bytes() / 1e9, "load_s": load_s, "max_len": max_len,
            "prefill_tokens": args.prompt, "prefill_s": prefill_s, "prefill_tokens_per_s": args.prompt / prefill_s,
