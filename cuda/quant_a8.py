@@ -63,34 +63,34 @@ NIBBLES = 0x0F0F0F0F
 
 
 @cuda.jit(device=True, inline=True)
-def _round_chunk(xr, base, xw, wbase):
-    """Round xr[base : base + 16] to int8 by their largest magnitude; write the bytes into xw[wbase :
-    wbase + 4] in the order the codes' nibbles come out of their words ([0] codes 0, 2, 4, 6: the low
-    nibbles of the low word; [1] 1, 3, 5, 7; [2] 8, 10, 12, 14; [3] 9, 11, 13, 15). Returns (scale,
-    sum of the int8 values)."""
+def _round_chunk(xr, xw):
+    """Round the 16 values xr to int8 by their largest magnitude; write the bytes into xw's four words
+    in the order the codes' nibbles come out of theirs ([0] codes 0, 2, 4, 6: the low nibbles of the
+    low word; [1] 1, 3, 5, 7; [2] 8, 10, 12, 14; [3] 9, 11, 13, 15). Returns (scale, sum of the int8
+    values)."""
     amax = float32(0.0)
     for j in range(CHUNK):
-        amax = max(amax, abs(xr[base + j]))
+        amax = max(amax, abs(xr[j]))
     inv = float32(127.0) / amax if amax > float32(0.0) else float32(0.0)
     for k in range(4):
-        xw[wbase + k] = uint32(0)
+        xw[k] = uint32(0)
     xsum = int32(0)
     for j in range(CHUNK):
-        b = float_bits(xr[base + j] * inv + ROUNDER)
+        b = float_bits(xr[j] * inv + ROUNDER)
         xsum += int32(b) - int32(ROUNDER_BITS)
-        xw[wbase + (j // 8) * 2 + j % 2] |= (b & uint32(0xFF)) << uint32(8 * ((j % 8) // 2))
+        xw[(j // 8) * 2 + j % 2] |= (b & uint32(0xFF)) << uint32(8 * ((j % 8) // 2))
     return amax / float32(127.0), xsum
 
 
 @cuda.jit(device=True, inline=True)
-def _dot_chunk(q, xw, wbase):
+def _dot_chunk(q, xw):
     """sum_j code_j * x8_j over the 16 codes of the uint64 q: four dp4a."""
     lo = uint32(q & uint64(0xFFFFFFFF))
     hi = uint32(q >> uint64(32))
-    d = dp4a(lo & uint32(NIBBLES), int32(xw[wbase]), int32(0))
-    d = dp4a((lo >> uint32(4)) & uint32(NIBBLES), int32(xw[wbase + 1]), d)
-    d = dp4a(hi & uint32(NIBBLES), int32(xw[wbase + 2]), d)
-    return dp4a((hi >> uint32(4)) & uint32(NIBBLES), int32(xw[wbase + 3]), d)
+    d = dp4a(lo & uint32(NIBBLES), int32(xw[0]), int32(0))
+    d = dp4a((lo >> uint32(4)) & uint32(NIBBLES), int32(xw[1]), d)
+    d = dp4a(hi & uint32(NIBBLES), int32(xw[2]), d)
+    return dp4a((hi >> uint32(4)) & uint32(NIBBLES), int32(xw[3]), d)
 
 
 @cuda.jit(cache=True, **_BOUNDS)
@@ -118,11 +118,11 @@ def dequant_matvec4_a8_kernel(out, x, q64, scales, zeros, group_size):
             wv[r] = q64[rows[r], i]
         for j in range(0, CHUNK, 4):
             xr[j], xr[j + 1], xr[j + 2], xr[j + 3] = load4(x, (0, i * CHUNK + j))
-        xs, xsum = _round_chunk(xr, 0, xw, 0)
+        xs, xsum = _round_chunk(xr, xw)
         g = i // qpg
         for r in range(ROWS4):
             # int32(): Numba widens int32 arithmetic to int64, and an int64 -> float conversion is slow
-            dz = int32(_dot_chunk(wv[r], xw, 0) - int32(zeros[rows[r], g]) * xsum)
+            dz = int32(_dot_chunk(wv[r], xw) - int32(zeros[rows[r], g]) * xsum)
             acc[r] += scales[rows[r], g] * (xs * float32(dz))
     for r in range(ROWS4):
         tot = warp_sum(acc[r], buf)
