@@ -160,6 +160,32 @@ def _dot16(q, xr):
     return d
 
 
+@cuda.jit(device=True, inline=True)
+def _block_rows(acc, rows, n0, N):
+    """A batch-1 block's ROWS4 rows from n0 (clamped: the extra rows are computed and dropped), their
+    sums zeroed."""
+    for r in range(ROWS4):
+        acc[r] = float32(0.0)
+        rows[r] = min(n0 + r, N - 1)
+
+
+@cuda.jit(device=True, inline=True)
+def _store_rows(out, acc, buf, red, t, n0, N):
+    """Each row's sum over the block's warps (shuffles, then shared memory red), one plain store a row."""
+    lane = t % 32
+    wp = t // 32
+    for r in range(ROWS4):
+        tot = warp_sum(acc[r], buf)
+        if lane == 0:
+            red[wp * ROWS4 + r] = tot
+    cuda.syncthreads()
+    if t < ROWS4 and n0 + t < N:
+        s = float32(0.0)
+        for w in range(WARPS4):
+            s += red[w * ROWS4 + t]
+        out[0, n0 + t] = s
+
+
 # At most 170 registers a thread, so 3 blocks fit an SM: unbounded the compiler took 255 (2 blocks), and
 # the token's GEMVs took 15.45 ms instead of 14.57 (H200). The simulator's jit takes no launch bounds.
 _BOUNDS = {} if config.ENABLE_CUDASIM else {"launch_bounds": (BUF4, 3)}
@@ -183,9 +209,7 @@ def dequant_matvec4_kernel(out, x, q64, scales, zeros, group_size):
     qpg = group_size // 16
     acc = cuda.local.array(ROWS4, float32)
     rows = cuda.local.array(ROWS4, int32)
-    for r in range(ROWS4):
-        acc[r] = float32(0.0)
-        rows[r] = min(n0 + r, N - 1)  # clamped: the extra rows are computed and dropped
+    _block_rows(acc, rows, n0, N)
     wv = cuda.local.array(ROWS4, uint64)
     xr = cuda.local.array(16, float32)
     for i in range(wp * 32 + lane, Kq, BUF4):
@@ -200,16 +224,7 @@ def dequant_matvec4_kernel(out, x, q64, scales, zeros, group_size):
             d = _dot16(wv[r], xr)  # xsum + sum_j c_j x_j / 16
             z = float32(zeros[rows[r], g])
             acc[r] += scales[rows[r], g] * (float32(16.0) * d - (float32(16.0) + z) * xsum)
-    for r in range(ROWS4):
-        tot = warp_sum(acc[r], buf)
-        if lane == 0:
-            red[wp * ROWS4 + r] = tot
-    cuda.syncthreads()
-    if t < ROWS4 and n0 + t < N:
-        s = float32(0.0)
-        for w in range(WARPS4):
-            s += red[w * ROWS4 + t]
-        out[0, n0 + t] = s
+    _store_rows(out, acc, buf, red, t, n0, N)
 
 
 @cuda.jit(device=True, inline=True)

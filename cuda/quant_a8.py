@@ -52,8 +52,7 @@ def dequant_matvec4_a8_ref(x: np.ndarray, codes, scales, zeros, group_size: int)
 import koifish_cuda.compat  # noqa: E402,F401
 from koifish_cuda.bf16 import float_bits  # noqa: E402
 from koifish_cuda.dp4a import dp4a  # noqa: E402
-from koifish_cuda.quant import _BOUNDS, BUF4, RED4, ROWS4, WARPS4  # noqa: E402
-from koifish_cuda.reduce import warp_sum  # noqa: E402
+from koifish_cuda.quant import _BOUNDS, BUF4, RED4, ROWS4, _block_rows, _store_rows  # noqa: E402
 from koifish_cuda.vload import aligned, load4  # noqa: E402
 from numba import cuda, float32, int32, uint32, uint64  # noqa: E402
 
@@ -107,9 +106,7 @@ def dequant_matvec4_a8_kernel(out, x, q64, scales, zeros, group_size):
     qpg = group_size // CHUNK
     acc = cuda.local.array(ROWS4, float32)
     rows = cuda.local.array(ROWS4, int32)
-    for r in range(ROWS4):
-        acc[r] = float32(0.0)
-        rows[r] = min(n0 + r, N - 1)  # clamped: the extra rows are computed and dropped
+    _block_rows(acc, rows, n0, N)
     wv = cuda.local.array(ROWS4, uint64)
     xr = cuda.local.array(CHUNK, float32)
     xw = cuda.local.array(4, uint32)
@@ -124,16 +121,7 @@ def dequant_matvec4_a8_kernel(out, x, q64, scales, zeros, group_size):
             # int32(): Numba widens int32 arithmetic to int64, and an int64 -> float conversion is slow
             dz = int32(_dot_chunk(wv[r], xw) - int32(zeros[rows[r], g]) * xsum)
             acc[r] += scales[rows[r], g] * (xs * float32(dz))
-    for r in range(ROWS4):
-        tot = warp_sum(acc[r], buf)
-        if lane == 0:
-            red[wp * ROWS4 + r] = tot
-    cuda.syncthreads()
-    if t < ROWS4 and n0 + t < N:
-        s = float32(0.0)
-        for w in range(WARPS4):
-            s += red[w * ROWS4 + t]
-        out[0, n0 + t] = s
+    _store_rows(out, acc, buf, red, t, n0, N)
 
 
 def dequant_matvec4_a8(out, x, words, scales, zeros, group_size: int, stream=0):
