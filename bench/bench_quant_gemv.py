@@ -34,10 +34,13 @@ def main():
     import cupy as cp
 
     from koifish_cuda.quant import dequant_matvec
+    from koifish_cuda.quant_a8 import dequant_matvec4_a8
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--act-bits", type=int, default=8, choices=(8, 16),
+                    help="4-bit only: x rounded to int8 (the engine's default) or float32")
     ap.add_argument("--out", default="bench/results/quant_gemv.json")
     ap.add_argument("--variants", action="store_true",
                     help="time both 4-bit batch-1 kernels (float32 x, int8 x) on each shape")
@@ -53,7 +56,10 @@ def main():
         zeros = cp.full((N, ng), 2 ** (args.bits - 1), dtype=cp.uint8)
         x = cp.random.standard_normal((1, K), dtype=cp.float32)
         out = cp.empty((1, N), dtype=cp.float32)
-        t = median_time(lambda s: dequant_matvec(out, x, words, scales, zeros, args.bits, args.group, s))
+        if args.bits == 4 and args.act_bits == 8:
+            t = median_time(lambda s: dequant_matvec4_a8(out, x, words, scales, zeros, args.group, s))
+        else:
+            t = median_time(lambda s: dequant_matvec(out, x, words, scales, zeros, args.bits, args.group, s))
         nbytes = words.nbytes + scales.nbytes + zeros.nbytes + x.nbytes + out.nbytes
         rows.append({"matrix": name, "N": N, "K": K, "us": t * 1e6, "GBps": nbytes / t / 1e9,
                      "share_of_copy": nbytes / t / copy_bw})
@@ -64,7 +70,7 @@ def main():
     token_bytes = LAYERS * layer_bytes + head_bytes
     token_time = LAYERS * layer_time + head_bytes / (layer_bytes / layer_time)
     roofline = copy_bw / token_bytes
-    res = {"bits": args.bits, "group": args.group, "copy_GBps": copy_bw / 1e9, "rows": rows,
+    res = {"bits": args.bits, "act_bits": args.act_bits if args.bits == 4 else 16, "group": args.group, "copy_GBps": copy_bw / 1e9, "rows": rows,
            "weight_GB_per_token": token_bytes / 1e9, "projected_tokens_per_s": 1 / token_time,
            "roofline_tokens_per_s": roofline, "share_of_roofline": (1 / token_time) / roofline}
     print(f"weights per token {token_bytes / 1e9:.1f} GB; GEMV-only projection {1 / token_time:.1f} tokens/s; "
@@ -86,11 +92,15 @@ def variants(args):
 
     from koifish_cuda import quant, quant_a8
 
+    def a8(block_rows):
+        return lambda out, x, words, scales, zeros, group, s: quant_a8.dequant_matvec4_a8(out, x, words, scales, zeros,
+                                                                                          group, s, rows=block_rows)
+
     GEMV4_VARIANTS = {
         "float32 x": (lambda out, x, words, scales, zeros, group, s: quant.dequant_matvec(out, x, words, scales, zeros,
                                                                                         4, group, s), 1e-4),
-        "int8 x (dp4a)": (lambda out, x, words, scales, zeros, group, s: quant_a8.dequant_matvec4_a8(
-            out, x, words, scales, zeros, group, s), 2e-2)}
+        **{f"int8 x (dp4a){'' if n == 16 else f', {n} rows'}": (a8(n), 2e-2)
+           for n in sorted(quant_a8.ROW_CHOICES, key=lambda n: n != 16)}}
     names = list(GEMV4_VARIANTS)
     copy_bw = copy_bandwidth()
     shapes = {**SHAPES, **{k: v for k, v in ENGINE.items() if k not in SHAPES}}
@@ -116,7 +126,7 @@ def variants(args):
             r = {"shape": shape, "N": N, "K": K, "variant": name, "us": t * 1e6, "GBps": nbytes / t / 1e9,
                  "share_of_copy": nbytes / t / copy_bw, "rel_err_vs_first": err}
             rows.append(r)
-            print(f"{shape:<10} {N:>6} x {K:<6} {name:<22} {t * 1e6:8.1f} us {r['GBps']:7.0f} GB/s "
+            print(f"{shape:<10} {N:>6} x {K:<6} {name:<28} {t * 1e6:8.1f} us {r['GBps']:7.0f} GB/s "
                   f"{r['share_of_copy']:6.0%}  rel err {err:.1e}", flush=True)
         del words, scales, zeros, x, out, ref
         cp.get_default_memory_pool().free_all_blocks()
@@ -129,10 +139,19 @@ def variants(args):
                        "correct": ok}
     best = min((n for n in names if token[n]["correct"]), key=lambda n: token[n]["us"])
     for name in names:
-        print(f"token GEMVs {name:<22} {token[name]['us'] / 1e3:7.2f} ms  correct {token[name]['correct']}")
+        print(f"token GEMVs {name:<28} {token[name]['us'] / 1e3:7.2f} ms  correct {token[name]['correct']}")
     print(f"best {best}")
+    # the int8 kernels' rows a block chosen shape by shape (what a per-shape table in the engine would give)
+    a8_names = [n for n in names if n.startswith("int8") and token[n]["correct"]]
+    per_shape = {shape: min((r for r in rows if r["shape"] == shape and r["variant"] in a8_names), key=lambda r: r["us"])
+                 for shape in ENGINE}
+    mixed = LAYERS * sum(per_shape[k]["us"] for k in ("qkv", "o_proj", "gate_up", "down_proj")) + per_shape["lm_head"]["us"]
+    print(f"token GEMVs int8 x, best rows per shape {mixed / 1e3:7.2f} ms: "
+          + ", ".join(f"{k} {v['variant']}" for k, v in per_shape.items()))
     write_json(args.out, {"bits": 4, "group": args.group, "device": gpu_name(), "commit": commit(),
-                          "copy_GBps": copy_bw / 1e9, "rows": rows, "token_gemv": token, "best": best})
+                          "copy_GBps": copy_bw / 1e9, "rows": rows, "token_gemv": token, "best": best,
+                          "int8_best_rows_per_shape": {"us": mixed, "variants": {k: v["variant"] for k, v in
+                                                                                  per_shape.items()}}})
 
 
 if __name__ == "__main__":

@@ -161,28 +161,29 @@ def _dot16(q, xr):
 
 
 @cuda.jit(device=True, inline=True)
-def _block_rows(acc, rows, n0, N):
-    """A batch-1 block's ROWS4 rows from n0 (clamped: the extra rows are computed and dropped), their
-    sums zeroed."""
-    for r in range(ROWS4):
+def _block_rows(acc, rows, n0, N, R):
+    """A batch-1 block's R rows from n0 (clamped: the extra rows are computed and dropped), their sums
+    zeroed (R: the kernel's compile-time rows a block)."""
+    for r in range(R):
         acc[r] = float32(0.0)
         rows[r] = min(n0 + r, N - 1)
 
 
 @cuda.jit(device=True, inline=True)
-def _store_rows(out, acc, buf, red, t, n0, N):
-    """Each row's sum over the block's warps (shuffles, then shared memory red), one plain store a row."""
+def _store_rows(out, acc, buf, red, t, n0, N, R):
+    """Each of the R rows' sum over the block's warps (shuffles, then shared memory red), one plain
+    store a row."""
     lane = t % 32
     wp = t // 32
-    for r in range(ROWS4):
+    for r in range(R):
         tot = warp_sum(acc[r], buf)
         if lane == 0:
-            red[wp * ROWS4 + r] = tot
+            red[wp * R + r] = tot
     cuda.syncthreads()
-    if t < ROWS4 and n0 + t < N:
+    if t < R and n0 + t < N:
         s = float32(0.0)
         for w in range(WARPS4):
-            s += red[w * ROWS4 + t]
+            s += red[w * R + t]
         out[0, n0 + t] = s
 
 
@@ -209,7 +210,7 @@ def dequant_matvec4_kernel(out, x, q64, scales, zeros, group_size):
     qpg = group_size // 16
     acc = cuda.local.array(ROWS4, float32)
     rows = cuda.local.array(ROWS4, int32)
-    _block_rows(acc, rows, n0, N)
+    _block_rows(acc, rows, n0, N, ROWS4)
     wv = cuda.local.array(ROWS4, uint64)
     xr = cuda.local.array(16, float32)
     for i in range(wp * 32 + lane, Kq, BUF4):
@@ -224,7 +225,7 @@ def dequant_matvec4_kernel(out, x, q64, scales, zeros, group_size):
             d = _dot16(wv[r], xr)  # xsum + sum_j c_j x_j / 16
             z = float32(zeros[rows[r], g])
             acc[r] += scales[rows[r], g] * (float32(16.0) * d - (float32(16.0) + z) * xsum)
-    _store_rows(out, acc, buf, red, t, n0, N)
+    _store_rows(out, acc, buf, red, t, n0, N, ROWS4)
 
 
 @cuda.jit(device=True, inline=True)

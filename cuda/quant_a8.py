@@ -49,12 +49,14 @@ def dequant_matvec4_a8_ref(x: np.ndarray, codes, scales, zeros, group_size: int)
 # no F2I is spent. Measured on an H200 (bench_quant_gemv.py --variants): one token's GEMVs of
 # Qwen3-32B 10.85 ms against 14.58 with float32 x; reading two uint64 a row per 16-byte load instead
 # was slower (15.48 ms: 32 more registers a thread under the 170-register bound).
+import functools  # noqa: E402
+
 import koifish_cuda.compat  # noqa: E402,F401
 from koifish_cuda.bf16 import float_bits  # noqa: E402
 from koifish_cuda.dp4a import dp4a  # noqa: E402
-from koifish_cuda.quant import _BOUNDS, BUF4, RED4, ROWS4, _block_rows, _store_rows  # noqa: E402
+from koifish_cuda.quant import BUF4, ROWS4, WARPS4, _block_rows, _store_rows  # noqa: E402
 from koifish_cuda.vload import aligned, load4  # noqa: E402
-from numba import cuda, float32, int32, uint32, uint64  # noqa: E402
+from numba import config, cuda, float32, int32, uint32, uint64  # noqa: E402
 
 ROUNDER = np.float32(12582912.0)  # 1.5 * 2^23: adding it rounds to an integer, kept in the low bits
 ROUNDER_BITS = 0x4B400000
@@ -92,48 +94,60 @@ def _dot_chunk(q, xw):
     return dp4a((hi >> uint32(4)) & uint32(NIBBLES), int32(xw[3]), d)
 
 
-@cuda.jit(cache=True, **_BOUNDS)
-def dequant_matvec4_a8_kernel(out, x, q64, scales, zeros, group_size):
-    """out (1, N) = x (1, K) @ dequant(W).T with x rounded to int8 per 16 values (see above)."""
-    N = q64.shape[0]
-    Kq = q64.shape[1]
-    buf = cuda.shared.array(BUF4, float32)
-    red = cuda.shared.array(RED4, float32)
-    t = cuda.threadIdx.x
-    lane = t % 32
-    wp = t // 32
-    n0 = cuda.blockIdx.x * ROWS4
-    qpg = group_size // CHUNK
-    acc = cuda.local.array(ROWS4, float32)
-    rows = cuda.local.array(ROWS4, int32)
-    _block_rows(acc, rows, n0, N)
-    wv = cuda.local.array(ROWS4, uint64)
-    xr = cuda.local.array(CHUNK, float32)
-    xw = cuda.local.array(4, uint32)
-    for i in range(wp * 32 + lane, Kq, BUF4):
-        for r in range(ROWS4):  # the row loads first: they are what the kernel waits for
-            wv[r] = q64[rows[r], i]
-        for j in range(0, CHUNK, 4):
-            xr[j], xr[j + 1], xr[j + 2], xr[j + 3] = load4(x, (0, i * CHUNK + j))
-        xs, xsum = _round_chunk(xr, xw)
-        g = i // qpg
-        for r in range(ROWS4):
-            # int32(): Numba widens int32 arithmetic to int64, and an int64 -> float conversion is slow
-            dz = int32(_dot_chunk(wv[r], xw) - int32(zeros[rows[r], g]) * xsum)
-            acc[r] += scales[rows[r], g] * (xs * float32(dz))
-    _store_rows(out, acc, buf, red, t, n0, N)
+# blocks an SM each block shape is bounded for (registers: the rows' uint64s and sums grow with R)
+ROW_CHOICES = {8: 4, 16: 3, 32: 2}
 
 
-def dequant_matvec4_a8(out, x, words, scales, zeros, group_size: int, stream=0):
+@functools.lru_cache(maxsize=None)
+def _kernel(R: int):
+    """The kernel for R rows a block (a compile-time constant: R uint64 loads in flight a lane)."""
+    RED = R * WARPS4  # shared sizes must be plain constants
+    bounds = {} if config.ENABLE_CUDASIM else {"launch_bounds": (BUF4, ROW_CHOICES[R])}
+
+    @cuda.jit(cache=True, **bounds)
+    def kernel(out, x, q64, scales, zeros, group_size):
+        """out (1, N) = x (1, K) @ dequant(W).T with x rounded to int8 per 16 values (see above)."""
+        N = q64.shape[0]
+        Kq = q64.shape[1]
+        buf = cuda.shared.array(BUF4, float32)
+        red = cuda.shared.array(RED, float32)
+        t = cuda.threadIdx.x
+        n0 = cuda.blockIdx.x * R
+        qpg = group_size // CHUNK
+        acc = cuda.local.array(R, float32)
+        rows = cuda.local.array(R, int32)
+        _block_rows(acc, rows, n0, N, R)
+        wv = cuda.local.array(R, uint64)
+        xr = cuda.local.array(CHUNK, float32)
+        xw = cuda.local.array(4, uint32)
+        for i in range(t, Kq, BUF4):  # lane l of warp w: uint64 32 (w + WARPS4 s) + l
+            for r in range(R):  # the row loads first: they are what the kernel waits for
+                wv[r] = q64[rows[r], i]
+            for j in range(0, CHUNK, 4):
+                xr[j], xr[j + 1], xr[j + 2], xr[j + 3] = load4(x, (0, i * CHUNK + j))
+            xs, xsum = _round_chunk(xr, xw)
+            g = i // qpg
+            for r in range(R):
+                # int32(): Numba widens int32 arithmetic to int64, and an int64 -> float conversion is slow
+                dz = int32(_dot_chunk(wv[r], xw) - int32(zeros[rows[r], g]) * xsum)
+                acc[r] += scales[rows[r], g] * (xs * float32(dz))
+        _store_rows(out, acc, buf, red, t, n0, N, R)
+
+    return kernel
+
+
+def dequant_matvec4_a8(out, x, words, scales, zeros, group_size: int, stream=0, rows: int = ROWS4):
     """out (1, N) float32 = x (1, K) float32 @ W.T, W 4-bit as quant.dequant_matvec takes it (words
-    uint32 (N, K/8), scales float32 and zeros uint8 (N, K/group_size)); K and group_size multiples
-    of 16, x on a 16-byte boundary."""
+    uint32 (N, K/8), scales float32 and zeros uint8 (N, K/group_size)); K a multiple of 32, group_size
+    of 16, x on a 16-byte boundary. rows: a block's rows (ROW_CHOICES; 16 is the measured one, the
+    others are there to be measured: bench_quant_gemv.py --variants)."""
     M, K = x.shape
     if M != 1 or K % 32 or group_size % CHUNK:
         raise ValueError(f"dequant_matvec4_a8 takes one row of x, K a multiple of 32 and group_size of {CHUNK}; "
                          f"got x {x.shape}, group_size {group_size}")
     if not aligned(x, 4):
         raise ValueError("dequant_matvec4_a8: x must start on a 16-byte boundary")
+    if rows not in ROW_CHOICES:
+        raise ValueError(f"dequant_matvec4_a8: rows a block must be one of {sorted(ROW_CHOICES)}, got {rows}")
     N = out.shape[1]
-    dequant_matvec4_a8_kernel[(N + ROWS4 - 1) // ROWS4, BUF4, stream](out, x, words.view(np.uint64), scales, zeros,
-                                                                      group_size)
+    _kernel(rows)[(N + rows - 1) // rows, BUF4, stream](out, x, words.view(np.uint64), scales, zeros, group_size)

@@ -59,10 +59,11 @@ def test_a8_reference_is_near_the_float_product():
     assert rel_err(exact, x.astype(np.float64) @ w.T.astype(np.float64)) > 10 * err
 
 
+@pytest.mark.parametrize("rows", [16, 8, 32])
 @pytest.mark.parametrize("N,K,G", [(4099, 5120, 128), (1024, 25600, 128)] if ON_GPU else [(17, 640, 128), (3, 256, 32)])
-def test_a8_kernel_matches_the_reference(N, K, G):
-    """Ragged row blocks (N not a multiple of 16), a warp with a partial share of K, a zero x chunk
-    (scale 0), overwriting whatever out held; float32 outer sums: ~1e-6 relative."""
+def test_a8_kernel_matches_the_reference(N, K, G, rows):
+    """Ragged row blocks (N not a multiple of the block's rows), a warp with a partial share of K, a
+    zero x chunk (scale 0), overwriting whatever out held; float32 outer sums: ~1e-6 relative."""
     from koifish_cuda.quant_a8 import dequant_matvec4_a8
 
     r = np.random.default_rng()
@@ -71,7 +72,7 @@ def test_a8_kernel_matches_the_reference(N, K, G):
     x[0, 32:48] = 0.0
     y = dev(np.full((1, N), np.nan, np.float32))
     dequant_matvec4_a8(y, dev(x), dev(pack_codes_ref(codes, 4).view(np.uint32)), dev(scales.astype(np.float32)),
-                       dev(zeros), G)
+                       dev(zeros), G, rows=rows)
     assert rel_err(host(y), dequant_matvec4_a8_ref(x, codes, scales, zeros, G)) < 1e-5
 
 
@@ -82,3 +83,5 @@ def test_a8_launcher_refuses_what_it_cannot_run():
         (8, 1), np.uint8)
     with pytest.raises(ValueError, match="one row of x"):
         dequant_matvec4_a8(y, np.zeros((2, 32), np.float32), w, s, z, 32)
+    with pytest.raises(ValueError, match="rows a block must be one of"):
+        dequant_matvec4_a8(y[:1], np.zeros((1, 32), np.float32), w, s, z, 32, rows=12)
