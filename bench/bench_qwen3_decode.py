@@ -85,6 +85,8 @@ def main():
     ap.add_argument("--kv-bits", type=int, default=16, choices=(16, 8), help="KV cache: float16, or int8 + scales")
     ap.add_argument("--act-bits", type=int, default=8, choices=(16, 8),
                     help="the 4-bit GEMVs' x: int8 per 16 values (dp4a; the engine's default), or float32")
+    ap.add_argument("--attention", default="tiles", choices=("tiles", "warps"),
+                    help="the decode attention's split kernel (koifish_cuda.attention_decode)")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed at each context")
     ap.add_argument("--contexts", default="8192", help="extra decode context lengths, comma separated ('' for none)")
@@ -114,6 +116,7 @@ def main():
     t0 = time.perf_counter()
     eng = Qwen3GPU.random(cfg, bits=args.bits, group_size=128, seed=0, cache_dtype=kv_cache_dtype(args.kv_bits),
                           act_bits=args.act_bits)
+    eng.attention_variant = args.attention
     eng.sync()
     load_s = time.perf_counter() - t0
     max_len = max([args.prompt + 2 * args.steps + 16] + [c + args.steps + 1 for c in contexts])
@@ -166,7 +169,7 @@ def main():
            "prefill_tokens": args.prompt, "prefill_s": prefill_s, "prefill_tokens_per_s": args.prompt / prefill_s,
            "decode": rows, "peak_device_GB": peak[0] / 1e9, "pool_GB": pool / 1e9,
            "device_total_GB": total / 1e9, "kv_cache_dtype": np.dtype(eng.cache_dtype).name,
-           "kv_bits": args.kv_bits, "act_bits": args.act_bits, "kv_cache_GB": kv_per_pos * max_len / 1e9,
+           "kv_bits": args.kv_bits, "act_bits": args.act_bits, "attention": args.attention, "kv_cache_GB": kv_per_pos * max_len / 1e9,
            "torch_prefill": reference}
     if reference and "prefill_tokens_per_s" in reference:
         res["prefill_vs_torch"] = res["prefill_tokens_per_s"] / reference["prefill_tokens_per_s"]

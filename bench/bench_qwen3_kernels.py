@@ -69,8 +69,10 @@ def main():
     scratch = attention_scratch(cp, 1, HEADS, HD, 64)
     for ctx in (1024, 8192):
         pos[...] = ctx - 1
-        report(f"decode attention ctx {ctx}", lambda s: attention_decode(att, q, kc, vc, pos, 1, scratch, s),
-               2 * KV * ctx * HD * 2)
+        for variant in ("tiles", "warps"):  # the engine's, and the one written for measurement
+            report(f"decode attention ctx {ctx} {variant}",
+                   lambda s, v=variant: attention_decode(att, q, kc, vc, pos, 1, scratch, s, variant=v),
+                   2 * KV * ctx * HD * 2)
     if args.splits:  # the split and merge kernels apart, at other split counts
         from koifish_cuda.attention_decode import THREADS, _split_kernel, attention_merge_kernel
         split_k = _split_kernel(HD, HEADS // KV, False)

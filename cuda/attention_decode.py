@@ -30,6 +30,7 @@ import numpy as np
 
 import koifish_cuda.compat  # noqa: F401
 from koifish_cuda.reduce import NEG_INF, THREADS, WARPS, block_max, block_sum, warp_max, warp_sum
+from koifish_cuda.vload import aligned, load4
 from numba import cuda, float32
 
 TILE = 32  # keys per tile, a lane's each (its K and V, fp32 in shared memory: 32.5 KB at head_dim 128)
@@ -192,6 +193,108 @@ def _split_kernel(HD: int, NREP: int, QUANT: bool = False):
     return kernel
 
 
+@cuda.jit(device=True, inline=True)
+def _load_dims(cache, b, kvh, key, d0, out, DPL):
+    """out[:DPL] = cache[b, kvh, key, d0 : d0 + DPL] as float32 (one 8- or 16-byte load when DPL is 4)."""
+    if DPL == 4:
+        h0, h1, h2, h3 = load4(cache, (b, kvh, key, d0))
+        out[0], out[1], out[2], out[3] = float32(h0), float32(h1), float32(h2), float32(h3)
+    else:
+        for e in range(DPL):
+            out[e] = float32(cache[b, kvh, key, d0 + e])
+
+
+@functools.lru_cache(maxsize=None)
+def _split_warps_kernel(HD: int, NREP: int):
+    """The "warps" split kernel (float caches, HD a multiple of 32): each warp walks its own keys (key
+    base + w of every WARPS), lane l owning dimensions l * DPL .. + DPL of the K and V rows (one 8-byte
+    load each at HD 128 in float16): the NREP heads' scores by warp shuffles, each head's online softmax
+    in registers, no barrier until the block's four warps merge their states at the end. Written for
+    measurement against the tile kernel (2-byte loads into shared memory, three barriers a tile)."""
+    DPL = HD // 32
+    QR = NREP * DPL  # sizes must be plain constants
+    WM = WARPS * NREP
+    WO = WARPS * NREP * HD
+
+    @cuda.jit
+    def kernel(part_o, part_m, part_l, q, k_cache, v_cache, scales, pos, T, scale):
+        rk = cuda.blockIdx.x
+        split = cuda.blockIdx.y
+        S = cuda.gridDim.y
+        tid = cuda.threadIdx.x
+        lane = tid % 32
+        wp = tid // 32
+        nkv = k_cache.shape[1]
+        r = rk // nkv
+        kvh = rk % nkv
+        b = r // T
+        L = pos[0] + r % T + 1
+        chunk = (L + S - 1) // S
+        s0 = split * chunk
+        s1 = min(L, s0 + chunk)
+        h0 = kvh * NREP
+        d0 = lane * DPL
+        red = cuda.shared.array(THREADS, float32)  # the simulator's warp reductions (unused on a GPU)
+        qr = cuda.local.array(QR, float32)
+        acc = cuda.local.array(QR, float32)
+        m = cuda.local.array(NREP, float32)
+        lsum = cuda.local.array(NREP, float32)
+        kr = cuda.local.array(DPL, float32)
+        vr = cuda.local.array(DPL, float32)
+        for j in range(NREP):
+            for e in range(DPL):
+                qr[j * DPL + e] = q[r, (h0 + j) * HD + d0 + e] * scale
+                acc[j * DPL + e] = float32(0.0)
+            m[j] = NEG_INF
+            lsum[j] = float32(0.0)
+        for base in range(s0, s1, WARPS):  # the same turns for every warp (the simulator's warp sums are block-wide)
+            key = base + wp
+            live = key < s1
+            _load_dims(k_cache, b, kvh, key if live else s0, d0, kr, DPL)
+            _load_dims(v_cache, b, kvh, key if live else s0, d0, vr, DPL)
+            for j in range(NREP):
+                p = float32(0.0)
+                for e in range(DPL):
+                    p += qr[j * DPL + e] * kr[e]
+                sv = warp_sum(p, red)
+                if live:
+                    mn = max(m[j], sv)
+                    c = math.exp(m[j] - mn)
+                    pe = math.exp(sv - mn)
+                    lsum[j] = lsum[j] * c + pe
+                    for e in range(DPL):
+                        acc[j * DPL + e] = acc[j * DPL + e] * c + pe * vr[e]
+                    m[j] = mn
+        wm = cuda.shared.array(WM, float32)
+        wl = cuda.shared.array(WM, float32)
+        wo = cuda.shared.array(WO, float32)
+        for j in range(NREP):
+            if lane == 0:
+                wm[wp * NREP + j] = m[j]
+                wl[wp * NREP + j] = lsum[j]
+            for e in range(DPL):
+                wo[(wp * NREP + j) * HD + d0 + e] = acc[j * DPL + e]
+        cuda.syncthreads()
+        for i in range(tid, NREP * HD, THREADS):
+            j = i // HD
+            d = i % HD
+            mx = NEG_INF
+            for w in range(WARPS):
+                mx = max(mx, wm[w * NREP + j])
+            o = float32(0.0)
+            den = float32(0.0)
+            for w in range(WARPS):
+                c = math.exp(wm[w * NREP + j] - mx)  # a warp that saw no key: m NEG_INF, l and o 0
+                o += c * wo[(w * NREP + j) * HD + d]
+                den += c * wl[w * NREP + j]
+            part_o[r, h0 + j, split, d] = o
+            if d == 0:
+                part_m[r, h0 + j, split] = mx
+                part_l[r, h0 + j, split] = den
+
+    return kernel
+
+
 @cuda.jit(cache=True)
 def attention_merge_kernel(out, part_o, part_m, part_l):
     """One block per (row, head): the splits' weights exp(m_s - max) in shared memory (splits <= THREADS),
@@ -236,10 +339,13 @@ def attention_scratch(xp, rows: int, nh: int, hd: int, splits: int):
             xp.zeros((rows, nh, splits), xp.float32))
 
 
-def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k_scale=None, v_scale=None):
+def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k_scale=None, v_scale=None,
+                     variant: str = "tiles"):
     """out (R, nh*hd) = softmax(q k^T / sqrt(hd)) v over each row's visible keys; scratch from attention_scratch
     (its split count is the number of splits used, its row count at least R). An int8 cache takes its
-    scales (B, nkv, max_len) float32 in k_scale, v_scale."""
+    scales (B, nkv, max_len) float32 in k_scale, v_scale. variant: "tiles" (measured, the engine's) or
+    "warps" (_split_warps_kernel, written for measurement; float caches with head_dim a multiple of 32,
+    else the tile kernel runs)."""
     part_o, part_m, part_l = scratch
     R = q.shape[0]
     nh, splits = part_m.shape[1], part_m.shape[2]
@@ -252,6 +358,9 @@ def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k
         raise ValueError("attention: an int8 KV cache needs its k_scale and v_scale arrays")
     po, pm, pl = part_o[:R], part_m[:R], part_l[:R]
     scales = (k_scale, v_scale) if quant else ()  # () adds no kernel parameter
-    _split_kernel(hd, nh // nkv, quant)[(R * nkv, splits), THREADS, stream](po, pm, pl, q, k_cache, v_cache, scales,
-                                                                           pos, T, np.float32(1.0 / math.sqrt(hd)))
+    warps = (variant == "warps" and not quant and hd % 32 == 0
+             and (hd // 32 != 4 or (aligned(k_cache, 4) and aligned(v_cache, 4))))
+    kernel = _split_warps_kernel(hd, nh // nkv) if warps else _split_kernel(hd, nh // nkv, quant)
+    kernel[(R * nkv, splits), THREADS, stream](po, pm, pl, q, k_cache, v_cache, scales, pos, T,
+                                               np.float32(1.0 / math.sqrt(hd)))
     attention_merge_kernel[R * nh, THREADS, stream](out, po, pm, pl)

@@ -87,6 +87,24 @@ def test_attention_decode_gqa(T, splits):
     assert rel_err(host(out), ref) < 1e-4
 
 
+@pytest.mark.parametrize("hd,cache_dtype,T,splits", [(128, np.float16, 1, 3), (32, np.float32, 2, 2), (64, np.float16, 1, 1)])
+def test_attention_decode_warps_variant(hd, cache_dtype, T, splits):
+    """The "warps" split kernel (a warp walks its own keys, a lane owns head_dim/32 dimensions: one
+    vector load a row at 128 in float16) against the reference; some warps see no key of a split
+    (past + 1 keys over splits x 4 warps), the kernel merges them."""
+    from koifish_cuda.attention_decode import attention_decode, attention_ref, attention_scratch
+
+    r = rng()
+    B, nh, nkv, past, max_len = (2, 64, 8, 700, 1024) if ON_GPU else (1, 4, 2, 9, 16)
+    q = r.standard_normal((B * T, nh * hd))
+    k, v = r.standard_normal((B, nkv, max_len, hd)) * 0.5, r.standard_normal((B, nkv, max_len, hd))
+    kc, vc = k.astype(cache_dtype), v.astype(cache_dtype)
+    out = dev(np.full((B * T, nh * hd), np.nan, np.float32))
+    scratch = attention_scratch(np if not ON_GPU else __import__("cupy"), B * T, nh, hd, splits)
+    attention_decode(out, f32(q), dev(kc), dev(vc), dev(np.array([past], np.int32)), T, scratch, variant="warps")
+    assert rel_err(host(out), attention_ref(q, kc, vc, past, B, nh)) < 1e-4
+
+
 def test_swiglu_and_embedding_rows():
     from koifish_core.infer.quant import quantize_weight
     from koifish_cuda.embedding_rows import embed_rows, embed_rows_ref

@@ -212,6 +212,9 @@ class Qwen3GPU:
             raise KoifishError(f"KV cache: expected float16, float32 or int8, got {np.dtype(cache_dtype).name}")
         self.kv_scales = None  # int8 cache: (k_scale, v_scale), float32 (n_layer, B, nkv, max_len)
         self.decode_splits = decode_splits
+        # the decode attention's split kernel: "tiles" (measured) or "warps" (written for measurement:
+        # bench_qwen3_decode.py --attention warps); set before the first decode step (the graph captures it)
+        self.attention_variant = "tiles"
         self.layers: list[dict] = []
         self.embed = self.head = self.norm = None
         self.batch = self.max_len = 0
@@ -586,7 +589,7 @@ class Qwen3GPU:
             sc = self._kv_scales(l)  # int8 cache: its scales
             qk_norm_rope(q, kc[l], vc[l], qkv, L["qn"], L["kn"], self.cos, self.sin, self.pos, T, c.n_head, eps, s,
                          **sc)
-            attention_decode(att, q, kc[l], vc[l], self.pos, T, scratch, s, **sc)
+            attention_decode(att, q, kc[l], vc[l], self.pos, T, scratch, s, variant=self.attention_variant, **sc)
             self._apply(delta, att, L["o"])
             add_rmsnorm(xn, x, delta, L["ln2"], eps, s)
             self._apply(gu, xn, L["gu"])
