@@ -25,6 +25,7 @@ def aligned(a, elements: int) -> bool:
     ptr = iface["data"][0] if iface else a.ctypes.data
     return ptr % (elements * a.dtype.itemsize) == 0
 
+
 if config.ENABLE_CUDASIM:
 
     def _at(idx, k):
