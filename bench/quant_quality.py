@@ -21,6 +21,8 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=None)
+    ap.add_argument("--int8-activations", action="store_true",
+                    help="also 4-bit weights with every linear's input rounded to int8 per 16 values (the GPU decode's GEMVs)")
     ap.add_argument("--out", default="bench/quant_quality.json")
     args = ap.parse_args()
 
@@ -31,13 +33,14 @@ def main() -> None:
 
     def show(r):
         base = rows[0]["perplexity"] if rows else r.perplexity
-        rows.append({"bits": r.bits, "loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens,
-                     "perplexity_increase": r.perplexity / base - 1})
-        label = "float" if r.bits == 32 else str(r.bits)
+        rows.append({"bits": r.bits, "act_bits": r.act_bits, "loss": r.loss, "perplexity": r.perplexity,
+                     "tokens": r.tokens, "perplexity_increase": r.perplexity / base - 1})
+        label = "float" if r.bits == 32 else str(r.bits) + ("+a8" if r.act_bits == 8 else "")
         print(f"{label:>5} {r.loss:>8.4f} {r.perplexity:>11.3f} {rows[-1]['perplexity_increase']:>+9.2%}", flush=True)
 
     perplexity_by_bits(args.model, args.data, bits_list=tuple(int(b) for b in args.bits.split(",")),
-                       seq_len=args.seq_len, max_windows=args.windows, group_size=args.group_size, on_result=show)
+                       seq_len=args.seq_len, max_windows=args.windows, group_size=args.group_size, on_result=show,
+                       int8_activations=args.int8_activations)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"model": str(args.model), "data": args.data, "group_size": args.group_size,

@@ -29,6 +29,14 @@ def quantize_x16_ref(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x8.reshape(-1), (amax / np.float32(127.0)).astype(np.float32)
 
 
+def round_x16_ref(x: np.ndarray) -> np.ndarray:
+    """x (..., K) with every row rounded as the kernel rounds its one row (x8 * xs, float32): W_deq @ this
+    is what the kernel computes, so a float model fed it measures what int8 activations cost."""
+    x = np.asarray(x, np.float32)
+    x8, xs = quantize_x16_ref(x.reshape(-1))
+    return (x8.reshape(-1, CHUNK) * xs[:, None]).astype(np.float32).reshape(x.shape)
+
+
 def dequant_matvec4_a8_ref(x: np.ndarray, codes, scales, zeros, group_size: int) -> np.ndarray:
     """x (1, K) against 4-bit codes (N, K), scales (N, ng), zeros (N, ng) -> (1, N) float64."""
     N, K = codes.shape

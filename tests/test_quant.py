@@ -201,6 +201,40 @@ def test_perplexity_by_bits_on_gpt2_matches_eval_and_reference_dequantization(tm
     assert gaps[0] < gaps[2] and gaps[0] < 0.05
 
 
+def test_int8_activations_row_rounds_every_linear_input(tmp_path, tiny_data):
+    """int8_activations adds a 4-bit row whose model rounds each linear's input per 16 values (what the
+    GPU's 4-bit decode GEMVs compute), equal to a hand-made forward with rounded inputs; the models'
+    own linears are back afterwards."""
+    import koifish_core.models.gpt2 as gpt2
+    from koifish_core.infer.quant_quality import GPT2_LINEARS, perplexity_by_bits
+    from koifish_core.models.hf_gpt2 import load_hf_folder
+    from koifish_cuda.quant_a8 import round_x16_ref
+
+    folder = _gpt2_folder(tmp_path)
+    data = str(tiny_data / "tiny_val_*.bin")
+    original = gpt2.matmul_forward_ref
+    results = perplexity_by_bits(folder, data, bits_list=(4,), seq_len=16, batch_size=4, max_windows=10, group_size=16,
+                                 int8_activations=True)
+    assert [(r.bits, r.act_bits) for r in results] == [(32, 16), (4, 16), (4, 8)]
+    assert gpt2.matmul_forward_ref is original
+    from koifish_core.data.loader import iter_windows, resolve_paths
+
+    windows = list(iter_windows(resolve_paths(data), 16))[:10]
+    x, y = np.stack([w[0] for w in windows]), np.stack([w[1] for w in windows])
+    model = load_hf_folder(folder)
+    for name, view in model.param_views().items():
+        if name.endswith(GPT2_LINEARS):
+            view[...] = dequantize_groupwise_ref(*quantize_groupwise_ref(view, 4, 16), 16)
+    rounded = []
+    gpt2.matmul_forward_ref = lambda a, w, b=None: rounded.append(1) or original(round_x16_ref(a), w, b)
+    try:
+        loss = float(model.forward(x, y)[1])
+    finally:
+        gpt2.matmul_forward_ref = original
+    assert len(rounded) == 4 * 2 and results[2].loss == pytest.approx(loss, rel=1e-5)
+    assert results[2].loss != results[1].loss
+
+
 def test_perplexity_by_bits_on_a_qwen3_folder(tmp_path, tiny_data):
     pytest.importorskip("torch")
     from koifish_core.infer.quant_quality import perplexity_by_bits

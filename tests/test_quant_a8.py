@@ -59,6 +59,21 @@ def test_a8_reference_is_near_the_float_product():
     assert rel_err(exact, x.astype(np.float64) @ w.T.astype(np.float64)) > 10 * err
 
 
+def test_rounded_x_times_the_dequantized_matrix_is_the_kernel_reference():
+    """round_x16_ref (what quant_quality feeds a float model) @ W_deq.T equals dequant_matvec4_a8_ref, row
+    by row."""
+    from koifish_cuda.quant import dequantize_groupwise_ref
+    from koifish_cuda.quant_a8 import round_x16_ref
+
+    r = np.random.default_rng()
+    N, K, G = 24, 256, 64
+    codes, scales, zeros = quantize_groupwise_ref(r.standard_normal((N, K)).astype(np.float32), 4, G)
+    x = r.standard_normal((3, K)).astype(np.float32)
+    got = round_x16_ref(x).astype(np.float64) @ dequantize_groupwise_ref(codes, scales, zeros, G, dtype=np.float64).T
+    ref = np.concatenate([dequant_matvec4_a8_ref(x[i:i + 1], codes, scales, zeros, G) for i in range(3)])
+    assert rel_err(got, ref) < 1e-6
+
+
 @pytest.mark.parametrize("rows", [16, 8, 32])
 @pytest.mark.parametrize("N,K,G", [(4099, 5120, 128), (1024, 25600, 128)] if ON_GPU else [(17, 640, 128), (3, 256, 32)])
 def test_a8_kernel_matches_the_reference(N, K, G, rows):

@@ -9,6 +9,7 @@ Works on any model open_model opens: a koifish GPT-2 run or checkpoint, a GPT-2 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,8 @@ class BitsResult:
     """Weight width; 32 is the float model itself."""
     loss: float
     tokens: int
+    act_bits: int = 16
+    """8: every linear's input rounded to int8 per 16 values first, as the GPU's 4-bit decode GEMVs do."""
 
     @property
     def perplexity(self) -> float:
@@ -53,10 +56,28 @@ def mean_loss(model, windows, batch_size: int) -> tuple[float, int]:
     return total / count, count
 
 
+@contextmanager
+def int8_inputs():
+    """Every linear of the CPU models (GPT-2's matmul_forward_ref, Qwen3's linear) takes its input rounded
+    to int8 per 16 values of a row (koifish_cuda.quant_a8.round_x16_ref) while inside."""
+    import koifish_core.models.gpt2 as gpt2
+    import koifish_core.models.qwen3 as qwen3
+    from koifish_cuda.quant_a8 import round_x16_ref
+
+    saved = gpt2.matmul_forward_ref, qwen3.linear
+    gpt2.matmul_forward_ref = lambda x, w, b=None: saved[0](round_x16_ref(x), w, b)
+    qwen3.linear = lambda x, w, b=None: saved[1](round_x16_ref(x), w, b)
+    try:
+        yield
+    finally:
+        gpt2.matmul_forward_ref, qwen3.linear = saved
+
+
 def perplexity_by_bits(model_path: str | Path, data: str, bits_list=(8, 4, 3), seq_len: int | None = None,
                        batch_size: int = 8, max_windows: int | None = 64, group_size: int = 128,
-                       on_result=None) -> list[BitsResult]:
-    """[float result, then one per width], all on the same windows of `data` (shards or builtin:kjv:val)."""
+                       on_result=None, int8_activations: bool = False) -> list[BitsResult]:
+    """[float result, then one per width], all on the same windows of `data` (shards or builtin:kjv:val);
+    int8_activations: after the 4-bit row, one with int8 inputs too (act_bits 8: the GPU decode's GEMVs)."""
     from koifish_core.data.loader import iter_windows, resolve_paths
     from koifish_core.models.from_path import open_model
 
@@ -85,6 +106,11 @@ def perplexity_by_bits(model_path: str | Path, data: str, bits_list=(8, 4, 3), s
             results.append(BitsResult(bits, *mean_loss(opened.model, windows, batch_size)))
             if on_result:
                 on_result(results[-1])
+            if bits == 4 and int8_activations:
+                with int8_inputs():
+                    results.append(BitsResult(bits, *mean_loss(opened.model, windows, batch_size), act_bits=8))
+                if on_result:
+                    on_result(results[-1])
     finally:
         for name, w in weights.items():
             w[...] = originals[name]
