@@ -208,9 +208,10 @@ def _load_dims(cache, b, kvh, key, d0, out, DPL):
 def _split_warps_kernel(HD: int, NREP: int):
     """The "warps" split kernel (float caches, HD a multiple of 32): each warp walks its own keys (key
     base + w of every WARPS), lane l owning dimensions l * DPL .. + DPL of the K and V rows (one 8-byte
-    load each at HD 128 in float16): the NREP heads' scores by warp shuffles, each head's online softmax
-    in registers, no barrier until the block's four warps merge their states at the end. Written for
-    measurement against the tile kernel (2-byte loads into shared memory, three barriers a tile)."""
+    load each at HD 128 in float16, the next key's issued before this key's arithmetic): the NREP
+    heads' scores by warp shuffles, each head's online softmax in registers, no barrier until the
+    block's four warps merge their states at the end. Written for measurement against the tile kernel
+    (2-byte loads into shared memory, three barriers a tile)."""
     DPL = HD // 32
     QR = NREP * DPL  # sizes must be plain constants
     WM = WARPS * NREP
@@ -239,19 +240,29 @@ def _split_warps_kernel(HD: int, NREP: int):
         acc = cuda.local.array(QR, float32)
         m = cuda.local.array(NREP, float32)
         lsum = cuda.local.array(NREP, float32)
-        kr = cuda.local.array(DPL, float32)
+        kr = cuda.local.array(DPL, float32)  # this turn's key and value
         vr = cuda.local.array(DPL, float32)
+        kn = cuda.local.array(DPL, float32)  # the next turn's, loaded before this turn's arithmetic
+        vn = cuda.local.array(DPL, float32)
         for j in range(NREP):
             for e in range(DPL):
                 qr[j * DPL + e] = q[r, (h0 + j) * HD + d0 + e] * scale
                 acc[j * DPL + e] = float32(0.0)
             m[j] = NEG_INF
             lsum[j] = float32(0.0)
+        safe = min(s0, L - 1)  # a key inside the cache (an empty split's s0 may lie past it)
+        first = s0 + wp if s0 + wp < s1 else safe  # a warp past the keys loads a real one and uses none
+        _load_dims(k_cache, b, kvh, first, d0, kn, DPL)
+        _load_dims(v_cache, b, kvh, first, d0, vn, DPL)
         for base in range(s0, s1, WARPS):  # the same turns for every warp (the simulator's warp sums are block-wide)
             key = base + wp
             live = key < s1
-            _load_dims(k_cache, b, kvh, key if live else s0, d0, kr, DPL)
-            _load_dims(v_cache, b, kvh, key if live else s0, d0, vr, DPL)
+            for e in range(DPL):
+                kr[e] = kn[e]
+                vr[e] = vn[e]
+            nxt = key + WARPS if key + WARPS < s1 else safe
+            _load_dims(k_cache, b, kvh, nxt, d0, kn, DPL)
+            _load_dims(v_cache, b, kvh, nxt, d0, vn, DPL)
             for j in range(NREP):
                 p = float32(0.0)
                 for e in range(DPL):

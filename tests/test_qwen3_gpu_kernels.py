@@ -105,6 +105,21 @@ def test_attention_decode_warps_variant(hd, cache_dtype, T, splits):
     assert rel_err(host(out), attention_ref(q, kc, vc, past, B, nh)) < 1e-4
 
 
+def test_attention_decode_warps_with_a_split_past_a_full_cache():
+    """5 keys in a cache of 5 over 4 splits of 2: the last split starts at key 6, past the cache; the
+    warp kernel loads no key outside it (the simulator checks every index) and leaves that split empty."""
+    from koifish_cuda.attention_decode import attention_decode, attention_ref, attention_scratch
+
+    r = rng()
+    B, nh, nkv, hd, past = 1, 4, 2, 32, 4
+    q, k, v = r.standard_normal((1, nh * hd)), r.standard_normal((B, nkv, past + 1, hd)), r.standard_normal(
+        (B, nkv, past + 1, hd))
+    out = dev(np.full((1, nh * hd), np.nan, np.float32))
+    scratch = attention_scratch(np if not ON_GPU else __import__("cupy"), 1, nh, hd, 4)
+    attention_decode(out, f32(q), f32(k), f32(v), dev(np.array([past], np.int32)), 1, scratch, variant="warps")
+    assert rel_err(host(out), attention_ref(q, k.astype(np.float32), v.astype(np.float32), past, B, nh)) < 1e-5
+
+
 def test_swiglu_and_embedding_rows():
     from koifish_core.infer.quant import quantize_weight
     from koifish_cuda.embedding_rows import embed_rows, embed_rows_ref
