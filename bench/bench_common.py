@@ -84,6 +84,7 @@ def engine_options(ap) -> None:
     ap.add_argument("--variants", default="", help="kernel variants, e.g. classifier=registers")
     ap.add_argument("--tune", type=int, default=8, help="cuBLASLt algorithms timed per GEMM shape")
     ap.add_argument("--update-sample", type=int, default=None, help="instability.update_sample (default: the case's)")
+    ap.add_argument("--residual", default="fp32", choices=("fp32", "bf16"), help="the case's precision.residual")
 
 
 def apply_engine_options(eng, args) -> dict:

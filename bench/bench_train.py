@@ -45,7 +45,7 @@ def run_koifish(size, B, T, steps, warmup, remat=0, dist=None, collective=None, 
     L, H, C = SIZES[size]
     case = build_case({"model": {"n_layer": L, "n_head": H, "n_embd": C, "n_ctx": T, "remat": remat},
                        "data": {"batch_size": B, "seq_len": T}, "train": {"device": "cuda"},
-                       "precision": {"compute": compute},
+                       "precision": {"compute": compute, "residual": getattr(options, "residual", "fp32")},
                        "dist": dist or {}}, "bench")
     t0 = time.perf_counter()
     eng = CUDAEngine(case, attention=attention)
@@ -173,7 +173,7 @@ def main():
             cmd = [sys.executable, __file__, "--child", fw, "--size", size, "--batch", str(args.batch),
                    "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--remat", str(args.remat),
                    "--compute", args.compute, "--attention", args.attention, "--variants", args.variants,
-                   "--tune", str(args.tune)] + ([] if args.update_sample is None else
+                   "--tune", str(args.tune), "--residual", args.residual] + ([] if args.update_sample is None else
                                                 ["--update-sample", str(args.update_sample)])
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -187,7 +187,8 @@ def main():
             rows.append({"size": size, "framework": fw, **res})
             print(f"{size} {fw}: {res['tokens_per_s']:,.0f} tok/s, MFU {res['mfu']:.1%}, "
                   f"peak {res['peak_vram_bytes'] / 2**30:.1f} GiB, first step {res['first_step_s']:.1f} s", flush=True)
-    report = {"gpu": gpu_name(), "commit": commit(), "remat": args.remat, "compute": args.compute, "batch": args.batch, "seq": args.seq, "steps": args.steps, "rows": rows}
+    report = {"gpu": gpu_name(), "commit": commit(), "remat": args.remat, "compute": args.compute,
+              "residual": args.residual, "batch": args.batch, "seq": args.seq, "steps": args.steps, "rows": rows}
     print(f"\n{'size':>6} {'framework':>9} {'tok/s':>10} {'MFU':>6} {'VRAM GiB':>9} {'1st step s':>10}")
     for r in rows:
         if "error" in r:

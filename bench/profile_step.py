@@ -71,7 +71,7 @@ def main():
     B, T = args.batch, args.seq
     case = build_case({"model": {"n_layer": L, "n_head": H, "n_embd": C, "n_ctx": T},
                        "data": {"batch_size": B, "seq_len": T}, "train": {"device": "cuda"},
-                       "precision": {"compute": args.compute}}, "profile")
+                       "precision": {"compute": args.compute, "residual": args.residual}}, "profile")
     eng = CUDAEngine(case, attention=args.attention)
     options = apply_engine_options(eng, args)
     rng = np.random.default_rng(0)

@@ -126,6 +126,17 @@ def test_case_format_doc_lists_every_field():
                 assert f"| `{sub.name}` |" in doc, f"{f.name}.{sub.name}"
 
 
+def test_bf16_residual_needs_bf16_compute_and_halves_the_streams_bytes():
+    base = {"model": {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_ctx": 1024}, "train": {"device": "cuda"},
+            "data": {"batch_size": 16, "seq_len": 1024}}
+    with pytest.raises(ConfigError, match="precision.residual: bf16 needs precision.compute bf16, got compute fp32"):
+        build_case({**base, "precision": {"residual": "bf16"}}, "case")
+    fp32, bf16 = (make_plan(build_case({**base, "precision": {"compute": "bf16", "residual": r}}, "case"))
+                  for r in ("fp32", "bf16"))
+    # x0 and every layer's res2 and res3: 2 bytes a value fewer
+    assert fp32.memory_total - bf16.memory_total == 16 * 1024 * 768 * 2 * (1 + 2 * 12)
+
+
 # Peak VRAM of the CUDA engine in bf16 measured on an H200 (bench/results/train_h200_*_s13.json; CuPy's
 # pool, GiB): the plan counts the engine's own buffers
 @pytest.mark.parametrize("layers,heads,width,batch,remat,measured", [

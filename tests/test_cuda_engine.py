@@ -77,6 +77,32 @@ def test_first_50_steps_follow_the_cpu(tiny_case, compute, attention):
     assert gpu_losses[-1] < gpu_losses[0] - 2.0
 
 
+@pytest.mark.parametrize("remat", [0, 2])
+def test_bf16_residual_stream_follows_the_cpu(tiny_case, remat):
+    """precision.residual bf16: the blocks' inputs and outputs held as bf16 (remat 2 rebuilds each block
+    from its bf16 input). First gradients within twice the bf16 bound of the CPU's, 20 steps' losses
+    within 2e-3. Bounds not yet checked on a GPU (written after the session's device time)."""
+    from koifish_core.engine.cpu import CPUEngine
+
+    case = load_case(tiny_case(model={"n_embd": 64, "n_head": 4, "n_ctx": 64, "remat": remat},
+                               data={"seq_len": 64, "batch_size": 4}, optimizer={"grad_accum": 2},
+                               precision={"compute": "bf16", "residual": "bf16"})).case
+    cpu, gpu = CPUEngine(case), engine(case)
+    assert gpu.x0.dtype == np.uint16 and gpu.act[-1]["res3"].dtype == np.uint16
+    loader = TokenLoader(case.data.train, 4, 64)
+    batches = [loader.next_batch() for _ in range(2)]
+    cpu.model.zero_grad()
+    for x, y in batches:
+        cpu.model.forward(x, y, return_logits=False)
+        cpu.model.backward(grad_scale=0.5)
+    gpu.train_step(batches, 0.0)
+    for k, ref in cpu.model.grad_views().items():
+        assert np.linalg.norm(gpu.g[k].get() - ref) / np.linalg.norm(ref) < 3e-2, k
+    for _ in range(20):
+        batches = [loader.next_batch() for _ in range(2)]
+        assert gpu.train_step(batches, 1e-3).loss == pytest.approx(cpu.train_step(batches, 1e-3).loss, abs=2e-3)
+
+
 @pytest.mark.parametrize("compute", ["fp32", "bf16"])
 def test_checkpoints_are_portable(tiny_case, compute):
     from koifish_core.engine.cpu import CPUEngine

@@ -63,7 +63,7 @@ def head_rows(N: int, Vp: int, itemsize: int) -> int:
 
 def cuda_activation_bytes(case: Case) -> int:
     """The CUDA engine's activation and scratch buffers (core/engine/cuda_gpt2.py _alloc): GEMM operands
-    in bf16 (precision.compute bf16) or float32, the residual stream and statistics in float32,
+    in bf16 (precision.compute bf16) or float32, the residual stream in precision.residual, statistics in float32,
     cuDNN's attention under bf16 (a log-sum-exp per row and head), the cuBLAS one under fp32 (q, k, v
     and the T x T probabilities kept per layer, plus its scratch)."""
     m, B, T = case.model, case.data.batch_size, case.data.seq_len
@@ -71,16 +71,17 @@ def cuda_activation_bytes(case: Case) -> int:
     F = m.ffn or 4 * C
     Vp = -(-m.vocab_size // 128) * 128
     a = 2 if case.precision.compute == "bf16" else 4  # a GEMM operand
+    res = 2 if case.precision.residual == "bf16" else 4  # the residual stream
     attn = {"lse": 4 * nh} if a == 2 else {"q": 4 * C, "k": 4 * C, "v": 4 * C, "att": 4 * nh * T}
-    row = dict(ln1=a * C, m1=4, r1=4, qkv=a * 3 * C, atty=a * C, res2=4 * C, ln2=a * C, m2=4, r2=4, fch=a * F,
-               fch_gelu=a * F, res3=4 * C, **attn)  # bytes per token of each buffer a layer keeps
+    row = dict(ln1=a * C, m1=4, r1=4, qkv=a * 3 * C, atty=a * C, res2=res * C, ln2=a * C, m2=4, r2=4, fch=a * F,
+               fch_gelu=a * F, res3=res * C, **attn)  # bytes per token of each buffer a layer keeps
     shared = set() if a == 2 else {"qkv"}  # buffers one copy of which serves every layer
     if m.remat == 1:
         shared |= {"ln1", "ln2", "fch_gelu"}
     elif m.remat == 2:
         shared = set(row) - {"res3"}
     kept = L * sum(v for k, v in row.items() if k not in shared) + sum(row[k] for k in shared)
-    top = 4 * C + a * C + 8 + 4  # x0, lnf and its statistics, losses
+    top = res * C + a * C + 8 + 4  # x0, lnf and its statistics, losses
     logits = a * Vp * head_rows(B * T, Vp, a)  # one chunk of rows at a time
     scratch = 4 * C + a * C + (a * C if a == 2 else 0) + a * 3 * C + a * C  # dres, dln, dres_g, dqkv, datty
     if a == 4:

@@ -60,6 +60,10 @@ class PrecisionConfig:
     """Default bits of stored weights (16/8/4/3/2/1 are the low-bit plan of the GPU engine)."""
     rules: dict = field(default_factory=dict, metadata={"value_choices": BITS})
     """Per-tensor bits: {tensor-name glob: bits}, e.g. {"h.*.mlp.*.weight": 4}."""
+    residual: str = field(default="fp32", metadata={"choices": COMPUTE})
+    """The CUDA engine's residual stream (the blocks' inputs and outputs) under compute bf16: fp32, or
+    bf16 as llm.c keeps it (half its bytes and memory; its gradient and the LayerNorm statistics stay
+    fp32). The CPU engine computes in fp32 either way."""
 
 
 @dataclass

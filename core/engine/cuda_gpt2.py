@@ -12,10 +12,10 @@ launch costs ~50 us on an H100 and a step has several hundred launches; a replay
 
 precision.compute picks the arithmetic. bf16 (the shipped cases): every GEMM operand is bf16 (the
 weights as a bf16 copy of the float32 master weights, refreshed by AdamW as it updates them; the
-activations that feed GEMMs), accumulation in float32; the residual stream, LayerNorm statistics,
-the gradients and AdamW's state stay float32 (a bf16 residual stream, llm.c's choice, was measured:
-0.6 GB less at 124M B=16 but 0.5 ms a step slower, LayerNorm reading 2-byte values; the kernels
-take either). Attention is cuDNN's fused flash attention when cudnn-frontend is installed
+activations that feed GEMMs), accumulation in float32; LayerNorm statistics, the gradients and
+AdamW's state stay float32, and so does the residual stream unless precision.residual is bf16
+(llm.c's choice: measured with scalar LayerNorm loads, 0.6 GB less at 124M B=16 but 0.5 ms a step
+slower; not yet measured with the vector loads that made LayerNorm 1.6 ms faster). Attention is cuDNN's fused flash attention when cudnn-frontend is installed
 (cuda_attention.py). fp32: float32 everywhere, TF32 GEMMs.
 
 Biases, residual adds and GELU ride in the GEMMs' cuBLASLt epilogues (koifish_cuda.cublaslt), so
@@ -165,16 +165,18 @@ class CUDAEngine:
         self.B, self.T, self.N, self.BH, self.hs = B, T, N, BH, hs
         f = lambda *s: cp.zeros(s, dtype=cp.float32)  # noqa: E731
         h = lambda *s: cp.zeros(s, dtype=cp.uint16 if self.bf16 else cp.float32)  # noqa: E731  GEMM operands
+        # the residual stream (precision.residual): float32, or bf16 bits (the kernels and epilogues take either)
+        r = h if self.case.precision.residual == "bf16" else f
         self.idx = cp.zeros((B, T), dtype=cp.int32)
         self.targets = cp.zeros(N, dtype=cp.int32)
-        self.x0 = f(N, C)  # the embedding's output, the residual stream's start
+        self.x0 = r(N, C)  # the embedding's output, the residual stream's start
         self.attn, self.attn_note = make_attention(self.attention, self.bf16, B, T, nh, hs, self.stream, self.ns, f)
         # Per-layer activations kept for the backward (h: a GEMM's operand, bf16 under bf16). Keys in
         # `shared` get one buffer for all layers: qkv unless the attention's backward reads it, and
         # with remat the values the backward rebuilds: level 1 the LayerNorm and GELU outputs, level
         # 2 everything but each block's output (one block is rebuilt at a time, before its backward).
-        kinds = dict(ln1=(h, N, C), m1=(f, N), r1=(f, N), qkv=(h, N, 3 * C), atty=(h, N, C), res2=(f, N, C),
-                     ln2=(h, N, C), m2=(f, N), r2=(f, N), fch=(h, N, F), fch_gelu=(h, N, F), res3=(f, N, C))
+        kinds = dict(ln1=(h, N, C), m1=(f, N), r1=(f, N), qkv=(h, N, 3 * C), atty=(h, N, C), res2=(r, N, C),
+                     ln2=(h, N, C), m2=(f, N), r2=(f, N), fch=(h, N, F), fch_gelu=(h, N, F), res3=(r, N, C))
         kinds.update({k: (f, *shape) for k, shape in self.attn.sizes.items()})
         shared = (set() if self.attn.keeps_qkv else {"qkv"}) | ({"ln1", "ln2", "fch_gelu"} if self.remat == 1 else set())
         if self.remat == 2:
