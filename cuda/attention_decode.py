@@ -74,6 +74,20 @@ def _load(ks, vs, k_cache, v_cache, b, kvh, base, key, d, n, KP, HD):
     vs[key * HD + d] = vv
 
 
+@cuda.jit(device=True, inline=True)
+def _split_keys(k_cache, pos, T, NREP):
+    """The block's work: (row r, its kv head, sequence b, visible keys L, this split's keys s0..s1, the
+    first of the kv head's NREP query heads). The splits cut the row's keys into equal chunks sized at
+    run time from pos, so a captured graph replays at any length."""
+    nkv = k_cache.shape[1]
+    r = cuda.blockIdx.x // nkv
+    kvh = cuda.blockIdx.x % nkv
+    L = pos[0] + r % T + 1
+    chunk = (L + cuda.gridDim.y - 1) // cuda.gridDim.y
+    s0 = cuda.blockIdx.y * chunk
+    return r, kvh, r // T, L, s0, min(L, s0 + chunk), kvh * NREP
+
+
 @functools.lru_cache(maxsize=None)
 def _split_kernel(HD: int, NREP: int, QUANT: bool = False):
     """The split kernel for head_dim HD and NREP query heads per kv head (compile-time constants:
@@ -90,19 +104,9 @@ def _split_kernel(HD: int, NREP: int, QUANT: bool = False):
 
     @cuda.jit
     def kernel(part_o, part_m, part_l, q, k_cache, v_cache, scales, pos, T, scale):
-        rk = cuda.blockIdx.x
         split = cuda.blockIdx.y
-        S = cuda.gridDim.y
         tid = cuda.threadIdx.x
-        nkv = k_cache.shape[1]
-        r = rk // nkv
-        kvh = rk % nkv
-        b = r // T
-        L = pos[0] + r % T + 1
-        chunk = (L + S - 1) // S
-        s0 = split * chunk
-        s1 = min(L, s0 + chunk)
-        h0 = kvh * NREP
+        r, kvh, b, L, s0, s1, h0 = _split_keys(k_cache, pos, T, NREP)
         qs = cuda.shared.array(QB, float32)
         ks = cuda.shared.array(KBUF, float32)
         vs = cuda.shared.array(VBUF, float32)
@@ -219,21 +223,11 @@ def _split_warps_kernel(HD: int, NREP: int):
 
     @cuda.jit
     def kernel(part_o, part_m, part_l, q, k_cache, v_cache, scales, pos, T, scale):
-        rk = cuda.blockIdx.x
         split = cuda.blockIdx.y
-        S = cuda.gridDim.y
         tid = cuda.threadIdx.x
         lane = tid % 32
         wp = tid // 32
-        nkv = k_cache.shape[1]
-        r = rk // nkv
-        kvh = rk % nkv
-        b = r // T
-        L = pos[0] + r % T + 1
-        chunk = (L + S - 1) // S
-        s0 = split * chunk
-        s1 = min(L, s0 + chunk)
-        h0 = kvh * NREP
+        r, kvh, b, L, s0, s1, h0 = _split_keys(k_cache, pos, T, NREP)
         d0 = lane * DPL
         red = cuda.shared.array(THREADS, float32)  # the simulator's warp reductions (unused on a GPU)
         qr = cuda.local.array(QR, float32)
