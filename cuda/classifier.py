@@ -237,7 +237,7 @@ def fused_classifier(logits, losses, loss_sum, targets, V, dloss, stream=0, max_
     plan = _bf16_plan(logits.shape[1], variant) if logits.dtype == np.uint16 else None
     if plan is not None:  # bf16 rows: a row kernel (GPT-2's 50304 columns: 25 words x 1024 threads)
         words = logits.view(np.uint32)
-        vec = words.shape[1] % 4 == 0 and aligned(words, 4)
+        vec = words.shape[1] % 4 == 0 and aligned(words, 4)  # (aligned: every row start too)
         _bf16_rows_kernel(*plan, vec)[logits.shape[0], plan[2], stream](words, losses, loss_sum, targets, V,
                                                                          np.float32(dloss), max_logit)
         return

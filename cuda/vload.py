@@ -20,10 +20,15 @@ from numba import config, types
 
 
 def aligned(a, elements: int) -> bool:
-    """a's first element sits on a boundary of `elements` of its items (a CuPy, Numba or NumPy array)."""
+    """Every vector of `elements` items a kernel would load from a along its last axis is one aligned
+    block of memory: the last axis is unit-stride, and the first element and every row start sit on a
+    boundary of the vector's size (a CuPy, Numba or NumPy array)."""
+    size = elements * a.dtype.itemsize
+    if a.ndim and a.shape[-1] > 1 and a.strides[-1] != a.dtype.itemsize:
+        return False
     iface = getattr(a, "__cuda_array_interface__", None)
     ptr = iface["data"][0] if iface else a.ctypes.data
-    return ptr % (elements * a.dtype.itemsize) == 0
+    return ptr % size == 0 and all(s % size == 0 for s in a.strides[:-1])
 
 
 if config.ENABLE_CUDASIM:

@@ -35,3 +35,14 @@ def test_vector_loads_return_the_elements_they_cover():
     out32, out_flat = dev(np.zeros_like(a32)), dev(np.zeros_like(flat))
     copy4_kernel[3, 8](out32, dev(a32), dev(flat), out_flat)
     assert np.array_equal(host(out32), a32) and np.array_equal(host(out_flat), flat)
+
+
+def test_aligned_asks_for_unit_stride_and_aligned_rows():
+    from koifish_cuda.vload import aligned
+
+    a = np.zeros((4, 8), np.float32)
+    assert aligned(a, 4) and aligned(a[1:], 4)  # rows of 32 bytes
+    assert not aligned(a[:, 1:], 4)  # starts one element in
+    assert not aligned(a[:, ::2], 2)  # not unit-stride along the last axis
+    assert not aligned(np.zeros((4, 6), np.float32), 4)  # rows of 24 bytes: every other row misaligned
+    assert aligned(np.zeros((4, 6), np.float32)[:, :4], 2)  # 8-byte vectors fit 24-byte rows
