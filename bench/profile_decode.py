@@ -22,6 +22,7 @@ from profile_prefill import Timer  # noqa: E402
 
 WRAPPED = {  # module -> launchers timed as their own group
     "koifish_cuda.quant": ("dequant_matvec",),
+    "koifish_cuda.quant_a8": ("dequant_matvec4_a8",),
     "koifish_cuda.rmsnorm": ("add_rmsnorm",),
     "koifish_cuda.rope": ("qk_norm_rope",),
     "koifish_cuda.attention_decode": ("attention_decode",),
@@ -50,6 +51,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--act-bits", type=int, default=8, choices=(8, 16), help="the 4-bit GEMVs' x (engine default 8)")
+    ap.add_argument("--attention", default="tiles", choices=("tiles", "warps"), help="the decode attention's kernel")
     ap.add_argument("--out", default="bench/results/decode_profile.json")
     args = ap.parse_args()
 
@@ -61,7 +64,8 @@ def main() -> None:
     from koifish_core.models.qwen3 import Qwen3Config
 
     cfg = Qwen3Config(n_layer=args.layers)  # the defaults are Qwen3-32B's shapes
-    eng = Qwen3GPU.random(cfg, bits=4)
+    eng = Qwen3GPU.random(cfg, bits=4, act_bits=args.act_bits)
+    eng.attention_variant = args.attention
     cache = eng.new_cache(1, args.context + 64)
     eng.set_sampling(SamplingParams(temperature=0.6, top_k=20, top_p=0.95), seed=1)
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 16))
@@ -105,13 +109,14 @@ def main() -> None:
     print(f"{'group':<20}{'ms':>9}{'share':>8}  rate")
     for name, sec in sorted(sums.items(), key=lambda kv: -kv[1]):
         rate = ""
-        if name == "dequant_matvec":
+        if name in ("dequant_matvec", "dequant_matvec4_a8"):
             rate = f"{gemv_bytes / sec / 1e9:.0f} GB/s ({gemv_bytes / sec / copy:.0%} of copy)"
         rows.append({"group": name, "ms": sec * 1e3, "share": sec / step})
         print(f"{name:<20}{sec * 1e3:>9.3f}{sec / step:>8.0%}  {rate}")
     rest = step - sum(sums.values())
     print(f"{'(between groups)':<20}{rest * 1e3:>9.3f}{rest / step:>8.0%}")
     write_json(args.out, {"gpu": gpu_name(), "commit": commit(), "layers": args.layers, "context": args.context,
+                          "act_bits": args.act_bits, "attention": args.attention,
                           "graph_step_s": graph_s, "queued_step_s": step, "copy_GBps": copy / 1e9,
                           "gemv_bytes": gemv_bytes, "groups": rows, "between_groups_ms": rest * 1e3})
 
