@@ -34,9 +34,10 @@ DESC_AUX_POINTER, DESC_AUX_LD, DESC_BIAS_DATA_TYPE = 11, 12, 26
 EPILOGUES = {"default": 1, "bias": 4, "gelu_aux_bias": 164, "dgelu": 192}
 PREF_MAX_WORKSPACE_BYTES = 1
 R_32F = 0  # cudaDataType of the scale (alpha, beta)
-# candidate algorithms timed per shape (measured: 8). The weight gradients of narrow layers (768 x 768
-# x 16384: 36 output tiles for 132 SMs) ran at 430-460 TFLOP/s with the first 8; further down the
-# heuristic's list are split-K variants: CublasLt(tune=32) is there to be measured against it.
+# candidate algorithms timed per shape. The weight gradients of narrow layers (768 x 768 x 16384: 36
+# output tiles for 132 SMs) ran at 430-460 TFLOP/s with the first 8; the first 32 (split-K variants
+# further down the heuristic's list) made no GEMM of GPT-2 124M faster on an H200 (bench/RESULTS.md,
+# session 14). CublasLt(tune=...) measures others.
 TUNE = 8
 
 

@@ -25,6 +25,7 @@ import math  # noqa: E402
 
 import koifish_cuda.compat  # noqa: E402,F401
 from koifish_cuda.bf16 import load, pack_word, rounded, store, word_hi, word_lo  # noqa: E402
+from koifish_cuda.vload import aligned  # noqa: E402
 from numba import cuda, float32  # noqa: E402
 
 # float32 constants: Python floats would make the arithmetic, and tanh with it, float64 on the GPU
@@ -85,7 +86,7 @@ def gelu_backward_kernel(dpre, pre, dout):
 
 def _packed(a) -> bool:
     """Rows of an even number of bf16 values, one after the other: the flat array is whole 32-bit words."""
-    return a.ndim == 2 and a.shape[1] % 2 == 0 and a.strides == (2 * a.shape[1], 2)
+    return a.ndim == 2 and a.flags.c_contiguous and aligned(a, 2)
 
 
 def _grid(N, F):

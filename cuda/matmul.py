@@ -27,6 +27,7 @@ def matmul_backward_ref(dout: np.ndarray, x: np.ndarray, w: np.ndarray):
 # The products themselves are cuBLAS GEMMs (koifish_cuda.cublas_raw); these kernels do the rest.
 import koifish_cuda.compat  # noqa: E402,F401
 from koifish_cuda.bf16 import load, store, word_hi, word_lo  # noqa: E402
+from koifish_cuda.vload import aligned  # noqa: E402
 from numba import cuda, float32  # noqa: E402
 
 
@@ -85,7 +86,7 @@ def bias_grad(dbias, dout, stream=0, rows_per_block=64):
     width are read two columns a 32-bit load (2-byte loads kept the kernel at 57% of copy)."""
     N, C = dout.shape
     rows = (N + rows_per_block - 1) // rows_per_block
-    if dout.dtype == np.uint16 and C % 2 == 0 and dout.strides[1] == 2 and dout.strides[0] % 4 == 0:
+    if dout.dtype == np.uint16 and C % 2 == 0 and aligned(dout, 2):  # rows of whole 32-bit words
         bias_grad_pairs_kernel[((C // 2 + 127) // 128, rows), 128, stream](dbias, dout.view(np.uint32), rows_per_block)
         return
     bias_grad_kernel[((C + 127) // 128, rows), 128, stream](dbias, dout, rows_per_block)

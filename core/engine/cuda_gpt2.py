@@ -15,8 +15,9 @@ weights as a bf16 copy of the float32 master weights, refreshed by AdamW as it u
 activations that feed GEMMs), accumulation in float32; LayerNorm statistics, the gradients and
 AdamW's state stay float32, and so does the residual stream unless precision.residual is bf16
 (llm.c's choice: measured with scalar LayerNorm loads, 0.6 GB less at 124M B=16 but 0.5 ms a step
-slower; not yet measured with the vector loads that made LayerNorm 1.6 ms faster). Attention is cuDNN's fused flash attention when cudnn-frontend is installed
-(cuda_attention.py). fp32: float32 everywhere, TF32 GEMMs.
+slower; not yet measured with the vector loads that made LayerNorm 1.6 ms faster). Attention is
+cuDNN's fused flash attention when cudnn-frontend is installed (cuda_attention.py). fp32: float32
+everywhere, TF32 GEMMs.
 
 Biases, residual adds and GELU ride in the GEMMs' cuBLASLt epilogues (koifish_cuda.cublaslt), so
 the only passes of their own are LayerNorm, the classifier, the embedding and two of a block's four
@@ -93,6 +94,7 @@ class CUDAEngine:
         # the update statistics: large tensors sampled (instability.update_sample; koifish_cuda.update_stats)
         self.stat_sample = InstabilityConfig.from_dict(case.instability).update_sample
         self.stat_chunk = STAT_CHUNK
+        self._chunks = None  # (what it was made from, chunk rows, weights) on the device: _update_stats
         self.graphs = None
         self.collective = None  # data-parallel (attach_collective): NCCL between ranks
         self.sync = None  # GradSync: bucket all-reduces captured inside the last micro-batch graph
@@ -504,7 +506,7 @@ class CUDAEngine:
         lo = self.zero.lo if self.zero is not None else 0
         hi = lo + params.size
         key = (lo, hi, self.stat_chunk, self.stat_sample)  # what the chunk table is made from
-        if getattr(self, "_chunks", (None,))[0] != key:
+        if self._chunks is None or self._chunks[0] != key:
             ranges = [(i, max(sp.start, lo) - lo, min(sp.stop, hi) - lo) for i, sp in enumerate(self.spans)]
             rows, weights = stat_chunks(ranges, self.stat_chunk, self.stat_sample)
             self._chunks = (key, self.cp.asarray(rows), self.cp.asarray(weights))

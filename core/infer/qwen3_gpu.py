@@ -69,13 +69,20 @@ def kv_cache_dtype(kv_bits: int):
 ACT_BITS = 8  # the batch-1 4-bit GEMVs' input: int8 per 16 values (koifish_cuda.quant_a8), or 16: float32
 
 
+def check_act_bits(act_bits: int) -> int:
+    """--act-bits as Qwen3GPU takes it: 8 or 16."""
+    if act_bits not in (16, 8):
+        raise KoifishError(f"--act-bits: expected 16 or 8, got {act_bits}")
+    return act_bits
+
+
 def engine_options(kv_bits: int = 16, act_bits: int | None = None, on_gpu: bool = True, run: str = "this run",
                    device: str = "cpu") -> dict:
     """Qwen3GPU keyword arguments for --kv-bits and --act-bits (None: the engine's ACT_BITS), checked before
     anything loads. Both are the GPU engine's: a run on the CPU refuses them."""
     cache_dtype = kv_cache_dtype(kv_bits)
-    if act_bits is not None and act_bits not in (16, 8):
-        raise KoifishError(f"--act-bits: expected 16 or 8, got {act_bits}")
+    if act_bits is not None:
+        check_act_bits(act_bits)
     if not on_gpu:
         if kv_bits != 16:
             raise KoifishError(f"--kv-bits {kv_bits}: the int8 KV cache is the GPU engine's; {run} runs on the CPU "
@@ -174,10 +181,8 @@ class Qwen3GPU:
         from koifish_cuda.quant import MAX_BATCH
 
         self.config = config
-        if act_bits not in (16, 8):
-            raise KoifishError(f"--act-bits: expected 16 or 8, got {act_bits}")
         # 8: the batch-1 4-bit GEMVs take x rounded to int8 per 16 values (koifish_cuda.quant_a8)
-        self.act_bits = act_bits
+        self.act_bits = check_act_bits(act_bits)
         self.sim = simulated()
         self.gemv_rows = MAX_BATCH  # prompt chunks of at most this many rows run the decode kernels
         if not self.sim and not gpu_available():
