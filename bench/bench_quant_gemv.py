@@ -99,8 +99,8 @@ def variants(args):
     GEMV4_VARIANTS = {
         "float32 x": (lambda out, x, words, scales, zeros, group, s: quant.dequant_matvec(out, x, words, scales, zeros,
                                                                                         4, group, s), 1e-4),
-        **{f"int8 x (dp4a){'' if n == 16 else f', {n} rows'}": (a8(n), 2e-2)
-           for n in sorted(quant_a8.ROW_CHOICES, key=lambda n: n != 16)}}
+        "int8 x (dp4a), rows by shape": (a8(None), 2e-2),
+        **{f"int8 x (dp4a), {n} rows": (a8(n), 2e-2) for n in sorted(quant_a8.ROW_CHOICES)}}
     names = list(GEMV4_VARIANTS)
     copy_bw = copy_bandwidth()
     shapes = {**SHAPES, **{k: v for k, v in ENGINE.items() if k not in SHAPES}}

@@ -102,8 +102,17 @@ def _dot_chunk(q, xw):
     return dp4a((hi >> uint32(4)) & uint32(NIBBLES), int32(xw[3]), d)
 
 
-# blocks an SM each block shape is bounded for (registers: the rows' uint64s and sums grow with R)
-ROW_CHOICES = {8: 4, 16: 3, 32: 2}
+# blocks an SM each block shape is bounded for (registers: the rows' uint64s and sums grow with R).
+# 32 rows measured slowest on every Qwen3-32B shape (token GEMVs 12.88 ms against 9.74 at 16): dropped.
+ROW_CHOICES = {8: 4, 16: 3}
+
+
+def rows_for(N: int, K: int) -> int:
+    """A block's rows for an (N, K) matrix, as measured on the H200 (bench_quant_gemv.py --variants,
+    Qwen3-32B shapes): 8 for the attention matrices (qkv 10240 x 5120: 20.0 -> 17.7 us; o_proj
+    5120 x 8192 likewise faster), 16 for long rows or many of them (down 5120 x 25600: 40.7 us at 16,
+    48.5 at 8; gate_up and the head a few per cent faster at 16)."""
+    return 8 if K <= 8192 and N <= 16384 else ROWS4
 
 
 @functools.lru_cache(maxsize=None)
@@ -144,18 +153,18 @@ def _kernel(R: int):
     return kernel
 
 
-def dequant_matvec4_a8(out, x, words, scales, zeros, group_size: int, stream=0, rows: int = ROWS4):
+def dequant_matvec4_a8(out, x, words, scales, zeros, group_size: int, stream=0, rows: int | None = None):
     """out (1, N) float32 = x (1, K) float32 @ W.T, W 4-bit as quant.dequant_matvec takes it (words
     uint32 (N, K/8), scales float32 and zeros uint8 (N, K/group_size)); K a multiple of 32, group_size
-    of 16, x on a 16-byte boundary. rows: a block's rows (ROW_CHOICES; 16 is the measured one, the
-    others are there to be measured: bench_quant_gemv.py --variants)."""
+    of 16, x on a 16-byte boundary. rows: a block's rows (ROW_CHOICES), by default rows_for(N, K)."""
     M, K = x.shape
     if M != 1 or K % 32 or group_size % CHUNK:
         raise ValueError(f"dequant_matvec4_a8 takes one row of x, K a multiple of 32 and group_size of {CHUNK}; "
                          f"got x {x.shape}, group_size {group_size}")
     if not aligned(x, 4):
         raise ValueError("dequant_matvec4_a8: x must start on a 16-byte boundary")
+    N = out.shape[1]
+    rows = rows_for(N, K) if rows is None else rows
     if rows not in ROW_CHOICES:
         raise ValueError(f"dequant_matvec4_a8: rows a block must be one of {sorted(ROW_CHOICES)}, got {rows}")
-    N = out.shape[1]
     _kernel(rows)[(N + rows - 1) // rows, BUF4, stream](out, x, words.view(np.uint64), scales, zeros, group_size)

@@ -75,7 +75,8 @@ def test_act_order_layers_stay_packed_and_mean_the_same_matrices(act_order):
             p = f"layers.{l}."
             assert all(L[k].quantized for k in ("qkv", "o", "gu", "down"))
             assert L["qkv"].perm is not None and L["down"].perm is None  # down's order moved into gate|up
-            dense = lambda lin: np.asarray(host(eng._dense(lin)), np.float64)  # noqa: E731
+            # read on the engine's stream: its uploads are queued there, and the null stream does not wait for it
+            dense = lambda lin: np.asarray(eng._get(eng._dense(lin)), np.float64)  # noqa: E731
             qkv = np.concatenate([_deq(cpu, p + f"self_attn.{m}_proj") for m in "qkv"])
             assert np.allclose(dense(L["qkv"]), qkv, rtol=1e-6, atol=1e-7)
             assert np.allclose(dense(L["o"]), _deq(cpu, p + "self_attn.o_proj"), rtol=1e-6, atol=1e-7)
@@ -107,7 +108,7 @@ def test_parts_in_different_orders_are_joined_dense_and_correct(act_order):
     joined = eng._linear(parts)
     assert not joined.quantized
     want = np.concatenate([p.dequantize(np.float64) for p in parts])
-    assert np.allclose(np.asarray(host(eng._dense(joined)), np.float64), want, rtol=1e-6, atol=1e-7)
+    assert np.allclose(np.asarray(eng._get(eng._dense(joined)), np.float64), want, rtol=1e-6, atol=1e-7)
 
 
 def test_act_order_matrix_gathers_its_input_in_the_gemv(act_order):

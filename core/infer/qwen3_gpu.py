@@ -201,10 +201,6 @@ class Qwen3GPU:
             from koifish_cuda.cublas_raw import Cublas
 
             self.xp = cp
-            # whatever an earlier engine left queued on its own stream finishes before this one's
-            # uploads reuse the memory pool's blocks (CuPy keys the pool by stream handle, which a
-            # new stream may reuse)
-            cp.cuda.Device().synchronize()
             self.stream = cp.cuda.Stream(non_blocking=True)
             self.ns = cuda.external_stream(self.stream.ptr)
             with self.stream:
