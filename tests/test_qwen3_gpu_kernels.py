@@ -70,6 +70,7 @@ def test_qk_norm_rope_writes_q_and_the_cache(cache_dtype, regroup):
 
 @pytest.mark.parametrize("T,splits", [(1, 4), (3, 2), (1, 1)])
 def test_attention_decode_gqa(T, splits):
+    """The tile split kernel (int8 caches and head dims not a multiple of 32 take it) on a float16 cache."""
     from koifish_cuda.attention_decode import attention_decode, attention_ref, attention_scratch
 
     r = rng()
@@ -82,14 +83,14 @@ def test_attention_decode_gqa(T, splits):
     k16, v16 = k.astype(np.float16), v.astype(np.float16)
     out = dev(np.full((B * T, nh * hd), np.nan, np.float32))
     scratch = attention_scratch(np if not ON_GPU else __import__("cupy"), B * T, nh, hd, splits)
-    attention_decode(out, f32(q), dev(k16), dev(v16), dev(np.array([past], np.int32)), T, scratch)
+    attention_decode(out, f32(q), dev(k16), dev(v16), dev(np.array([past], np.int32)), T, scratch, variant="tiles")
     ref = attention_ref(q, k16, v16, past, B, nh)  # the same rounded cache: only the kernel's arithmetic differs
     assert rel_err(host(out), ref) < 1e-4
 
 
 @pytest.mark.parametrize("hd,cache_dtype,T,splits", [(128, np.float16, 1, 3), (32, np.float32, 2, 2), (64, np.float16, 1, 1)])
 def test_attention_decode_warps_variant(hd, cache_dtype, T, splits):
-    """The "warps" split kernel (a warp walks its own keys, a lane owns head_dim/32 dimensions: one
+    """The "warps" split kernel, the default (a warp walks its own keys, a lane owns head_dim/32 dimensions: one
     vector load a row at 128 in float16) against the reference; some warps see no key of a split
     (past + 1 keys over splits x 4 warps), the kernel merges them."""
     from koifish_cuda.attention_decode import attention_decode, attention_ref, attention_scratch

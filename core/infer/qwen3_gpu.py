@@ -213,9 +213,10 @@ class Qwen3GPU:
             raise KoifishError(f"KV cache: expected float16, float32 or int8, got {np.dtype(cache_dtype).name}")
         self.kv_scales = None  # int8 cache: (k_scale, v_scale), float32 (n_layer, B, nkv, max_len)
         self.decode_splits = decode_splits
-        # the decode attention's split kernel: "tiles" (measured) or "warps" (written for measurement:
-        # bench_qwen3_decode.py --attention warps); set before the first decode step (the graph captures it)
-        self.attention_variant = "tiles"
+        # the decode attention's split kernel: "warps" (3x faster at 8k keys) or "tiles" (int8 caches use it
+        # whatever is asked; bench_qwen3_decode.py --attention); set before the first decode step (the graph
+        # captures it)
+        self.attention_variant = "warps"
         self.layers: list[dict] = []
         self.embed = self.head = self.norm = None
         self.batch = self.max_len = 0
