@@ -96,16 +96,27 @@ def variants(args):
         return lambda out, x, words, scales, zeros, group, s: quant_a8.dequant_matvec4_a8(out, x, words, scales, zeros,
                                                                                           group, s, rows=block_rows)
 
+    rounded = {}  # this shape's x as quantize_x16's triple (rounded once, outside the timing; cleared a shape)
+
+    def pre(out, x, words, scales, zeros, group, s):
+        if not rounded:
+            K = x.shape[1]
+            rounded["x"] = (cp.empty(K // 4, cp.uint32), cp.empty(K // 16, cp.float32), cp.empty(K // 16, cp.int32))
+            quant_a8.quantize_x16(x, *rounded["x"], s)
+        quant_a8.dequant_matvec4_a8(out, rounded["x"], words, scales, zeros, group, s)
+
     GEMV4_VARIANTS = {
         "float32 x": (lambda out, x, words, scales, zeros, group, s: quant.dequant_matvec(out, x, words, scales, zeros,
                                                                                         4, group, s), 1e-4),
         "int8 x (dp4a), rows by shape": (a8(None), 2e-2),
+        "int8 x rounded before, by shape": (pre, 2e-2),
         **{f"int8 x (dp4a), {n} rows": (a8(n), 2e-2) for n in sorted(quant_a8.ROW_CHOICES)}}
     names = list(GEMV4_VARIANTS)
     copy_bw = copy_bandwidth()
     shapes = {**SHAPES, **{k: v for k, v in ENGINE.items() if k not in SHAPES}}
     rows = []
     for shape, (N, K) in shapes.items():
+        rounded.clear()
         rng = np.random.default_rng(0)
         words = cp.asarray(rng.integers(0, 2**32, (N, K // 8), dtype=np.uint32))
         ng = K // args.group
@@ -146,10 +157,20 @@ def variants(args):
     per_shape = {shape: min((r for r in rows if r["shape"] == shape and r["variant"] in a8_names), key=lambda r: r["us"])
                  for shape in ENGINE}
     mixed = LAYERS * sum(per_shape[k]["us"] for k in ("qkv", "o_proj", "gate_up", "down_proj")) + per_shape["lm_head"]["us"]
+    # rounding x apart costs a kernel a GEMV input (4 a layer, and the head's): its time in a graph
+    quant_us = {}
+    for K in sorted({K for _, K in ENGINE.values()}):
+        x = cp.asarray(np.random.default_rng(1).standard_normal((1, K), dtype=np.float32))
+        tri = (cp.empty(K // 4, cp.uint32), cp.empty(K // 16, cp.float32), cp.empty(K // 16, cp.int32))
+        quant_us[K] = median_time(lambda s: quant_a8.quantize_x16(x, *tri, s)) * 1e6
+        print(f"quantize_x16 K={K:<6} {quant_us[K]:6.1f} us")
+    quant_token = LAYERS * sum(quant_us[K] for n, (_, K) in ENGINE.items() if n != "lm_head") + quant_us[ENGINE["lm_head"][1]]
+    print(f"token quantize_x16 kernels {quant_token / 1e3:7.2f} ms (add to 'rounded before' for its whole cost)")
     print(f"token GEMVs int8 x, best rows per shape {mixed / 1e3:7.2f} ms: "
           + ", ".join(f"{k} {v['variant']}" for k, v in per_shape.items()))
     write_json(args.out, {"bits": 4, "group": args.group, "device": gpu_name(), "commit": commit(),
                           "copy_GBps": copy_bw / 1e9, "rows": rows, "token_gemv": token, "best": best,
+                          "quantize_x16_us": quant_us, "token_quantize_x16_us": quant_token,
                           "int8_best_rows_per_shape": {"us": mixed, "variants": {k: v["variant"] for k, v in
                                                                                   per_shape.items()}}})
 

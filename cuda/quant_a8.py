@@ -29,6 +29,14 @@ def quantize_x16_ref(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x8.reshape(-1), (amax / np.float32(127.0)).astype(np.float32)
 
 
+def pack_x16_ref(x8: np.ndarray) -> np.ndarray:
+    """int8 values (K,) -> (K/4,) uint32 in the order the kernel meets the codes' nibbles: per chunk of 16,
+    word 0 holds values 0, 2, 4, 6 (low byte first), word 1 1, 3, 5, 7, word 2 8..14, word 3 9..15."""
+    b = (np.asarray(x8).reshape(-1, 2, 4, 2) & 0xFF).astype(np.uint32)  # (chunk, half, pair, parity)
+    w = (b << (8 * np.arange(4, dtype=np.uint32))[None, None, :, None]).sum(axis=2, dtype=np.uint32)
+    return w.reshape(-1)  # (chunk, half, parity): words 2 * half + parity
+
+
 def round_x16_ref(x: np.ndarray) -> np.ndarray:
     """x (..., K) with every row rounded as the kernel rounds its one row (x8 * xs, float32): W_deq @ this
     is what the kernel computes, so a float model fed it measures what int8 activations cost."""
@@ -63,7 +71,7 @@ import koifish_cuda.compat  # noqa: E402,F401
 from koifish_cuda.bf16 import float_bits  # noqa: E402
 from koifish_cuda.dp4a import dp4a  # noqa: E402
 from koifish_cuda.quant import BUF4, ROWS4, WARPS4, _block_rows, _store_rows  # noqa: E402
-from koifish_cuda.vload import aligned, load4  # noqa: E402
+from koifish_cuda.vload import aligned, load4, store4  # noqa: E402
 from numba import config, cuda, float32, int32, uint32, uint64  # noqa: E402
 
 ROUNDER = np.float32(12582912.0)  # 1.5 * 2^23: adding it rounds to an integer, kept in the low bits
@@ -115,10 +123,54 @@ def rows_for(N: int, K: int) -> int:
     return 8 if K <= 8192 and N <= 16384 else ROWS4
 
 
+@cuda.jit(device=True, inline=True)
+def _round_x(x, i, xr, xw):
+    """Chunk i of the float32 row x (1, K) rounded into xw (four 16-byte loads); (scale, sum)."""
+    for j in range(0, CHUNK, 4):
+        xr[j], xr[j + 1], xr[j + 2], xr[j + 3] = load4(x, (0, i * CHUNK + j))
+    return _round_chunk(xr, xw)
+
+
+@cuda.jit(device=True, inline=True)
+def _load_x(x, i, xr, xw):
+    """Chunk i of an x rounded beforehand (quantize_x16's (codes, scales, sums)): one 16-byte load."""
+    xq, xsc, xsm = x
+    xw[0], xw[1], xw[2], xw[3] = load4(xq, (i * 4,))
+    return xsc[i], xsm[i]
+
+
+@cuda.jit(cache=True)
+def quantize_x16_kernel(x, xq, xs, xsum):
+    """One thread a chunk of 16: x (1, K) float32 -> codes xq (K/4,) uint32 in _round_chunk's byte
+    order, scales xs (K/16,) float32, sums xsum (K/16,) int32."""
+    c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if c < xs.shape[0]:
+        xr = cuda.local.array(CHUNK, float32)
+        xw = cuda.local.array(4, uint32)
+        s, sm = _round_x(x, c, xr, xw)
+        store4(xq, (c * 4,), xw[0], xw[1], xw[2], xw[3])
+        xs[c] = s
+        xsum[c] = sm
+
+
+def quantize_x16(x, xq, xs, xsum, stream=0) -> None:
+    """x (1, K) float32 rounded once for every GEMV that reads it (dequant_matvec4_a8 with
+    x=(xq, xs, xsum)): xq (K/4,) uint32, xs (K/16,) float32, xsum (K/16,) int32."""
+    K = x.shape[1]
+    if x.shape[0] != 1 or K % CHUNK or xq.shape != (K // 4,) or xs.shape != (K // CHUNK,) or xsum.shape != xs.shape:
+        raise ValueError(f"quantize_x16: x (1, K) with K a multiple of {CHUNK} into (K/4,), (K/16,), (K/16,); "
+                         f"got {x.shape}, {xq.shape}, {xs.shape}, {xsum.shape}")
+    if not (aligned(x, 4) and aligned(xq, 4)):
+        raise ValueError("quantize_x16: x and xq must start on a 16-byte boundary")
+    quantize_x16_kernel[(K // CHUNK + 127) // 128, 128, stream](x, xq, xs, xsum)
+
+
 @functools.lru_cache(maxsize=None)
-def _kernel(R: int):
-    """The kernel for R rows a block (a compile-time constant: R uint64 loads in flight a lane)."""
+def _kernel(R: int, pre: bool = False):
+    """The kernel for R rows a block (a compile-time constant: R uint64 loads in flight a lane); pre: x
+    comes rounded (quantize_x16's triple) instead of as float32."""
     RED = R * WARPS4  # shared sizes must be plain constants
+    x_chunk = _load_x if pre else _round_x
     bounds = {} if config.ENABLE_CUDASIM else {"launch_bounds": (BUF4, ROW_CHOICES[R])}
 
     @cuda.jit(cache=True, **bounds)
@@ -140,9 +192,7 @@ def _kernel(R: int):
         for i in range(t, Kq, BUF4):  # lane l of warp w: uint64 32 (w + WARPS4 s) + l
             for r in range(R):  # the row loads first: they are what the kernel waits for
                 wv[r] = q64[rows[r], i]
-            for j in range(0, CHUNK, 4):
-                xr[j], xr[j + 1], xr[j + 2], xr[j + 3] = load4(x, (0, i * CHUNK + j))
-            xs, xsum = _round_chunk(xr, xw)
+            xs, xsum = x_chunk(x, i, xr, xw)
             g = i // qpg
             for r in range(R):
                 # int32(): Numba widens int32 arithmetic to int64, and an int64 -> float conversion is slow
@@ -156,15 +206,17 @@ def _kernel(R: int):
 def dequant_matvec4_a8(out, x, words, scales, zeros, group_size: int, stream=0, rows: int | None = None):
     """out (1, N) float32 = x (1, K) float32 @ W.T, W 4-bit as quant.dequant_matvec takes it (words
     uint32 (N, K/8), scales float32 and zeros uint8 (N, K/group_size)); K a multiple of 32, group_size
-    of 16, x on a 16-byte boundary. rows: a block's rows (ROW_CHOICES), by default rows_for(N, K)."""
-    M, K = x.shape
+    of 16, x on a 16-byte boundary. x may also come rounded already: quantize_x16's (xq, xs, xsum).
+    rows: a block's rows (ROW_CHOICES), by default rows_for(N, K)."""
+    pre = isinstance(x, tuple)
+    M, K = (1, 4 * x[0].shape[0]) if pre else x.shape
     if M != 1 or K % 32 or group_size % CHUNK:
         raise ValueError(f"dequant_matvec4_a8 takes one row of x, K a multiple of 32 and group_size of {CHUNK}; "
                          f"got x {x.shape}, group_size {group_size}")
-    if not aligned(x, 4):
+    if not aligned(x[0] if pre else x, 4):
         raise ValueError("dequant_matvec4_a8: x must start on a 16-byte boundary")
     N = out.shape[1]
     rows = rows_for(N, K) if rows is None else rows
     if rows not in ROW_CHOICES:
         raise ValueError(f"dequant_matvec4_a8: rows a block must be one of {sorted(ROW_CHOICES)}, got {rows}")
-    _kernel(rows)[(N + rows - 1) // rows, BUF4, stream](out, x, words.view(np.uint64), scales, zeros, group_size)
+    _kernel(rows, pre)[(N + rows - 1) // rows, BUF4, stream](out, x, words.view(np.uint64), scales, zeros, group_size)

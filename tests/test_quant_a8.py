@@ -91,6 +91,39 @@ def test_a8_kernel_matches_the_reference(N, K, G, rows):
     assert rel_err(host(y), dequant_matvec4_a8_ref(x, codes, scales, zeros, G)) < 1e-5
 
 
+def test_quantize_x16_kernel_matches_the_reference():
+    """Codes in the kernel's byte order, scales and sums; an all-zero chunk and a chunk of ties."""
+    from koifish_cuda.quant_a8 import pack_x16_ref, quantize_x16
+
+    r = np.random.default_rng()
+    K = 25600 if ON_GPU else 272
+    x = (r.standard_normal((1, K)) * np.exp(r.normal(0, 1, (1, K)))).astype(np.float32)
+    x[0, 16:32] = 0.0
+    x[0, 48:64] = [127, -127] + [0.5, 1.5, 2.5, -0.5] * 3 + [3.5, -2.5]  # scale 1: exact ties, to even
+    x8, xs = quantize_x16_ref(x[0])
+    xq, s, sm = dev(np.zeros(K // 4, np.uint32)), dev(np.zeros(K // 16, np.float32)), dev(np.zeros(K // 16, np.int32))
+    quantize_x16(dev(x), xq, s, sm)
+    assert np.array_equal(host(xq), pack_x16_ref(x8))
+    assert np.array_equal(host(s), xs) and np.array_equal(host(sm), x8.reshape(-1, 16).sum(1))
+
+
+@pytest.mark.parametrize("N,K,G", [(4099, 5120, 128)] if ON_GPU else [(17, 640, 128)])
+def test_a8_kernel_takes_x_rounded_beforehand(N, K, G):
+    """The GEMV on quantize_x16's triple gives the float-x kernel's output to the bit (same arithmetic)."""
+    from koifish_cuda.quant_a8 import dequant_matvec4_a8, quantize_x16
+
+    r = np.random.default_rng()
+    codes, scales, zeros = quantize_groupwise_ref(r.standard_normal((N, K)).astype(np.float32), 4, G)
+    args = (dev(pack_codes_ref(codes, 4).view(np.uint32)), dev(scales.astype(np.float32)), dev(zeros), G)
+    x = dev(r.standard_normal((1, K)).astype(np.float32))
+    pre = (dev(np.zeros(K // 4, np.uint32)), dev(np.zeros(K // 16, np.float32)), dev(np.zeros(K // 16, np.int32)))
+    quantize_x16(x, *pre)
+    y, y_pre = (dev(np.full((1, N), np.nan, np.float32)) for _ in range(2))
+    dequant_matvec4_a8(y, x, *args)
+    dequant_matvec4_a8(y_pre, pre, *args)
+    assert np.array_equal(host(y_pre), host(y))
+
+
 def test_a8_launcher_refuses_what_it_cannot_run():
     from koifish_cuda.quant_a8 import dequant_matvec4_a8
 
