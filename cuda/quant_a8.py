@@ -20,12 +20,13 @@ CHUNK = 16  # x values per int8 scale: one uint64 of 4-bit codes
 
 
 def quantize_x16_ref(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """x (K,) -> (x8 (K,) int64 in [-127, 127], xs (K/16,) float32): the kernel's rounding, in float32."""
+    """x (K,) -> (x8 (K,) int64 in [-127, 127], xs (K/16,) float32): the kernel's rounding (127 / max in
+    float32; x times it exact, rounded once, half to even: the kernel's fma)."""
     x = np.asarray(x, np.float32).reshape(-1, CHUNK)
     amax = np.abs(x).max(axis=1)
     with np.errstate(divide="ignore"):
         inv = np.where(amax > 0, np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
-    x8 = np.rint(x * inv[:, None]).astype(np.int64)
+    x8 = np.rint(x.astype(np.float64) * inv[:, None].astype(np.float64)).astype(np.int64)  # exact product
     return x8.reshape(-1), (amax / np.float32(127.0)).astype(np.float32)
 
 
@@ -74,6 +75,19 @@ from koifish_cuda.quant import BUF4, ROWS4, WARPS4, _block_rows, _store_rows  # 
 from koifish_cuda.vload import aligned, load4, store4  # noqa: E402
 from numba import config, cuda, float32, int32, uint32, uint64  # noqa: E402
 
+if config.ENABLE_CUDASIM:
+
+    def _fma(a, b, c):  # the simulator's float32 arithmetic would round a * b first; fma.rn does not
+        return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+
+else:
+    from numba.cuda import libdevice
+
+    @cuda.jit(device=True, inline=True)
+    def _fma(a, b, c):
+        return libdevice.fmaf(a, b, c)
+
+
 ROUNDER = np.float32(12582912.0)  # 1.5 * 2^23: adding it rounds to an integer, kept in the low bits
 ROUNDER_BITS = 0x4B400000
 NIBBLES = 0x0F0F0F0F
@@ -93,7 +107,9 @@ def _round_chunk(xr, xw):
         xw[k] = uint32(0)
     xsum = int32(0)
     for j in range(CHUNK):
-        b = float_bits(xr[j] * inv + ROUNDER)
+        # one rounding, explicitly: left to the compiler, a * b + c may or may not be contracted into an
+        # fma, and x * inv's own rounding flips the odd tie (the reference must know which)
+        b = float_bits(_fma(xr[j], inv, ROUNDER))
         xsum += int32(b) - int32(ROUNDER_BITS)
         xw[(j // 8) * 2 + j % 2] |= (b & uint32(0xFF)) << uint32(8 * ((j % 8) // 2))
     return amax / float32(127.0), xsum

@@ -403,6 +403,8 @@ class Qwen3GPU:
                 self.qkv = xp.zeros((R, (nh + 2 * nkv) * hd), f)
                 self.q, self.att = xp.zeros((R, nh * hd), f), xp.zeros((Rs, nh * hd), f)
                 self.gu, self.h = xp.zeros((Rs, 2 * F), f), xp.zeros((Rs, F), f)
+                kq = max(C, F, nh * hd)  # a batch-1 GEMV's x rounded to int8 once (quant_a8.quantize_x16)
+                self.xq = (xp.zeros(kq // 4, np.uint32), xp.zeros(kq // 16, f), xp.zeros(kq // 16, np.int32))
                 self.ids = xp.zeros(R, np.int32)
                 self.hl = xp.zeros((batch, C), f)
                 self.logits, self.zbuf = xp.zeros((batch, V), f), xp.zeros((batch, V), f)
@@ -457,9 +459,14 @@ class Qwen3GPU:
         if lin.perm is not None:
             x = self._gathered(x, lin, self.xg)
         if lin.quantized and lin.bits == 4 and self.act_bits == 8 and x.shape[0] == 1:
-            from koifish_cuda.quant_a8 import dequant_matvec4_a8
+            from koifish_cuda.quant_a8 import dequant_matvec4_a8, quantize_x16
 
-            dequant_matvec4_a8(out, x, lin.words, lin.scales, lin.zeros, lin.group_size, self.ns)
+            # x rounded by a kernel of its own, not by each of the GEMV's blocks (H200, a Qwen3-32B token's
+            # GEMVs: 9.60 -> 8.19 ms, plus 0.46 ms of rounding kernels)
+            K = x.shape[1]
+            xq = (self.xq[0][:K // 4], self.xq[1][:K // 16], self.xq[2][:K // 16])
+            quantize_x16(x, *xq, stream=self.ns)
+            dequant_matvec4_a8(out, xq, lin.words, lin.scales, lin.zeros, lin.group_size, self.ns)
         elif lin.quantized:
             dequant_matvec(out, x, lin.words, lin.scales, lin.zeros, lin.bits, lin.group_size, self.ns)
         else:
