@@ -17,7 +17,9 @@ import koifish_cuda.compat  # noqa: F401
 from koifish_cuda.compat import nb
 from koifish_cuda.bf16 import f32_to_bf16
 from koifish_cuda.reduce import THREADS, block_sum
-from numba import config, cuda, float32
+from koifish_cuda.quant_a8 import CHUNK, _round_chunk
+from koifish_cuda.vload import aligned, load4, store4
+from numba import config, cuda, float32, uint32
 
 
 def add_rmsnorm_ref(x: np.ndarray, delta: np.ndarray | None, w: np.ndarray, eps: float):
@@ -68,3 +70,63 @@ def add_rmsnorm(out, x, delta, w, eps: float, stream=0):
     threads = min(THREADS_MAX, max(THREADS, 1 << (C // 4 - 1).bit_length())) if wide else THREADS  # a power of two
     add_rmsnorm_kernel[R, threads, stream](nb(out), nb(x), nb(delta if add else x), nb(w), np.float32(eps), add,
                                            out.dtype == np.uint16)
+
+
+# ---- batch 1, x rounded for the W4A8 GEMV in the same kernel -------------------------------------
+@cuda.jit(cache=True)
+def add_rmsnorm_x16_kernel(out, xq, xs, xsum, x, delta, w, eps, add):
+    """One block, thread t on the 16 values of chunk t (vector loads and stores): the row's norm, then
+    each thread's chunk written as float32 and rounded to int8 (quant_a8._round_chunk)."""
+    t = cuda.threadIdx.x
+    C = x.shape[1]
+    live = t < C // CHUNK
+    c0 = t * CHUNK
+    buf = cuda.shared.array(THREADS_MAX, float32)
+    v = cuda.local.array(CHUNK, float32)
+    xw = cuda.local.array(4, uint32)
+    ss = float32(0.0)
+    if live:
+        for j in range(0, CHUNK, 4):
+            v[j], v[j + 1], v[j + 2], v[j + 3] = load4(x, (0, c0 + j))
+            if add:
+                d0, d1, d2, d3 = load4(delta, (0, c0 + j))
+                v[j] += d0
+                v[j + 1] += d1
+                v[j + 2] += d2
+                v[j + 3] += d3
+        for j in range(CHUNK):
+            ss += v[j] * v[j]
+    total = block_sum(ss, buf)
+    rstd = float32(1.0) / math.sqrt(total / float32(C) + eps)
+    if live:
+        for j in range(0, CHUNK, 4):
+            if add:
+                store4(x, (0, c0 + j), v[j], v[j + 1], v[j + 2], v[j + 3])
+            w0, w1, w2, w3 = load4(w, (c0 + j,))
+            v[j] = w0 * (v[j] * rstd)
+            v[j + 1] = w1 * (v[j + 1] * rstd)
+            v[j + 2] = w2 * (v[j + 2] * rstd)
+            v[j + 3] = w3 * (v[j + 3] * rstd)
+            store4(out, (0, c0 + j), v[j], v[j + 1], v[j + 2], v[j + 3])
+        s, sm = _round_chunk(v, xw)
+        store4(xq, (t * 4,), xw[0], xw[1], xw[2], xw[3])
+        xs[t] = s
+        xsum[t] = sm
+
+
+X16_MAX = CHUNK * THREADS_MAX  # the widest row add_rmsnorm_x16 takes (a thread a chunk, one block)
+
+
+def add_rmsnorm_x16(out, xq, x, delta, w, eps: float, stream=0):
+    """add_rmsnorm of one row, its result also rounded as quant_a8.quantize_x16 rounds it into the triple
+    xq = (codes (C/4,) uint32, scales (C/16,) float32, sums (C/16,) int32): the decode step's norm and
+    its GEMV's rounding in one kernel. C a multiple of 16, at most 16 x 1024; rows 16-byte aligned."""
+    R, C = x.shape
+    if R != 1 or C % CHUNK or C > X16_MAX or xq[0].shape[0] * 4 != C or xq[1].shape[0] * CHUNK != C:
+        raise ValueError(f"add_rmsnorm_x16: one row of a multiple of {CHUNK} values (at most {CHUNK * THREADS_MAX}) "
+                         f"and its triple; got x {x.shape}, codes {xq[0].shape}, scales {xq[1].shape}")
+    add = delta is not None
+    if not all(aligned(a, 4) for a in (out, x, w, xq[0], delta if add else x)):
+        raise ValueError("add_rmsnorm_x16: every array must start on a 16-byte boundary")
+    threads = max(32, -(-(C // CHUNK) // 32) * 32)
+    add_rmsnorm_x16_kernel[1, threads, stream](out, *xq, x, delta if add else x, w, np.float32(eps), add)

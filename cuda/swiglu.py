@@ -14,6 +14,8 @@ import numpy as np
 import koifish_cuda.compat  # noqa: F401
 from koifish_cuda.compat import nb
 from koifish_cuda.bf16 import bf16_to_f32, f32_to_bf16
+from koifish_cuda.quant_a8 import CHUNK, _round_chunk
+from koifish_cuda.vload import aligned, load4, store4
 from numba import cuda, float32, uint32
 
 
@@ -71,3 +73,39 @@ def swiglu_bf16(out, gu, stream=0):
     H = F // 2
     grid = ((H + 255) // 256, koifish_cuda.compat.stride_blocks(R))
     swiglu_bf16_kernel[grid, 256, stream](nb(out.view(np.uint32)), nb(gu.view(np.uint32)))
+
+
+@cuda.jit(cache=True)
+def swiglu_x16_kernel(out, xq, xs, xsum, gu):
+    """One thread a chunk of 16 of one row's h: its SwiGLU written as float32 and rounded to int8."""
+    t = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    F = out.shape[1]
+    if t < F // CHUNK:
+        c0 = t * CHUNK
+        v = cuda.local.array(CHUNK, float32)
+        xw = cuda.local.array(4, uint32)
+        for j in range(0, CHUNK, 4):
+            g0, g1, g2, g3 = load4(gu, (0, c0 + j))
+            u0, u1, u2, u3 = load4(gu, (0, F + c0 + j))
+            v[j] = g0 / (float32(1.0) + math.exp(-g0)) * u0
+            v[j + 1] = g1 / (float32(1.0) + math.exp(-g1)) * u1
+            v[j + 2] = g2 / (float32(1.0) + math.exp(-g2)) * u2
+            v[j + 3] = g3 / (float32(1.0) + math.exp(-g3)) * u3
+            store4(out, (0, c0 + j), v[j], v[j + 1], v[j + 2], v[j + 3])
+        s, sm = _round_chunk(v, xw)
+        store4(xq, (t * 4,), xw[0], xw[1], xw[2], xw[3])
+        xs[t] = s
+        xsum[t] = sm
+
+
+def swiglu_x16(out, xq, gu, stream=0):
+    """swiglu of one row, also rounded into xq = (codes (F/4,), scales (F/16,), sums (F/16,)) as
+    quant_a8.quantize_x16 rounds it: the decode step's SwiGLU and its down GEMV's rounding in one kernel."""
+    R, F = out.shape
+    if R != 1 or F % CHUNK or gu.shape != (1, 2 * F) or xq[0].shape[0] * 4 != F or xq[1].shape[0] * CHUNK != F:
+        raise ValueError(f"swiglu_x16: one row of a multiple of {CHUNK} values, gu (1, 2F) and the triple; got "
+                         f"out {out.shape}, gu {gu.shape}, codes {xq[0].shape}, scales {xq[1].shape}")
+    if not all(aligned(a, 4) for a in (out, gu, xq[0])):
+        raise ValueError("swiglu_x16: every array must start on a 16-byte boundary")
+    n = F // CHUNK
+    swiglu_x16_kernel[(n + 127) // 128, 128, stream](out, *xq, gu)

@@ -40,6 +40,47 @@ def test_add_rmsnorm():
     assert np.array_equal(host(ob), to_bf16_ref(host(out)))
 
 
+def _triple(K):
+    return dev(np.zeros(K // 4, np.uint32)), dev(np.zeros(K // 16, np.float32)), dev(np.zeros(K // 16, np.int32))
+
+
+def _assert_rounds(xq, values):
+    """xq holds `values` (1, K) rounded as quant_a8.quantize_x16 rounds them."""
+    from koifish_cuda.quant_a8 import pack_x16_ref, quantize_x16_ref
+
+    x8, xs = quantize_x16_ref(values[0])
+    assert np.array_equal(host(xq[0]), pack_x16_ref(x8)) and np.array_equal(host(xq[1]), xs)
+    assert np.array_equal(host(xq[2]), x8.reshape(-1, 16).sum(1))
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_add_rmsnorm_x16_rounds_what_it_writes(residual):
+    """The decode step's norm with its GEMV's rounding fused: out and x as add_rmsnorm's reference,
+    the triple exactly the rounding of out."""
+    from koifish_cuda.rmsnorm import add_rmsnorm_ref, add_rmsnorm_x16
+
+    r = rng()
+    C = 5120 if ON_GPU else 80  # 320 chunks (ten warps); 5 (a warp with idle lanes)
+    x, d, w = r.standard_normal((1, C)) * 3, r.standard_normal((1, C)), r.standard_normal(C)
+    xd, out, xq = f32(x), dev(np.full((1, C), np.nan, np.float32)), _triple(C)
+    add_rmsnorm_x16(out, xq, xd, f32(d) if residual else None, f32(w), 1e-6)
+    rx, ro = add_rmsnorm_ref(x, d if residual else None, w, 1e-6)
+    assert rel_err(host(xd), rx) < TOL and rel_err(host(out), ro) < TOL
+    _assert_rounds(xq, host(out))
+
+
+def test_swiglu_x16_rounds_what_it_writes():
+    from koifish_cuda.swiglu import swiglu_ref, swiglu_x16
+
+    r = rng()
+    F = 25600 if ON_GPU else 48
+    gu = r.standard_normal((1, 2 * F)) * 2
+    out, xq = dev(np.full((1, F), np.nan, np.float32)), _triple(F)
+    swiglu_x16(out, xq, f32(gu))
+    assert rel_err(host(out), swiglu_ref(gu)) < TOL
+    _assert_rounds(xq, host(out))
+
+
 @pytest.mark.parametrize("cache_dtype,regroup", [
     (np.float32, False), pytest.param(np.float16, False, marks=pytest.mark.gpu), (np.float16, True)])
 def test_qk_norm_rope_writes_q_and_the_cache(cache_dtype, regroup):

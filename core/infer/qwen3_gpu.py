@@ -452,8 +452,18 @@ class Qwen3GPU:
         return {} if self.kv_scales is None else dict(k_scale=self.kv_scales[0][l], v_scale=self.kv_scales[1][l])
 
     # ---- the math -----------------------------------------------------------------------------
-    def _apply(self, out, x, lin: DeviceLinear) -> None:
-        """out (M, N) = x (M, K) @ W.T for the decode step and short chunks (M <= MAX_BATCH), float32."""
+    def _takes_rounded(self, lin: DeviceLinear, R: int) -> bool:
+        """Whether lin's GEMV over R rows reads its x rounded to int8 in self.xq, so that the kernel making
+        x can round it too (add_rmsnorm_x16, swiglu_x16): batch 1, 4 bits, act_bits 8, no gather first."""
+        return R == 1 and lin.quantized and lin.bits == 4 and self.act_bits == 8 and lin.perm is None
+
+    def _xq(self, K: int):
+        """The rounded-x triple's first K values (quant_a8.quantize_x16)."""
+        return self.xq[0][:K // 4], self.xq[1][:K // 16], self.xq[2][:K // 16]
+
+    def _apply(self, out, x, lin: DeviceLinear, rounded: bool = False) -> None:
+        """out (M, N) = x (M, K) @ W.T for the decode step and short chunks (M <= MAX_BATCH), float32.
+        rounded: x's producer also wrote it rounded into self.xq (see _takes_rounded)."""
         from koifish_cuda.quant import dequant_matvec
 
         if lin.perm is not None:
@@ -461,11 +471,11 @@ class Qwen3GPU:
         if lin.quantized and lin.bits == 4 and self.act_bits == 8 and x.shape[0] == 1:
             from koifish_cuda.quant_a8 import dequant_matvec4_a8, quantize_x16
 
-            # x rounded by a kernel of its own, not by each of the GEMV's blocks (H200, a Qwen3-32B token's
-            # GEMVs: 9.60 -> 8.19 ms, plus 0.46 ms of rounding kernels)
-            K = x.shape[1]
-            xq = (self.xq[0][:K // 4], self.xq[1][:K // 16], self.xq[2][:K // 16])
-            quantize_x16(x, *xq, stream=self.ns)
+            # x rounded once, not by each of the GEMV's blocks (H200, a Qwen3-32B token's GEMVs: 9.60 ->
+            # 8.19 ms), by its producer where it can, else by a kernel of its own
+            xq = self._xq(x.shape[1])
+            if not rounded:
+                quantize_x16(x, *xq, stream=self.ns)
             dequant_matvec4_a8(out, xq, lin.words, lin.scales, lin.zeros, lin.group_size, self.ns)
         elif lin.quantized:
             dequant_matvec(out, x, lin.words, lin.scales, lin.zeros, lin.bits, lin.group_size, self.ns)
@@ -580,39 +590,51 @@ class Qwen3GPU:
         else:
             embed_rows(out, ids, table=e.w, stream=self.ns)
 
-    def _layers(self, R: int, T: int, scratch) -> None:
-        """The blocks over rows x[:R] (R = B*T, positions pos[0] + t); leaves the final normed states in xn[:R]."""
+    def _layers(self, R: int, T: int, scratch, head: DeviceLinear | None = None) -> bool:
+        """The blocks over rows x[:R] (R = B*T, positions pos[0] + t); leaves the final normed states in xn[:R].
+        head: the matrix that reads them next; True when they are also rounded for it in self.xq."""
         from koifish_cuda.attention_decode import attention_decode
-        from koifish_cuda.rmsnorm import add_rmsnorm
+        from koifish_cuda.rmsnorm import X16_MAX, add_rmsnorm, add_rmsnorm_x16
         from koifish_cuda.rope import qk_norm_rope
-        from koifish_cuda.swiglu import swiglu
+        from koifish_cuda.swiglu import swiglu, swiglu_x16
 
         c, s = self.config, self.ns
         eps = c.rms_norm_eps
         x, xn, delta = self.x[:R], self.xn[:R], self.delta[:R]
         qkv, q, att, gu, h = self.qkv[:R], self.q[:R], self.att[:R], self.gu[:R], self.h[:R]
         kc, vc = self.kv
+
+        def norm(w, lin, residual=True):  # rounds for lin's GEMV too, when it reads x so; True if it did
+            rounded = lin is not None and self._takes_rounded(lin, R) and c.hidden_size <= X16_MAX
+            if rounded:
+                add_rmsnorm_x16(xn, self._xq(c.hidden_size), x, delta if residual else None, w, eps, s)
+            else:
+                add_rmsnorm(xn, x, delta if residual else None, w, eps, s)
+            return rounded
+
         for l, L in enumerate(self.layers):
-            add_rmsnorm(xn, x, None if l == 0 else delta, L["ln1"], eps, s)
-            self._apply(qkv, xn, L["qkv"])
+            self._apply(qkv, xn, L["qkv"], rounded=norm(L["ln1"], L["qkv"], residual=l > 0))
             sc = self._kv_scales(l)  # int8 cache: its scales
             qk_norm_rope(q, kc[l], vc[l], qkv, L["qn"], L["kn"], self.cos, self.sin, self.pos, T, c.n_head, eps, s,
                          **sc)
             attention_decode(att, q, kc[l], vc[l], self.pos, T, scratch, s, variant=self.attention_variant, **sc)
             self._apply(delta, att, L["o"])
-            add_rmsnorm(xn, x, delta, L["ln2"], eps, s)
-            self._apply(gu, xn, L["gu"])
-            swiglu(h, gu, s)
-            self._apply(delta, h, L["down"])
-        add_rmsnorm(xn, x, delta, self.norm, eps, s)
+            self._apply(gu, xn, L["gu"], rounded=norm(L["ln2"], L["gu"]))
+            if self._takes_rounded(L["down"], R):
+                swiglu_x16(h, self._xq(c.intermediate_size), gu, s)
+                self._apply(delta, h, L["down"], rounded=True)
+            else:
+                swiglu(h, gu, s)
+                self._apply(delta, h, L["down"])
+        return norm(self.norm, head)
 
     def _decode_body(self) -> None:
         from koifish_cuda.sampling import advance, sample
 
         B = self.batch
         self._embed(self.x[:B], self.tok)
-        self._layers(B, 1, self.dec_scratch)
-        self._apply(self.logits, self.xn[:B], self.head)
+        rounded = self._layers(B, 1, self.dec_scratch, head=self.head)
+        self._apply(self.logits, self.xn[:B], self.head, rounded=rounded)
         sample(self.tok, self.seen, self.zbuf, self.logits, self.params, self.rng, self.samp, stream=self.ns)
         advance(self.rng, self.pos, 1, stream=self.ns)
 
