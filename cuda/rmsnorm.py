@@ -128,5 +128,5 @@ def add_rmsnorm_x16(out, xq, x, delta, w, eps: float, stream=0):
     add = delta is not None
     if not all(aligned(a, 4) for a in (out, x, w, xq[0], delta if add else x)):
         raise ValueError("add_rmsnorm_x16: every array must start on a 16-byte boundary")
-    threads = max(32, -(-(C // CHUNK) // 32) * 32)
+    threads = 1 << max(5, (C // CHUNK - 1).bit_length())  # block_sum's tree takes a power of two
     add_rmsnorm_x16_kernel[1, threads, stream](out, *xq, x, delta if add else x, w, np.float32(eps), add)
