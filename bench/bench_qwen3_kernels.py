@@ -74,7 +74,7 @@ def main():
                    lambda s, v=variant: attention_decode(att, q, kc, vc, pos, 1, scratch, s, variant=v),
                    2 * KV * ctx * HD * 2)
     if args.splits:  # the split and merge kernels apart, at other split counts
-        from koifish_cuda.attention_decode import THREADS, _split_kernel, attention_merge_kernel
+        from koifish_cuda.attention_decode import THREADS, _merge_kernel, _split_kernel
         split_k = _split_kernel(HD, HEADS // KV, False)
         for S in (int(v) for v in args.splits.split(",")):
             po, pm, pl = attention_scratch(cp, 1, HEADS, HD, S)
@@ -82,10 +82,10 @@ def main():
                 pos[...] = ctx - 1
                 report(f"  split kernel S={S} ctx {ctx}", lambda s: split_k[(KV, S), THREADS, s](
                     po, pm, pl, q, kc, vc, (), pos, 1, np.float32(HD ** -0.5)), 2 * KV * ctx * HD * 2)
-            report(f"  merge kernel S={S}", lambda s: attention_merge_kernel[HEADS, THREADS, s](att, po, pm, pl),
+            report(f"  merge kernel S={S}", lambda s: _merge_kernel(False)[HEADS, THREADS, s](att, po, pm, pl, ()),
                    4 * HEADS * S * (HD + 2))
         print("registers a thread: split", list(split_k.get_regs_per_thread().values()), "merge",
-              list(attention_merge_kernel.get_regs_per_thread().values()))
+              list(_merge_kernel(False).get_regs_per_thread().values()))
     gu, h = f32(1, 2 * INTER), cp.zeros((1, INTER), cp.float32)
     report("decode swiglu 25600", lambda s: swiglu(h, gu, s), 4 * 3 * INTER)
     del kc, vc

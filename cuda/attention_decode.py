@@ -29,9 +29,10 @@ import math
 import numpy as np
 
 import koifish_cuda.compat  # noqa: F401
+from koifish_cuda.quant_a8 import CHUNK, _round_chunk
 from koifish_cuda.reduce import NEG_INF, THREADS, WARPS, block_max, block_sum, warp_max, warp_sum
 from koifish_cuda.vload import aligned, load4
-from numba import cuda, float32
+from numba import cuda, float32, uint32
 
 TILE = 32  # keys per tile, a lane's each (its K and V, fp32 in shared memory: 32.5 KB at head_dim 128)
 G_MAX = 16  # query heads per kv head
@@ -300,10 +301,48 @@ def _split_warps_kernel(HD: int, NREP: int):
     return kernel
 
 
-@cuda.jit(cache=True)
-def attention_merge_kernel(out, part_o, part_m, part_l):
+@cuda.jit(device=True, inline=True)
+def _keep(xq, vals, t, h, hd):
+    pass
+
+
+@cuda.jit(device=True, inline=True)
+def _round_head(xq, vals, t, h, hd):
+    """The head's hd outputs (in vals) rounded as quant_a8.quantize_x16 rounds them: a thread a chunk."""
+    cuda.syncthreads()
+    if t < hd // CHUNK:
+        v = cuda.local.array(CHUNK, float32)
+        xw = cuda.local.array(4, uint32)
+        for j in range(CHUNK):
+            v[j] = vals[t * CHUNK + j]
+        s, sm = _round_chunk(v, xw)
+        c = h * (hd // CHUNK) + t
+        codes, scales, sums = xq
+        for k in range(4):
+            codes[c * 4 + k] = xw[k]
+        scales[c] = s
+        sums[c] = sm
+
+
+@functools.lru_cache(maxsize=None)
+def _merge_kernel(rounds: bool):
+    """The merge; rounds: one row whose output the next W4A8 GEMV reads (xq, quant_a8.quantize_x16's
+    triple), rounded here instead of by a kernel of its own."""
+    finish = _round_head if rounds else _keep
+
+    @cuda.jit(cache=True)
+    def kernel(out, part_o, part_m, part_l, xq):
+        vals = cuda.shared.array(HD_MAX, float32)
+        h, hd = _merge(out, part_o, part_m, part_l, vals)
+        finish(xq, vals, cuda.threadIdx.x, h, hd)
+
+    return kernel
+
+
+@cuda.jit(device=True, inline=True)
+def _merge(out, part_o, part_m, part_l, vals):
     """One block per (row, head): the splits' weights exp(m_s - max) in shared memory (splits <= THREADS),
-    then each thread one output dimension, its split loads four at a time."""
+    then each thread one output dimension, its split loads four at a time (also kept in vals)."""
     nh = part_m.shape[1]
     S = part_m.shape[2]
     hd = part_o.shape[3]
@@ -329,6 +368,8 @@ def attention_merge_kernel(out, part_o, part_m, part_l):
         for s in range(S - S % 4, S):
             num += part_o[r, h, s, d] * ws[s]
         out[r, h * hd + d] = num * inv
+        vals[d] = num * inv
+    return h, hd
 
 
 def check_shapes(nh: int, nkv: int, hd: int) -> None:
@@ -345,13 +386,14 @@ def attention_scratch(xp, rows: int, nh: int, hd: int, splits: int):
 
 
 def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k_scale=None, v_scale=None,
-                     variant: str = "warps"):
+                     variant: str = "warps", xq=None):
     """out (R, nh*hd) = softmax(q k^T / sqrt(hd)) v over each row's visible keys; scratch from attention_scratch
     (its split count is the number of splits used, its row count at least R). An int8 cache takes its
     scales (B, nkv, max_len) float32 in k_scale, v_scale. variant: "warps" (_split_warps_kernel; float caches
     with head_dim a multiple of 32, else the tile kernel runs) or "tiles" (_split_kernel). On the H200 at
     Qwen3-32B's shapes (bench_qwen3_kernels.py) warps took 21.3 us at 1k keys and 57.1 at 8k, tiles 49.0
-    and 177.3."""
+    and 177.3. xq: for one row, out also rounded into quant_a8.quantize_x16's triple (the o projection's
+    input)."""
     part_o, part_m, part_l = scratch
     R = q.shape[0]
     nh, splits = part_m.shape[1], part_m.shape[2]
@@ -369,4 +411,7 @@ def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k
     kernel = _split_warps_kernel(hd, nh // nkv) if warps else _split_kernel(hd, nh // nkv, quant)
     kernel[(R * nkv, splits), THREADS, stream](po, pm, pl, q, k_cache, v_cache, scales, pos, T,
                                                np.float32(1.0 / math.sqrt(hd)))
-    attention_merge_kernel[R * nh, THREADS, stream](out, po, pm, pl)
+    if xq is not None and (R != 1 or hd % CHUNK or xq[0].shape[0] * 4 != nh * hd or xq[1].shape[0] * CHUNK != nh * hd):
+        raise ValueError(f"attention: rounding the output takes one row, head_dim a multiple of {CHUNK} and a "
+                         f"triple of {nh * hd} values; got {R} rows, head_dim {hd}, codes {xq[0].shape}")
+    _merge_kernel(xq is not None)[R * nh, THREADS, stream](out, po, pm, pl, () if xq is None else tuple(xq))

@@ -147,6 +147,22 @@ def test_attention_decode_warps_variant(hd, cache_dtype, T, splits):
     assert rel_err(host(out), attention_ref(q, kc, vc, past, B, nh)) < 1e-4
 
 
+@pytest.mark.parametrize("variant", ["warps", "tiles"])
+def test_attention_decode_rounds_its_row_for_the_o_projection(variant):
+    """One decode row with xq: the merge also writes its output rounded as quantize_x16 rounds it."""
+    from koifish_cuda.attention_decode import attention_decode, attention_ref, attention_scratch
+
+    r = rng()
+    B, nh, nkv, hd, past, max_len = (1, 64, 8, 128, 700, 1024) if ON_GPU else (1, 4, 2, 32, 9, 16)
+    q = r.standard_normal((1, nh * hd))
+    k, v = (r.standard_normal((B, nkv, max_len, hd)).astype(np.float16) for _ in range(2))
+    out, xq = dev(np.full((1, nh * hd), np.nan, np.float32)), _triple(nh * hd)
+    scratch = attention_scratch(np if not ON_GPU else __import__("cupy"), 1, nh, hd, 2)
+    attention_decode(out, f32(q), dev(k), dev(v), dev(np.array([past], np.int32)), 1, scratch, variant=variant, xq=xq)
+    assert rel_err(host(out), attention_ref(q, k, v, past, B, nh)) < 1e-4
+    _assert_rounds(xq, host(out))
+
+
 def test_attention_decode_warps_with_a_split_past_a_full_cache():
     """5 keys in a cache of 5 over 4 splits of 2: the last split starts at key 6, past the cache; the
     warp kernel loads no key outside it (the simulator checks every index) and leaves that split empty."""

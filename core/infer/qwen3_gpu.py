@@ -617,8 +617,10 @@ class Qwen3GPU:
             sc = self._kv_scales(l)  # int8 cache: its scales
             qk_norm_rope(q, kc[l], vc[l], qkv, L["qn"], L["kn"], self.cos, self.sin, self.pos, T, c.n_head, eps, s,
                          **sc)
-            attention_decode(att, q, kc[l], vc[l], self.pos, T, scratch, s, variant=self.attention_variant, **sc)
-            self._apply(delta, att, L["o"])
+            ro = self._takes_rounded(L["o"], R) and c.head_dim % 16 == 0
+            attention_decode(att, q, kc[l], vc[l], self.pos, T, scratch, s, variant=self.attention_variant,
+                             xq=self._xq(c.n_head * c.head_dim) if ro else None, **sc)
+            self._apply(delta, att, L["o"], rounded=ro)
             self._apply(gu, xn, L["gu"], rounded=norm(L["ln2"], L["gu"]))
             if self._takes_rounded(L["down"], R):
                 swiglu_x16(h, self._xq(c.intermediate_size), gu, s)
