@@ -98,19 +98,22 @@ def variants(args):
 
     rounded = {}  # this shape's x as quantize_x16's triple (rounded once, outside the timing; cleared a shape)
 
-    def pre(out, x, words, scales, zeros, group, s):
-        if not rounded:
-            K = x.shape[1]
-            rounded["x"] = (cp.empty(K // 4, cp.uint32), cp.empty(K // 16, cp.float32), cp.empty(K // 16, cp.int32))
-            quant_a8.quantize_x16(x, *rounded["x"], s)
-        quant_a8.dequant_matvec4_a8(out, rounded["x"], words, scales, zeros, group, s)
+    def pre(block_rows, warps):
+        def fn(out, x, words, scales, zeros, group, s):
+            if not rounded:
+                K = x.shape[1]
+                rounded["x"] = (cp.empty(K // 4, cp.uint32), cp.empty(K // 16, cp.float32), cp.empty(K // 16, cp.int32))
+                quant_a8.quantize_x16(x, *rounded["x"], s)
+            quant_a8.dequant_matvec4_a8(out, rounded["x"], words, scales, zeros, group, s, rows=block_rows, warps=warps)
+        return fn
 
     GEMV4_VARIANTS = {
         "float32 x": (lambda out, x, words, scales, zeros, group, s: quant.dequant_matvec(out, x, words, scales, zeros,
                                                                                         4, group, s), 1e-4),
         "int8 x (dp4a), rows by shape": (a8(None), 2e-2),
-        "int8 x rounded before, by shape": (pre, 2e-2),
-        **{f"int8 x (dp4a), {n} rows": (a8(n), 2e-2) for n in sorted(quant_a8.ROW_CHOICES)}}
+        "rounded x, rows by shape": (pre(None, 4), 2e-2),
+        **{f"rounded x, {n} rows {w} warps": (pre(n, w), 2e-2) for n in sorted(quant_a8.ROW_CHOICES)
+           for w in (2, 4, 5, 8)}}
     names = list(GEMV4_VARIANTS)
     copy_bw = copy_bandwidth()
     shapes = {**SHAPES, **{k: v for k, v in ENGINE.items() if k not in SHAPES}}
@@ -137,7 +140,7 @@ def variants(args):
             r = {"shape": shape, "N": N, "K": K, "variant": name, "us": t * 1e6, "GBps": nbytes / t / 1e9,
                  "share_of_copy": nbytes / t / copy_bw, "rel_err_vs_first": err}
             rows.append(r)
-            print(f"{shape:<10} {N:>6} x {K:<6} {name:<28} {t * 1e6:8.1f} us {r['GBps']:7.0f} GB/s "
+            print(f"{shape:<10} {N:>6} x {K:<6} {name:<30} {t * 1e6:8.1f} us {r['GBps']:7.0f} GB/s "
                   f"{r['share_of_copy']:6.0%}  rel err {err:.1e}", flush=True)
         del words, scales, zeros, x, out, ref
         cp.get_default_memory_pool().free_all_blocks()
@@ -150,10 +153,10 @@ def variants(args):
                        "correct": ok}
     best = min((n for n in names if token[n]["correct"]), key=lambda n: token[n]["us"])
     for name in names:
-        print(f"token GEMVs {name:<28} {token[name]['us'] / 1e3:7.2f} ms  correct {token[name]['correct']}")
+        print(f"token GEMVs {name:<30} {token[name]['us'] / 1e3:7.2f} ms  correct {token[name]['correct']}")
     print(f"best {best}")
     # the int8 kernels' rows a block chosen shape by shape (what a per-shape table in the engine would give)
-    a8_names = [n for n in names if n.startswith("int8") and token[n]["correct"]]
+    a8_names = [n for n in names if n.startswith("rounded") and token[n]["correct"]]
     per_shape = {shape: min((r for r in rows if r["shape"] == shape and r["variant"] in a8_names), key=lambda r: r["us"])
                  for shape in ENGINE}
     mixed = LAYERS * sum(per_shape[k]["us"] for k in ("qkv", "o_proj", "gate_up", "down_proj")) + per_shape["lm_head"]["us"]
@@ -166,7 +169,7 @@ def variants(args):
         print(f"quantize_x16 K={K:<6} {quant_us[K]:6.1f} us")
     quant_token = LAYERS * sum(quant_us[K] for n, (_, K) in ENGINE.items() if n != "lm_head") + quant_us[ENGINE["lm_head"][1]]
     print(f"token quantize_x16 kernels {quant_token / 1e3:7.2f} ms (add to 'rounded before' for its whole cost)")
-    print(f"token GEMVs int8 x, best rows per shape {mixed / 1e3:7.2f} ms: "
+    print(f"token GEMVs rounded x, best per shape {mixed / 1e3:7.2f} ms: "
           + ", ".join(f"{k} {v['variant']}" for k, v in per_shape.items()))
     write_json(args.out, {"bits": 4, "group": args.group, "device": gpu_name(), "commit": commit(),
                           "copy_GBps": copy_bw / 1e9, "rows": rows, "token_gemv": token, "best": best,

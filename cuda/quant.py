@@ -170,8 +170,8 @@ def _block_rows(acc, rows, n0, N, R):
 
 
 @cuda.jit(device=True, inline=True)
-def _store_rows(out, acc, buf, red, t, n0, N, R):
-    """Each of the R rows' sum over the block's warps (shuffles, then shared memory red), one plain
+def _store_rows(out, acc, buf, red, t, n0, N, R, W):
+    """Each of the R rows' sum over the block's W warps (shuffles, then shared memory red), one plain
     store a row."""
     lane = t % 32
     wp = t // 32
@@ -182,7 +182,7 @@ def _store_rows(out, acc, buf, red, t, n0, N, R):
     cuda.syncthreads()
     if t < R and n0 + t < N:
         s = float32(0.0)
-        for w in range(WARPS4):
+        for w in range(W):
             s += red[w * R + t]
         out[0, n0 + t] = s
 
@@ -225,7 +225,7 @@ def dequant_matvec4_kernel(out, x, q64, scales, zeros, group_size):
             d = _dot16(wv[r], xr)  # xsum + sum_j c_j x_j / 16
             z = float32(zeros[rows[r], g])
             acc[r] += scales[rows[r], g] * (float32(16.0) * d - (float32(16.0) + z) * xsum)
-    _store_rows(out, acc, buf, red, t, n0, N, ROWS4)
+    _store_rows(out, acc, buf, red, t, n0, N, ROWS4, WARPS4)
 
 
 @cuda.jit(device=True, inline=True)

@@ -71,7 +71,7 @@ import functools  # noqa: E402
 import koifish_cuda.compat  # noqa: E402,F401
 from koifish_cuda.bf16 import float_bits  # noqa: E402
 from koifish_cuda.dp4a import dp4a  # noqa: E402
-from koifish_cuda.quant import BUF4, ROWS4, WARPS4, _block_rows, _store_rows  # noqa: E402
+from koifish_cuda.quant import ROWS4, WARPS4, _block_rows, _store_rows  # noqa: E402
 from koifish_cuda.vload import aligned, load4, store4  # noqa: E402
 from numba import config, cuda, float32, int32, uint32, uint64  # noqa: E402
 
@@ -182,19 +182,21 @@ def quantize_x16(x, xq, xs, xsum, stream=0) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(R: int, pre: bool = False):
-    """The kernel for R rows a block (a compile-time constant: R uint64 loads in flight a lane); pre: x
-    comes rounded (quantize_x16's triple) instead of as float32."""
-    RED = R * WARPS4  # shared sizes must be plain constants
+def _kernel(R: int, pre: bool = False, W: int = WARPS4):
+    """The kernel for R rows a block (a compile-time constant: R uint64 loads in flight a lane) and W
+    warps splitting K; pre: x comes rounded (quantize_x16's triple) instead of as float32."""
+    BUF = 32 * W  # shared sizes must be plain constants
+    RED = R * W
     x_chunk = _load_x if pre else _round_x
-    bounds = {} if config.ENABLE_CUDASIM else {"launch_bounds": (BUF4, ROW_CHOICES[R])}
+    # the register bound of 128-thread blocks, kept for other widths (the same threads an SM)
+    bounds = {} if config.ENABLE_CUDASIM else {"launch_bounds": (BUF, max(1, ROW_CHOICES[R] * WARPS4 // W))}
 
     @cuda.jit(cache=True, **bounds)
     def kernel(out, x, q64, scales, zeros, group_size):
         """out (1, N) = x (1, K) @ dequant(W).T with x rounded to int8 per 16 values (see above)."""
         N = q64.shape[0]
         Kq = q64.shape[1]
-        buf = cuda.shared.array(BUF4, float32)
+        buf = cuda.shared.array(BUF, float32)
         red = cuda.shared.array(RED, float32)
         t = cuda.threadIdx.x
         n0 = cuda.blockIdx.x * R
@@ -205,7 +207,7 @@ def _kernel(R: int, pre: bool = False):
         wv = cuda.local.array(R, uint64)
         xr = cuda.local.array(CHUNK, float32)
         xw = cuda.local.array(4, uint32)
-        for i in range(t, Kq, BUF4):  # lane l of warp w: uint64 32 (w + WARPS4 s) + l
+        for i in range(t, Kq, BUF):  # lane l of warp w: uint64 32 (w + W s) + l
             for r in range(R):  # the row loads first: they are what the kernel waits for
                 wv[r] = q64[rows[r], i]
             xs, xsum = x_chunk(x, i, xr, xw)
@@ -214,16 +216,17 @@ def _kernel(R: int, pre: bool = False):
                 # int32(): Numba widens int32 arithmetic to int64, and an int64 -> float conversion is slow
                 dz = int32(_dot_chunk(wv[r], xw) - int32(zeros[rows[r], g]) * xsum)
                 acc[r] += scales[rows[r], g] * (xs * float32(dz))
-        _store_rows(out, acc, buf, red, t, n0, N, R)
+        _store_rows(out, acc, buf, red, t, n0, N, R, W)
 
     return kernel
 
 
-def dequant_matvec4_a8(out, x, words, scales, zeros, group_size: int, stream=0, rows: int | None = None):
+def dequant_matvec4_a8(out, x, words, scales, zeros, group_size: int, stream=0, rows: int | None = None,
+                       warps: int = WARPS4):
     """out (1, N) float32 = x (1, K) float32 @ W.T, W 4-bit as quant.dequant_matvec takes it (words
     uint32 (N, K/8), scales float32 and zeros uint8 (N, K/group_size)); K a multiple of 32, group_size
     of 16, x on a 16-byte boundary. x may also come rounded already: quantize_x16's (xq, xs, xsum).
-    rows: a block's rows (ROW_CHOICES), by default rows_for(N, K)."""
+    rows: a block's rows (ROW_CHOICES), by default rows_for(N, K); warps: a block's warps (1 to 8)."""
     pre = isinstance(x, tuple)
     M, K = (1, 4 * x[0].shape[0]) if pre else x.shape
     if M != 1 or K % 32 or group_size % CHUNK:
@@ -235,4 +238,7 @@ def dequant_matvec4_a8(out, x, words, scales, zeros, group_size: int, stream=0, 
     rows = rows_for(N, K) if rows is None else rows
     if rows not in ROW_CHOICES:
         raise ValueError(f"dequant_matvec4_a8: rows a block must be one of {sorted(ROW_CHOICES)}, got {rows}")
-    _kernel(rows, pre)[(N + rows - 1) // rows, BUF4, stream](out, x, words.view(np.uint64), scales, zeros, group_size)
+    if not 1 <= warps <= 8:
+        raise ValueError(f"dequant_matvec4_a8: 1 to 8 warps a block, got {warps}")
+    _kernel(rows, pre, warps)[(N + rows - 1) // rows, 32 * warps, stream](out, x, words.view(np.uint64), scales, zeros,
+                                                                          group_size)

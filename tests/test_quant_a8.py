@@ -107,9 +107,12 @@ def test_quantize_x16_kernel_matches_the_reference():
     assert np.array_equal(host(s), xs) and np.array_equal(host(sm), x8.reshape(-1, 16).sum(1))
 
 
+@pytest.mark.parametrize("warps", [4, 5, 2])
 @pytest.mark.parametrize("N,K,G", [(4099, 5120, 128)] if ON_GPU else [(17, 640, 128)])
-def test_a8_kernel_takes_x_rounded_beforehand(N, K, G):
-    """The GEMV on quantize_x16's triple gives the float-x kernel's output to the bit (same arithmetic)."""
+def test_a8_kernel_takes_x_rounded_beforehand(N, K, G, warps):
+    """The GEMV on quantize_x16's triple gives the float-x kernel's output to the bit (same arithmetic),
+    at any warps a block (a lane's share of K ragged at 5: 320 uint64 a row over 160 lanes at 5120), and
+    the reference's within float32 rounding."""
     from koifish_cuda.quant_a8 import dequant_matvec4_a8, quantize_x16
 
     r = np.random.default_rng()
@@ -119,9 +122,10 @@ def test_a8_kernel_takes_x_rounded_beforehand(N, K, G):
     pre = (dev(np.zeros(K // 4, np.uint32)), dev(np.zeros(K // 16, np.float32)), dev(np.zeros(K // 16, np.int32)))
     quantize_x16(x, *pre)
     y, y_pre = (dev(np.full((1, N), np.nan, np.float32)) for _ in range(2))
-    dequant_matvec4_a8(y, x, *args)
-    dequant_matvec4_a8(y_pre, pre, *args)
+    dequant_matvec4_a8(y, x, *args, warps=warps)
+    dequant_matvec4_a8(y_pre, pre, *args, warps=warps)
     assert np.array_equal(host(y_pre), host(y))
+    assert rel_err(host(y), dequant_matvec4_a8_ref(host(x), codes, scales, zeros, G)) < 1e-5
 
 
 def test_a8_launcher_refuses_what_it_cannot_run():
