@@ -111,9 +111,8 @@ def variants(args):
         "float32 x": (lambda out, x, words, scales, zeros, group, s: quant.dequant_matvec(out, x, words, scales, zeros,
                                                                                         4, group, s), 1e-4),
         "int8 x (dp4a), rows by shape": (a8(None), 2e-2),
-        "rounded x, rows by shape": (pre(None, 4), 2e-2),
-        **{f"rounded x, {n} rows {w} warps": (pre(n, w), 2e-2) for n in sorted(quant_a8.ROW_CHOICES)
-           for w in (2, 4, 5, 8)}}
+        "rounded x, by shape": (pre(None, None), 2e-2),
+        **{f"rounded x, {n} rows {w} warps": (pre(n, w), 2e-2) for n in (4, 8) for w in (1, 2, 3, 5)}}
     names = list(GEMV4_VARIANTS)
     copy_bw = copy_bandwidth()
     shapes = {**SHAPES, **{k: v for k, v in ENGINE.items() if k not in SHAPES}}

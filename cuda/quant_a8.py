@@ -126,17 +126,21 @@ def _dot_chunk(q, xw):
     return dp4a((hi >> uint32(4)) & uint32(NIBBLES), int32(xw[3]), d)
 
 
-# blocks an SM each block shape is bounded for (registers: the rows' uint64s and sums grow with R).
-# 32 rows measured slowest on every Qwen3-32B shape (token GEMVs 12.88 ms against 9.74 at 16): dropped.
-ROW_CHOICES = {8: 4, 16: 3}
+# blocks an SM each block shape is bounded for at 4 warps (registers: the rows' uint64s and sums grow
+# with R). 32 rows measured slowest on every Qwen3-32B shape (token GEMVs 12.88 ms against 9.74 at 16).
+ROW_CHOICES = {4: 6, 8: 4, 16: 3}
 
 
-def rows_for(N: int, K: int) -> int:
-    """A block's rows for an (N, K) matrix, as measured on the H200 (bench_quant_gemv.py --variants,
-    Qwen3-32B shapes): 8 for the attention matrices (qkv 10240 x 5120: 20.0 -> 17.7 us; o_proj
-    5120 x 8192 likewise faster), 16 for long rows or many of them (down 5120 x 25600: 40.7 us at 16,
-    48.5 at 8; gate_up and the head a few per cent faster at 16)."""
-    return 8 if K <= 8192 and N <= 16384 else ROWS4
+def rows_warps_for(N: int, K: int, pre: bool = True) -> tuple[int, int]:
+    """(rows, warps) of a block for an (N, K) matrix, as measured on the H200 (bench_quant_gemv.py
+    --variants, Qwen3-32B shapes; bench/results/quant_gemv_variants_s15.json). x rounded beforehand:
+    small blocks, 8 rows and 2 warps (a token's GEMVs 8.17 ms at 16 x 4 -> 6.27; gate_up 70.3 -> 47.6 us,
+    the head 193 -> 128), 5 warps for long rows (down 5120 x 25600: 26.3 us, 28.1 at 2 warps: its 640
+    blocks of 64 threads leave the SMs short of warps). x rounded in the kernel (each block rounds
+    all of x): 8 rows for the attention matrices, 16 for the rest (measured at 4 warps)."""
+    if pre:
+        return 8, (5 if K > 16384 else 2)
+    return (8 if K <= 8192 and N <= 16384 else ROWS4), WARPS4
 
 
 @cuda.jit(device=True, inline=True)
@@ -222,11 +226,11 @@ def _kernel(R: int, pre: bool = False, W: int = WARPS4):
 
 
 def dequant_matvec4_a8(out, x, words, scales, zeros, group_size: int, stream=0, rows: int | None = None,
-                       warps: int = WARPS4):
+                       warps: int | None = None):
     """out (1, N) float32 = x (1, K) float32 @ W.T, W 4-bit as quant.dequant_matvec takes it (words
     uint32 (N, K/8), scales float32 and zeros uint8 (N, K/group_size)); K a multiple of 32, group_size
     of 16, x on a 16-byte boundary. x may also come rounded already: quantize_x16's (xq, xs, xsum).
-    rows: a block's rows (ROW_CHOICES), by default rows_for(N, K); warps: a block's warps (1 to 8)."""
+    rows: a block's rows (ROW_CHOICES), warps its warps (1 to 8); by default rows_warps_for(N, K, pre)."""
     pre = isinstance(x, tuple)
     M, K = (1, 4 * x[0].shape[0]) if pre else x.shape
     if M != 1 or K % 32 or group_size % CHUNK:
@@ -235,7 +239,9 @@ def dequant_matvec4_a8(out, x, words, scales, zeros, group_size: int, stream=0, 
     if not aligned(x[0] if pre else x, 4):
         raise ValueError("dequant_matvec4_a8: x must start on a 16-byte boundary")
     N = out.shape[1]
-    rows = rows_for(N, K) if rows is None else rows
+    best = rows_warps_for(N, K, pre)
+    rows = best[0] if rows is None else rows
+    warps = best[1] if warps is None else warps
     if rows not in ROW_CHOICES:
         raise ValueError(f"dequant_matvec4_a8: rows a block must be one of {sorted(ROW_CHOICES)}, got {rows}")
     if not 1 <= warps <= 8:
