@@ -133,13 +133,14 @@ ROW_CHOICES = {4: 6, 8: 4, 16: 3}
 
 def rows_warps_for(N: int, K: int, pre: bool = True) -> tuple[int, int]:
     """(rows, warps) of a block for an (N, K) matrix, as measured on the H200 (bench_quant_gemv.py
-    --variants, Qwen3-32B shapes; bench/results/quant_gemv_variants_s15.json). x rounded beforehand:
-    small blocks, 8 rows and 2 warps (a token's GEMVs 8.17 ms at 16 x 4 -> 6.27; gate_up 70.3 -> 47.6 us,
-    the head 193 -> 128), 5 warps for long rows (down 5120 x 25600: 26.3 us, 28.1 at 2 warps: its 640
-    blocks of 64 threads leave the SMs short of warps). x rounded in the kernel (each block rounds
-    all of x): 8 rows for the attention matrices, 16 for the rest (measured at 4 warps)."""
+    --variants, Qwen3-32B shapes; bench/results/quant_gemv_variants_s15*.json). x rounded beforehand:
+    small blocks of 8 rows: 1 warp for many rows (gate_up 51200 x 5120 45.9 us, the head 115.0), 3 for
+    the rest (qkv 10.7, o_proj 8.4, down 22.5: fewer blocks, so more warps each to fill the SMs): a
+    token's GEMVs 5.72 ms, against 8.17 at 16 rows x 4 warps and 6.26 at 8 x 2 everywhere. x rounded
+    in the kernel (each block rounds all of x): 8 rows for the attention matrices, 16 for the rest
+    (measured at 4 warps)."""
     if pre:
-        return 8, (5 if K > 16384 else 2)
+        return 8, (1 if N >= 32768 else 3)
     return (8 if K <= 8192 and N <= 16384 else ROWS4), WARPS4
 
 
