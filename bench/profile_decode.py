@@ -22,11 +22,11 @@ from profile_prefill import Timer  # noqa: E402
 
 WRAPPED = {  # module -> launchers timed as their own group
     "koifish_cuda.quant": ("dequant_matvec",),
-    "koifish_cuda.quant_a8": ("dequant_matvec4_a8",),
-    "koifish_cuda.rmsnorm": ("add_rmsnorm",),
+    "koifish_cuda.quant_a8": ("dequant_matvec4_a8", "quantize_x16"),
+    "koifish_cuda.rmsnorm": ("add_rmsnorm", "add_rmsnorm_x16"),
     "koifish_cuda.rope": ("qk_norm_rope",),
     "koifish_cuda.attention_decode": ("attention_decode",),
-    "koifish_cuda.swiglu": ("swiglu",),
+    "koifish_cuda.swiglu": ("swiglu", "swiglu_x16"),
     "koifish_cuda.sampling": ("sample", "advance"),
     "koifish_cuda.embedding_rows": ("embed_rows",),
 }
@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--act-bits", type=int, default=8, choices=(8, 16), help="the 4-bit GEMVs' x (engine default 8)")
-    ap.add_argument("--attention", default="warps", choices=("tiles", "warps"), help="the decode attention's kernel")
+    ap.add_argument("--attention", default="warps", choices=("lanes", "warps", "tiles"), help="the decode attention's kernel")
     ap.add_argument("--out", default="bench/results/decode_profile.json")
     args = ap.parse_args()
 
