@@ -85,7 +85,7 @@ def main():
     ap.add_argument("--kv-bits", type=int, default=16, choices=(16, 8), help="KV cache: float16, or int8 + scales")
     ap.add_argument("--act-bits", type=int, default=8, choices=(16, 8),
                     help="the 4-bit GEMVs' x: int8 per 16 values (dp4a; the engine's default), or float32")
-    ap.add_argument("--attention", default="warps", choices=("lanes", "warps", "tiles"),
+    ap.add_argument("--attention", default="warps", choices=("tiles", "warps"),
                     help="the decode attention's split kernel (koifish_cuda.attention_decode)")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed at each context")

@@ -30,11 +30,10 @@ import numpy as np
 
 import koifish_cuda.compat  # noqa: F401
 from koifish_cuda.quant_a8 import CHUNK, _round_chunk
-from koifish_cuda.reduce import NEG_INF, THREADS, WARPS, block_max, block_sum, sync_warp, warp_max, warp_sum
+from koifish_cuda.reduce import NEG_INF, THREADS, WARPS, block_max, block_sum, warp_max, warp_sum
 from koifish_cuda.vload import aligned, load4
 from numba import cuda, float32, uint32
 
-VARIANTS = ("lanes", "warps", "tiles")  # the split kernels (attention_decode's variant)
 TILE = 32  # keys per tile, a lane's each (its K and V, fp32 in shared memory: 32.5 KB at head_dim 128)
 G_MAX = 16  # query heads per kv head
 HD_MAX = THREADS  # head_dim divides THREADS (a thread owns one dimension of the output)
@@ -275,115 +274,29 @@ def _split_warps_kernel(HD: int, NREP: int):
         wm = cuda.shared.array(WM, float32)
         wl = cuda.shared.array(WM, float32)
         wo = cuda.shared.array(WO, float32)
-        _combine_warps(part_o, part_m, part_l, r, h0, split, m, lsum, acc, wm, wl, wo, NREP, HD, DPL)
-
-    return kernel
-
-
-@cuda.jit(device=True, inline=True)
-def _combine_warps(part_o, part_m, part_l, r, h0, split, m, lsum, acc, wm, wl, wo, NREP, HD, DPL):
-    """The block's warps' online-softmax states (m and l warp-uniform, lane l's acc dimensions
-    l * DPL ..) merged through shared memory (wm, wl: WARPS * NREP; wo: WARPS * NREP * HD) into the
-    split's partial output, max and sum."""
-    tid = cuda.threadIdx.x
-    lane = tid % 32
-    wp = tid // 32
-    for j in range(NREP):
-        if lane == 0:
-            wm[wp * NREP + j] = m[j]
-            wl[wp * NREP + j] = lsum[j]
-        for e in range(DPL):
-            wo[(wp * NREP + j) * HD + lane * DPL + e] = acc[j * DPL + e]
-    cuda.syncthreads()
-    for i in range(tid, NREP * HD, THREADS):
-        j = i // HD
-        d = i % HD
-        mx = NEG_INF
-        for w in range(WARPS):
-            mx = max(mx, wm[w * NREP + j])
-        o = float32(0.0)
-        den = float32(0.0)
-        for w in range(WARPS):
-            c = math.exp(wm[w * NREP + j] - mx)  # a warp that saw no key: m NEG_INF, l and o 0
-            o += c * wo[(w * NREP + j) * HD + d]
-            den += c * wl[w * NREP + j]
-        part_o[r, h0 + j, split, d] = o
-        if d == 0:
-            part_m[r, h0 + j, split] = mx
-            part_l[r, h0 + j, split] = den
-
-
-@functools.lru_cache(maxsize=None)
-def _split_lanes_kernel(HD: int, NREP: int):
-    """The "lanes" split kernel (float caches, HD a multiple of 32): each warp takes tiles of 32 keys,
-    lane l scoring key l of the tile against the NREP heads (its K row in 8-byte loads, q in 16-byte
-    loads every lane makes at the same address: one broadcast), so a score costs no shuffle; the
-    tile's max per head is one warp reduction; then lane l owns dimensions l * DPL .. of V and takes
-    the tile's weights from shared memory (a broadcast read a key). The "warps" kernel spends five
-    shuffles a head a key on its scores (40 a key at Qwen3-32B's 8 heads a kv head)."""
-    DPL = HD // 32
-    QR = NREP * DPL  # sizes must be plain constants
-    WM = WARPS * NREP
-    WO = WARPS * NREP * HD
-    PS = WARPS * 32 * NREP
-
-    @cuda.jit
-    def kernel(part_o, part_m, part_l, q, k_cache, v_cache, scales, pos, T, scale):
-        split = cuda.blockIdx.y
-        tid = cuda.threadIdx.x
-        lane = tid % 32
-        wp = tid // 32
-        r, kvh, b, L, s0, s1, h0 = _split_keys(k_cache, pos, T, NREP)
-        red = cuda.shared.array(THREADS, float32)  # the simulator's warp reductions (unused on a GPU)
-        ps = cuda.shared.array(PS, float32)  # each warp's tile weights, key-major
-        acc = cuda.local.array(QR, float32)
-        m = cuda.local.array(NREP, float32)
-        lsum = cuda.local.array(NREP, float32)  # this lane's keys' share (summed over the warp at the end)
-        sc = cuda.local.array(NREP, float32)
-        vr = cuda.local.array(DPL, float32)
         for j in range(NREP):
+            if lane == 0:
+                wm[wp * NREP + j] = m[j]
+                wl[wp * NREP + j] = lsum[j]
             for e in range(DPL):
-                acc[j * DPL + e] = float32(0.0)
-            m[j] = NEG_INF
-            lsum[j] = float32(0.0)
-        pw = wp * 32 * NREP
-        for base0 in range(s0, s1, WARPS * 32):  # the same turns for every warp (the simulator's warp sums)
-            base = base0 + wp * 32
-            key = base + lane
-            live = key < s1
-            kr = key if live else min(s0, L - 1)  # a lane past the keys scores a real one and drops it
-            for j in range(NREP):
-                sc[j] = float32(0.0)
-            for d0 in range(0, HD, 4):
-                k0, k1, k2, k3 = load4(k_cache, (b, kvh, kr, d0))
-                f0, f1, f2, f3 = float32(k0), float32(k1), float32(k2), float32(k3)
-                for j in range(NREP):
-                    q0, q1, q2, q3 = load4(q, (r, (h0 + j) * HD + d0))
-                    sc[j] += q0 * f0 + q1 * f1 + q2 * f2 + q3 * f3
-            for j in range(NREP):
-                s = sc[j] * scale if live else NEG_INF
-                mn = max(m[j], warp_max(s, red))
-                c = math.exp(m[j] - mn)
-                p = math.exp(s - mn) if live else float32(0.0)
-                lsum[j] = lsum[j] * c + p
-                for e in range(DPL):
-                    acc[j * DPL + e] *= c
-                m[j] = mn
-                ps[pw + lane * NREP + j] = p
-            sync_warp()
-            for kl in range(min(32, max(0, s1 - base))):  # the tile's live keys (warp-uniform)
-                _load_dims(v_cache, b, kvh, base + kl, lane * DPL, vr, DPL)
-                for j in range(NREP):
-                    p = ps[pw + kl * NREP + j]
-                    for e in range(DPL):
-                        acc[j * DPL + e] += p * vr[e]
-            sync_warp()  # the weights are read before the next tile's overwrite them
-        for j in range(NREP):
-            lsum[j] = warp_sum(lsum[j], red)
-        wm = cuda.shared.array(WM, float32)
-        wl = cuda.shared.array(WM, float32)
-        wo = cuda.shared.array(WO, float32)
-        _combine_warps(part_o, part_m, part_l, r, h0, split, m, lsum, acc, wm, wl, wo, NREP, HD, DPL)
+                wo[(wp * NREP + j) * HD + d0 + e] = acc[j * DPL + e]
+        cuda.syncthreads()
+        for i in range(tid, NREP * HD, THREADS):
+            j = i // HD
+            d = i % HD
+            mx = NEG_INF
+            for w in range(WARPS):
+                mx = max(mx, wm[w * NREP + j])
+            o = float32(0.0)
+            den = float32(0.0)
+            for w in range(WARPS):
+                c = math.exp(wm[w * NREP + j] - mx)  # a warp that saw no key: m NEG_INF, l and o 0
+                o += c * wo[(w * NREP + j) * HD + d]
+                den += c * wl[w * NREP + j]
+            part_o[r, h0 + j, split, d] = o
+            if d == 0:
+                part_m[r, h0 + j, split] = mx
+                part_l[r, h0 + j, split] = den
 
     return kernel
 
@@ -476,9 +389,8 @@ def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k
                      variant: str = "warps", xq=None):
     """out (R, nh*hd) = softmax(q k^T / sqrt(hd)) v over each row's visible keys; scratch from attention_scratch
     (its split count is the number of splits used, its row count at least R). An int8 cache takes its
-    scales (B, nkv, max_len) float32 in k_scale, v_scale. variant: "lanes" (_split_lanes_kernel) or "warps"
-    (_split_warps_kernel), for float caches with head_dim a multiple of 32 (else the tile kernel runs), or
-    "tiles" (_split_kernel). On the H200 at
+    scales (B, nkv, max_len) float32 in k_scale, v_scale. variant: "warps" (_split_warps_kernel; float caches
+    with head_dim a multiple of 32, else the tile kernel runs) or "tiles" (_split_kernel). On the H200 at
     Qwen3-32B's shapes (bench_qwen3_kernels.py) warps took 21.3 us at 1k keys and 57.1 at 8k, tiles 49.0
     and 177.3. xq: for one row, out also rounded into quant_a8.quantize_x16's triple (the o projection's
     input)."""
@@ -494,15 +406,9 @@ def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k
         raise ValueError("attention: an int8 KV cache needs its k_scale and v_scale arrays")
     po, pm, pl = part_o[:R], part_m[:R], part_l[:R]
     scales = (k_scale, v_scale) if quant else ()  # () adds no kernel parameter
-    if variant not in VARIANTS:
-        raise ValueError(f"attention: variant must be one of {VARIANTS}, got {variant!r}")
-    vec_v = hd // 32 != 4 or aligned(v_cache, 4)  # the V rows' 4-dimension loads
-    if variant == "lanes" and not quant and hd % 32 == 0 and vec_v and aligned(k_cache, 4) and aligned(q, 4):
-        kernel = _split_lanes_kernel(hd, nh // nkv)
-    elif variant in ("warps", "lanes") and not quant and hd % 32 == 0 and vec_v and aligned(k_cache, 4):
-        kernel = _split_warps_kernel(hd, nh // nkv)
-    else:
-        kernel = _split_kernel(hd, nh // nkv, quant)
+    warps = (variant == "warps" and not quant and hd % 32 == 0
+             and (hd // 32 != 4 or (aligned(k_cache, 4) and aligned(v_cache, 4))))
+    kernel = _split_warps_kernel(hd, nh // nkv) if warps else _split_kernel(hd, nh // nkv, quant)
     kernel[(R * nkv, splits), THREADS, stream](po, pm, pl, q, k_cache, v_cache, scales, pos, T,
                                                np.float32(1.0 / math.sqrt(hd)))
     if xq is not None and (R != 1 or hd % CHUNK or xq[0].shape[0] * 4 != nh * hd or xq[1].shape[0] * CHUNK != nh * hd):

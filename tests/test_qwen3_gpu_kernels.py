@@ -129,9 +129,8 @@ def test_attention_decode_gqa(T, splits):
     assert rel_err(host(out), ref) < 1e-4
 
 
-@pytest.mark.parametrize("variant", ["warps", "lanes"])
 @pytest.mark.parametrize("hd,cache_dtype,T,splits", [(128, np.float16, 1, 3), (32, np.float32, 2, 2), (64, np.float16, 1, 1)])
-def test_attention_decode_warps_variant(hd, cache_dtype, T, splits, variant):
+def test_attention_decode_warps_variant(hd, cache_dtype, T, splits):
     """The "warps" split kernel, the default (a warp walks its own keys, a lane owns head_dim/32 dimensions: one
     vector load a row at 128 in float16) against the reference; some warps see no key of a split
     (past + 1 keys over splits x 4 warps), the kernel merges them."""
@@ -144,11 +143,11 @@ def test_attention_decode_warps_variant(hd, cache_dtype, T, splits, variant):
     kc, vc = k.astype(cache_dtype), v.astype(cache_dtype)
     out = dev(np.full((B * T, nh * hd), np.nan, np.float32))
     scratch = attention_scratch(np if not ON_GPU else __import__("cupy"), B * T, nh, hd, splits)
-    attention_decode(out, f32(q), dev(kc), dev(vc), dev(np.array([past], np.int32)), T, scratch, variant=variant)
+    attention_decode(out, f32(q), dev(kc), dev(vc), dev(np.array([past], np.int32)), T, scratch, variant="warps")
     assert rel_err(host(out), attention_ref(q, kc, vc, past, B, nh)) < 1e-4
 
 
-@pytest.mark.parametrize("variant", ["lanes", "warps", "tiles"])
+@pytest.mark.parametrize("variant", ["warps", "tiles"])
 def test_attention_decode_rounds_its_row_for_the_o_projection(variant):
     """One decode row with xq: the merge also writes its output rounded as quantize_x16 rounds it."""
     from koifish_cuda.attention_decode import attention_decode, attention_ref, attention_scratch
@@ -164,8 +163,7 @@ def test_attention_decode_rounds_its_row_for_the_o_projection(variant):
     _assert_rounds(xq, host(out))
 
 
-@pytest.mark.parametrize("variant", ["warps", "lanes"])
-def test_attention_decode_warps_with_a_split_past_a_full_cache(variant):
+def test_attention_decode_warps_with_a_split_past_a_full_cache():
     """5 keys in a cache of 5 over 4 splits of 2: the last split starts at key 6, past the cache; the
     warp kernel loads no key outside it (the simulator checks every index) and leaves that split empty."""
     from koifish_cuda.attention_decode import attention_decode, attention_ref, attention_scratch
@@ -176,7 +174,7 @@ def test_attention_decode_warps_with_a_split_past_a_full_cache(variant):
         (B, nkv, past + 1, hd))
     out = dev(np.full((1, nh * hd), np.nan, np.float32))
     scratch = attention_scratch(np if not ON_GPU else __import__("cupy"), 1, nh, hd, 4)
-    attention_decode(out, f32(q), f32(k), f32(v), dev(np.array([past], np.int32)), 1, scratch, variant=variant)
+    attention_decode(out, f32(q), f32(k), f32(v), dev(np.array([past], np.int32)), 1, scratch, variant="warps")
     assert rel_err(host(out), attention_ref(q, k.astype(np.float32), v.astype(np.float32), past, B, nh)) < 1e-5
 
 
