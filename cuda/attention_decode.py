@@ -30,7 +30,7 @@ import numpy as np
 
 import koifish_cuda.compat  # noqa: F401
 from koifish_cuda.quant_a8 import CHUNK, _round_chunk
-from koifish_cuda.reduce import NEG_INF, THREADS, WARPS, block_max, block_sum, warp_max, warp_sum, warp_sum_each
+from koifish_cuda.reduce import NEG_INF, THREADS, WARPS, block_max, block_sum, warp_max, warp_sum
 from koifish_cuda.vload import aligned, load4
 from numba import cuda, float32, uint32
 
@@ -241,7 +241,6 @@ def _split_warps_kernel(HD: int, NREP: int, MINK: int = 1):
         vr = cuda.local.array(DPL, float32)
         kn = cuda.local.array(DPL, float32)  # the next turn's, loaded before this turn's arithmetic
         vn = cuda.local.array(DPL, float32)
-        sc = cuda.local.array(NREP, float32)  # this key's scores
         for j in range(NREP):
             for e in range(DPL):
                 qr[j * DPL + e] = q[r, (h0 + j) * HD + d0 + e] * scale
@@ -265,10 +264,7 @@ def _split_warps_kernel(HD: int, NREP: int, MINK: int = 1):
                 p = float32(0.0)
                 for e in range(DPL):
                     p += qr[j * DPL + e] * kr[e]
-                sc[j] = p
-            warp_sum_each(sc, NREP, red)  # the heads' shuffles interleaved: one sum's latency, not NREP
-            for j in range(NREP):
-                sv = sc[j]
+                sv = warp_sum(p, red)
                 if live:
                     mn = max(m[j], sv)
                     c = math.exp(m[j] - mn)

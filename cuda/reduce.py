@@ -32,11 +32,6 @@ if config.ENABLE_CUDASIM:
     def sync_warp():
         cuda.syncthreads()
 
-    @cuda.jit(device=True)
-    def warp_sum_each(v, n, buf):
-        for j in range(n):
-            v[j] = _warp_reduce(v[j], buf, False)
-
 else:
 
     @cuda.jit(device=True, inline=True)
@@ -49,14 +44,6 @@ else:
     @cuda.jit(device=True, inline=True)
     def sync_warp():
         cuda.syncwarp(0xFFFFFFFF)
-
-    @cuda.jit(device=True, inline=True)
-    def warp_sum_each(v, n, buf):  # buf is unused on a GPU
-        """v[:n] each summed over the warp, in place: the n sums' shuffles interleaved (a level's n
-        shuffles are independent), so n sums cost about one's latency, not n times it."""
-        for off in (16, 8, 4, 2, 1):
-            for j in range(n):
-                v[j] += cuda.shfl_xor_sync(0xFFFFFFFF, v[j], off)
 
 
 @cuda.jit(device=True)
