@@ -69,9 +69,6 @@ def main():
     scratch = attention_scratch(cp, 1, HEADS, HD, 64)
     for ctx in (1024, 8192):
         pos[...] = ctx - 1
-        for mk in (32, 64, 128):  # a split's fewest keys: fewer, fuller blocks at short contexts
-            report(f"decode attention ctx {ctx} warps, splits >= {mk} keys", lambda s, mk=mk: attention_decode(
-                att, q, kc, vc, pos, 1, scratch, s, variant="warps", min_split_keys=mk), 2 * KV * ctx * HD * 2)
         for variant in ("warps", "tiles"):  # the engine's, and the int8 cache's (float caches measured slower)
             report(f"decode attention ctx {ctx} {variant}",
                    lambda s, v=variant: attention_decode(att, q, kc, vc, pos, 1, scratch, s, variant=v),

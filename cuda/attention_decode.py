@@ -34,7 +34,6 @@ from koifish_cuda.reduce import NEG_INF, THREADS, WARPS, block_max, block_sum, w
 from koifish_cuda.vload import aligned, load4
 from numba import cuda, float32, uint32
 
-SPLIT_MIN_KEYS = 1  # a split's fewest keys (attention_decode's min_split_keys)
 TILE = 32  # keys per tile, a lane's each (its K and V, fp32 in shared memory: 32.5 KB at head_dim 128)
 G_MAX = 16  # query heads per kv head
 HD_MAX = THREADS  # head_dim divides THREADS (a thread owns one dimension of the output)
@@ -77,22 +76,21 @@ def _load(ks, vs, k_cache, v_cache, b, kvh, base, key, d, n, KP, HD):
 
 
 @cuda.jit(device=True, inline=True)
-def _split_keys(k_cache, pos, T, NREP, MINK):
+def _split_keys(k_cache, pos, T, NREP):
     """The block's work: (row r, its kv head, sequence b, visible keys L, this split's keys s0..s1, the
     first of the kv head's NREP query heads). The splits cut the row's keys into equal chunks sized at
-    run time from pos, so a captured graph replays at any length; a chunk holds at least MINK keys (at a
-    short context the last splits are then empty: fewer, fuller blocks)."""
+    run time from pos, so a captured graph replays at any length."""
     nkv = k_cache.shape[1]
     r = cuda.blockIdx.x // nkv
     kvh = cuda.blockIdx.x % nkv
     L = pos[0] + r % T + 1
-    chunk = max(MINK, (L + cuda.gridDim.y - 1) // cuda.gridDim.y)
+    chunk = (L + cuda.gridDim.y - 1) // cuda.gridDim.y
     s0 = cuda.blockIdx.y * chunk
     return r, kvh, r // T, L, s0, min(L, s0 + chunk), kvh * NREP
 
 
 @functools.lru_cache(maxsize=None)
-def _split_kernel(HD: int, NREP: int, QUANT: bool = False, MINK: int = 1):
+def _split_kernel(HD: int, NREP: int, QUANT: bool = False):
     """The split kernel for head_dim HD and NREP query heads per kv head (compile-time constants:
     shared sizes, and loops the compiler unrolls: a tile's loads are all in flight at once).
     QUANT: an int8 cache, its scales in the `scales` argument (k_scale, v_scale); else scales is ()
@@ -109,7 +107,7 @@ def _split_kernel(HD: int, NREP: int, QUANT: bool = False, MINK: int = 1):
     def kernel(part_o, part_m, part_l, q, k_cache, v_cache, scales, pos, T, scale):
         split = cuda.blockIdx.y
         tid = cuda.threadIdx.x
-        r, kvh, b, L, s0, s1, h0 = _split_keys(k_cache, pos, T, NREP, MINK)
+        r, kvh, b, L, s0, s1, h0 = _split_keys(k_cache, pos, T, NREP)
         qs = cuda.shared.array(QB, float32)
         ks = cuda.shared.array(KBUF, float32)
         vs = cuda.shared.array(VBUF, float32)
@@ -212,7 +210,7 @@ def _load_dims(cache, b, kvh, key, d0, out, DPL):
 
 
 @functools.lru_cache(maxsize=None)
-def _split_warps_kernel(HD: int, NREP: int, MINK: int = 1):
+def _split_warps_kernel(HD: int, NREP: int):
     """The "warps" split kernel (float caches, HD a multiple of 32): each warp walks its own keys (key
     base + w of every WARPS), lane l owning dimensions l * DPL .. + DPL of the K and V rows (one 8-byte
     load each at HD 128 in float16, the next key's issued before this key's arithmetic): the NREP
@@ -230,7 +228,7 @@ def _split_warps_kernel(HD: int, NREP: int, MINK: int = 1):
         tid = cuda.threadIdx.x
         lane = tid % 32
         wp = tid // 32
-        r, kvh, b, L, s0, s1, h0 = _split_keys(k_cache, pos, T, NREP, MINK)
+        r, kvh, b, L, s0, s1, h0 = _split_keys(k_cache, pos, T, NREP)
         d0 = lane * DPL
         red = cuda.shared.array(THREADS, float32)  # the simulator's warp reductions (unused on a GPU)
         qr = cuda.local.array(QR, float32)
@@ -388,14 +386,14 @@ def attention_scratch(xp, rows: int, nh: int, hd: int, splits: int):
 
 
 def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k_scale=None, v_scale=None,
-                     variant: str = "warps", xq=None, min_split_keys: int = SPLIT_MIN_KEYS):
+                     variant: str = "warps", xq=None):
     """out (R, nh*hd) = softmax(q k^T / sqrt(hd)) v over each row's visible keys; scratch from attention_scratch
     (its split count is the number of splits used, its row count at least R). An int8 cache takes its
     scales (B, nkv, max_len) float32 in k_scale, v_scale. variant: "warps" (_split_warps_kernel; float caches
     with head_dim a multiple of 32, else the tile kernel runs) or "tiles" (_split_kernel). On the H200 at
     Qwen3-32B's shapes (bench_qwen3_kernels.py) warps took 21.3 us at 1k keys and 57.1 at 8k, tiles 49.0
     and 177.3. xq: for one row, out also rounded into quant_a8.quantize_x16's triple (the o projection's
-    input). min_split_keys: the fewest keys a split takes (_split_keys)."""
+    input)."""
     part_o, part_m, part_l = scratch
     R = q.shape[0]
     nh, splits = part_m.shape[1], part_m.shape[2]
@@ -410,8 +408,7 @@ def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k
     scales = (k_scale, v_scale) if quant else ()  # () adds no kernel parameter
     warps = (variant == "warps" and not quant and hd % 32 == 0
              and (hd // 32 != 4 or (aligned(k_cache, 4) and aligned(v_cache, 4))))
-    kernel = (_split_warps_kernel(hd, nh // nkv, min_split_keys) if warps
-              else _split_kernel(hd, nh // nkv, quant, min_split_keys))
+    kernel = _split_warps_kernel(hd, nh // nkv) if warps else _split_kernel(hd, nh // nkv, quant)
     kernel[(R * nkv, splits), THREADS, stream](po, pm, pl, q, k_cache, v_cache, scales, pos, T,
                                                np.float32(1.0 / math.sqrt(hd)))
     if xq is not None and (R != 1 or hd % CHUNK or xq[0].shape[0] * 4 != nh * hd or xq[1].shape[0] * CHUNK != nh * hd):
