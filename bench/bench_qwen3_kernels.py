@@ -69,6 +69,9 @@ def main():
     scratch = attention_scratch(cp, 1, HEADS, HD, 64)
     for ctx in (1024, 8192):
         pos[...] = ctx - 1
+        for g in (2, 4, 8):  # the warps kernel with g keys a warp in flight (_split_groups_kernel)
+            report(f"decode attention ctx {ctx} warps, {g} keys in flight", lambda s, g=g: attention_decode(
+                att, q, kc, vc, pos, 1, scratch, s, variant="warps", keys_in_flight=g), 2 * KV * ctx * HD * 2)
         for variant in ("warps", "tiles"):  # the engine's, and the int8 cache's (float caches measured slower)
             report(f"decode attention ctx {ctx} {variant}",
                    lambda s, v=variant: attention_decode(att, q, kc, vc, pos, 1, scratch, s, variant=v),

@@ -32,7 +32,15 @@ import koifish_cuda.compat  # noqa: F401
 from koifish_cuda.quant_a8 import CHUNK, _round_chunk
 from koifish_cuda.reduce import NEG_INF, THREADS, WARPS, block_max, block_sum, warp_max, warp_sum
 from koifish_cuda.vload import aligned, load4
-from numba import cuda, float32, uint32
+from numba import config, cuda, float32, uint32
+
+if config.ENABLE_CUDASIM:  # the simulator runs loops as Python: nothing to unroll
+
+    def literal_unroll(items):
+        return items
+
+else:
+    from numba.cuda import literal_unroll
 
 TILE = 32  # keys per tile, a lane's each (its K and V, fp32 in shared memory: 32.5 KB at head_dim 128)
 G_MAX = 16  # query heads per kv head
@@ -199,14 +207,14 @@ def _split_kernel(HD: int, NREP: int, QUANT: bool = False):
 
 
 @cuda.jit(device=True, inline=True)
-def _load_dims(cache, b, kvh, key, d0, out, DPL):
-    """out[:DPL] = cache[b, kvh, key, d0 : d0 + DPL] as float32 (one 8- or 16-byte load when DPL is 4)."""
+def _load_dims(cache, b, kvh, key, d0, out, o, DPL):
+    """out[o : o + DPL] = cache[b, kvh, key, d0 : d0 + DPL] as float32 (one 8- or 16-byte load when DPL is 4)."""
     if DPL == 4:
         h0, h1, h2, h3 = load4(cache, (b, kvh, key, d0))
-        out[0], out[1], out[2], out[3] = float32(h0), float32(h1), float32(h2), float32(h3)
+        out[o], out[o + 1], out[o + 2], out[o + 3] = float32(h0), float32(h1), float32(h2), float32(h3)
     else:
         for e in range(DPL):
-            out[e] = float32(cache[b, kvh, key, d0 + e])
+            out[o + e] = float32(cache[b, kvh, key, d0 + e])
 
 
 @functools.lru_cache(maxsize=None)
@@ -239,16 +247,11 @@ def _split_warps_kernel(HD: int, NREP: int):
         vr = cuda.local.array(DPL, float32)
         kn = cuda.local.array(DPL, float32)  # the next turn's, loaded before this turn's arithmetic
         vn = cuda.local.array(DPL, float32)
-        for j in range(NREP):
-            for e in range(DPL):
-                qr[j * DPL + e] = q[r, (h0 + j) * HD + d0 + e] * scale
-                acc[j * DPL + e] = float32(0.0)
-            m[j] = NEG_INF
-            lsum[j] = float32(0.0)
+        _start_heads(q, r, h0, d0, scale, qr, acc, m, lsum, NREP, HD, DPL)
         safe = min(s0, L - 1)  # a key inside the cache (an empty split's s0 may lie past it)
         first = s0 + wp if s0 + wp < s1 else safe  # a warp past the keys loads a real one and uses none
-        _load_dims(k_cache, b, kvh, first, d0, kn, DPL)
-        _load_dims(v_cache, b, kvh, first, d0, vn, DPL)
+        _load_dims(k_cache, b, kvh, first, d0, kn, 0, DPL)
+        _load_dims(v_cache, b, kvh, first, d0, vn, 0, DPL)
         for base in range(s0, s1, WARPS):  # the same turns for every warp (the simulator's warp sums are block-wide)
             key = base + wp
             live = key < s1
@@ -256,47 +259,124 @@ def _split_warps_kernel(HD: int, NREP: int):
                 kr[e] = kn[e]
                 vr[e] = vn[e]
             nxt = key + WARPS if key + WARPS < s1 else safe
-            _load_dims(k_cache, b, kvh, nxt, d0, kn, DPL)
-            _load_dims(v_cache, b, kvh, nxt, d0, vn, DPL)
-            for j in range(NREP):
-                p = float32(0.0)
-                for e in range(DPL):
-                    p += qr[j * DPL + e] * kr[e]
-                sv = warp_sum(p, red)
-                if live:
-                    mn = max(m[j], sv)
-                    c = math.exp(m[j] - mn)
-                    pe = math.exp(sv - mn)
-                    lsum[j] = lsum[j] * c + pe
-                    for e in range(DPL):
-                        acc[j * DPL + e] = acc[j * DPL + e] * c + pe * vr[e]
-                    m[j] = mn
+            _load_dims(k_cache, b, kvh, nxt, d0, kn, 0, DPL)
+            _load_dims(v_cache, b, kvh, nxt, d0, vn, 0, DPL)
+            _online_update(qr, kr, vr, 0, m, lsum, acc, live, red, NREP, DPL)
         wm = cuda.shared.array(WM, float32)
         wl = cuda.shared.array(WM, float32)
         wo = cuda.shared.array(WO, float32)
-        for j in range(NREP):
-            if lane == 0:
-                wm[wp * NREP + j] = m[j]
-                wl[wp * NREP + j] = lsum[j]
+        _combine_warps(part_o, part_m, part_l, r, h0, split, m, lsum, acc, wm, wl, wo, NREP, HD, DPL)
+
+    return kernel
+
+
+@cuda.jit(device=True, inline=True)
+def _start_heads(q, r, h0, d0, scale, qr, acc, m, lsum, NREP, HD, DPL):
+    """The lane's dimensions d0.. of the NREP heads' queries (scaled) in qr; the online softmax's state
+    empty."""
+    for j in range(NREP):
+        for e in range(DPL):
+            qr[j * DPL + e] = q[r, (h0 + j) * HD + d0 + e] * scale
+            acc[j * DPL + e] = float32(0.0)
+        m[j] = NEG_INF
+        lsum[j] = float32(0.0)
+
+
+@cuda.jit(device=True, inline=True)
+def _online_update(qr, kr, vr, ko, m, lsum, acc, live, red, NREP, DPL):
+    """One key (its lane's K dimensions kr[ko:ko+DPL], V vr[ko:..]) into the NREP heads' online softmax:
+    each head's score summed over the warp (every lane takes part, live or not), then, for a live key,
+    the running max, sum and output rescaled and the key's weight added."""
+    for j in range(NREP):
+        p = float32(0.0)
+        for e in range(DPL):
+            p += qr[j * DPL + e] * kr[ko + e]
+        sv = warp_sum(p, red)
+        if live:
+            mn = max(m[j], sv)
+            c = math.exp(m[j] - mn)
+            pe = math.exp(sv - mn)
+            lsum[j] = lsum[j] * c + pe
             for e in range(DPL):
-                wo[(wp * NREP + j) * HD + d0 + e] = acc[j * DPL + e]
-        cuda.syncthreads()
-        for i in range(tid, NREP * HD, THREADS):
-            j = i // HD
-            d = i % HD
-            mx = NEG_INF
-            for w in range(WARPS):
-                mx = max(mx, wm[w * NREP + j])
-            o = float32(0.0)
-            den = float32(0.0)
-            for w in range(WARPS):
-                c = math.exp(wm[w * NREP + j] - mx)  # a warp that saw no key: m NEG_INF, l and o 0
-                o += c * wo[(w * NREP + j) * HD + d]
-                den += c * wl[w * NREP + j]
-            part_o[r, h0 + j, split, d] = o
-            if d == 0:
-                part_m[r, h0 + j, split] = mx
-                part_l[r, h0 + j, split] = den
+                acc[j * DPL + e] = acc[j * DPL + e] * c + pe * vr[ko + e]
+            m[j] = mn
+
+
+@cuda.jit(device=True, inline=True)
+def _combine_warps(part_o, part_m, part_l, r, h0, split, m, lsum, acc, wm, wl, wo, NREP, HD, DPL):
+    """The block's warps' online-softmax states (m and l warp-uniform, lane l's acc dimensions
+    l * DPL ..) merged through shared memory (wm, wl: WARPS * NREP; wo: WARPS * NREP * HD) into the
+    split's partial output, max and sum."""
+    tid = cuda.threadIdx.x
+    lane = tid % 32
+    wp = tid // 32
+    for j in range(NREP):
+        if lane == 0:
+            wm[wp * NREP + j] = m[j]
+            wl[wp * NREP + j] = lsum[j]
+        for e in range(DPL):
+            wo[(wp * NREP + j) * HD + lane * DPL + e] = acc[j * DPL + e]
+    cuda.syncthreads()
+    for i in range(tid, NREP * HD, THREADS):
+        j = i // HD
+        d = i % HD
+        mx = NEG_INF
+        for w in range(WARPS):
+            mx = max(mx, wm[w * NREP + j])
+        o = float32(0.0)
+        den = float32(0.0)
+        for w in range(WARPS):
+            c = math.exp(wm[w * NREP + j] - mx)  # a warp that saw no key: m NEG_INF, l and o 0
+            o += c * wo[(w * NREP + j) * HD + d]
+            den += c * wl[w * NREP + j]
+        part_o[r, h0 + j, split, d] = o
+        if d == 0:
+            part_m[r, h0 + j, split] = mx
+            part_l[r, h0 + j, split] = den
+
+
+@functools.lru_cache(maxsize=None)
+def _split_groups_kernel(HD: int, NREP: int, G: int):
+    """The warps kernel with G keys a warp in flight: each turn a warp issues the K and V loads of its
+    next G keys (keys base + w + WARPS u, u < G) before the arithmetic of any, where the warps kernel
+    has one key's loads in flight while it scores the last. The warps kernel ran at ~20% of copy at 8k
+    keys: with 16 warps an SM and 512 bytes in flight each, an SM holds a third of what the memory's
+    latency asks for (Little's law at 4.8 TB/s). Written for measurement (keys_in_flight)."""
+    DPL = HD // 32
+    QR = NREP * DPL  # sizes must be plain constants
+    GD = G * DPL
+    UNITS = tuple(range(G))  # unrolled (literal_unroll): kg and vg indexed by constants stay in registers
+    WM = WARPS * NREP
+    WO = WARPS * NREP * HD
+
+    @cuda.jit
+    def kernel(part_o, part_m, part_l, q, k_cache, v_cache, scales, pos, T, scale):
+        split = cuda.blockIdx.y
+        lane = cuda.threadIdx.x % 32
+        wp = cuda.threadIdx.x // 32
+        r, kvh, b, L, s0, s1, h0 = _split_keys(k_cache, pos, T, NREP)
+        d0 = lane * DPL
+        red = cuda.shared.array(THREADS, float32)  # the simulator's warp reductions (unused on a GPU)
+        qr = cuda.local.array(QR, float32)
+        acc = cuda.local.array(QR, float32)
+        m = cuda.local.array(NREP, float32)
+        lsum = cuda.local.array(NREP, float32)
+        kg = cuda.local.array(GD, float32)  # the turn's G keys and values (constant indices once unrolled)
+        vg = cuda.local.array(GD, float32)
+        _start_heads(q, r, h0, d0, scale, qr, acc, m, lsum, NREP, HD, DPL)
+        safe = min(s0, L - 1)  # a key inside the cache (an empty split's s0 may lie past it)
+        for base in range(s0, s1, WARPS * G):  # the same turns for every warp (the simulator's warp sums)
+            for u in literal_unroll(UNITS):
+                key = base + wp + WARPS * u
+                kk = key if key < s1 else safe  # a key past the split: a real row loaded, its weight unused
+                _load_dims(k_cache, b, kvh, kk, d0, kg, u * DPL, DPL)
+                _load_dims(v_cache, b, kvh, kk, d0, vg, u * DPL, DPL)
+            for u in literal_unroll(UNITS):
+                _online_update(qr, kg, vg, u * DPL, m, lsum, acc, base + wp + WARPS * u < s1, red, NREP, DPL)
+        wm = cuda.shared.array(WM, float32)
+        wl = cuda.shared.array(WM, float32)
+        wo = cuda.shared.array(WO, float32)
+        _combine_warps(part_o, part_m, part_l, r, h0, split, m, lsum, acc, wm, wl, wo, NREP, HD, DPL)
 
     return kernel
 
@@ -386,14 +466,15 @@ def attention_scratch(xp, rows: int, nh: int, hd: int, splits: int):
 
 
 def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k_scale=None, v_scale=None,
-                     variant: str = "warps", xq=None):
+                     variant: str = "warps", xq=None, keys_in_flight: int = 1):
     """out (R, nh*hd) = softmax(q k^T / sqrt(hd)) v over each row's visible keys; scratch from attention_scratch
     (its split count is the number of splits used, its row count at least R). An int8 cache takes its
     scales (B, nkv, max_len) float32 in k_scale, v_scale. variant: "warps" (_split_warps_kernel; float caches
     with head_dim a multiple of 32, else the tile kernel runs) or "tiles" (_split_kernel). On the H200 at
     Qwen3-32B's shapes (bench_qwen3_kernels.py) warps took 21.3 us at 1k keys and 57.1 at 8k, tiles 49.0
     and 177.3. xq: for one row, out also rounded into quant_a8.quantize_x16's triple (the o projection's
-    input)."""
+    input). keys_in_flight: the warps kernel's keys a warp loads at once (1: _split_warps_kernel, one key
+    ahead; more: _split_groups_kernel, written for measurement)."""
     part_o, part_m, part_l = scratch
     R = q.shape[0]
     nh, splits = part_m.shape[1], part_m.shape[2]
@@ -408,7 +489,12 @@ def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k
     scales = (k_scale, v_scale) if quant else ()  # () adds no kernel parameter
     warps = (variant == "warps" and not quant and hd % 32 == 0
              and (hd // 32 != 4 or (aligned(k_cache, 4) and aligned(v_cache, 4))))
-    kernel = _split_warps_kernel(hd, nh // nkv) if warps else _split_kernel(hd, nh // nkv, quant)
+    if not warps:
+        kernel = _split_kernel(hd, nh // nkv, quant)
+    elif keys_in_flight > 1:
+        kernel = _split_groups_kernel(hd, nh // nkv, keys_in_flight)
+    else:
+        kernel = _split_warps_kernel(hd, nh // nkv)
     kernel[(R * nkv, splits), THREADS, stream](po, pm, pl, q, k_cache, v_cache, scales, pos, T,
                                                np.float32(1.0 / math.sqrt(hd)))
     if xq is not None and (R != 1 or hd % CHUNK or xq[0].shape[0] * 4 != nh * hd or xq[1].shape[0] * CHUNK != nh * hd):

@@ -217,6 +217,7 @@ class Qwen3GPU:
         # whatever is asked; bench_qwen3_decode.py --attention); set before the first decode step (the graph
         # captures it)
         self.attention_variant = "warps"
+        self.attention_keys_in_flight = 1  # the warps kernel's keys a warp loads at once (attention_decode)
         self.layers: list[dict] = []
         self.embed = self.head = self.norm = None
         self.batch = self.max_len = 0
@@ -619,7 +620,8 @@ class Qwen3GPU:
                          **sc)
             ro = self._takes_rounded(L["o"], R) and c.head_dim % 16 == 0
             attention_decode(att, q, kc[l], vc[l], self.pos, T, scratch, s, variant=self.attention_variant,
-                             xq=self._xq(c.n_head * c.head_dim) if ro else None, **sc)
+                             xq=self._xq(c.n_head * c.head_dim) if ro else None,
+                             keys_in_flight=self.attention_keys_in_flight, **sc)
             self._apply(delta, att, L["o"], rounded=ro)
             self._apply(gu, xn, L["gu"], rounded=norm(L["ln2"], L["gu"]))
             if self._takes_rounded(L["down"], R):
