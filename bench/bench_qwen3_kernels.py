@@ -67,8 +67,11 @@ def main():
     vc[...] = kc
     att = cp.zeros((1, HEADS * HD), cp.float32)
     scratch = attention_scratch(cp, 1, HEADS, HD, 64)
+    scratch128 = attention_scratch(cp, 1, HEADS, HD, 128)  # the merge's limit (THREADS)
     for ctx in (1024, 8192):
         pos[...] = ctx - 1
+        report(f"decode attention ctx {ctx} warps, 128 splits", lambda s: attention_decode(
+            att, q, kc, vc, pos, 1, scratch128, s, variant="warps"), 2 * KV * ctx * HD * 2)
         for g in (2, 4, 8):  # the warps kernel with g keys a warp in flight (_split_groups_kernel)
             report(f"decode attention ctx {ctx} warps, {g} keys in flight", lambda s, g=g: attention_decode(
                 att, q, kc, vc, pos, 1, scratch, s, variant="warps", keys_in_flight=g), 2 * KV * ctx * HD * 2)
