@@ -118,7 +118,7 @@ def main():
     print(f"GEMMs of a micro-batch: {sum(r['ms'] * r['calls'] for r in gemms):.2f} ms "
           f"({sum(r['plain_ms'] * r['calls'] for r in gemms):.2f} without epilogues)")
     write_json(args.out, {"gpu": gpu, "commit": commit(), "size": args.size, "batch": B, "seq": T,
-                          "compute": args.compute, "attention": eng.attn.name, **options,
+                          "compute": args.compute, "residual": args.residual, "attention": eng.attn.name, **options,
                           "rows": rows, "gemms": gemms})
 
 
