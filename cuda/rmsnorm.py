@@ -16,7 +16,7 @@ import numpy as np
 import koifish_cuda.compat  # noqa: F401
 from koifish_cuda.compat import nb
 from koifish_cuda.bf16 import f32_to_bf16
-from koifish_cuda.reduce import THREADS, block_sum
+from koifish_cuda.reduce import THREADS, block_reduce_warps, block_sum
 from koifish_cuda.quant_a8 import CHUNK, _round_chunk
 from koifish_cuda.vload import aligned, load4, store4
 from numba import config, cuda, float32, uint32
@@ -75,13 +75,15 @@ def add_rmsnorm(out, x, delta, w, eps: float, stream=0):
 # ---- batch 1, x rounded for the W4A8 GEMV in the same kernel -------------------------------------
 @cuda.jit(cache=True)
 def add_rmsnorm_x16_kernel(out, xq, xs, xsum, x, delta, w, eps, add):
-    """One block, thread t on the 16 values of chunk t (vector loads and stores): the row's norm, then
-    each thread's chunk written as float32 and rounded to int8 (quant_a8._round_chunk)."""
+    """One block, thread t on the 16 values of chunk t (vector loads and stores): the row's norm (its sum
+    by warps: two barriers, where block_sum's tree over 512 threads takes ten), then each thread's chunk
+    written as float32 and rounded to int8 (quant_a8._round_chunk)."""
     t = cuda.threadIdx.x
     C = x.shape[1]
     live = t < C // CHUNK
     c0 = t * CHUNK
     buf = cuda.shared.array(THREADS_MAX, float32)
+    wbuf = cuda.shared.array(32, float32)
     v = cuda.local.array(CHUNK, float32)
     xw = cuda.local.array(4, uint32)
     ss = float32(0.0)
@@ -96,7 +98,7 @@ def add_rmsnorm_x16_kernel(out, xq, xs, xsum, x, delta, w, eps, add):
                 v[j + 3] += d3
         for j in range(CHUNK):
             ss += v[j] * v[j]
-    total = block_sum(ss, buf)
+    total = block_reduce_warps(ss, buf, wbuf, False)
     rstd = float32(1.0) / math.sqrt(total / float32(C) + eps)
     if live:
         for j in range(0, CHUNK, 4):
@@ -128,5 +130,5 @@ def add_rmsnorm_x16(out, xq, x, delta, w, eps: float, stream=0):
     add = delta is not None
     if not all(aligned(a, 4) for a in (out, x, w, xq[0], delta if add else x)):
         raise ValueError("add_rmsnorm_x16: every array must start on a 16-byte boundary")
-    threads = 1 << max(5, (C // CHUNK - 1).bit_length())  # block_sum's tree takes a power of two
+    threads = -(-(C // CHUNK) // 32) * 32  # whole warps (block_reduce_warps)
     add_rmsnorm_x16_kernel[1, threads, stream](out, *xq, x, delta if add else x, w, np.float32(eps), add)

@@ -60,7 +60,7 @@ def test_add_rmsnorm_x16_rounds_what_it_writes(residual):
     from koifish_cuda.rmsnorm import add_rmsnorm_ref, add_rmsnorm_x16
 
     r = rng()
-    C = 5120 if ON_GPU else 1120  # 320 chunks (a block of 512), 70 (128): idle threads in the sum
+    C = 5120 if ON_GPU else 1120  # 320 chunks (ten warps), 70 (three warps, the last with idle lanes)
     x, d, w = r.standard_normal((1, C)) * 3, r.standard_normal((1, C)), r.standard_normal(C)
     xd, out, xq = f32(x), dev(np.full((1, C), np.nan, np.float32)), _triple(C)
     add_rmsnorm_x16(out, xq, xd, f32(d) if residual else None, f32(w), 1e-6)
