@@ -112,7 +112,7 @@ def variants(args):
                                                                                         4, group, s), 1e-4),
         "int8 x (dp4a), rows by shape": (a8(None), 2e-2),
         "rounded x, by shape": (pre(None, None), 2e-2),
-        **{f"rounded x, {n} rows {w} warps": (pre(n, w), 2e-2) for n in (4, 8) for w in (1, 2, 3, 5)}}
+        **{f"rounded x, {n} rows {w} warps": (pre(n, w), 2e-2) for n in (8, 16) for w in (1, 3)}}
     names = list(GEMV4_VARIANTS)
     copy_bw = copy_bandwidth()
     shapes = {**SHAPES, **{k: v for k, v in ENGINE.items() if k not in SHAPES}}

@@ -59,13 +59,17 @@ def dequant_matvec4_a8_ref(x: np.ndarray, codes, scales, zeros, group_size: int)
 
 
 # ---- CUDA ------------------------------------------------------------------------------------
-# The block shape is quant.py's batch-1 kernel's (ROWS4 rows a block, its warps splitting K, lane l
-# of warp w on uint64 32 (w + WARPS4 s) + l of every row): only the inner product changed. A lane
-# rounds its 16 x values (four 16-byte loads) once for all ROWS4 rows: v * (127 / max) + 1.5 * 2^23
-# in float32 leaves round-half-even(v) in the low bits (|v| <= 127), so the byte is an AND away and
-# no F2I is spent. Measured on an H200 (bench_quant_gemv.py --variants): one token's GEMVs of
-# Qwen3-32B 10.85 ms against 14.58 with float32 x; reading two uint64 a row per 16-byte load instead
-# was slower (15.48 ms: 32 more registers a thread under the 170-register bound).
+# The block shape is quant.py's batch-1 kernel's (R rows a block, its W warps splitting K, lane l of
+# warp w on uint64 32 (w + W s) + l of every row): only the inner product changed. Rounding a chunk:
+# fma(v, 127 / max, 1.5 * 2^23) in float32 leaves round-half-even(v) in the low bits (|v| <= 127),
+# so the byte is an AND away and no F2I is spent. Where x comes as float32 every block rounds all of
+# it (a lane its chunks, once for the block's rows); the GPU engine instead hands the GEMV x rounded
+# beforehand (quantize_x16, or the kernel that made x: rmsnorm.add_rmsnorm_x16, swiglu.swiglu_x16,
+# the attention merge), and the blocks can then be small. Measured on an H200 (bench_quant_gemv.py
+# --variants), one Qwen3-32B token's GEMVs: float32 x 14.58 ms; int8 x rounded in the kernel 9.55;
+# rounded beforehand, 16 rows x 4 warps 8.17, rows_warps_for's blocks 5.72. Tried and dropped: two
+# uint64 a row per 16-byte load (15.48 ms at stop 14: registers), 32- and 4-row blocks (slower on
+# every shape).
 import functools  # noqa: E402
 
 import koifish_cuda.compat  # noqa: E402,F401
@@ -127,8 +131,8 @@ def _dot_chunk(q, xw):
 
 
 # blocks an SM each block shape is bounded for at 4 warps (registers: the rows' uint64s and sums grow
-# with R). 32 rows measured slowest on every Qwen3-32B shape (token GEMVs 12.88 ms against 9.74 at 16).
-ROW_CHOICES = {4: 6, 8: 4, 16: 3}
+# with R)
+ROW_CHOICES = {8: 4, 16: 3}
 
 
 def rows_warps_for(N: int, K: int, pre: bool = True) -> tuple[int, int]:

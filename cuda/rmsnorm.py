@@ -4,7 +4,8 @@
     out = w * (x / sqrt(mean(x^2) + eps))
 
 One block per row (128 threads, or up to 1024 for the few rows of a decode step); float32
-throughout, as transformers computes Qwen3's RMSNorm.
+throughout, as transformers computes Qwen3's RMSNorm. add_rmsnorm_x16 (batch 1) also rounds its
+output to int8 for the next W4A8 GEMV (quant_a8), in the same kernel.
 """
 
 from __future__ import annotations

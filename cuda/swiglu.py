@@ -2,7 +2,8 @@
 
 The decode step computes gate and up in one GEMV over the row-concatenated weight (2F, C), so
 its output holds gate in columns [0, F) and up in [F, 2F). The prefill's variant reads and writes
-bf16 bits (uint16): GEMM output in, the next GEMM's operand out.
+bf16 bits (uint16): GEMM output in, the next GEMM's operand out; swiglu_x16 (batch 1) also rounds its
+output to int8 for the down projection's W4A8 GEMV (quant_a8).
 """
 
 from __future__ import annotations
