@@ -8,13 +8,13 @@ import numpy as np
 
 
 def tiny_hf_qwen3(tie: bool = False, kv_heads: int = 2, seed: int = 0, vocab: int = 200, n_ctx: int = 64,
-                  hidden: int = 64, intermediate: int = 128, layers: int = 2, heads: int = 4):
+                  hidden: int = 64, intermediate: int = 128, layers: int = 2, heads: int = 4, head_dim: int = 16):
     """A float32 transformers Qwen3ForCausalLM: by default hidden 64, 2 layers, 4 heads of 16, SwiGLU 128."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     cfg = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=16, tie_word_embeddings=tie,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, tie_word_embeddings=tie,
                       max_position_embeddings=n_ctx, rope_theta=10000.0, rms_norm_eps=1e-6)
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(cfg).eval()

@@ -179,3 +179,27 @@ def test_int8_activations_stay_near_the_cpu_model(cpu_model):
     err = _rel(out[8], ref)
     assert _rel(out[16], ref) < BF16_REL
     assert 1e-4 < err < 2e-2  # above 1e-4: the int8 kernel really ran
+
+
+@pytest.mark.gpu
+def test_decode_at_wide_shapes_stays_near_the_cpu_model(tmp_path):
+    """Shapes the tiny model never reaches: hidden 1280 (80 chunks of 16, a block of whole warps not a
+    power of two), SwiGLU 3456, head_dim 128 (the warps attention, the merge rounding for o_proj), a
+    200-token prompt over several key splits. 4-bit weights; act_bits 8 rounds x in the norms, the merge
+    and SwiGLU. Decode logits within the prefill's bf16 bound (act_bits 16) and the int8 bound (8)."""
+    from koifish_core.infer.qwen3_gpu import Qwen3GPU
+    from koifish_core.models.hf_qwen3 import load_hf_folder
+
+    hf = tiny_hf_qwen3(hidden=1280, intermediate=3456, heads=10, kv_heads=2, head_dim=128, vocab=512, n_ctx=256)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    cpu = load_hf_folder(tmp_path, bits=4)
+    ids = np.random.default_rng(3).integers(0, 512, (1, 206))
+    ref_cache = cpu.new_cache(max_len=256)
+    cpu.forward(ids[:, :200], cache=ref_cache)
+    ref = np.concatenate([cpu.forward(ids[:, t:t + 1], cache=ref_cache)[0] for t in range(200, 206)], 1)
+    for bits, bound in ((16, PREFILL_REL), (8, 3e-2)):
+        eng = Qwen3GPU.from_model(cpu, act_bits=bits)
+        cache = eng.new_cache(1, 256)
+        eng.forward(ids[:, :200], cache=cache)
+        got = np.concatenate([eng.forward(ids[:, t:t + 1], cache=cache)[0] for t in range(200, 206)], 1)
+        assert _rel(got, ref) < bound, bits
