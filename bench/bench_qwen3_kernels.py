@@ -72,7 +72,7 @@ def main():
         pos[...] = ctx - 1
         report(f"decode attention ctx {ctx} warps, 128 splits", lambda s: attention_decode(
             att, q, kc, vc, pos, 1, scratch128, s, variant="warps"), 2 * KV * ctx * HD * 2)
-        for g in (2, 4, 8):  # the warps kernel with g keys a warp in flight (_split_groups_kernel)
+        for g in (2, 4, 8):  # the warps kernel with g keys a warp in flight
             report(f"decode attention ctx {ctx} warps, {g} keys in flight", lambda s, g=g: attention_decode(
                 att, q, kc, vc, pos, 1, scratch, s, variant="warps", keys_in_flight=g), 2 * KV * ctx * HD * 2)
         for variant in ("warps", "tiles"):  # the engine's, and the int8 cache's (float caches measured slower)

@@ -218,50 +218,63 @@ def _load_dims(cache, b, kvh, key, d0, out, o, DPL):
 
 
 @functools.lru_cache(maxsize=None)
-def _split_warps_kernel(HD: int, NREP: int):
+def _split_warps_kernel(HD: int, NREP: int, G: int = 1):
     """The "warps" split kernel (float caches, HD a multiple of 32): each warp walks its own keys (key
     base + w of every WARPS), lane l owning dimensions l * DPL .. + DPL of the K and V rows (one 8-byte
-    load each at HD 128 in float16, the next key's issued before this key's arithmetic): the NREP
-    heads' scores by warp shuffles, each head's online softmax in registers, no barrier until the
-    block's four warps merge their states at the end. 3x the tile kernel's speed at 8k keys (its 2-byte
-    loads into shared memory and three barriers a tile left it at 7% of copy; this one 22%)."""
+    load each at HD 128 in float16): the NREP heads' scores by warp shuffles, each head's online softmax
+    in registers, no barrier until the block's four warps merge their states at the end. 3x the tile
+    kernel's speed at 8k keys (its 2-byte loads into shared memory and three barriers a tile left it
+    at 7% of copy; this one 22%). G = 1: the next key's loads issued before this key's arithmetic (the
+    measured default). G > 1 (written for measurement, keys_in_flight): a warp issues the loads of its
+    next G keys (base + w + WARPS u, u < G) before the arithmetic of any; at ~20% of copy the G = 1
+    kernel is bound by latency (16 warps an SM with 512 bytes in flight each hold a third of what
+    Little's law asks at 4.8 TB/s)."""
     DPL = HD // 32
     QR = NREP * DPL  # sizes must be plain constants
+    KG = max(2, G) * DPL  # G = 1: this key's slot and the next one's; else the group's
+    UNITS = tuple(range(G))  # unrolled (literal_unroll): kg and vg indexed by constants stay in registers
     WM = WARPS * NREP
     WO = WARPS * NREP * HD
 
     @cuda.jit
     def kernel(part_o, part_m, part_l, q, k_cache, v_cache, scales, pos, T, scale):
         split = cuda.blockIdx.y
-        tid = cuda.threadIdx.x
-        lane = tid % 32
-        wp = tid // 32
+        wp = cuda.threadIdx.x // 32
         r, kvh, b, L, s0, s1, h0 = _split_keys(k_cache, pos, T, NREP)
-        d0 = lane * DPL
+        d0 = (cuda.threadIdx.x % 32) * DPL
         red = cuda.shared.array(THREADS, float32)  # the simulator's warp reductions (unused on a GPU)
         qr = cuda.local.array(QR, float32)
         acc = cuda.local.array(QR, float32)
         m = cuda.local.array(NREP, float32)
         lsum = cuda.local.array(NREP, float32)
-        kr = cuda.local.array(DPL, float32)  # this turn's key and value
-        vr = cuda.local.array(DPL, float32)
-        kn = cuda.local.array(DPL, float32)  # the next turn's, loaded before this turn's arithmetic
-        vn = cuda.local.array(DPL, float32)
+        kg = cuda.local.array(KG, float32)
+        vg = cuda.local.array(KG, float32)
         _start_heads(q, r, h0, d0, scale, qr, acc, m, lsum, NREP, HD, DPL)
         safe = min(s0, L - 1)  # a key inside the cache (an empty split's s0 may lie past it)
-        first = s0 + wp if s0 + wp < s1 else safe  # a warp past the keys loads a real one and uses none
-        _load_dims(k_cache, b, kvh, first, d0, kn, 0, DPL)
-        _load_dims(v_cache, b, kvh, first, d0, vn, 0, DPL)
-        for base in range(s0, s1, WARPS):  # the same turns for every warp (the simulator's warp sums are block-wide)
-            key = base + wp
-            live = key < s1
-            for e in range(DPL):
-                kr[e] = kn[e]
-                vr[e] = vn[e]
-            nxt = key + WARPS if key + WARPS < s1 else safe
-            _load_dims(k_cache, b, kvh, nxt, d0, kn, 0, DPL)
-            _load_dims(v_cache, b, kvh, nxt, d0, vn, 0, DPL)
-            _online_update(qr, kr, vr, 0, m, lsum, acc, live, red, NREP, DPL)
+        # every warp takes the same turns (the simulator's warp sums are block-wide); a key past the
+        # split loads a real row and its weight is dropped
+        if G == 1:
+            first = s0 + wp if s0 + wp < s1 else safe
+            _load_dims(k_cache, b, kvh, first, d0, kg, DPL, DPL)
+            _load_dims(v_cache, b, kvh, first, d0, vg, DPL, DPL)
+            for base in range(s0, s1, WARPS):
+                key = base + wp
+                for e in range(DPL):  # the next slot becomes this one's
+                    kg[e] = kg[DPL + e]
+                    vg[e] = vg[DPL + e]
+                nxt = key + WARPS if key + WARPS < s1 else safe
+                _load_dims(k_cache, b, kvh, nxt, d0, kg, DPL, DPL)
+                _load_dims(v_cache, b, kvh, nxt, d0, vg, DPL, DPL)
+                _online_update(qr, kg, vg, 0, m, lsum, acc, key < s1, red, NREP, DPL)
+        else:
+            for base in range(s0, s1, WARPS * G):
+                for u in literal_unroll(UNITS):
+                    key = base + wp + WARPS * u
+                    kk = key if key < s1 else safe
+                    _load_dims(k_cache, b, kvh, kk, d0, kg, u * DPL, DPL)
+                    _load_dims(v_cache, b, kvh, kk, d0, vg, u * DPL, DPL)
+                for u in literal_unroll(UNITS):
+                    _online_update(qr, kg, vg, u * DPL, m, lsum, acc, base + wp + WARPS * u < s1, red, NREP, DPL)
         wm = cuda.shared.array(WM, float32)
         wl = cuda.shared.array(WM, float32)
         wo = cuda.shared.array(WO, float32)
@@ -333,52 +346,6 @@ def _combine_warps(part_o, part_m, part_l, r, h0, split, m, lsum, acc, wm, wl, w
         if d == 0:
             part_m[r, h0 + j, split] = mx
             part_l[r, h0 + j, split] = den
-
-
-@functools.lru_cache(maxsize=None)
-def _split_groups_kernel(HD: int, NREP: int, G: int):
-    """The warps kernel with G keys a warp in flight: each turn a warp issues the K and V loads of its
-    next G keys (keys base + w + WARPS u, u < G) before the arithmetic of any, where the warps kernel
-    has one key's loads in flight while it scores the last. The warps kernel ran at ~20% of copy at 8k
-    keys: with 16 warps an SM and 512 bytes in flight each, an SM holds a third of what the memory's
-    latency asks for (Little's law at 4.8 TB/s). Written for measurement (keys_in_flight)."""
-    DPL = HD // 32
-    QR = NREP * DPL  # sizes must be plain constants
-    GD = G * DPL
-    UNITS = tuple(range(G))  # unrolled (literal_unroll): kg and vg indexed by constants stay in registers
-    WM = WARPS * NREP
-    WO = WARPS * NREP * HD
-
-    @cuda.jit
-    def kernel(part_o, part_m, part_l, q, k_cache, v_cache, scales, pos, T, scale):
-        split = cuda.blockIdx.y
-        lane = cuda.threadIdx.x % 32
-        wp = cuda.threadIdx.x // 32
-        r, kvh, b, L, s0, s1, h0 = _split_keys(k_cache, pos, T, NREP)
-        d0 = lane * DPL
-        red = cuda.shared.array(THREADS, float32)  # the simulator's warp reductions (unused on a GPU)
-        qr = cuda.local.array(QR, float32)
-        acc = cuda.local.array(QR, float32)
-        m = cuda.local.array(NREP, float32)
-        lsum = cuda.local.array(NREP, float32)
-        kg = cuda.local.array(GD, float32)  # the turn's G keys and values (constant indices once unrolled)
-        vg = cuda.local.array(GD, float32)
-        _start_heads(q, r, h0, d0, scale, qr, acc, m, lsum, NREP, HD, DPL)
-        safe = min(s0, L - 1)  # a key inside the cache (an empty split's s0 may lie past it)
-        for base in range(s0, s1, WARPS * G):  # the same turns for every warp (the simulator's warp sums)
-            for u in literal_unroll(UNITS):
-                key = base + wp + WARPS * u
-                kk = key if key < s1 else safe  # a key past the split: a real row loaded, its weight unused
-                _load_dims(k_cache, b, kvh, kk, d0, kg, u * DPL, DPL)
-                _load_dims(v_cache, b, kvh, kk, d0, vg, u * DPL, DPL)
-            for u in literal_unroll(UNITS):
-                _online_update(qr, kg, vg, u * DPL, m, lsum, acc, base + wp + WARPS * u < s1, red, NREP, DPL)
-        wm = cuda.shared.array(WM, float32)
-        wl = cuda.shared.array(WM, float32)
-        wo = cuda.shared.array(WO, float32)
-        _combine_warps(part_o, part_m, part_l, r, h0, split, m, lsum, acc, wm, wl, wo, NREP, HD, DPL)
-
-    return kernel
 
 
 @cuda.jit(device=True, inline=True)
@@ -473,8 +440,8 @@ def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k
     with head_dim a multiple of 32, else the tile kernel runs) or "tiles" (_split_kernel). On the H200 at
     Qwen3-32B's shapes (bench_qwen3_kernels.py) warps took 21.3 us at 1k keys and 57.1 at 8k, tiles 49.0
     and 177.3. xq: for one row, out also rounded into quant_a8.quantize_x16's triple (the o projection's
-    input). keys_in_flight: the warps kernel's keys a warp loads at once (1: _split_warps_kernel, one key
-    ahead; more: _split_groups_kernel, written for measurement)."""
+    input). keys_in_flight: the warps kernel's keys a warp loads at once (1: one key ahead, the measured
+    default; more: in groups, written for measurement)."""
     part_o, part_m, part_l = scratch
     R = q.shape[0]
     nh, splits = part_m.shape[1], part_m.shape[2]
@@ -491,10 +458,8 @@ def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k
              and (hd // 32 != 4 or (aligned(k_cache, 4) and aligned(v_cache, 4))))
     if not warps:
         kernel = _split_kernel(hd, nh // nkv, quant)
-    elif keys_in_flight > 1:
-        kernel = _split_groups_kernel(hd, nh // nkv, keys_in_flight)
     else:
-        kernel = _split_warps_kernel(hd, nh // nkv)
+        kernel = _split_warps_kernel(hd, nh // nkv, keys_in_flight)
     kernel[(R * nkv, splits), THREADS, stream](po, pm, pl, q, k_cache, v_cache, scales, pos, T,
                                                np.float32(1.0 / math.sqrt(hd)))
     if xq is not None and (R != 1 or hd % CHUNK or xq[0].shape[0] * 4 != nh * hd or xq[1].shape[0] * CHUNK != nh * hd):

@@ -145,7 +145,7 @@ def test_attention_decode_warps_variant(hd, cache_dtype, T, splits, in_flight):
     out = dev(np.full((B * T, nh * hd), np.nan, np.float32))
     scratch = attention_scratch(np if not ON_GPU else __import__("cupy"), B * T, nh, hd, splits)
     attention_decode(out, f32(q), dev(kc), dev(vc), dev(np.array([past], np.int32)), T, scratch, variant="warps",
-                     keys_in_flight=in_flight)  # 4: a warp's four keys loaded at once (_split_groups_kernel)
+                     keys_in_flight=in_flight)  # 4: a warp's four keys loaded at once
     assert rel_err(host(out), attention_ref(q, kc, vc, past, B, nh)) < 1e-4
 
 
