@@ -20,7 +20,7 @@ from koifish_cuda.bf16 import f32_to_bf16
 from koifish_cuda.reduce import THREADS, block_reduce_warps, block_sum
 from koifish_cuda.quant_a8 import CHUNK, _round_chunk
 from koifish_cuda.vload import aligned, load4, store4
-from numba import config, cuda, float32, uint32
+from numba import config, cuda, float32, int32, uint32
 
 
 def add_rmsnorm_ref(x: np.ndarray, delta: np.ndarray | None, w: np.ndarray, eps: float):
@@ -74,47 +74,105 @@ def add_rmsnorm(out, x, delta, w, eps: float, stream=0):
 
 
 # ---- batch 1, x rounded for the W4A8 GEMV in the same kernel -------------------------------------
-@cuda.jit(cache=True)
-def add_rmsnorm_x16_kernel(out, xq, xs, xsum, x, delta, w, eps, add):
-    """One block, thread t on the 16 values of chunk t (vector loads and stores): the row's norm (its sum
-    by warps: two barriers, where block_sum's tree over 512 threads takes ten), then each thread's chunk
-    written as float32 and rounded to int8 (quant_a8._round_chunk)."""
+@cuda.jit(device=True, inline=True)
+def _load_chunk(x, delta, c0, v, add):
+    """v = x[0, c0:c0+16] (+ delta's), by 16-byte loads."""
+    for j in range(0, CHUNK, 4):
+        v[j], v[j + 1], v[j + 2], v[j + 3] = load4(x, (0, c0 + j))
+        if add:
+            d0, d1, d2, d3 = load4(delta, (0, c0 + j))
+            v[j] += d0
+            v[j + 1] += d1
+            v[j + 2] += d2
+            v[j + 3] += d3
+
+
+@cuda.jit(device=True, inline=True)
+def _finish_chunk(out, xq, xs, xsum, x, w, v, c, rstd, add, xw):
+    """Chunk c (its x + delta in v): x written back when added, w * v * rstd written to out and rounded
+    into the triple (quant_a8._round_chunk)."""
+    c0 = c * CHUNK
+    for j in range(0, CHUNK, 4):
+        if add:
+            store4(x, (0, c0 + j), v[j], v[j + 1], v[j + 2], v[j + 3])
+        w0, w1, w2, w3 = load4(w, (c0 + j,))
+        v[j] = w0 * (v[j] * rstd)
+        v[j + 1] = w1 * (v[j + 1] * rstd)
+        v[j + 2] = w2 * (v[j + 2] * rstd)
+        v[j + 3] = w3 * (v[j + 3] * rstd)
+        store4(out, (0, c0 + j), v[j], v[j + 1], v[j + 2], v[j + 3])
+    s, sm = _round_chunk(v, xw)
+    store4(xq, (c * 4,), xw[0], xw[1], xw[2], xw[3])
+    xs[c] = s
+    xsum[c] = sm
+
+
+@cuda.jit(device=True, inline=True)
+def norm_row_x16(out, xq, xs, xsum, x, delta, w, eps, add, buf, wbuf):
+    """add_rmsnorm_x16's work by one block of any whole number of warps, thread t on chunks t, t + nt, ..
+    (vector loads and stores): the row's sum of squares by warps (block_reduce_warps: two barriers,
+    where block_sum's tree over 512 threads takes ten), then each chunk written and rounded. A thread's
+    last chunk stays in registers between the passes (with a chunk a thread, nothing is loaded twice);
+    any others are loaded again."""
     t = cuda.threadIdx.x
-    C = x.shape[1]
-    live = t < C // CHUNK
-    c0 = t * CHUNK
-    buf = cuda.shared.array(THREADS_MAX, float32)
-    wbuf = cuda.shared.array(32, float32)
+    nt = cuda.blockDim.x
+    n = x.shape[1] // CHUNK
     v = cuda.local.array(CHUNK, float32)
     xw = cuda.local.array(4, uint32)
     ss = float32(0.0)
-    if live:
-        for j in range(0, CHUNK, 4):
-            v[j], v[j + 1], v[j + 2], v[j + 3] = load4(x, (0, c0 + j))
-            if add:
-                d0, d1, d2, d3 = load4(delta, (0, c0 + j))
-                v[j] += d0
-                v[j + 1] += d1
-                v[j + 2] += d2
-                v[j + 3] += d3
+    last = -1
+    for c in range(t, n, nt):
+        _load_chunk(x, delta, c * CHUNK, v, add)
         for j in range(CHUNK):
             ss += v[j] * v[j]
+        last = c
     total = block_reduce_warps(ss, buf, wbuf, False)
-    rstd = float32(1.0) / math.sqrt(total / float32(C) + eps)
-    if live:
-        for j in range(0, CHUNK, 4):
-            if add:
-                store4(x, (0, c0 + j), v[j], v[j + 1], v[j + 2], v[j + 3])
-            w0, w1, w2, w3 = load4(w, (c0 + j,))
-            v[j] = w0 * (v[j] * rstd)
-            v[j + 1] = w1 * (v[j + 1] * rstd)
-            v[j + 2] = w2 * (v[j + 2] * rstd)
-            v[j + 3] = w3 * (v[j + 3] * rstd)
-            store4(out, (0, c0 + j), v[j], v[j + 1], v[j + 2], v[j + 3])
-        s, sm = _round_chunk(v, xw)
-        store4(xq, (t * 4,), xw[0], xw[1], xw[2], xw[3])
-        xs[t] = s
-        xsum[t] = sm
+    rstd = float32(1.0) / math.sqrt(total / float32(x.shape[1]) + eps)
+    if last >= 0:
+        _finish_chunk(out, xq, xs, xsum, x, w, v, last, rstd, add, xw)
+    for c in range(t, last, nt):
+        _load_chunk(x, delta, c * CHUNK, v, add)
+        _finish_chunk(out, xq, xs, xsum, x, w, v, c, rstd, add, xw)
+
+
+@cuda.jit(cache=True)
+def add_rmsnorm_x16_kernel(out, xq, xs, xsum, x, delta, w, eps, add):
+    """One block, a thread a chunk of 16 (norm_row_x16)."""
+    buf = cuda.shared.array(THREADS_MAX, float32)  # the simulator's warp sums (unused on a GPU)
+    wbuf = cuda.shared.array(32, float32)
+    norm_row_x16(out, xq, xs, xsum, x, delta, w, eps, add, buf, wbuf)
+
+
+GRID_TAIL_THREADS = 256  # the widest GEMV block norm_after_grid runs in (its simulator buffer)
+
+
+@cuda.jit(device=True, inline=True)
+def norm_after_grid(delta, tail):
+    """Called by every block of a grid that has just written its share of delta (1, C) (the o and down
+    projections' W4A8 GEMV): the block that finishes last adds delta into the residual x and writes x's
+    RMSNorm, rounded for the next W4A8 GEMV (norm_row_x16), so the norm costs no graph node of its own.
+    tail = (counter (1,) int32, zero between launches; x; out; w; codes; scales; sums; eps). Blocks
+    fence their stores before counting in, the last block fences before reading (CUDA's
+    threadFenceReduction pattern); it resets the counter for the next launch."""
+    counter, x, out, w, codes, scales, sums, eps = tail
+    flag = cuda.shared.array(1, int32)
+    buf = cuda.shared.array(GRID_TAIL_THREADS, float32)
+    wbuf = cuda.shared.array(32, float32)
+    cuda.threadfence()
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 0:
+        flag[0] = cuda.atomic.add(counter, 0, 1)
+    cuda.syncthreads()
+    if flag[0] == cuda.gridDim.x - 1:
+        cuda.threadfence()
+        norm_row_x16(out, codes, scales, sums, x, delta, w, eps, True, buf, wbuf)
+        if cuda.threadIdx.x == 0:
+            counter[0] = 0
+
+
+@cuda.jit(device=True, inline=True)
+def no_tail(delta, tail):
+    pass
 
 
 X16_MAX = CHUNK * THREADS_MAX  # the widest row add_rmsnorm_x16 takes (a thread a chunk, one block)
