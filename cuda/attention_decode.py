@@ -29,7 +29,7 @@ import math
 import numpy as np
 
 import koifish_cuda.compat  # noqa: F401
-from koifish_cuda.quant_a8 import CHUNK, _round_chunk
+from koifish_cuda.quant_a8 import CHUNK, store_rounded
 from koifish_cuda.reduce import NEG_INF, THREADS, WARPS, block_max, block_sum, warp_max, warp_sum
 from koifish_cuda.vload import aligned, load4
 from numba import config, cuda, float32, uint32
@@ -362,13 +362,8 @@ def _round_head(xq, vals, t, h, hd):
         xw = cuda.local.array(4, uint32)
         for j in range(CHUNK):
             v[j] = vals[t * CHUNK + j]
-        s, sm = _round_chunk(v, xw)
-        c = h * (hd // CHUNK) + t
         codes, scales, sums = xq
-        for k in range(4):
-            codes[c * 4 + k] = xw[k]
-        scales[c] = s
-        sums[c] = sm
+        store_rounded(v, h * (hd // CHUNK) + t, codes, scales, sums, xw)
 
 
 @functools.lru_cache(maxsize=None)
@@ -460,9 +455,11 @@ def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k
         kernel = _split_kernel(hd, nh // nkv, quant)
     else:
         kernel = _split_warps_kernel(hd, nh // nkv, keys_in_flight)
-    kernel[(R * nkv, splits), THREADS, stream](po, pm, pl, q, k_cache, v_cache, scales, pos, T,
-                                               np.float32(1.0 / math.sqrt(hd)))
     if xq is not None and (R != 1 or hd % CHUNK or xq[0].shape[0] * 4 != nh * hd or xq[1].shape[0] * CHUNK != nh * hd):
         raise ValueError(f"attention: rounding the output takes one row, head_dim a multiple of {CHUNK} and a "
                          f"triple of {nh * hd} values; got {R} rows, head_dim {hd}, codes {xq[0].shape}")
+    if xq is not None and not aligned(xq[0], 4):
+        raise ValueError("attention: the rounded output's codes must start on a 16-byte boundary")
+    kernel[(R * nkv, splits), THREADS, stream](po, pm, pl, q, k_cache, v_cache, scales, pos, T,
+                                               np.float32(1.0 / math.sqrt(hd)))
     _merge_kernel(xq is not None)[R * nh, THREADS, stream](out, po, pm, pl, () if xq is None else tuple(xq))

@@ -149,10 +149,26 @@ def rows_warps_for(N: int, K: int, pre: bool = True) -> tuple[int, int]:
 
 
 @cuda.jit(device=True, inline=True)
-def _round_x(x, i, xr, xw):
-    """Chunk i of the float32 row x (1, K) rounded into xw (four 16-byte loads); (scale, sum)."""
+def store_rounded(v, c, xq, xs, xsum, xw):
+    """The 16 values v rounded (_round_chunk) and stored as chunk c of the triple: codes xq (one 16-byte
+    store), scale xs[c], sum xsum[c]. What every kernel that rounds x for the GEMV ends with."""
+    s, sm = _round_chunk(v, xw)
+    store4(xq, (c * 4,), xw[0], xw[1], xw[2], xw[3])
+    xs[c] = s
+    xsum[c] = sm
+
+
+@cuda.jit(device=True, inline=True)
+def _load_f32(x, i, xr):
+    """xr = chunk i of the float32 row x (1, K), by four 16-byte loads."""
     for j in range(0, CHUNK, 4):
         xr[j], xr[j + 1], xr[j + 2], xr[j + 3] = load4(x, (0, i * CHUNK + j))
+
+
+@cuda.jit(device=True, inline=True)
+def _round_x(x, i, xr, xw):
+    """Chunk i of the float32 row x (1, K) rounded into xw; (scale, sum)."""
+    _load_f32(x, i, xr)
     return _round_chunk(xr, xw)
 
 
@@ -172,10 +188,8 @@ def quantize_x16_kernel(x, xq, xs, xsum):
     if c < xs.shape[0]:
         xr = cuda.local.array(CHUNK, float32)
         xw = cuda.local.array(4, uint32)
-        s, sm = _round_x(x, c, xr, xw)
-        store4(xq, (c * 4,), xw[0], xw[1], xw[2], xw[3])
-        xs[c] = s
-        xsum[c] = sm
+        _load_f32(x, c, xr)
+        store_rounded(xr, c, xq, xs, xsum, xw)
 
 
 def quantize_x16(x, xq, xs, xsum, stream=0) -> None:

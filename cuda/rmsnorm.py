@@ -18,7 +18,7 @@ import koifish_cuda.compat  # noqa: F401
 from koifish_cuda.compat import nb
 from koifish_cuda.bf16 import f32_to_bf16
 from koifish_cuda.reduce import THREADS, block_reduce_warps, block_sum
-from koifish_cuda.quant_a8 import CHUNK, _round_chunk
+from koifish_cuda.quant_a8 import CHUNK, store_rounded
 from koifish_cuda.vload import aligned, load4, store4
 from numba import config, cuda, float32, int32, uint32
 
@@ -90,7 +90,7 @@ def _load_chunk(x, delta, c0, v, add):
 @cuda.jit(device=True, inline=True)
 def _finish_chunk(out, xq, xs, xsum, x, w, v, c, rstd, add, xw):
     """Chunk c (its x + delta in v): x written back when added, w * v * rstd written to out and rounded
-    into the triple (quant_a8._round_chunk)."""
+    into the triple (quant_a8.store_rounded)."""
     c0 = c * CHUNK
     for j in range(0, CHUNK, 4):
         if add:
@@ -101,10 +101,7 @@ def _finish_chunk(out, xq, xs, xsum, x, w, v, c, rstd, add, xw):
         v[j + 2] = w2 * (v[j + 2] * rstd)
         v[j + 3] = w3 * (v[j + 3] * rstd)
         store4(out, (0, c0 + j), v[j], v[j + 1], v[j + 2], v[j + 3])
-    s, sm = _round_chunk(v, xw)
-    store4(xq, (c * 4,), xw[0], xw[1], xw[2], xw[3])
-    xs[c] = s
-    xsum[c] = sm
+    store_rounded(v, c, xq, xs, xsum, xw)
 
 
 @cuda.jit(device=True, inline=True)

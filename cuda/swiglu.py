@@ -15,7 +15,7 @@ import numpy as np
 import koifish_cuda.compat  # noqa: F401
 from koifish_cuda.compat import nb
 from koifish_cuda.bf16 import bf16_to_f32, f32_to_bf16
-from koifish_cuda.quant_a8 import CHUNK, _round_chunk
+from koifish_cuda.quant_a8 import CHUNK, store_rounded
 from koifish_cuda.vload import aligned, load4, store4
 from numba import cuda, float32, uint32
 
@@ -93,10 +93,7 @@ def swiglu_x16_kernel(out, xq, xs, xsum, gu):
             v[j + 2] = g2 / (float32(1.0) + math.exp(-g2)) * u2
             v[j + 3] = g3 / (float32(1.0) + math.exp(-g3)) * u3
             store4(out, (0, c0 + j), v[j], v[j + 1], v[j + 2], v[j + 3])
-        s, sm = _round_chunk(v, xw)
-        store4(xq, (t * 4,), xw[0], xw[1], xw[2], xw[3])
-        xs[t] = s
-        xsum[t] = sm
+        store_rounded(v, t, xq, xs, xsum, xw)
 
 
 def swiglu_x16(out, xq, gu, stream=0):

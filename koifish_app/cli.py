@@ -27,8 +27,8 @@ app = typer.Typer(
 data_app = typer.Typer(help="Token shards: prepare them from plain text, inspect them.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 KV_BITS_HELP = "KV cache on the GPU: 16 (float16) or 8 (int8 codes and a scale per head vector: about half the memory)."
-ACT_BITS_HELP = ("Input of the GPU's 4-bit decode GEMVs: 8 (int8 per 16 values, dp4a: the default, a third faster) "
-                 "or 16 (float32, exact).")
+ACT_BITS_HELP = ("Input of the GPU's 4-bit decode GEMVs: 8 (int8 per 16 values, dp4a: the default; a Qwen3-32B "
+                 "token's GEMVs 5.7 ms instead of 14.6) or 16 (float32, exact).")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)

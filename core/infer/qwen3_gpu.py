@@ -457,10 +457,14 @@ class Qwen3GPU:
         return {} if self.kv_scales is None else dict(k_scale=self.kv_scales[0][l], v_scale=self.kv_scales[1][l])
 
     # ---- the math -----------------------------------------------------------------------------
+    def _w4a8(self, lin: DeviceLinear, R: int) -> bool:
+        """Whether lin's product over R rows is the W4A8 GEMV (quant_a8): batch 1, 4 bits, act_bits 8."""
+        return R == 1 and lin.quantized and lin.bits == 4 and self.act_bits == 8
+
     def _takes_rounded(self, lin: DeviceLinear, R: int) -> bool:
         """Whether lin's GEMV over R rows reads its x rounded to int8 in self.xq, so that the kernel making
-        x can round it too (add_rmsnorm_x16, swiglu_x16): batch 1, 4 bits, act_bits 8, no gather first."""
-        return R == 1 and lin.quantized and lin.bits == 4 and self.act_bits == 8 and lin.perm is None
+        x can round it too (add_rmsnorm_x16, swiglu_x16): the W4A8 GEMV with no gather first."""
+        return self._w4a8(lin, R) and lin.perm is None
 
     def _xq(self, K: int):
         """The rounded-x triple's first K values (quant_a8.quantize_x16)."""
@@ -474,7 +478,7 @@ class Qwen3GPU:
 
         if lin.perm is not None:
             x = self._gathered(x, lin, self.xg)
-        if lin.quantized and lin.bits == 4 and self.act_bits == 8 and x.shape[0] == 1:
+        if self._w4a8(lin, x.shape[0]):
             from koifish_cuda.quant_a8 import dequant_matvec4_a8, quantize_x16
 
             # x rounded once, not by each of the GEMV's blocks (H200, a Qwen3-32B token's GEMVs: 9.60 ->
