@@ -6,11 +6,20 @@ cache's rounding, 2^-11 relative per value).
 
 import numpy as np
 import pytest
+from numba import cuda, float32
 
+from koifish_cuda.rmsnorm import norm_row_x16
 from tests.cuda_harness import ON_GPU, dev, host, rel_err
 
 pytestmark = pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerformanceWarning")
 TOL = 2e-5
+
+
+@cuda.jit
+def norm_row_x16_kernel(out, xq, xs, xsum, x, delta, w):  # at module level: the simulator swaps global `cuda`
+    buf = cuda.shared.array(1024, float32)
+    wbuf = cuda.shared.array(32, float32)
+    norm_row_x16(out, xq, xs, xsum, x, delta, w, float32(1e-6), True, buf, wbuf)
 
 
 def rng():
@@ -65,6 +74,21 @@ def test_add_rmsnorm_x16_rounds_what_it_writes(residual):
     xd, out, xq = f32(x), dev(np.full((1, C), np.nan, np.float32)), _triple(C)
     add_rmsnorm_x16(out, xq, xd, f32(d) if residual else None, f32(w), 1e-6)
     rx, ro = add_rmsnorm_ref(x, d if residual else None, w, 1e-6)
+    assert rel_err(host(xd), rx) < TOL and rel_err(host(out), ro) < TOL
+    _assert_rounds(xq, host(out))
+
+
+def test_norm_row_x16_with_more_chunks_than_threads():
+    """The block norm the GEMV tail runs (one block of a few warps, chunks block-strided: a thread's last
+    chunk kept in registers, the others loaded again): as add_rmsnorm's reference, rounded as written."""
+    from koifish_cuda.rmsnorm import add_rmsnorm_ref
+
+    r = rng()
+    C = 5120 if ON_GPU else 1120  # 320 chunks over 96 threads; 70 over 32
+    x, d, w = r.standard_normal((1, C)) * 3, r.standard_normal((1, C)), r.standard_normal(C)
+    xd, out, xq = f32(x), dev(np.full((1, C), np.nan, np.float32)), _triple(C)
+    norm_row_x16_kernel[1, 96 if ON_GPU else 32](out, *xq, xd, f32(d), f32(w))
+    rx, ro = add_rmsnorm_ref(x, d, w, 1e-6)
     assert rel_err(host(xd), rx) < TOL and rel_err(host(out), ro) < TOL
     _assert_rounds(xq, host(out))
 
