@@ -67,14 +67,14 @@ def main():
     vc[...] = kc
     att = cp.zeros((1, HEADS * HD), cp.float32)
     scratch = attention_scratch(cp, 1, HEADS, HD, 64)
-    scratch128 = attention_scratch(cp, 1, HEADS, HD, 128)  # the merge's limit (THREADS)
+    scratches = {S: attention_scratch(cp, 1, HEADS, HD, S) for S in (32, 128)}  # 128: the merge's limit (THREADS)
+    scratches[64] = scratch
     for ctx in (1024, 8192):
         pos[...] = ctx - 1
-        report(f"decode attention ctx {ctx} warps, 128 splits", lambda s: attention_decode(
-            att, q, kc, vc, pos, 1, scratch128, s, variant="warps"), 2 * KV * ctx * HD * 2)
-        for g in (2, 4, 8):  # the warps kernel with g keys a warp in flight
-            report(f"decode attention ctx {ctx} warps, {g} keys in flight", lambda s, g=g: attention_decode(
-                att, q, kc, vc, pos, 1, scratch, s, variant="warps", keys_in_flight=g), 2 * KV * ctx * HD * 2)
+        for S, g in ((32, 1), (128, 1), (32, 2), (64, 2), (32, 3), (64, 3), (32, 4), (64, 4), (128, 4)):
+            # the warps kernel at other split counts, and with a ring of g keys a warp in flight
+            report(f"decode attention ctx {ctx} warps S={S} g={g}", lambda s, S=S, g=g: attention_decode(
+                att, q, kc, vc, pos, 1, scratches[S], s, variant="warps", keys_in_flight=g), 2 * KV * ctx * HD * 2)
         for variant in ("warps", "tiles"):  # the engine's, and the int8 cache's (float caches measured slower)
             report(f"decode attention ctx {ctx} {variant}",
                    lambda s, v=variant: attention_decode(att, q, kc, vc, pos, 1, scratch, s, variant=v),

@@ -34,14 +34,6 @@ from koifish_cuda.reduce import NEG_INF, THREADS, WARPS, block_max, block_sum, w
 from koifish_cuda.vload import aligned, load4
 from numba import config, cuda, float32, uint32
 
-if config.ENABLE_CUDASIM:  # the simulator runs loops as Python: nothing to unroll
-
-    def literal_unroll(items):
-        return items
-
-else:
-    from numba.cuda import literal_unroll
-
 TILE = 32  # keys per tile, a lane's each (its K and V, fp32 in shared memory: 32.5 KB at head_dim 128)
 G_MAX = 16  # query heads per kv head
 HD_MAX = THREADS  # head_dim divides THREADS (a thread owns one dimension of the output)
@@ -232,11 +224,13 @@ def _split_warps_kernel(HD: int, NREP: int, G: int = 1):
     DPL = HD // 32
     QR = NREP * DPL  # sizes must be plain constants
     KG = max(2, G) * DPL  # G = 1: this key's slot and the next one's; else the group's
-    UNITS = tuple(range(G))  # unrolled (literal_unroll): kg and vg indexed by constants stay in registers
     WM = WARPS * NREP
     WO = WARPS * NREP * HD
+    # G > 1: at most 128 registers a thread, so four blocks (16 warps) share an SM as at G = 1 (at Qwen3's
+    # shapes ptxas needs 141-159 unbounded: three blocks, and 512 blocks fill 1.3 waves)
+    bounds = {} if G == 1 or config.ENABLE_CUDASIM else {"launch_bounds": (THREADS, 4)}
 
-    @cuda.jit
+    @cuda.jit(**bounds)
     def kernel(part_o, part_m, part_l, q, k_cache, v_cache, scales, pos, T, scale):
         split = cuda.blockIdx.y
         wp = cuda.threadIdx.x // 32
@@ -266,21 +260,47 @@ def _split_warps_kernel(HD: int, NREP: int, G: int = 1):
                 _load_dims(k_cache, b, kvh, nxt, d0, kg, DPL, DPL)
                 _load_dims(v_cache, b, kvh, nxt, d0, vg, DPL, DPL)
                 _online_update(qr, kg, vg, 0, m, lsum, acc, key < s1, red, NREP, DPL)
-        else:
-            for base in range(s0, s1, WARPS * G):
-                for u in literal_unroll(UNITS):
-                    key = base + wp + WARPS * u
-                    kk = key if key < s1 else safe
-                    _load_dims(k_cache, b, kvh, kk, d0, kg, u * DPL, DPL)
-                    _load_dims(v_cache, b, kvh, kk, d0, vg, u * DPL, DPL)
-                for u in literal_unroll(UNITS):
-                    _online_update(qr, kg, vg, u * DPL, m, lsum, acc, base + wp + WARPS * u < s1, red, NREP, DPL)
+        else:  # a ring of G slots: slot u's key consumed, then the key G turns later loaded into it
+            kc = cuda.local.array(DPL, float32)
+            vc = cuda.local.array(DPL, float32)
+            for u in range(G):
+                key = s0 + wp + WARPS * u
+                if key < s1:
+                    _load_dims(k_cache, b, kvh, key, d0, kg, u * DPL, DPL)
+                    _load_dims(v_cache, b, kvh, key, d0, vg, u * DPL, DPL)
+            for base in range(s0, s1, WARPS * G):  # the turns written out (LLVM keeps a loop over them in
+                # local memory): a slot's index is a constant, the ring stays in registers
+                _ring_turn(0, base, s1, wp, k_cache, v_cache, b, kvh, d0, kg, vg, kc, vc, qr, m, lsum, acc, red,
+                           NREP, DPL, G)
+                if G > 1:
+                    _ring_turn(1, base, s1, wp, k_cache, v_cache, b, kvh, d0, kg, vg, kc, vc, qr, m, lsum, acc, red,
+                               NREP, DPL, G)
+                if G > 2:
+                    _ring_turn(2, base, s1, wp, k_cache, v_cache, b, kvh, d0, kg, vg, kc, vc, qr, m, lsum, acc, red,
+                               NREP, DPL, G)
+                if G > 3:
+                    _ring_turn(3, base, s1, wp, k_cache, v_cache, b, kvh, d0, kg, vg, kc, vc, qr, m, lsum, acc, red,
+                               NREP, DPL, G)
         wm = cuda.shared.array(WM, float32)
         wl = cuda.shared.array(WM, float32)
         wo = cuda.shared.array(WO, float32)
         _combine_warps(part_o, part_m, part_l, r, h0, split, m, lsum, acc, wm, wl, wo, NREP, HD, DPL)
 
     return kernel
+
+
+@cuda.jit(device=True, inline=True)
+def _ring_turn(u, base, s1, wp, k_cache, v_cache, b, kvh, d0, kg, vg, kc, vc, qr, m, lsum, acc, red, NREP, DPL, G):
+    """Turn u of the ring: slot u's key (base + wp + WARPS u) into the online softmax, its slot refilled
+    with the key G turns later first (its load in flight while this key's arithmetic runs)."""
+    key = base + wp + WARPS * u
+    for e in range(DPL):
+        kc[e] = kg[u * DPL + e]
+        vc[e] = vg[u * DPL + e]
+    if key + WARPS * G < s1:  # warp-uniform
+        _load_dims(k_cache, b, kvh, key + WARPS * G, d0, kg, u * DPL, DPL)
+        _load_dims(v_cache, b, kvh, key + WARPS * G, d0, vg, u * DPL, DPL)
+    _online_update(qr, kc, vc, 0, m, lsum, acc, key < s1, red, NREP, DPL)
 
 
 @cuda.jit(device=True, inline=True)

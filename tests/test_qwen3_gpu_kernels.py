@@ -153,7 +153,7 @@ def test_attention_decode_gqa(T, splits):
     assert rel_err(host(out), ref) < 1e-4
 
 
-@pytest.mark.parametrize("in_flight", [1, 4])
+@pytest.mark.parametrize("in_flight", [1, 3, 4])
 @pytest.mark.parametrize("hd,cache_dtype,T,splits", [(128, np.float16, 1, 3), (32, np.float32, 2, 2), (64, np.float16, 1, 1)])
 def test_attention_decode_warps_variant(hd, cache_dtype, T, splits, in_flight):
     """The "warps" split kernel, the default (a warp walks its own keys, a lane owns head_dim/32 dimensions: one
@@ -169,7 +169,7 @@ def test_attention_decode_warps_variant(hd, cache_dtype, T, splits, in_flight):
     out = dev(np.full((B * T, nh * hd), np.nan, np.float32))
     scratch = attention_scratch(np if not ON_GPU else __import__("cupy"), B * T, nh, hd, splits)
     attention_decode(out, f32(q), dev(kc), dev(vc), dev(np.array([past], np.int32)), T, scratch, variant="warps",
-                     keys_in_flight=in_flight)  # 4: a warp's four keys loaded at once
+                     keys_in_flight=in_flight)  # 3, 4: a ring of that many keys a warp
     assert rel_err(host(out), attention_ref(q, kc, vc, past, B, nh)) < 1e-4
 
 
@@ -189,7 +189,7 @@ def test_attention_decode_rounds_its_row_for_the_o_projection(variant):
     _assert_rounds(xq, host(out))
 
 
-@pytest.mark.parametrize("in_flight", [1, 4])
+@pytest.mark.parametrize("in_flight", [1, 3, 4])
 def test_attention_decode_warps_with_a_split_past_a_full_cache(in_flight):
     """5 keys in a cache of 5 over 4 splits of 2: the last split starts at key 6, past the cache; the
     warp kernel loads no key outside it (the simulator checks every index) and leaves that split empty."""
