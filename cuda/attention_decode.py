@@ -30,7 +30,7 @@ import numpy as np
 
 import koifish_cuda.compat  # noqa: F401
 from koifish_cuda.quant_a8 import CHUNK, store_rounded
-from koifish_cuda.reduce import NEG_INF, THREADS, WARPS, block_max, block_sum, warp_max, warp_sum
+from koifish_cuda.reduce import NEG_INF, THREADS, WARPS, block_max, block_sum, warp_max, warp_sum, warp_sums
 from koifish_cuda.vload import aligned, load4
 from numba import config, cuda, float32, uint32
 
@@ -268,6 +268,10 @@ def _split_warps_kernel(HD: int, NREP: int, G: int = 1):
                 if key < s1:
                     _load_dims(k_cache, b, kvh, key, d0, kg, u * DPL, DPL)
                     _load_dims(v_cache, b, kvh, key, d0, vg, u * DPL, DPL)
+                else:  # a dead key's weight is 0, and 0 times its V must be 0
+                    for e in range(DPL):
+                        kg[u * DPL + e] = float32(0.0)
+                        vg[u * DPL + e] = float32(0.0)
             for base in range(s0, s1, WARPS * G):  # the turns written out (LLVM keeps a loop over them in
                 # local memory): a slot's index is a constant, the ring stays in registers
                 _ring_turn(0, base, s1, wp, k_cache, v_cache, b, kvh, d0, kg, vg, kc, vc, qr, m, lsum, acc, red,
@@ -318,21 +322,26 @@ def _start_heads(q, r, h0, d0, scale, qr, acc, m, lsum, NREP, HD, DPL):
 @cuda.jit(device=True, inline=True)
 def _online_update(qr, kr, vr, ko, m, lsum, acc, live, red, NREP, DPL):
     """One key (its lane's K dimensions kr[ko:ko+DPL], V vr[ko:..]) into the NREP heads' online softmax:
-    each head's score summed over the warp (every lane takes part, live or not), then, for a live key,
-    the running max, sum and output rescaled and the key's weight added."""
+    the heads' scores summed over the warp together (every lane takes part, live or not), then each
+    head's running max, sum and output rescaled and the key's weight added, without a branch (a dead
+    key: weight 0, scale 1). Branch-free and interleaved, the heads' chains overlap: one branch per head
+    kept them in turn, ~2,000 cycles a key (57 us at 8k keys)."""
+    p = cuda.local.array(NREP, float32)
     for j in range(NREP):
-        p = float32(0.0)
+        a = float32(0.0)
         for e in range(DPL):
-            p += qr[j * DPL + e] * kr[ko + e]
-        sv = warp_sum(p, red)
-        if live:
-            mn = max(m[j], sv)
-            c = math.exp(m[j] - mn)
-            pe = math.exp(sv - mn)
-            lsum[j] = lsum[j] * c + pe
-            for e in range(DPL):
-                acc[j * DPL + e] = acc[j * DPL + e] * c + pe * vr[ko + e]
-            m[j] = mn
+            a += qr[j * DPL + e] * kr[ko + e]
+        p[j] = a
+    warp_sums(p, NREP, red)
+    for j in range(NREP):
+        sv = p[j] if live else NEG_INF
+        mn = max(m[j], sv)
+        c = math.exp(m[j] - mn)
+        pe = math.exp(sv - mn) if live else float32(0.0)
+        lsum[j] = lsum[j] * c + pe
+        for e in range(DPL):
+            acc[j * DPL + e] = acc[j * DPL + e] * c + pe * vr[ko + e]
+        m[j] = mn
 
 
 @cuda.jit(device=True, inline=True)

@@ -32,6 +32,11 @@ if config.ENABLE_CUDASIM:
     def sync_warp():
         cuda.syncthreads()
 
+    @cuda.jit(device=True)
+    def warp_sums(v, n, buf):
+        for j in range(n):
+            v[j] = _warp_reduce(v[j], buf, False)
+
 else:
 
     @cuda.jit(device=True, inline=True)
@@ -44,6 +49,17 @@ else:
     @cuda.jit(device=True, inline=True)
     def sync_warp():
         cuda.syncwarp(0xFFFFFFFF)
+
+    @cuda.jit(device=True, inline=True)
+    def warp_sums(v, n, buf):
+        for off in (16, 8, 4, 2, 1):  # stage by stage over the n values: n shuffles in flight, not one
+            for j in range(n):
+                v[j] += cuda.shfl_xor_sync(0xFFFFFFFF, v[j], off)
+
+
+warp_sums.__doc__ = """v[0:n] (a local array; n a compile-time constant) each summed over the calling thread's warp, in
+place: the n reductions interleaved, so their shuffles overlap where n calls of warp_sum would wait
+out each one's five in turn."""
 
 
 @cuda.jit(device=True)
