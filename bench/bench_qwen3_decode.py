@@ -85,7 +85,7 @@ def main():
     ap.add_argument("--kv-bits", type=int, default=16, choices=(16, 8), help="KV cache: float16, or int8 + scales")
     ap.add_argument("--act-bits", type=int, default=8, choices=(16, 8),
                     help="the 4-bit GEMVs' x: int8 per 16 values (dp4a; the engine's default), or float32")
-    ap.add_argument("--attention", default="warps", choices=("tiles", "warps"),
+    ap.add_argument("--attention", default="warps", choices=("tiles", "warps", "mma"),
                     help="the decode attention's split kernel (koifish_cuda.attention_decode)")
     ap.add_argument("--keys-in-flight", type=int, default=1,
                     help="the warps attention kernel's keys a warp loads at once (1: one ahead; more: in groups)")

@@ -71,10 +71,9 @@ def main():
     scratches[64] = scratch
     for ctx in (1024, 8192):
         pos[...] = ctx - 1
-        for S, g in ((32, 1), (128, 1), (32, 2), (64, 2), (32, 3), (64, 3), (32, 4), (64, 4), (128, 4)):
-            # the warps kernel at other split counts, and with a ring of g keys a warp in flight
-            report(f"decode attention ctx {ctx} warps S={S} g={g}", lambda s, S=S, g=g: attention_decode(
-                att, q, kc, vc, pos, 1, scratches[S], s, variant="warps", keys_in_flight=g), 2 * KV * ctx * HD * 2)
+        for S in (32, 64, 128):  # the tensor-core kernel at three split counts
+            report(f"decode attention ctx {ctx} mma S={S}", lambda s, S=S: attention_decode(
+                att, q, kc, vc, pos, 1, scratches[S], s, variant="mma"), 2 * KV * ctx * HD * 2)
         for variant in ("warps", "tiles"):  # the engine's, and the int8 cache's (float caches measured slower)
             report(f"decode attention ctx {ctx} {variant}",
                    lambda s, v=variant: attention_decode(att, q, kc, vc, pos, 1, scratch, s, variant=v),

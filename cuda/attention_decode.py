@@ -30,8 +30,10 @@ import numpy as np
 
 import koifish_cuda.compat  # noqa: F401
 from koifish_cuda.quant_a8 import CHUNK, store_rounded
-from koifish_cuda.reduce import NEG_INF, THREADS, WARPS, block_max, block_sum, warp_max, warp_sum, warp_sums
-from koifish_cuda.vload import aligned, load4
+from koifish_cuda.mma import mma_f16, pack_f16x2, unpack_f16x2
+from koifish_cuda.reduce import (NEG_INF, THREADS, WARPS, block_max, block_sum, shfl_xor, sync_warp, warp_max, warp_sum,
+                                 warp_sums)
+from koifish_cuda.vload import aligned, load2, load4
 from numba import config, cuda, float32, uint32
 
 TILE = 32  # keys per tile, a lane's each (its K and V, fp32 in shared memory: 32.5 KB at head_dim 128)
@@ -293,6 +295,167 @@ def _split_warps_kernel(HD: int, NREP: int, G: int = 1):
     return kernel
 
 
+MMA_TILE = 16  # keys a warp of the mma kernel takes at once: the rows of one product (32: 248 registers, 53 KB shared)
+
+
+@functools.lru_cache(maxsize=None)
+def _split_mma_kernel(HD: int, NREP: int):
+    """The "mma" split kernel (float16 caches, HD a multiple of 64, NREP at most 8): each warp takes
+    tiles of 32 keys and scores them against the kv head's NREP query heads on the tensor cores,
+    S^T (keys x 8 heads) = K (keys x HD) Q^T, as mma.sync m16n8k16 products (koifish_cuda.mma): lane
+    (g, c) = (lane // 4, lane % 4) holds a quarter of key rows g and g + 8 of each 16-key tile (the
+    dimensions c HD/4 .. + HD/4, 16-byte loads; a product is invariant under a permutation of the
+    dimensions shared by K and q, so the fragments take the row as it lies in memory) and head g's
+    query at the same dimensions, rounded to float16 twice (hi + lo: the product keeps float32's
+    precision). A lane gets the scores of heads 2c, 2c + 1 at four keys: the tile's max per head is
+    three shuffles, one exp a score, one rescale of the output a tile (the "warps" kernel spends a
+    warp sum a key a head, and two exps in each of 32 lanes). Then the tile's weights go through
+    shared memory to lanes owning DPL dimensions of V, the tile's V rows loaded with its K rows
+    (all of a tile's bytes in flight at once: 16 KB a warp). k_cache and v_cache come as uint32
+    views (two float16 a word)."""
+    KS = HD // 16  # k-steps of 16 dimensions
+    KW = HD // 8  # uint32 words of a key row a lane holds (a quarter of the row)
+    DPL = HD // 32
+    VW = DPL // 2  # words of a V row a lane holds in the weighted sum
+    QB = 2 * KS
+    MT = MMA_TILE // 16  # the product's row tiles
+    KR = 4 * MT * KW // 2
+    NS = 4 * MT  # a lane's scores a tile
+    VS = WARPS * MMA_TILE * (HD // 2)
+    QR = NREP * DPL
+    WM = WARPS * NREP
+    WO = WARPS * NREP * HD
+    PS = WARPS * MMA_TILE * 8
+    PA = WARPS * 8
+    SIM = config.ENABLE_CUDASIM  # the simulator's mma and shuffles are block-wide: every warp takes every turn
+    bounds = {} if SIM else {"launch_bounds": (THREADS, 3)}  # ptxas: 168 registers (2: 246; 4: 128 and spills)
+
+    @cuda.jit(**bounds)
+    def kernel(part_o, part_m, part_l, q, k_cache, v_cache, scales, pos, T, scale):
+        split = cuda.blockIdx.y
+        lane = cuda.threadIdx.x % 32
+        wp = cuda.threadIdx.x // 32
+        g = lane // 4
+        c = lane % 4
+        r, kvh, b, L, s0, s1, h0 = _split_keys(k_cache, pos, T, NREP)
+        red = cuda.shared.array(THREADS, float32)  # the simulator's shuffles (unused on a GPU)
+        mbuf = cuda.shared.array((THREADS, 6), uint32)  # the simulator's mma (unused on a GPU)
+        ps = cuda.shared.array(PS, float32)  # each warp's tile weights, [key][head]
+        pa = cuda.shared.array(PA, float32)  # each warp's tile rescale factor of each head
+        qh = cuda.local.array(QB, uint32)
+        ql = cuda.local.array(QB, uint32)
+        kw = cuda.local.array(KR, uint32)
+        vsh = cuda.shared.array(VS, uint32)  # each warp's tile of V rows
+        sc = cuda.local.array(NS, float32)
+        v = cuda.local.array(DPL, float32)
+        acc = cuda.local.array(QR, float32)
+        for s in range(KS):  # head g's query (zero past NREP) at dims c HD/4 + 4s .. + 4: b0, b1 of step s
+            x0 = x1 = x2 = x3 = float32(0.0)
+            if g < NREP:
+                x0, x1, x2, x3 = load4(q, (r, (h0 + g) * HD + c * (HD // 4) + 4 * s))
+            qh[2 * s], ql[2 * s] = _hi_lo(x0 * scale, x1 * scale)
+            qh[2 * s + 1], ql[2 * s + 1] = _hi_lo(x2 * scale, x3 * scale)
+        for i in range(QR):
+            acc[i] = float32(0.0)
+        m0 = m1 = NEG_INF  # heads 2c and 2c + 1: running max (the same in the lanes of a c)
+        l0 = l1 = float32(0.0)  # and this lane's keys' share of the running sum
+        safe = min(s0, L - 1)  # a key past the split loads a real row, its weight 0
+        for base in range(s0, s1, WARPS * MMA_TILE):
+            kb = base + wp * MMA_TILE
+            if kb < s1 or SIM:
+                for t in range(2 * MT):  # key rows kb + 16 (t // 2) + 8 (t % 2) + g, the lane's quarter
+                    key = kb + 8 * t + g
+                    row = key if key < s1 else safe
+                    for i in range(0, KW, 4):
+                        kw[t * KW + i], kw[t * KW + i + 1], kw[t * KW + i + 2], kw[t * KW + i + 3] = load4(
+                            k_cache, (b, kvh, row, c * KW + i))
+                for k in range(MMA_TILE):  # the tile's V rows, the lane's DPL dimensions, into shared memory
+                    row = kb + k if kb + k < s1 else safe  # (registers indexed by the key would go to local memory)
+                    o = (wp * MMA_TILE + k) * (HD // 2) + lane * VW
+                    if VW == 2:
+                        vsh[o], vsh[o + 1] = load2(v_cache, (b, kvh, row, 2 * lane))
+                    else:
+                        for i in range(VW):
+                            vsh[o + i] = v_cache[b, kvh, row, lane * VW + i]
+                for mt in range(MT):
+                    d0 = d1 = d2 = d3 = float32(0.0)
+                    for s in range(KS):
+                        ra = 2 * mt * KW + 2 * s  # row g of the 16-key tile, then row g + 8
+                        rb = ra + KW
+                        d0, d1, d2, d3 = mma_f16(kw[ra], kw[rb], kw[ra + 1], kw[rb + 1], qh[2 * s], qh[2 * s + 1],
+                                                 d0, d1, d2, d3, mbuf)
+                        d0, d1, d2, d3 = mma_f16(kw[ra], kw[rb], kw[ra + 1], kw[rb + 1], ql[2 * s], ql[2 * s + 1],
+                                                 d0, d1, d2, d3, mbuf)
+                    sc[4 * mt], sc[4 * mt + 1], sc[4 * mt + 2], sc[4 * mt + 3] = d0, d1, d2, d3
+                t0 = t1 = NEG_INF
+                for i in range(NS):  # sc[i]: key kb + 8 (i // 2) + g, head 2c + i % 2
+                    if kb + 8 * (i // 2) + g >= s1:
+                        sc[i] = NEG_INF
+                    if i % 2 == 0:
+                        t0 = max(t0, sc[i])
+                    else:
+                        t1 = max(t1, sc[i])
+                for off in (4, 8, 16):  # over the lanes of the same c
+                    t0 = max(t0, shfl_xor(t0, off, red))
+                    t1 = max(t1, shfl_xor(t1, off, red))
+                n0 = max(m0, t0)
+                n1 = max(m1, t1)
+                a0 = math.exp(m0 - n0)
+                a1 = math.exp(m1 - n1)
+                l0 *= a0
+                l1 *= a1
+                m0 = n0
+                m1 = n1
+                pw = wp * MMA_TILE * 8
+                for i in range(NS):
+                    key = 8 * (i // 2) + g
+                    p = math.exp(sc[i] - (n0 if i % 2 == 0 else n1)) if kb + key < s1 else float32(0.0)
+                    if i % 2 == 0:
+                        l0 += p
+                    else:
+                        l1 += p
+                    ps[pw + key * 8 + 2 * c + i % 2] = p
+                if g == 0:
+                    pa[wp * 8 + 2 * c] = a0
+                    pa[wp * 8 + 2 * c + 1] = a1
+                sync_warp()
+                for j in range(NREP):
+                    al = pa[wp * 8 + j]
+                    for e in range(DPL):
+                        acc[j * DPL + e] *= al
+                for k in range(MMA_TILE):
+                    for i in range(VW):
+                        v[2 * i], v[2 * i + 1] = unpack_f16x2(vsh[(wp * MMA_TILE + k) * (HD // 2) + lane * VW + i])
+                    for j in range(NREP):
+                        p = ps[pw + k * 8 + j]
+                        for e in range(DPL):
+                            acc[j * DPL + e] += p * v[e]
+                sync_warp()  # the weights are read before the next tile's overwrite them
+        for off in (4, 8, 16):
+            l0 += shfl_xor(l0, off, red)
+            l1 += shfl_xor(l1, off, red)
+        wm = cuda.shared.array(WM, float32)
+        wl = cuda.shared.array(WM, float32)
+        wo = cuda.shared.array(WO, float32)
+        if g == 0 and 2 * c < NREP:
+            wm[wp * NREP + 2 * c] = m0
+            wl[wp * NREP + 2 * c] = l0
+        if g == 0 and 2 * c + 1 < NREP:
+            wm[wp * NREP + 2 * c + 1] = m1
+            wl[wp * NREP + 2 * c + 1] = l1
+        _finish_warps(part_o, part_m, part_l, r, h0, split, acc, wm, wl, wo, NREP, HD, DPL)
+
+    return kernel
+
+
+@cuda.jit(device=True, inline=True)
+def _hi_lo(x0, x1):
+    """(hi, lo): x0, x1 as two float16 pairs whose sum is x to ~2^-22 (hi rounded, lo the remainder)."""
+    h = pack_f16x2(x0, x1)
+    f0, f1 = unpack_f16x2(h)
+    return h, pack_f16x2(x0 - f0, x1 - f1)
+
+
 @cuda.jit(device=True, inline=True)
 def _ring_turn(u, base, s1, wp, k_cache, v_cache, b, kvh, d0, kg, vg, kc, vc, qr, m, lsum, acc, red, NREP, DPL, G):
     """Turn u of the ring: slot u's key (base + wp + WARPS u) into the online softmax, its slot refilled
@@ -349,13 +512,22 @@ def _combine_warps(part_o, part_m, part_l, r, h0, split, m, lsum, acc, wm, wl, w
     """The block's warps' online-softmax states (m and l warp-uniform, lane l's acc dimensions
     l * DPL ..) merged through shared memory (wm, wl: WARPS * NREP; wo: WARPS * NREP * HD) into the
     split's partial output, max and sum."""
-    tid = cuda.threadIdx.x
-    lane = tid % 32
-    wp = tid // 32
+    lane = cuda.threadIdx.x % 32
+    wp = cuda.threadIdx.x // 32
     for j in range(NREP):
         if lane == 0:
             wm[wp * NREP + j] = m[j]
             wl[wp * NREP + j] = lsum[j]
+    _finish_warps(part_o, part_m, part_l, r, h0, split, acc, wm, wl, wo, NREP, HD, DPL)
+
+
+@cuda.jit(device=True, inline=True)
+def _finish_warps(part_o, part_m, part_l, r, h0, split, acc, wm, wl, wo, NREP, HD, DPL):
+    """_combine_warps once each warp's max and sum are in wm and wl: the outputs stashed, then merged."""
+    tid = cuda.threadIdx.x
+    lane = tid % 32
+    wp = tid // 32
+    for j in range(NREP):
         for e in range(DPL):
             wo[(wp * NREP + j) * HD + lane * DPL + e] = acc[j * DPL + e]
     cuda.syncthreads()
@@ -460,8 +632,9 @@ def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k
                      variant: str = "warps", xq=None, keys_in_flight: int = 1):
     """out (R, nh*hd) = softmax(q k^T / sqrt(hd)) v over each row's visible keys; scratch from attention_scratch
     (its split count is the number of splits used, its row count at least R). An int8 cache takes its
-    scales (B, nkv, max_len) float32 in k_scale, v_scale. variant: "warps" (_split_warps_kernel; float caches
-    with head_dim a multiple of 32, else the tile kernel runs) or "tiles" (_split_kernel). On the H200 at
+    scales (B, nkv, max_len) float32 in k_scale, v_scale. variant: "mma" (_split_mma_kernel: float16 caches,
+    head_dim a multiple of 64, at most 8 query heads a kv head; else as "warps"), "warps" (_split_warps_kernel;
+    float caches with head_dim a multiple of 32, else the tile kernel runs) or "tiles" (_split_kernel). On the H200 at
     Qwen3-32B's shapes (bench_qwen3_kernels.py) warps took 21.3 us at 1k keys and 57.1 at 8k, tiles 49.0
     and 177.3. xq: for one row, out also rounded into quant_a8.quantize_x16's triple (the o projection's
     input). keys_in_flight: the warps kernel's keys a warp loads at once (1: one key ahead, the measured
@@ -478,9 +651,14 @@ def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k
         raise ValueError("attention: an int8 KV cache needs its k_scale and v_scale arrays")
     po, pm, pl = part_o[:R], part_m[:R], part_l[:R]
     scales = (k_scale, v_scale) if quant else ()  # () adds no kernel parameter
-    warps = (variant == "warps" and not quant and hd % 32 == 0
+    warps = (variant in ("warps", "mma") and not quant and hd % 32 == 0
              and (hd // 32 != 4 or (aligned(k_cache, 4) and aligned(v_cache, 4))))
-    if not warps:
+    mma = (variant == "mma" and k_cache.dtype == np.float16 and v_cache.dtype == np.float16 and hd % 64 == 0
+           and nh // nkv <= 8 and aligned(k_cache, 8) and aligned(v_cache, 4) and aligned(q, 4))
+    if mma:  # the caches as words of two float16
+        kernel = _split_mma_kernel(hd, nh // nkv)
+        k_cache, v_cache = k_cache.view(np.uint32), v_cache.view(np.uint32)
+    elif not warps:
         kernel = _split_kernel(hd, nh // nkv, quant)
     else:
         kernel = _split_warps_kernel(hd, nh // nkv, keys_in_flight)

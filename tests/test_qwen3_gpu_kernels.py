@@ -173,6 +173,26 @@ def test_attention_decode_warps_variant(hd, cache_dtype, T, splits, in_flight):
     assert rel_err(host(out), attention_ref(q, kc, vc, past, B, nh)) < 1e-4
 
 
+@pytest.mark.parametrize("nh,nkv,T,past,splits", [(8, 1, 1, 40, 2), (6, 2, 2, 3, 1), (4, 1, 1, 5, 4)])
+def test_attention_decode_mma_variant(nh, nkv, T, past, splits):
+    """The tensor-core split kernel against the float64 reference: 8 and fewer query heads a kv head
+    (the product's rows past them zero), a tile with dead keys, splits past the cache's keys. Its query
+    goes in as two float16 parts, so it keeps float32's precision (the same bound as the warps kernel)."""
+    from koifish_cuda.attention_decode import attention_decode, attention_ref, attention_scratch
+
+    r = rng()
+    hd, B = 64, 1
+    if ON_GPU:
+        nh, nkv, hd, B, past = nh * 8, nkv * 8, 128, 2, past * 50
+    max_len = past + T + 3
+    q = r.standard_normal((B * T, nh * hd)) * 2
+    k, v = (r.standard_normal((B, nkv, max_len, hd)).astype(np.float16) for _ in range(2))
+    out = dev(np.full((B * T, nh * hd), np.nan, np.float32))
+    scratch = attention_scratch(np if not ON_GPU else __import__("cupy"), B * T, nh, hd, splits)
+    attention_decode(out, f32(q), dev(k), dev(v), dev(np.array([past], np.int32)), T, scratch, variant="mma")
+    assert rel_err(host(out), attention_ref(q, k, v, past, B, nh)) < 1e-4
+
+
 @pytest.mark.parametrize("variant", ["warps", "tiles"])
 def test_attention_decode_rounds_its_row_for_the_o_projection(variant):
     """One decode row with xq: the merge also writes its output rounded as quantize_x16 rounds it."""
