@@ -85,11 +85,9 @@ def main():
     ap.add_argument("--kv-bits", type=int, default=16, choices=(16, 8), help="KV cache: float16, or int8 + scales")
     ap.add_argument("--act-bits", type=int, default=8, choices=(16, 8),
                     help="the 4-bit GEMVs' x: int8 per 16 values (dp4a; the engine's default), or float32")
-    ap.add_argument("--attention", default="warps", choices=("tiles", "warps", "mma"),
+    ap.add_argument("--attention", default="mma", choices=("tiles", "warps", "mma"),
                     help="the decode attention's split kernel (koifish_cuda.attention_decode)")
-    ap.add_argument("--keys-in-flight", type=int, default=1,
-                    help="the warps attention kernel's keys a warp loads at once (1: one ahead; more: in groups)")
-    ap.add_argument("--splits", type=int, default=64, help="the decode attention's key splits (at most 128)")
+    ap.add_argument("--splits", type=int, default=32, help="the decode attention's key splits (at most 128)")
     ap.add_argument("--fuse-norms", action="store_true",
                     help="the RMSNorms after the o and down GEMVs run by those GEMVs' last blocks (no nodes of their own)")
     ap.add_argument("--prompt", type=int, default=1024, help="prompt tokens (the 1k-context decode row)")
@@ -122,7 +120,6 @@ def main():
     eng = Qwen3GPU.random(cfg, bits=args.bits, group_size=128, seed=0, cache_dtype=kv_cache_dtype(args.kv_bits),
                           act_bits=args.act_bits)
     eng.attention_variant = args.attention
-    eng.attention_keys_in_flight = args.keys_in_flight
     eng.decode_splits = args.splits  # read when the cache is made
     eng.fuse_norms = args.fuse_norms
     eng.sync()
@@ -177,7 +174,7 @@ def main():
            "prefill_tokens": args.prompt, "prefill_s": prefill_s, "prefill_tokens_per_s": args.prompt / prefill_s,
            "decode": rows, "peak_device_GB": peak[0] / 1e9, "pool_GB": pool / 1e9,
            "device_total_GB": total / 1e9, "kv_cache_dtype": np.dtype(eng.cache_dtype).name,
-           "kv_bits": args.kv_bits, "act_bits": args.act_bits, "attention": args.attention, "keys_in_flight": args.keys_in_flight, "splits": args.splits, "fuse_norms": args.fuse_norms, "kv_cache_GB": kv_per_pos * max_len / 1e9,
+           "kv_bits": args.kv_bits, "act_bits": args.act_bits, "attention": args.attention, "splits": args.splits, "fuse_norms": args.fuse_norms, "kv_cache_GB": kv_per_pos * max_len / 1e9,
            "torch_prefill": reference}
     if reference and "prefill_tokens_per_s" in reference:
         res["prefill_vs_torch"] = res["prefill_tokens_per_s"] / reference["prefill_tokens_per_s"]

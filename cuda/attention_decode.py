@@ -31,8 +31,7 @@ import numpy as np
 import koifish_cuda.compat  # noqa: F401
 from koifish_cuda.quant_a8 import CHUNK, store_rounded
 from koifish_cuda.mma import mma_f16, pack_f16x2, unpack_f16x2
-from koifish_cuda.reduce import (NEG_INF, THREADS, WARPS, block_max, block_sum, shfl_xor, sync_warp, warp_max, warp_sum,
-                                 warp_sums)
+from koifish_cuda.reduce import NEG_INF, THREADS, WARPS, block_max, block_sum, shfl_xor, sync_warp, warp_max, warp_sum
 from koifish_cuda.vload import aligned, load2, load4
 from numba import config, cuda, float32, uint32
 
@@ -212,27 +211,23 @@ def _load_dims(cache, b, kvh, key, d0, out, o, DPL):
 
 
 @functools.lru_cache(maxsize=None)
-def _split_warps_kernel(HD: int, NREP: int, G: int = 1):
+def _split_warps_kernel(HD: int, NREP: int):
     """The "warps" split kernel (float caches, HD a multiple of 32): each warp walks its own keys (key
     base + w of every WARPS), lane l owning dimensions l * DPL .. + DPL of the K and V rows (one 8-byte
     load each at HD 128 in float16): the NREP heads' scores by warp shuffles, each head's online softmax
     in registers, no barrier until the block's four warps merge their states at the end. 3x the tile
     kernel's speed at 8k keys (its 2-byte loads into shared memory and three barriers a tile left it
-    at 7% of copy; this one 22%). G = 1: the next key's loads issued before this key's arithmetic (the
-    measured default). G > 1 (written for measurement, keys_in_flight): a warp issues the loads of its
-    next G keys (base + w + WARPS u, u < G) before the arithmetic of any; at ~20% of copy the G = 1
-    kernel is bound by latency (16 warps an SM with 512 bytes in flight each hold a third of what
-    Little's law asks at 4.8 TB/s)."""
+    at 7% of copy; this one 22%), the next key's loads issued before this key's arithmetic. It is
+    bound by instructions: ~470 a key a warp (a warp sum, two exps and a rescale a head a key), so a
+    ring of 2-4 keys in flight, more splits or a branch-free update measured no faster (stop 16); the
+    "mma" kernel below is 2-3x faster where it applies."""
     DPL = HD // 32
     QR = NREP * DPL  # sizes must be plain constants
-    KG = max(2, G) * DPL  # G = 1: this key's slot and the next one's; else the group's
+    KG = 2 * DPL  # this key's slot and the next one's
     WM = WARPS * NREP
     WO = WARPS * NREP * HD
-    # G > 1: at most 128 registers a thread, so four blocks (16 warps) share an SM as at G = 1 (at Qwen3's
-    # shapes ptxas needs 141-159 unbounded: three blocks, and 512 blocks fill 1.3 waves)
-    bounds = {} if G == 1 or config.ENABLE_CUDASIM else {"launch_bounds": (THREADS, 4)}
 
-    @cuda.jit(**bounds)
+    @cuda.jit
     def kernel(part_o, part_m, part_l, q, k_cache, v_cache, scales, pos, T, scale):
         split = cuda.blockIdx.y
         wp = cuda.threadIdx.x // 32
@@ -249,44 +244,18 @@ def _split_warps_kernel(HD: int, NREP: int, G: int = 1):
         safe = min(s0, L - 1)  # a key inside the cache (an empty split's s0 may lie past it)
         # every warp takes the same turns (the simulator's warp sums are block-wide); a key past the
         # split loads a real row and its weight is dropped
-        if G == 1:
-            first = s0 + wp if s0 + wp < s1 else safe
-            _load_dims(k_cache, b, kvh, first, d0, kg, DPL, DPL)
-            _load_dims(v_cache, b, kvh, first, d0, vg, DPL, DPL)
-            for base in range(s0, s1, WARPS):
-                key = base + wp
-                for e in range(DPL):  # the next slot becomes this one's
-                    kg[e] = kg[DPL + e]
-                    vg[e] = vg[DPL + e]
-                nxt = key + WARPS if key + WARPS < s1 else safe
-                _load_dims(k_cache, b, kvh, nxt, d0, kg, DPL, DPL)
-                _load_dims(v_cache, b, kvh, nxt, d0, vg, DPL, DPL)
-                _online_update(qr, kg, vg, 0, m, lsum, acc, key < s1, red, NREP, DPL)
-        else:  # a ring of G slots: slot u's key consumed, then the key G turns later loaded into it
-            kc = cuda.local.array(DPL, float32)
-            vc = cuda.local.array(DPL, float32)
-            for u in range(G):
-                key = s0 + wp + WARPS * u
-                if key < s1:
-                    _load_dims(k_cache, b, kvh, key, d0, kg, u * DPL, DPL)
-                    _load_dims(v_cache, b, kvh, key, d0, vg, u * DPL, DPL)
-                else:  # a dead key's weight is 0, and 0 times its V must be 0
-                    for e in range(DPL):
-                        kg[u * DPL + e] = float32(0.0)
-                        vg[u * DPL + e] = float32(0.0)
-            for base in range(s0, s1, WARPS * G):  # the turns written out (LLVM keeps a loop over them in
-                # local memory): a slot's index is a constant, the ring stays in registers
-                _ring_turn(0, base, s1, wp, k_cache, v_cache, b, kvh, d0, kg, vg, kc, vc, qr, m, lsum, acc, red,
-                           NREP, DPL, G)
-                if G > 1:
-                    _ring_turn(1, base, s1, wp, k_cache, v_cache, b, kvh, d0, kg, vg, kc, vc, qr, m, lsum, acc, red,
-                               NREP, DPL, G)
-                if G > 2:
-                    _ring_turn(2, base, s1, wp, k_cache, v_cache, b, kvh, d0, kg, vg, kc, vc, qr, m, lsum, acc, red,
-                               NREP, DPL, G)
-                if G > 3:
-                    _ring_turn(3, base, s1, wp, k_cache, v_cache, b, kvh, d0, kg, vg, kc, vc, qr, m, lsum, acc, red,
-                               NREP, DPL, G)
+        first = s0 + wp if s0 + wp < s1 else safe
+        _load_dims(k_cache, b, kvh, first, d0, kg, DPL, DPL)
+        _load_dims(v_cache, b, kvh, first, d0, vg, DPL, DPL)
+        for base in range(s0, s1, WARPS):
+            key = base + wp
+            for e in range(DPL):  # the next slot becomes this one's
+                kg[e] = kg[DPL + e]
+                vg[e] = vg[DPL + e]
+            nxt = key + WARPS if key + WARPS < s1 else safe
+            _load_dims(k_cache, b, kvh, nxt, d0, kg, DPL, DPL)
+            _load_dims(v_cache, b, kvh, nxt, d0, vg, DPL, DPL)
+            _online_update(qr, kg, vg, 0, m, lsum, acc, key < s1, red, NREP, DPL)
         wm = cuda.shared.array(WM, float32)
         wl = cuda.shared.array(WM, float32)
         wo = cuda.shared.array(WO, float32)
@@ -457,20 +426,6 @@ def _hi_lo(x0, x1):
 
 
 @cuda.jit(device=True, inline=True)
-def _ring_turn(u, base, s1, wp, k_cache, v_cache, b, kvh, d0, kg, vg, kc, vc, qr, m, lsum, acc, red, NREP, DPL, G):
-    """Turn u of the ring: slot u's key (base + wp + WARPS u) into the online softmax, its slot refilled
-    with the key G turns later first (its load in flight while this key's arithmetic runs)."""
-    key = base + wp + WARPS * u
-    for e in range(DPL):
-        kc[e] = kg[u * DPL + e]
-        vc[e] = vg[u * DPL + e]
-    if key + WARPS * G < s1:  # warp-uniform
-        _load_dims(k_cache, b, kvh, key + WARPS * G, d0, kg, u * DPL, DPL)
-        _load_dims(v_cache, b, kvh, key + WARPS * G, d0, vg, u * DPL, DPL)
-    _online_update(qr, kc, vc, 0, m, lsum, acc, key < s1, red, NREP, DPL)
-
-
-@cuda.jit(device=True, inline=True)
 def _start_heads(q, r, h0, d0, scale, qr, acc, m, lsum, NREP, HD, DPL):
     """The lane's dimensions d0.. of the NREP heads' queries (scaled) in qr; the online softmax's state
     empty."""
@@ -485,26 +440,21 @@ def _start_heads(q, r, h0, d0, scale, qr, acc, m, lsum, NREP, HD, DPL):
 @cuda.jit(device=True, inline=True)
 def _online_update(qr, kr, vr, ko, m, lsum, acc, live, red, NREP, DPL):
     """One key (its lane's K dimensions kr[ko:ko+DPL], V vr[ko:..]) into the NREP heads' online softmax:
-    the heads' scores summed over the warp together (every lane takes part, live or not), then each
-    head's running max, sum and output rescaled and the key's weight added, without a branch (a dead
-    key: weight 0, scale 1). Branch-free and interleaved, the heads' chains overlap: one branch per head
-    kept them in turn, ~2,000 cycles a key (57 us at 8k keys)."""
-    p = cuda.local.array(NREP, float32)
+    each head's score summed over the warp (every lane takes part, live or not), then, for a live key,
+    the running max, sum and output rescaled and the key's weight added."""
     for j in range(NREP):
-        a = float32(0.0)
+        p = float32(0.0)
         for e in range(DPL):
-            a += qr[j * DPL + e] * kr[ko + e]
-        p[j] = a
-    warp_sums(p, NREP, red)
-    for j in range(NREP):
-        sv = p[j] if live else NEG_INF
-        mn = max(m[j], sv)
-        c = math.exp(m[j] - mn)
-        pe = math.exp(sv - mn) if live else float32(0.0)
-        lsum[j] = lsum[j] * c + pe
-        for e in range(DPL):
-            acc[j * DPL + e] = acc[j * DPL + e] * c + pe * vr[ko + e]
-        m[j] = mn
+            p += qr[j * DPL + e] * kr[ko + e]
+        sv = warp_sum(p, red)
+        if live:
+            mn = max(m[j], sv)
+            c = math.exp(m[j] - mn)
+            pe = math.exp(sv - mn)
+            lsum[j] = lsum[j] * c + pe
+            for e in range(DPL):
+                acc[j * DPL + e] = acc[j * DPL + e] * c + pe * vr[ko + e]
+            m[j] = mn
 
 
 @cuda.jit(device=True, inline=True)
@@ -629,16 +579,15 @@ def attention_scratch(xp, rows: int, nh: int, hd: int, splits: int):
 
 
 def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k_scale=None, v_scale=None,
-                     variant: str = "warps", xq=None, keys_in_flight: int = 1):
+                     variant: str = "warps", xq=None):
     """out (R, nh*hd) = softmax(q k^T / sqrt(hd)) v over each row's visible keys; scratch from attention_scratch
     (its split count is the number of splits used, its row count at least R). An int8 cache takes its
     scales (B, nkv, max_len) float32 in k_scale, v_scale. variant: "mma" (_split_mma_kernel: float16 caches,
     head_dim a multiple of 64, at most 8 query heads a kv head; else as "warps"), "warps" (_split_warps_kernel;
     float caches with head_dim a multiple of 32, else the tile kernel runs) or "tiles" (_split_kernel). On the H200 at
     Qwen3-32B's shapes (bench_qwen3_kernels.py) warps took 21.3 us at 1k keys and 57.1 at 8k, tiles 49.0
-    and 177.3. xq: for one row, out also rounded into quant_a8.quantize_x16's triple (the o projection's
-    input). keys_in_flight: the warps kernel's keys a warp loads at once (1: one key ahead, the measured
-    default; more: in groups, written for measurement)."""
+    and 177.3; mma 14.5 and 25.9 at 32 splits (stop 16). xq: for one row, out also rounded into
+    quant_a8.quantize_x16's triple (the o projection's input)."""
     part_o, part_m, part_l = scratch
     R = q.shape[0]
     nh, splits = part_m.shape[1], part_m.shape[2]
@@ -661,7 +610,7 @@ def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k
     elif not warps:
         kernel = _split_kernel(hd, nh // nkv, quant)
     else:
-        kernel = _split_warps_kernel(hd, nh // nkv, keys_in_flight)
+        kernel = _split_warps_kernel(hd, nh // nkv)
     if xq is not None and (R != 1 or hd % CHUNK or xq[0].shape[0] * 4 != nh * hd or xq[1].shape[0] * CHUNK != nh * hd):
         raise ValueError(f"attention: rounding the output takes one row, head_dim a multiple of {CHUNK} and a "
                          f"triple of {nh * hd} values; got {R} rows, head_dim {hd}, codes {xq[0].shape}")

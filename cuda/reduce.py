@@ -33,11 +33,6 @@ if config.ENABLE_CUDASIM:
         cuda.syncthreads()
 
     @cuda.jit(device=True)
-    def warp_sums(v, n, buf):
-        for j in range(n):
-            v[j] = _warp_reduce(v[j], buf, False)
-
-    @cuda.jit(device=True)
     def shfl_xor(v, off, buf):
         t = cuda.threadIdx.x
         buf[t] = v
@@ -63,17 +58,8 @@ else:
     def shfl_xor(v, off, buf):  # buf is unused on a GPU
         return cuda.shfl_xor_sync(0xFFFFFFFF, v, off)
 
-    @cuda.jit(device=True, inline=True)
-    def warp_sums(v, n, buf):
-        for off in (16, 8, 4, 2, 1):  # stage by stage over the n values: n shuffles in flight, not one
-            for j in range(n):
-                v[j] += cuda.shfl_xor_sync(0xFFFFFFFF, v[j], off)
-
 
 shfl_xor.__doc__ = """v of lane (this lane xor off) of the warp (float32; off < 32; the whole warp calls it)."""
-warp_sums.__doc__ = """v[0:n] (a local array; n a compile-time constant) each summed over the calling thread's warp, in
-place: the n reductions interleaved, so their shuffles overlap where n calls of warp_sum would wait
-out each one's five in turn."""
 
 
 @cuda.jit(device=True)

@@ -153,9 +153,8 @@ def test_attention_decode_gqa(T, splits):
     assert rel_err(host(out), ref) < 1e-4
 
 
-@pytest.mark.parametrize("in_flight", [1, 3, 4])
 @pytest.mark.parametrize("hd,cache_dtype,T,splits", [(128, np.float16, 1, 3), (32, np.float32, 2, 2), (64, np.float16, 1, 1)])
-def test_attention_decode_warps_variant(hd, cache_dtype, T, splits, in_flight):
+def test_attention_decode_warps_variant(hd, cache_dtype, T, splits):
     """The "warps" split kernel, the default (a warp walks its own keys, a lane owns head_dim/32 dimensions: one
     vector load a row at 128 in float16) against the reference; some warps see no key of a split
     (past + 1 keys over splits x 4 warps), the kernel merges them."""
@@ -168,8 +167,7 @@ def test_attention_decode_warps_variant(hd, cache_dtype, T, splits, in_flight):
     kc, vc = k.astype(cache_dtype), v.astype(cache_dtype)
     out = dev(np.full((B * T, nh * hd), np.nan, np.float32))
     scratch = attention_scratch(np if not ON_GPU else __import__("cupy"), B * T, nh, hd, splits)
-    attention_decode(out, f32(q), dev(kc), dev(vc), dev(np.array([past], np.int32)), T, scratch, variant="warps",
-                     keys_in_flight=in_flight)  # 3, 4: a ring of that many keys a warp
+    attention_decode(out, f32(q), dev(kc), dev(vc), dev(np.array([past], np.int32)), T, scratch, variant="warps")
     assert rel_err(host(out), attention_ref(q, kc, vc, past, B, nh)) < 1e-4
 
 
@@ -209,8 +207,7 @@ def test_attention_decode_rounds_its_row_for_the_o_projection(variant):
     _assert_rounds(xq, host(out))
 
 
-@pytest.mark.parametrize("in_flight", [1, 3, 4])
-def test_attention_decode_warps_with_a_split_past_a_full_cache(in_flight):
+def test_attention_decode_warps_with_a_split_past_a_full_cache():
     """5 keys in a cache of 5 over 4 splits of 2: the last split starts at key 6, past the cache; the
     warp kernel loads no key outside it (the simulator checks every index) and leaves that split empty."""
     from koifish_cuda.attention_decode import attention_decode, attention_ref, attention_scratch
@@ -221,8 +218,7 @@ def test_attention_decode_warps_with_a_split_past_a_full_cache(in_flight):
         (B, nkv, past + 1, hd))
     out = dev(np.full((1, nh * hd), np.nan, np.float32))
     scratch = attention_scratch(np if not ON_GPU else __import__("cupy"), 1, nh, hd, 4)
-    attention_decode(out, f32(q), f32(k), f32(v), dev(np.array([past], np.int32)), 1, scratch, variant="warps",
-                     keys_in_flight=in_flight)
+    attention_decode(out, f32(q), f32(k), f32(v), dev(np.array([past], np.int32)), 1, scratch, variant="warps")
     assert rel_err(host(out), attention_ref(q, k.astype(np.float32), v.astype(np.float32), past, B, nh)) < 1e-5
 
 

@@ -176,7 +176,7 @@ class Qwen3GPU:
     """Decoder protocol of koifish_core.models.qwen3.Qwen3 (new_cache, forward), plus sampling on the device:
     set_sampling, prefill_sample, decode_sample."""
 
-    def __init__(self, config, tf32: bool = True, cache_dtype=np.float16, decode_splits: int = 64,
+    def __init__(self, config, tf32: bool = True, cache_dtype=np.float16, decode_splits: int = 32,
                  act_bits: int = ACT_BITS):
         from koifish_cuda.quant import MAX_BATCH
 
@@ -213,11 +213,11 @@ class Qwen3GPU:
             raise KoifishError(f"KV cache: expected float16, float32 or int8, got {np.dtype(cache_dtype).name}")
         self.kv_scales = None  # int8 cache: (k_scale, v_scale), float32 (n_layer, B, nkv, max_len)
         self.decode_splits = decode_splits
-        # the decode attention's split kernel: "warps" (3x faster at 8k keys) or "tiles" (int8 caches use it
-        # whatever is asked; bench_qwen3_decode.py --attention); set before the first decode step (the graph
-        # captures it)
-        self.attention_variant = "warps"
-        self.attention_keys_in_flight = 1  # the warps kernel's keys a warp loads at once (attention_decode)
+        # the decode attention's split kernel (attention_decode): "mma" (tensor-core scores; float16 caches,
+        # head_dim a multiple of 64, at most 8 query heads a kv head, else "warps" runs), "warps" or "tiles"
+        # (int8 caches use it whatever is asked); bench_qwen3_decode.py --attention. Set before the first
+        # decode step (the graph captures it)
+        self.attention_variant = "mma"
         # the RMSNorms after the o and down projections run by those GEMVs' last blocks (no node of their
         # own; written for measurement: bench_qwen3_decode.py --fuse-norms); set before the first decode step
         self.fuse_norms = False
@@ -639,8 +639,7 @@ class Qwen3GPU:
                          **sc)
             ro = self._takes_rounded(L["o"], R) and c.head_dim % 16 == 0
             attention_decode(att, q, kc[l], vc[l], self.pos, T, scratch, s, variant=self.attention_variant,
-                             xq=self._xq(c.n_head * c.head_dim) if ro else None,
-                             keys_in_flight=self.attention_keys_in_flight, **sc)
+                             xq=self._xq(c.n_head * c.head_dim) if ro else None, **sc)
             t_o = tail(L["o"], L["ln2"], L["gu"]) if ro else None
             self._apply(delta, att, L["o"], rounded=ro, then_norm=t_o)
             self._apply(gu, xn, L["gu"], rounded=t_o is not None or norm(L["ln2"], L["gu"]))
