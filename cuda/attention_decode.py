@@ -77,15 +77,16 @@ def _load(ks, vs, k_cache, v_cache, b, kvh, base, key, d, n, KP, HD):
 
 
 @cuda.jit(device=True, inline=True)
-def _split_keys(k_cache, pos, T, NREP):
+def _split_keys(k_cache, pos, T, NREP, MIN_CHUNK=1):
     """The block's work: (row r, its kv head, sequence b, visible keys L, this split's keys s0..s1, the
     first of the kv head's NREP query heads). The splits cut the row's keys into equal chunks sized at
-    run time from pos, so a captured graph replays at any length."""
+    run time from pos, so a captured graph replays at any length; a chunk holds at least MIN_CHUNK keys
+    (the splits past the keys stay empty)."""
     nkv = k_cache.shape[1]
     r = cuda.blockIdx.x // nkv
     kvh = cuda.blockIdx.x % nkv
     L = pos[0] + r % T + 1
-    chunk = (L + cuda.gridDim.y - 1) // cuda.gridDim.y
+    chunk = max((L + cuda.gridDim.y - 1) // cuda.gridDim.y, MIN_CHUNK)
     s0 = cuda.blockIdx.y * chunk
     return r, kvh, r // T, L, s0, min(L, s0 + chunk), kvh * NREP
 
@@ -265,6 +266,9 @@ def _split_warps_kernel(HD: int, NREP: int):
 
 
 MMA_TILE = 16  # keys a warp of the mma kernel takes at once: the rows of one product (32: 248 registers, 53 KB shared)
+# keys a split of the mma kernel takes at least: at 1k keys 16 splits of 64 beat 32 of 32 (11.9 against 15.1 us),
+# at 8k 32 splits beat 16 (25.8 against 30.7)
+MMA_MIN_CHUNK = 64
 
 
 @functools.lru_cache(maxsize=None)
@@ -306,7 +310,7 @@ def _split_mma_kernel(HD: int, NREP: int):
         wp = cuda.threadIdx.x // 32
         g = lane // 4
         c = lane % 4
-        r, kvh, b, L, s0, s1, h0 = _split_keys(k_cache, pos, T, NREP)
+        r, kvh, b, L, s0, s1, h0 = _split_keys(k_cache, pos, T, NREP, MMA_MIN_CHUNK)
         red = cuda.shared.array(THREADS, float32)  # the simulator's shuffles (unused on a GPU)
         mbuf = cuda.shared.array((THREADS, 6), uint32)  # the simulator's mma (unused on a GPU)
         ps = cuda.shared.array(PS, float32)  # each warp's tile weights, [key][head]
@@ -347,15 +351,16 @@ def _split_mma_kernel(HD: int, NREP: int):
                         for i in range(VW):
                             vsh[o + i] = v_cache[b, kvh, row, lane * VW + i]
                 for mt in range(MT):
-                    d0 = d1 = d2 = d3 = float32(0.0)
+                    d0 = d1 = d2 = d3 = float32(0.0)  # q's hi part; e: its lo part (two chains of KS, not one of 2 KS)
+                    e0 = e1 = e2 = e3 = float32(0.0)
                     for s in range(KS):
                         ra = 2 * mt * KW + 2 * s  # row g of the 16-key tile, then row g + 8
                         rb = ra + KW
                         d0, d1, d2, d3 = mma_f16(kw[ra], kw[rb], kw[ra + 1], kw[rb + 1], qh[2 * s], qh[2 * s + 1],
                                                  d0, d1, d2, d3, mbuf)
-                        d0, d1, d2, d3 = mma_f16(kw[ra], kw[rb], kw[ra + 1], kw[rb + 1], ql[2 * s], ql[2 * s + 1],
-                                                 d0, d1, d2, d3, mbuf)
-                    sc[4 * mt], sc[4 * mt + 1], sc[4 * mt + 2], sc[4 * mt + 3] = d0, d1, d2, d3
+                        e0, e1, e2, e3 = mma_f16(kw[ra], kw[rb], kw[ra + 1], kw[rb + 1], ql[2 * s], ql[2 * s + 1],
+                                                 e0, e1, e2, e3, mbuf)
+                    sc[4 * mt], sc[4 * mt + 1], sc[4 * mt + 2], sc[4 * mt + 3] = d0 + e0, d1 + e1, d2 + e2, d3 + e3
                 t0 = t1 = NEG_INF
                 for i in range(NS):  # sc[i]: key kb + 8 (i // 2) + g, head 2c + i % 2
                     if kb + 8 * (i // 2) + g >= s1:
