@@ -87,7 +87,7 @@ def main():
                 pos[...] = ctx - 1
                 report(f"  split kernel S={S} ctx {ctx}", lambda s: split_k[(KV, S), THREADS, s](
                     po, pm, pl, q, kc, vc, (), pos, 1, np.float32(HD ** -0.5)), 2 * KV * ctx * HD * 2)
-            report(f"  merge kernel S={S}", lambda s: _merge_kernel(False)[HEADS, THREADS, s](att, po, pm, pl, ()),
+            report(f"  merge kernel S={S}", lambda s: _merge_kernel(False)[HEADS, THREADS, s](att, po, pm, pl, (), pos, 1, 1),
                    4 * HEADS * S * (HD + 2))
         print("registers a thread: split", list(split_k.get_regs_per_thread().values()), "merge",
               list(_merge_kernel(False).get_regs_per_thread().values()))

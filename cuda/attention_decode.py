@@ -311,6 +311,8 @@ def _split_mma_kernel(HD: int, NREP: int):
         g = lane // 4
         c = lane % 4
         r, kvh, b, L, s0, s1, h0 = _split_keys(k_cache, pos, T, NREP, MMA_MIN_CHUNK)
+        if s0 >= L:  # a split past the keys (the merge reads none of its partials)
+            return
         red = cuda.shared.array(THREADS, float32)  # the simulator's shuffles (unused on a GPU)
         mbuf = cuda.shared.array((THREADS, 6), uint32)  # the simulator's mma (unused on a GPU)
         ps = cuda.shared.array(PS, float32)  # each warp's tile weights, [key][head]
@@ -529,22 +531,25 @@ def _merge_kernel(rounds: bool):
     finish = _round_head if rounds else _keep
 
     @cuda.jit(cache=True)
-    def kernel(out, part_o, part_m, part_l, xq):
+    def kernel(out, part_o, part_m, part_l, xq, pos, T, min_chunk):
         vals = cuda.shared.array(HD_MAX, float32)
-        h, hd = _merge(out, part_o, part_m, part_l, vals)
+        h, hd = _merge(out, part_o, part_m, part_l, vals, pos, T, min_chunk)
         finish(xq, vals, cuda.threadIdx.x, h, hd)
 
     return kernel
 
 
 @cuda.jit(device=True, inline=True)
-def _merge(out, part_o, part_m, part_l, vals):
+def _merge(out, part_o, part_m, part_l, vals, pos, T, min_chunk):
     """One block per (row, head): the splits' weights exp(m_s - max) in shared memory (splits <= THREADS),
-    then each thread one output dimension, its split loads four at a time (also kept in vals)."""
+    then each thread one output dimension, its split loads four at a time (also kept in vals). Only the
+    splits that hold keys (_split_keys with the same min_chunk) are read: an empty one may be unwritten."""
     nh = part_m.shape[1]
-    S = part_m.shape[2]
     hd = part_o.shape[3]
     r = cuda.blockIdx.x // nh
+    L = pos[0] + r % T + 1
+    chunk = max((L + part_m.shape[2] - 1) // part_m.shape[2], min_chunk)
+    S = min(part_m.shape[2], (L + chunk - 1) // chunk)
     h = cuda.blockIdx.x % nh
     t = cuda.threadIdx.x
     buf = cuda.shared.array(THREADS, float32)
@@ -623,4 +628,5 @@ def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k
         raise ValueError("attention: the rounded output's codes must start on a 16-byte boundary")
     kernel[(R * nkv, splits), THREADS, stream](po, pm, pl, q, k_cache, v_cache, scales, pos, T,
                                                np.float32(1.0 / math.sqrt(hd)))
-    _merge_kernel(xq is not None)[R * nh, THREADS, stream](out, po, pm, pl, () if xq is None else tuple(xq))
+    _merge_kernel(xq is not None)[R * nh, THREADS, stream](out, po, pm, pl, () if xq is None else tuple(xq), pos, T,
+                                                           MMA_MIN_CHUNK if mma else 1)
