@@ -87,6 +87,8 @@ def main():
                     help="the 4-bit GEMVs' x: int8 per 16 values (dp4a; the engine's default), or float32")
     ap.add_argument("--attention", default="mma", choices=("tiles", "warps", "mma"),
                     help="the decode attention's split kernel (koifish_cuda.attention_decode)")
+    ap.add_argument("--unfused-rope", action="store_true",
+                    help="q/k norm and RoPE as a kernel of their own, not inside the mma attention kernel")
     ap.add_argument("--splits", type=int, default=32, help="the decode attention's key splits (at most 128)")
     ap.add_argument("--fuse-norms", action="store_true",
                     help="the RMSNorms after the o and down GEMVs run by those GEMVs' last blocks (no nodes of their own)")
@@ -120,6 +122,7 @@ def main():
     eng = Qwen3GPU.random(cfg, bits=args.bits, group_size=128, seed=0, cache_dtype=kv_cache_dtype(args.kv_bits),
                           act_bits=args.act_bits)
     eng.attention_variant = args.attention
+    eng.fuse_rope = not args.unfused_rope
     eng.decode_splits = args.splits  # read when the cache is made
     eng.fuse_norms = args.fuse_norms
     eng.sync()
@@ -174,7 +177,7 @@ def main():
            "prefill_tokens": args.prompt, "prefill_s": prefill_s, "prefill_tokens_per_s": args.prompt / prefill_s,
            "decode": rows, "peak_device_GB": peak[0] / 1e9, "pool_GB": pool / 1e9,
            "device_total_GB": total / 1e9, "kv_cache_dtype": np.dtype(eng.cache_dtype).name,
-           "kv_bits": args.kv_bits, "act_bits": args.act_bits, "attention": args.attention, "splits": args.splits, "fuse_norms": args.fuse_norms, "kv_cache_GB": kv_per_pos * max_len / 1e9,
+           "kv_bits": args.kv_bits, "act_bits": args.act_bits, "attention": args.attention, "fuse_rope": not args.unfused_rope, "splits": args.splits, "fuse_norms": args.fuse_norms, "kv_cache_GB": kv_per_pos * max_len / 1e9,
            "torch_prefill": reference}
     if reference and "prefill_tokens_per_s" in reference:
         res["prefill_vs_torch"] = res["prefill_tokens_per_s"] / reference["prefill_tokens_per_s"]

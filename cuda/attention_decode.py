@@ -272,7 +272,7 @@ MMA_MIN_CHUNK = 64
 
 
 @functools.lru_cache(maxsize=None)
-def _split_mma_kernel(HD: int, NREP: int):
+def _split_mma_kernel(HD: int, NREP: int, ROPE: bool = False):
     """The "mma" split kernel (float16 caches, HD a multiple of 64, NREP at most 8): each warp takes
     tiles of 32 keys and scores them against the kv head's NREP query heads on the tensor cores,
     S^T (keys x 8 heads) = K (keys x HD) Q^T, as mma.sync m16n8k16 products (koifish_cuda.mma): lane
@@ -285,12 +285,19 @@ def _split_mma_kernel(HD: int, NREP: int):
     warp sum a key a head, and two exps in each of 32 lanes). Then the tile's weights go through
     shared memory to lanes owning DPL dimensions of V, the tile's V rows loaded with its K rows
     (all of a tile's bytes in flight at once: 16 KB a warp). k_cache and v_cache come as uint32
-    views (two float16 a word)."""
+    views (two float16 a word).
+    ROPE (decode, one row per sequence): q is the fused projection's row (koifish_cuda.rope's qkv) and
+    `scales` (qn, kn, cos, sin, eps): the kernel runs qk_norm_rope's work itself, saving its node: each
+    block norms and rotates its query heads from the raw row (a lane's quarter of a head: the sum of
+    squares over the four lanes of a g, the RoPE partner d +- HD/2 in lane c ^ 2), and the block whose
+    split holds the new key stores that key (normed, rotated) and value into the caches before its
+    first tile reads them."""
     KS = HD // 16  # k-steps of 16 dimensions
     KW = HD // 8  # uint32 words of a key row a lane holds (a quarter of the row)
     DPL = HD // 32
     VW = DPL // 2  # words of a V row a lane holds in the weighted sum
     QB = 2 * KS
+    QW = HD // 4 if ROPE else 1
     MT = MMA_TILE // 16  # the product's row tiles
     KR = 4 * MT * KW // 2
     NS = 4 * MT  # a lane's scores a tile
@@ -314,6 +321,13 @@ def _split_mma_kernel(HD: int, NREP: int):
         if s0 >= L:  # a split past the keys (the merge reads none of its partials)
             return
         red = cuda.shared.array(THREADS, float32)  # the simulator's shuffles (unused on a GPU)
+        xr = cuda.local.array(QW, float32)  # ROPE: the lane's quarter of head g's query, normed and rotated
+        if ROPE:
+            nh = part_m.shape[1]
+            if s1 == L:  # the new key's block: stored before any tile of it loads the row
+                _store_new_kv(k_cache, v_cache, q, scales, r, b, kvh, nh, L - 1, red, HD, DPL)
+                cuda.syncthreads()
+            _rope_query(xr, q, scales, r, h0 + min(g, NREP - 1), c, L - 1, red, HD)
         mbuf = cuda.shared.array((THREADS, 6), uint32)  # the simulator's mma (unused on a GPU)
         ps = cuda.shared.array(PS, float32)  # each warp's tile weights, [key][head]
         pa = cuda.shared.array(PA, float32)  # each warp's tile rescale factor of each head
@@ -326,7 +340,9 @@ def _split_mma_kernel(HD: int, NREP: int):
         acc = cuda.local.array(QR, float32)
         for s in range(KS):  # head g's query (zero past NREP) at dims c HD/4 + 4s .. + 4: b0, b1 of step s
             x0 = x1 = x2 = x3 = float32(0.0)
-            if g < NREP:
+            if ROPE and g < NREP:
+                x0, x1, x2, x3 = xr[4 * s], xr[4 * s + 1], xr[4 * s + 2], xr[4 * s + 3]
+            elif g < NREP:
                 x0, x1, x2, x3 = load4(q, (r, (h0 + g) * HD + c * (HD // 4) + 4 * s))
             qh[2 * s], ql[2 * s] = _hi_lo(x0 * scale, x1 * scale)
             qh[2 * s + 1], ql[2 * s + 1] = _hi_lo(x2 * scale, x3 * scale)
@@ -422,6 +438,58 @@ def _split_mma_kernel(HD: int, NREP: int):
         _finish_warps(part_o, part_m, part_l, r, h0, split, acc, wm, wl, wo, NREP, HD, DPL)
 
     return kernel
+
+
+@cuda.jit(device=True, inline=True)
+def _rope_query(xr, qkv, rope, r, h, c, p, red, HD):
+    """xr[0 : HD/4] = dims c HD/4 .. of query head h of row r, normed (qn) and rotated at position p, as
+    koifish_cuda.rope computes them: the four lanes of a g hold a head; every lane of the block calls it."""
+    qn, kn, cos, sin, eps = rope
+    Q = HD // 4
+    HALF = HD // 2
+    ss = float32(0.0)
+    for i in range(0, Q, 4):
+        xr[i], xr[i + 1], xr[i + 2], xr[i + 3] = load4(qkv, (r, h * HD + c * Q + i))
+    for i in range(Q):
+        ss += xr[i] * xr[i]
+    ss += shfl_xor(ss, 1, red)
+    ss += shfl_xor(ss, 2, red)
+    rstd = float32(1.0) / math.sqrt(ss / float32(HD) + eps)
+    for i in range(Q):
+        xr[i] = qn[c * Q + i] * (xr[i] * rstd)
+    for i in range(Q):  # rotate-half: the partner of dim d is d +- HD/2, the same i in lane c ^ 2
+        d = c * Q + i
+        other = shfl_xor(xr[i], 2, red)
+        rot = -other if d < HALF else other
+        xr[i] = xr[i] * cos[p, d % HALF] + rot * sin[p, d % HALF]
+
+
+@cuda.jit(device=True, inline=True)
+def _store_new_kv(k_cache, v_cache, qkv, rope, r, b, kvh, nh, p, red, HD, DPL):
+    """Key head kvh of row r normed (kn) and rotated at position p, and its value head, stored as float16
+    into the caches (uint32 views) at p: lane l holds dims l DPL .. (its RoPE partner in lane l ^ 16).
+    Every warp computes it (the simulator's sums are block-wide); warp 0 stores."""
+    qn, kn, cos, sin, eps = rope
+    HALF = HD // 2
+    lane = cuda.threadIdx.x % 32
+    kx = cuda.local.array(DPL, float32)
+    ss = float32(0.0)
+    for e in range(DPL):
+        kx[e] = qkv[r, (nh + kvh) * HD + lane * DPL + e]
+        ss += kx[e] * kx[e]
+    rstd = float32(1.0) / math.sqrt(warp_sum(ss, red) / float32(HD) + eps)
+    for e in range(DPL):
+        kx[e] = kn[lane * DPL + e] * (kx[e] * rstd)
+    for e in range(DPL):
+        d = lane * DPL + e
+        other = shfl_xor(kx[e], 16, red)
+        rot = -other if d < HALF else other
+        kx[e] = kx[e] * cos[p, d % HALF] + rot * sin[p, d % HALF]
+    if cuda.threadIdx.x < 32:
+        vcol = (nh + k_cache.shape[1] + kvh) * HD + lane * DPL
+        for i in range(DPL // 2):
+            k_cache[b, kvh, p, lane * (DPL // 2) + i] = pack_f16x2(kx[2 * i], kx[2 * i + 1])
+            v_cache[b, kvh, p, lane * (DPL // 2) + i] = pack_f16x2(qkv[r, vcol + 2 * i], qkv[r, vcol + 2 * i + 1])
 
 
 @cuda.jit(device=True, inline=True)
@@ -588,8 +656,20 @@ def attention_scratch(xp, rows: int, nh: int, hd: int, splits: int):
             xp.zeros((rows, nh, splits), xp.float32))
 
 
+def _mma_applies(q, k_cache, v_cache, nh: int) -> bool:
+    nkv, hd = k_cache.shape[1], k_cache.shape[3]
+    return (k_cache.dtype == np.float16 and v_cache.dtype == np.float16 and hd % 64 == 0 and nh // nkv <= 8
+            and aligned(k_cache, 8) and aligned(v_cache, 4) and aligned(q, 4))
+
+
+def fuses_rope(variant: str, q, k_cache, v_cache, nh: int, T: int) -> bool:
+    """Whether attention_decode can take the fused projection q (R, (nh + 2 nkv) hd) with rope=... and do
+    qk_norm_rope's work itself (the mma kernel, one row per sequence)."""
+    return variant == "mma" and T == 1 and _mma_applies(q, k_cache, v_cache, nh)
+
+
 def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k_scale=None, v_scale=None,
-                     variant: str = "warps", xq=None):
+                     variant: str = "warps", xq=None, rope=None):
     """out (R, nh*hd) = softmax(q k^T / sqrt(hd)) v over each row's visible keys; scratch from attention_scratch
     (its split count is the number of splits used, its row count at least R). An int8 cache takes its
     scales (B, nkv, max_len) float32 in k_scale, v_scale. variant: "mma" (_split_mma_kernel: float16 caches,
@@ -597,7 +677,9 @@ def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k
     float caches with head_dim a multiple of 32, else the tile kernel runs) or "tiles" (_split_kernel). On the H200 at
     Qwen3-32B's shapes (bench_qwen3_kernels.py) warps took 21.3 us at 1k keys and 57.1 at 8k, tiles 49.0
     and 177.3; mma 14.5 and 25.9 at 32 splits (stop 16). xq: for one row, out also rounded into
-    quant_a8.quantize_x16's triple (the o projection's input)."""
+    quant_a8.quantize_x16's triple (the o projection's input). rope = (qn, kn, cos, sin, eps): q is the
+    fused projection (R, (nh + 2 nkv) hd) and the mma kernel does qk_norm_rope's work (one row per
+    sequence, T = 1; fuses_rope says when it applies)."""
     part_o, part_m, part_l = scratch
     R = q.shape[0]
     nh, splits = part_m.shape[1], part_m.shape[2]
@@ -612,11 +694,16 @@ def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k
     scales = (k_scale, v_scale) if quant else ()  # () adds no kernel parameter
     warps = (variant in ("warps", "mma") and not quant and hd % 32 == 0
              and (hd // 32 != 4 or (aligned(k_cache, 4) and aligned(v_cache, 4))))
-    mma = (variant == "mma" and k_cache.dtype == np.float16 and v_cache.dtype == np.float16 and hd % 64 == 0
-           and nh // nkv <= 8 and aligned(k_cache, 8) and aligned(v_cache, 4) and aligned(q, 4))
+    mma = variant == "mma" and _mma_applies(q, k_cache, v_cache, nh)
+    if rope is not None and not (mma and T == 1):
+        raise ValueError("attention: the fused q/k norm and RoPE takes the mma kernel and one row per sequence "
+                         "(attention_decode.fuses_rope)")
     if mma:  # the caches as words of two float16
-        kernel = _split_mma_kernel(hd, nh // nkv)
+        kernel = _split_mma_kernel(hd, nh // nkv, rope is not None)
         k_cache, v_cache = k_cache.view(np.uint32), v_cache.view(np.uint32)
+        if rope is not None:
+            qn, kn, cos, sin, eps = rope
+            scales = (qn, kn, cos, sin, np.float32(eps))
     elif not warps:
         kernel = _split_kernel(hd, nh // nkv, quant)
     else:

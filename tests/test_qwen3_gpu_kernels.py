@@ -191,6 +191,36 @@ def test_attention_decode_mma_variant(nh, nkv, T, past, splits):
     assert rel_err(host(out), attention_ref(q, k, v, past, B, nh)) < 1e-4
 
 
+@pytest.mark.parametrize("nh,nkv,B,past,splits", [(8, 1, 1, 70, 2), (4, 2, 2, 5, 3)])
+def test_attention_decode_mma_with_the_q_k_norm_and_rope_fused(nh, nkv, B, past, splits):
+    """rope=(qn, kn, cos, sin, eps): the kernel takes the fused projection's rows, norms and rotates the
+    query heads and stores the new key and value at pos as qk_norm_rope would; output and cache against
+    the float64 references (the cache row to float16's rounding)."""
+    from koifish_cuda.attention_decode import attention_decode, attention_ref, attention_scratch, fuses_rope
+    from koifish_cuda.rope import qk_norm_rope_ref, rope_tables
+
+    r = rng()
+    hd = 64
+    if ON_GPU:
+        nh, nkv, hd, past = nh * 8, nkv * 8, 128, past * 30
+    max_len, eps = past + 4, 1e-6
+    qkv = r.standard_normal((B, (nh + 2 * nkv) * hd)) * 3
+    qn, kn = 1 + 0.3 * r.standard_normal(hd), 1 + 0.3 * r.standard_normal(hd)
+    cos, sin = rope_tables(max_len, hd, 1e6)
+    kc, vc = (r.standard_normal((B, nkv, max_len, hd)).astype(np.float16) for _ in range(2))
+    kd, vd, qd = dev(kc), dev(vc), f32(qkv)
+    assert fuses_rope("mma", qd, kd, vd, nh, 1)
+    out = dev(np.full((B, nh * hd), np.nan, np.float32))
+    scratch = attention_scratch(np if not ON_GPU else __import__("cupy"), B, nh, hd, splits)
+    attention_decode(out, qd, kd, vd, dev(np.array([past], np.int32)), 1, scratch, variant="mma",
+                     rope=(f32(qn), f32(kn), dev(cos), dev(sin), eps))
+    q, k, v = qk_norm_rope_ref(qkv.astype(np.float32), qn.astype(np.float32), kn.astype(np.float32), cos, sin, past, B,
+                               nh, nkv, hd, eps)
+    kc[:, :, past], vc[:, :, past] = k[:, :, 0], v[:, :, 0]
+    assert rel_err(host(kd)[:, :, past], k[:, :, 0]) < 1e-3 and np.array_equal(host(vd)[:, :, past], vc[:, :, past])
+    assert rel_err(host(out), attention_ref(q, kc, vc, past, B, nh)) < 1e-4
+
+
 @pytest.mark.parametrize("variant", ["warps", "tiles"])
 def test_attention_decode_rounds_its_row_for_the_o_projection(variant):
     """One decode row with xq: the merge also writes its output rounded as quantize_x16 rounds it."""

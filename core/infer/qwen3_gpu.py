@@ -218,6 +218,9 @@ class Qwen3GPU:
         # (int8 caches use it whatever is asked); bench_qwen3_decode.py --attention. Set before the first
         # decode step (the graph captures it)
         self.attention_variant = "mma"
+        # decode with the mma kernel: q/k norm and RoPE run inside it (attention_decode rope=), not as a node
+        # of their own; False for measurement (bench_qwen3_decode.py --unfused-rope)
+        self.fuse_rope = True
         # the RMSNorms after the o and down projections run by those GEMVs' last blocks (no node of their
         # own; written for measurement: bench_qwen3_decode.py --fuse-norms); set before the first decode step
         self.fuse_norms = False
@@ -605,7 +608,7 @@ class Qwen3GPU:
     def _layers(self, R: int, T: int, scratch, head: DeviceLinear | None = None) -> bool:
         """The blocks over rows x[:R] (R = B*T, positions pos[0] + t); leaves the final normed states in xn[:R].
         head: the matrix that reads them next; True when they are also rounded for it in self.xq."""
-        from koifish_cuda.attention_decode import attention_decode
+        from koifish_cuda.attention_decode import attention_decode, fuses_rope
         from koifish_cuda.rmsnorm import X16_MAX, add_rmsnorm, add_rmsnorm_x16
         from koifish_cuda.rope import qk_norm_rope
         from koifish_cuda.swiglu import swiglu, swiglu_x16
@@ -635,11 +638,14 @@ class Qwen3GPU:
             rq = normed or norm(L["ln1"], L["qkv"], residual=l > 0)
             self._apply(qkv, xn, L["qkv"], rounded=rq)
             sc = self._kv_scales(l)  # int8 cache: its scales
-            qk_norm_rope(q, kc[l], vc[l], qkv, L["qn"], L["kn"], self.cos, self.sin, self.pos, T, c.n_head, eps, s,
-                         **sc)
+            fused = self.fuse_rope and not sc and fuses_rope(self.attention_variant, qkv, kc[l], vc[l], c.n_head, T)
+            if not fused:  # else the attention kernel norms and rotates q and k itself
+                qk_norm_rope(q, kc[l], vc[l], qkv, L["qn"], L["kn"], self.cos, self.sin, self.pos, T, c.n_head, eps, s,
+                             **sc)
             ro = self._takes_rounded(L["o"], R) and c.head_dim % 16 == 0
-            attention_decode(att, q, kc[l], vc[l], self.pos, T, scratch, s, variant=self.attention_variant,
-                             xq=self._xq(c.n_head * c.head_dim) if ro else None, **sc)
+            attention_decode(att, qkv if fused else q, kc[l], vc[l], self.pos, T, scratch, s,
+                             variant=self.attention_variant, xq=self._xq(c.n_head * c.head_dim) if ro else None,
+                             rope=(L["qn"], L["kn"], self.cos, self.sin, eps) if fused else None, **sc)
             t_o = tail(L["o"], L["ln2"], L["gu"]) if ro else None
             self._apply(delta, att, L["o"], rounded=ro, then_norm=t_o)
             self._apply(gu, xn, L["gu"], rounded=t_o is not None or norm(L["ln2"], L["gu"]))
