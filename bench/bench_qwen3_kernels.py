@@ -28,7 +28,7 @@ def main():
 
     import koifish_cuda.attention_prefill as ap
     from koifish_cuda.attention_decode import attention_decode, attention_scratch
-    from koifish_cuda.rmsnorm import add_rmsnorm
+    from koifish_cuda.rmsnorm import add_rmsnorm, add_rmsnorm_x16
     from koifish_cuda.rope import qk_norm_rope, rope_tables
     from koifish_cuda.swiglu import swiglu
 
@@ -52,6 +52,9 @@ def main():
     # ---- decode, batch 1
     x, d, w, xn = f32(1, HIDDEN), f32(1, HIDDEN), f32(HIDDEN), f32(1, HIDDEN)
     report("decode add_rmsnorm 1x5120", lambda s: add_rmsnorm(xn, x, d, w, 1e-6, s), 4 * HIDDEN * 5)
+    xq = (cp.zeros(HIDDEN // 4, cp.uint32), cp.zeros(HIDDEN // 16, cp.float32), cp.zeros(HIDDEN // 16, cp.int32))
+    report("decode add_rmsnorm_x16 1x5120", lambda s: add_rmsnorm_x16(xn, xq, x, d, w, 1e-6, s),
+           4 * HIDDEN * 5 + HIDDEN + 8 * HIDDEN // 16)
     W = (HEADS + 2 * KV) * HD
     max_len = 8192 + 64
     qkv = f32(1, W)

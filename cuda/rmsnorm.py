@@ -88,18 +88,24 @@ def _load_chunk(x, delta, c0, v, add):
 
 
 @cuda.jit(device=True, inline=True)
-def _finish_chunk(out, xq, xs, xsum, x, w, v, c, rstd, add, xw):
-    """Chunk c (its x + delta in v): x written back when added, w * v * rstd written to out and rounded
-    into the triple (quant_a8.store_rounded)."""
+def _load_w(w, c0, wv):
+    """wv = w[c0:c0+16], by 16-byte loads."""
+    for j in range(0, CHUNK, 4):
+        wv[j], wv[j + 1], wv[j + 2], wv[j + 3] = load4(w, (c0 + j,))
+
+
+@cuda.jit(device=True, inline=True)
+def _finish_chunk(out, xq, xs, xsum, x, wv, v, c, rstd, add, xw):
+    """Chunk c (its x + delta in v, its weights in wv): x written back when added, w * v * rstd written
+    to out and rounded into the triple (quant_a8.store_rounded)."""
     c0 = c * CHUNK
     for j in range(0, CHUNK, 4):
         if add:
             store4(x, (0, c0 + j), v[j], v[j + 1], v[j + 2], v[j + 3])
-        w0, w1, w2, w3 = load4(w, (c0 + j,))
-        v[j] = w0 * (v[j] * rstd)
-        v[j + 1] = w1 * (v[j + 1] * rstd)
-        v[j + 2] = w2 * (v[j + 2] * rstd)
-        v[j + 3] = w3 * (v[j + 3] * rstd)
+        v[j] = wv[j] * (v[j] * rstd)
+        v[j + 1] = wv[j + 1] * (v[j + 1] * rstd)
+        v[j + 2] = wv[j + 2] * (v[j + 2] * rstd)
+        v[j + 3] = wv[j + 3] * (v[j + 3] * rstd)
         store4(out, (0, c0 + j), v[j], v[j + 1], v[j + 2], v[j + 3])
     store_rounded(v, c, xq, xs, xsum, xw)
 
@@ -110,26 +116,30 @@ def norm_row_x16(out, xq, xs, xsum, x, delta, w, eps, add, buf, wbuf):
     (vector loads and stores): the row's sum of squares by warps (block_reduce_warps: two barriers,
     where block_sum's tree over 512 threads takes ten), then each chunk written and rounded. A thread's
     last chunk stays in registers between the passes (with a chunk a thread, nothing is loaded twice);
-    any others are loaded again."""
+    any others are loaded again. The weights of that last chunk are loaded with it, before the sum: not
+    a second round trip to memory after it."""
     t = cuda.threadIdx.x
     nt = cuda.blockDim.x
     n = x.shape[1] // CHUNK
     v = cuda.local.array(CHUNK, float32)
+    wv = cuda.local.array(CHUNK, float32)
     xw = cuda.local.array(4, uint32)
     ss = float32(0.0)
     last = -1
     for c in range(t, n, nt):
         _load_chunk(x, delta, c * CHUNK, v, add)
+        _load_w(w, c * CHUNK, wv)  # in flight with x's (only the last chunk's are kept)
         for j in range(CHUNK):
             ss += v[j] * v[j]
         last = c
     total = block_reduce_warps(ss, buf, wbuf, False)
     rstd = float32(1.0) / math.sqrt(total / float32(x.shape[1]) + eps)
     if last >= 0:
-        _finish_chunk(out, xq, xs, xsum, x, w, v, last, rstd, add, xw)
+        _finish_chunk(out, xq, xs, xsum, x, wv, v, last, rstd, add, xw)
     for c in range(t, last, nt):
         _load_chunk(x, delta, c * CHUNK, v, add)
-        _finish_chunk(out, xq, xs, xsum, x, w, v, c, rstd, add, xw)
+        _load_w(w, c * CHUNK, wv)
+        _finish_chunk(out, xq, xs, xsum, x, wv, v, c, rstd, add, xw)
 
 
 @cuda.jit(cache=True)
