@@ -31,7 +31,8 @@ import numpy as np
 import koifish_cuda.compat  # noqa: F401
 from koifish_cuda.quant_a8 import CHUNK, store_rounded
 from koifish_cuda.mma import mma_f16, pack_f16x2, unpack_f16x2
-from koifish_cuda.reduce import NEG_INF, THREADS, WARPS, block_max, block_sum, shfl_xor, sync_warp, warp_max, warp_sum
+from koifish_cuda.reduce import (NEG_INF, THREADS, WARPS, block_reduce_warps, shfl_xor, sync_warp, warp_max,
+                                 warp_sum)
 from koifish_cuda.vload import aligned, load2, load4
 from numba import config, cuda, float32, uint32
 
@@ -621,12 +622,14 @@ def _merge(out, part_o, part_m, part_l, vals, pos, T, min_chunk):
     h = cuda.blockIdx.x % nh
     t = cuda.threadIdx.x
     buf = cuda.shared.array(THREADS, float32)
+    wbuf = cuda.shared.array(32, float32)
     ws = cuda.shared.array(THREADS, float32)
     ms = part_m[r, h, t] if t < S else NEG_INF
-    m = block_max(ms, buf)
+    ls = part_l[r, h, t] if t < S else float32(0.0)  # loaded with ms: one trip to memory, not two
+    m = block_reduce_warps(ms, buf, wbuf, True)  # by warps: two barriers, where the tree over 128 takes seven
     w = math.exp(ms - m) if t < S else float32(0.0)
     ws[t] = w
-    den = block_sum(part_l[r, h, t] * w if t < S else float32(0.0), buf)  # (its syncs publish ws)
+    den = block_reduce_warps(ls * w, buf, wbuf, False)  # (its barriers publish ws)
     inv = float32(1.0) / den
     for d in range(t, hd, THREADS):
         num = float32(0.0)
