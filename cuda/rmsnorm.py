@@ -20,7 +20,7 @@ from koifish_cuda.bf16 import f32_to_bf16
 from koifish_cuda.reduce import THREADS, block_reduce_warps, block_sum
 from koifish_cuda.quant_a8 import CHUNK, store_rounded
 from koifish_cuda.vload import aligned, load4, store4
-from numba import config, cuda, float32, int32, uint32
+from numba import config, cuda, float32, uint32
 
 
 def add_rmsnorm_ref(x: np.ndarray, delta: np.ndarray | None, w: np.ndarray, eps: float):
@@ -148,38 +148,6 @@ def add_rmsnorm_x16_kernel(out, xq, xs, xsum, x, delta, w, eps, add):
     buf = cuda.shared.array(THREADS_MAX, float32)  # the simulator's warp sums (unused on a GPU)
     wbuf = cuda.shared.array(32, float32)
     norm_row_x16(out, xq, xs, xsum, x, delta, w, eps, add, buf, wbuf)
-
-
-GRID_TAIL_THREADS = 256  # the widest GEMV block norm_after_grid runs in (its simulator buffer)
-
-
-@cuda.jit(device=True, inline=True)
-def norm_after_grid(delta, tail):
-    """Called by every block of a grid that has just written its share of delta (1, C) (the o and down
-    projections' W4A8 GEMV): the block that finishes last adds delta into the residual x and writes x's
-    RMSNorm, rounded for the next W4A8 GEMV (norm_row_x16), so the norm costs no graph node of its own.
-    tail = (counter (1,) int32, zero between launches; x; out; w; codes; scales; sums; eps). Blocks
-    fence their stores before counting in, the last block fences before reading (CUDA's
-    threadFenceReduction pattern); it resets the counter for the next launch."""
-    counter, x, out, w, codes, scales, sums, eps = tail
-    flag = cuda.shared.array(1, int32)
-    buf = cuda.shared.array(GRID_TAIL_THREADS, float32)
-    wbuf = cuda.shared.array(32, float32)
-    cuda.threadfence()
-    cuda.syncthreads()
-    if cuda.threadIdx.x == 0:
-        flag[0] = cuda.atomic.add(counter, 0, 1)
-    cuda.syncthreads()
-    if flag[0] == cuda.gridDim.x - 1:
-        cuda.threadfence()
-        norm_row_x16(out, codes, scales, sums, x, delta, w, eps, True, buf, wbuf)
-        if cuda.threadIdx.x == 0:
-            counter[0] = 0
-
-
-@cuda.jit(device=True, inline=True)
-def no_tail(delta, tail):
-    pass
 
 
 X16_MAX = CHUNK * THREADS_MAX  # the widest row add_rmsnorm_x16 takes (a thread a chunk, one block)

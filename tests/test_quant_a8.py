@@ -128,35 +128,6 @@ def test_a8_kernel_takes_x_rounded_beforehand(N, K, G, warps):
     assert rel_err(host(y), dequant_matvec4_a8_ref(host(x), codes, scales, zeros, G)) < 1e-5
 
 
-@pytest.mark.parametrize("warps", [3, 1] if ON_GPU else [1])
-def test_a8_kernel_then_norm_runs_the_next_rmsnorm_in_its_last_block(warps):
-    """then_norm: the GEMV's output (delta) as the reference's; the block that finishes last adds
-    it into the residual x, writes the RMSNorm (as add_rmsnorm's reference) and rounds it into the
-    triple (as quantize_x16 rounds it); the counter is back at zero, so a second launch does it again."""
-    from koifish_cuda.quant_a8 import dequant_matvec4_a8, pack_x16_ref
-    from koifish_cuda.rmsnorm import add_rmsnorm_ref
-
-    r = np.random.default_rng()
-    # o_proj's shape on a GPU; the simulator's barriers cost ~1 s a block: 4 blocks (a thread a chunk
-    # there: test_norm_row_x16_with_more_chunks_than_threads strides the chunks)
-    N, K, G, rows = (5120, 8192, 128, None) if ON_GPU else (64, 32, 32, 16)
-    codes, scales, zeros = quantize_groupwise_ref(r.standard_normal((N, K)).astype(np.float32), 4, G)
-    args = (dev(pack_codes_ref(codes, 4).view(np.uint32)), dev(scales.astype(np.float32)), dev(zeros), G)
-    x = dev(r.standard_normal((1, K)).astype(np.float32))
-    res, w = r.standard_normal((1, N)).astype(np.float32) * 3, r.standard_normal(N).astype(np.float32)
-    ref = dequant_matvec4_a8_ref(host(x), codes, scales, zeros, G)
-    counter = dev(np.zeros(1, np.int32))
-    for _ in range(2):
-        x_res, xn, delta = dev(res.copy()), dev(np.full((1, N), np.nan, np.float32)), dev(np.zeros((1, N), np.float32))
-        tri = (dev(np.zeros(N // 4, np.uint32)), dev(np.zeros(N // 16, np.float32)), dev(np.zeros(N // 16, np.int32)))
-        dequant_matvec4_a8(delta, x, *args, rows=rows, warps=warps, then_norm=(counter, x_res, xn, dev(w), tri, 1e-6))
-        assert rel_err(host(delta), ref) < 1e-5 and host(counter)[0] == 0
-        rx, ro = add_rmsnorm_ref(res, host(delta), w, 1e-6)
-        assert rel_err(host(x_res), rx) < 1e-6 and rel_err(host(xn), ro) < 1e-5
-        x8, xs = quantize_x16_ref(host(xn)[0])
-        assert np.array_equal(host(tri[0]), pack_x16_ref(x8)) and np.array_equal(host(tri[1]), xs)
-
-
 def test_a8_launcher_refuses_what_it_cannot_run():
     from koifish_cuda.quant_a8 import dequant_matvec4_a8
 

@@ -186,8 +186,9 @@ def test_decode_at_wide_shapes_stays_near_the_cpu_model(tmp_path):
     """Shapes the tiny model never reaches: hidden 1280 (80 chunks of 16, a block of whole warps not a
     power of two), SwiGLU 3456, head_dim 128 (the warps attention, the merge rounding for o_proj), a
     200-token prompt over several key splits. 4-bit weights; act_bits 8 rounds x in the norms, the merge
-    and SwiGLU (and with fuse_norms the norms run in the o/down GEMVs' last blocks). Decode logits within
-    the prefill's bf16 bound (act_bits 16) and the int8 bound (8)."""
+    and SwiGLU. The mma attention with q/k norm and RoPE inside it (the default) and the warps attention
+    after qk_norm_rope. Decode logits within the prefill's bf16 bound (act_bits 16) and the int8 bound (8),
+    the two attentions alike."""
     from koifish_core.infer.qwen3_gpu import Qwen3GPU
     from koifish_core.models.hf_qwen3 import load_hf_folder
 
@@ -199,11 +200,11 @@ def test_decode_at_wide_shapes_stays_near_the_cpu_model(tmp_path):
     cpu.forward(ids[:, :200], cache=ref_cache)
     ref = np.concatenate([cpu.forward(ids[:, t:t + 1], cache=ref_cache)[0] for t in range(200, 206)], 1)
     got = {}
-    for bits, fuse, bound in ((16, False, PREFILL_REL), (8, False, 3e-2), (8, True, 3e-2)):
+    for bits, variant, bound in ((16, "mma", PREFILL_REL), (16, "warps", PREFILL_REL), (8, "mma", 3e-2)):
         eng = Qwen3GPU.from_model(cpu, act_bits=bits)
-        eng.fuse_norms = fuse  # the norms after o and down run by those GEMVs' last blocks
+        eng.attention_variant = variant  # "warps": q/k norm and RoPE by qk_norm_rope
         cache = eng.new_cache(1, 256)
         eng.forward(ids[:, :200], cache=cache)
-        got[bits, fuse] = np.concatenate([eng.forward(ids[:, t:t + 1], cache=cache)[0] for t in range(200, 206)], 1)
-        assert _rel(got[bits, fuse], ref) < bound, (bits, fuse)
-    assert _rel(got[8, True], got[8, False]) < 1e-3  # the same arithmetic but the norm's order of sums
+        got[bits, variant] = np.concatenate([eng.forward(ids[:, t:t + 1], cache=cache)[0] for t in range(200, 206)], 1)
+        assert _rel(got[bits, variant], ref) < bound, (bits, variant)
+    assert _rel(got[16, "mma"], got[16, "warps"]) < 1e-3  # float32 arithmetic either way, in other orders

@@ -221,9 +221,6 @@ class Qwen3GPU:
         # decode with the mma kernel: q/k norm and RoPE run inside it (attention_decode rope=), not as a node
         # of their own; False for measurement (bench_qwen3_decode.py --unfused-rope)
         self.fuse_rope = True
-        # the RMSNorms after the o and down projections run by those GEMVs' last blocks (no node of their
-        # own; written for measurement: bench_qwen3_decode.py --fuse-norms); set before the first decode step
-        self.fuse_norms = False
         self.layers: list[dict] = []
         self.embed = self.head = self.norm = None
         self.batch = self.max_len = 0
@@ -412,7 +409,6 @@ class Qwen3GPU:
                 self.gu, self.h = xp.zeros((Rs, 2 * F), f), xp.zeros((Rs, F), f)
                 kq = max(C, F, nh * hd)  # a batch-1 GEMV's x rounded to int8 once (quant_a8.quantize_x16)
                 self.xq = (xp.zeros(kq // 4, np.uint32), xp.zeros(kq // 16, f), xp.zeros(kq // 16, np.int32))
-                self.norm_counter = xp.zeros(1, np.int32)  # then_norm's blocks counting in (left at zero)
                 self.ids = xp.zeros(R, np.int32)
                 self.hl = xp.zeros((batch, C), f)
                 self.logits, self.zbuf = xp.zeros((batch, V), f), xp.zeros((batch, V), f)
@@ -473,10 +469,9 @@ class Qwen3GPU:
         """The rounded-x triple's first K values (quant_a8.quantize_x16)."""
         return self.xq[0][:K // 4], self.xq[1][:K // 16], self.xq[2][:K // 16]
 
-    def _apply(self, out, x, lin: DeviceLinear, rounded: bool = False, then_norm=None) -> None:
+    def _apply(self, out, x, lin: DeviceLinear, rounded: bool = False) -> None:
         """out (M, N) = x (M, K) @ W.T for the decode step and short chunks (M <= MAX_BATCH), float32.
-        rounded: x's producer also wrote it rounded into self.xq (see _takes_rounded). then_norm: the
-        W4A8 GEMV's last block runs the next RMSNorm (quant_a8.dequant_matvec4_a8's then_norm)."""
+        rounded: x's producer also wrote it rounded into self.xq (see _takes_rounded)."""
         from koifish_cuda.quant import dequant_matvec
 
         if lin.perm is not None:
@@ -489,9 +484,7 @@ class Qwen3GPU:
             xq = self._xq(x.shape[1])
             if not rounded:
                 quantize_x16(x, *xq, stream=self.ns)
-            dequant_matvec4_a8(out, xq, lin.words, lin.scales, lin.zeros, lin.group_size, self.ns, then_norm=then_norm)
-        elif then_norm is not None:
-            raise AssertionError("then_norm runs only in the batch-1 W4A8 GEMV")  # _layers asks _takes_rounded first
+            dequant_matvec4_a8(out, xq, lin.words, lin.scales, lin.zeros, lin.group_size, self.ns)
         elif lin.quantized:
             dequant_matvec(out, x, lin.words, lin.scales, lin.zeros, lin.bits, lin.group_size, self.ns)
         else:
@@ -627,16 +620,8 @@ class Qwen3GPU:
                 add_rmsnorm(xn, x, delta if residual else None, w, eps, s)
             return rounded
 
-        def tail(producer, w, lin):  # the norm after producer's GEMV, run by its last block (fuse_norms)
-            if self.fuse_norms and self._takes_rounded(producer, R) and lin is not None and self._takes_rounded(lin, R):
-                return self.norm_counter, x, xn, w, self._xq(c.hidden_size), eps
-            return None
-
-        normed = False  # the next norm already run by the last GEMV's tail
-        n_layer = len(self.layers)
         for l, L in enumerate(self.layers):
-            rq = normed or norm(L["ln1"], L["qkv"], residual=l > 0)
-            self._apply(qkv, xn, L["qkv"], rounded=rq)
+            self._apply(qkv, xn, L["qkv"], rounded=norm(L["ln1"], L["qkv"], residual=l > 0))
             sc = self._kv_scales(l)  # int8 cache: its scales
             fused = self.fuse_rope and not sc and fuses_rope(self.attention_variant, qkv, kc[l], vc[l], c.n_head, T)
             if not fused:  # else the attention kernel norms and rotates q and k itself
@@ -646,20 +631,15 @@ class Qwen3GPU:
             attention_decode(att, qkv if fused else q, kc[l], vc[l], self.pos, T, scratch, s,
                              variant=self.attention_variant, xq=self._xq(c.n_head * c.head_dim) if ro else None,
                              rope=(L["qn"], L["kn"], self.cos, self.sin, eps) if fused else None, **sc)
-            t_o = tail(L["o"], L["ln2"], L["gu"]) if ro else None
-            self._apply(delta, att, L["o"], rounded=ro, then_norm=t_o)
-            self._apply(gu, xn, L["gu"], rounded=t_o is not None or norm(L["ln2"], L["gu"]))
-            nw, nlin = (self.layers[l + 1]["ln1"], self.layers[l + 1]["qkv"]) if l + 1 < n_layer else (self.norm, head)
+            self._apply(delta, att, L["o"], rounded=ro)
+            self._apply(gu, xn, L["gu"], rounded=norm(L["ln2"], L["gu"]))
             if self._takes_rounded(L["down"], R):
                 swiglu_x16(h, self._xq(c.intermediate_size), gu, s)
-                t_d = tail(L["down"], nw, nlin)
-                self._apply(delta, h, L["down"], rounded=True, then_norm=t_d)
+                self._apply(delta, h, L["down"], rounded=True)
             else:
                 swiglu(h, gu, s)
                 self._apply(delta, h, L["down"])
-                t_d = None
-            normed = t_d is not None
-        return normed or norm(self.norm, head)
+        return norm(self.norm, head)
 
     def _decode_body(self) -> None:
         from koifish_cuda.sampling import advance, sample
