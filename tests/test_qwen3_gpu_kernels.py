@@ -79,8 +79,8 @@ def test_add_rmsnorm_x16_rounds_what_it_writes(residual):
 
 
 def test_norm_row_x16_with_more_chunks_than_threads():
-    """The block norm the GEMV tail runs (one block of a few warps, chunks block-strided: a thread's last
-    chunk kept in registers, the others loaded again): as add_rmsnorm's reference, rounded as written."""
+    """add_rmsnorm_x16's block norm in a block narrower than its chunks (chunks block-strided: a thread's
+    last chunk kept in registers, the others loaded again): as add_rmsnorm's reference, rounded as written."""
     from koifish_cuda.rmsnorm import add_rmsnorm_ref
 
     r = rng()
