@@ -18,6 +18,10 @@ size) and updates that head's running max and sum with shuffles (three barriers 
 thread accumulates one output dimension of its query heads. It writes its partial max, sum and
 unnormalized output. Kernel 2 merges the splits (their weights in shared memory, the partial
 outputs read four at a time).
+Kernel 1 comes in three variants (attention_decode's `variant`): the tile kernel above (int8 caches),
+"warps" (a warp walks its own keys, a lane owning head_dim/32 dimensions) and "mma" (the default for
+float16 caches: a 16-key tile's scores as tensor-core products, _split_mma_kernel), which can also do
+qk_norm_rope's work for a decode step (rope=).
 Shapes are compile-time constants of the split kernel (one compiled per head_dim, n_rep, int8 or not).
 """
 
@@ -275,17 +279,17 @@ MMA_MIN_CHUNK = 64
 @functools.lru_cache(maxsize=None)
 def _split_mma_kernel(HD: int, NREP: int, ROPE: bool = False):
     """The "mma" split kernel (float16 caches, HD a multiple of 64, NREP at most 8): each warp takes
-    tiles of 32 keys and scores them against the kv head's NREP query heads on the tensor cores,
+    tiles of MMA_TILE (16) keys and scores them against the kv head's NREP query heads on the tensor cores,
     S^T (keys x 8 heads) = K (keys x HD) Q^T, as mma.sync m16n8k16 products (koifish_cuda.mma): lane
     (g, c) = (lane // 4, lane % 4) holds a quarter of key rows g and g + 8 of each 16-key tile (the
     dimensions c HD/4 .. + HD/4, 16-byte loads; a product is invariant under a permutation of the
     dimensions shared by K and q, so the fragments take the row as it lies in memory) and head g's
     query at the same dimensions, rounded to float16 twice (hi + lo: the product keeps float32's
-    precision). A lane gets the scores of heads 2c, 2c + 1 at four keys: the tile's max per head is
+    precision). A lane gets the scores of heads 2c, 2c + 1 at two keys: the tile's max per head is
     three shuffles, one exp a score, one rescale of the output a tile (the "warps" kernel spends a
     warp sum a key a head, and two exps in each of 32 lanes). Then the tile's weights go through
     shared memory to lanes owning DPL dimensions of V, the tile's V rows loaded with its K rows
-    (all of a tile's bytes in flight at once: 16 KB a warp). k_cache and v_cache come as uint32
+    (all of a tile's bytes in flight at once: 8 KB a warp). k_cache and v_cache come as uint32
     views (two float16 a word).
     ROPE (decode, one row per sequence): q is the fused projection's row (koifish_cuda.rope's qkv) and
     `scales` (qn, kn, cos, sin, eps): the kernel runs qk_norm_rope's work itself, saving its node: each
