@@ -663,10 +663,16 @@ def attention_scratch(xp, rows: int, nh: int, hd: int, splits: int):
             xp.zeros((rows, nh, splits), xp.float32))
 
 
+@functools.lru_cache(maxsize=None)
+def _tensor_cores() -> bool:
+    """The current GPU runs mma.sync m16n8k16 on float16 (sm_80 and later; the simulator emulates it)."""
+    return bool(config.ENABLE_CUDASIM) or cuda.get_current_device().compute_capability >= (8, 0)
+
+
 def _mma_applies(q, k_cache, v_cache, nh: int) -> bool:
     nkv, hd = k_cache.shape[1], k_cache.shape[3]
     return (k_cache.dtype == np.float16 and v_cache.dtype == np.float16 and hd % 64 == 0 and nh // nkv <= 8
-            and aligned(k_cache, 8) and aligned(v_cache, 4) and aligned(q, 4))
+            and aligned(k_cache, 8) and aligned(v_cache, 4) and aligned(q, 4) and _tensor_cores())
 
 
 def fuses_rope(variant: str, q, k_cache, v_cache, nh: int, T: int) -> bool:
