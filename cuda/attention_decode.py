@@ -82,6 +82,12 @@ def _load(ks, vs, k_cache, v_cache, b, kvh, base, key, d, n, KP, HD):
 
 
 @cuda.jit(device=True, inline=True)
+def _chunk_keys(L, S, min_chunk):
+    """Keys a split takes of L over S splits, at least min_chunk: what the split kernels and the merge share."""
+    return max((L + S - 1) // S, min_chunk)
+
+
+@cuda.jit(device=True, inline=True)
 def _split_keys(k_cache, pos, T, NREP, MIN_CHUNK=1):
     """The block's work: (row r, its kv head, sequence b, visible keys L, this split's keys s0..s1, the
     first of the kv head's NREP query heads). The splits cut the row's keys into equal chunks sized at
@@ -91,7 +97,7 @@ def _split_keys(k_cache, pos, T, NREP, MIN_CHUNK=1):
     r = cuda.blockIdx.x // nkv
     kvh = cuda.blockIdx.x % nkv
     L = pos[0] + r % T + 1
-    chunk = max((L + cuda.gridDim.y - 1) // cuda.gridDim.y, MIN_CHUNK)
+    chunk = _chunk_keys(L, cuda.gridDim.y, MIN_CHUNK)
     s0 = cuda.blockIdx.y * chunk
     return r, kvh, r // T, L, s0, min(L, s0 + chunk), kvh * NREP
 
@@ -462,11 +468,8 @@ def _rope_query(xr, qkv, rope, r, h, c, p, red, HD):
     rstd = float32(1.0) / math.sqrt(ss / float32(HD) + eps)
     for i in range(Q):
         xr[i] = qn[c * Q + i] * (xr[i] * rstd)
-    for i in range(Q):  # rotate-half: the partner of dim d is d +- HD/2, the same i in lane c ^ 2
-        d = c * Q + i
-        other = shfl_xor(xr[i], 2, red)
-        rot = -other if d < HALF else other
-        xr[i] = xr[i] * cos[p, d % HALF] + rot * sin[p, d % HALF]
+    for i in range(Q):  # the partner of dim d is d +- HD/2, the same i in lane c ^ 2
+        xr[i] = _rotate_half(xr[i], shfl_xor(xr[i], 2, red), c * Q + i, p, cos, sin, HALF)
 
 
 @cuda.jit(device=True, inline=True)
@@ -486,15 +489,19 @@ def _store_new_kv(k_cache, v_cache, qkv, rope, r, b, kvh, nh, p, red, HD, DPL):
     for e in range(DPL):
         kx[e] = kn[lane * DPL + e] * (kx[e] * rstd)
     for e in range(DPL):
-        d = lane * DPL + e
-        other = shfl_xor(kx[e], 16, red)
-        rot = -other if d < HALF else other
-        kx[e] = kx[e] * cos[p, d % HALF] + rot * sin[p, d % HALF]
+        kx[e] = _rotate_half(kx[e], shfl_xor(kx[e], 16, red), lane * DPL + e, p, cos, sin, HALF)
     if cuda.threadIdx.x < 32:
         vcol = (nh + k_cache.shape[1] + kvh) * HD + lane * DPL
         for i in range(DPL // 2):
             k_cache[b, kvh, p, lane * (DPL // 2) + i] = pack_f16x2(kx[2 * i], kx[2 * i + 1])
             v_cache[b, kvh, p, lane * (DPL // 2) + i] = pack_f16x2(qkv[r, vcol + 2 * i], qkv[r, vcol + 2 * i + 1])
+
+
+@cuda.jit(device=True, inline=True)
+def _rotate_half(x, other, d, p, cos, sin, HALF):
+    """RoPE of dim d at position p (koifish_cuda.rope's rotate-half), given its partner d +- HALF's value."""
+    rot = -other if d < HALF else other
+    return x * cos[p, d % HALF] + rot * sin[p, d % HALF]
 
 
 @cuda.jit(device=True, inline=True)
@@ -621,7 +628,7 @@ def _merge(out, part_o, part_m, part_l, vals, pos, T, min_chunk):
     hd = part_o.shape[3]
     r = cuda.blockIdx.x // nh
     L = pos[0] + r % T + 1
-    chunk = max((L + part_m.shape[2] - 1) // part_m.shape[2], min_chunk)
+    chunk = _chunk_keys(L, part_m.shape[2], min_chunk)
     S = min(part_m.shape[2], (L + chunk - 1) // chunk)
     h = cuda.blockIdx.x % nh
     t = cuda.threadIdx.x
@@ -689,7 +696,7 @@ def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k
     head_dim a multiple of 64, at most 8 query heads a kv head; else as "warps"), "warps" (_split_warps_kernel;
     float caches with head_dim a multiple of 32, else the tile kernel runs) or "tiles" (_split_kernel). On the H200 at
     Qwen3-32B's shapes (bench_qwen3_kernels.py) warps took 21.3 us at 1k keys and 57.1 at 8k, tiles 49.0
-    and 177.3; mma 14.5 and 25.9 at 32 splits (stop 16). xq: for one row, out also rounded into
+    and 177.3; mma 12.3 and 26.2 at 32 splits of 64 keys at least (stop 16). xq: for one row, out also rounded into
     quant_a8.quantize_x16's triple (the o projection's input). rope = (qn, kn, cos, sin, eps): q is the
     fused projection (R, (nh + 2 nkv) hd) and the mma kernel does qk_norm_rope's work (one row per
     sequence, T = 1; fuses_rope says when it applies)."""
