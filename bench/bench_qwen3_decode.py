@@ -89,6 +89,8 @@ def main():
                     help="the decode attention's split kernel (koifish_cuda.attention_decode)")
     ap.add_argument("--unfused-rope", action="store_true",
                     help="q/k norm and RoPE as a kernel of their own, not inside the mma attention kernel")
+    ap.add_argument("--prefetch-mb", type=float, default=0.0,
+                    help="MB of the next GEMV's weights the norm/merge/SwiGLU kernels' spare blocks pull into L2 (0: off)")
     ap.add_argument("--splits", type=int, default=32, help="the decode attention's key splits (at most 128)")
     ap.add_argument("--prompt", type=int, default=1024, help="prompt tokens (the 1k-context decode row)")
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed at each context")
@@ -121,6 +123,7 @@ def main():
                           act_bits=args.act_bits)
     eng.attention_variant = args.attention
     eng.fuse_rope = not args.unfused_rope
+    eng.prefetch_mb = args.prefetch_mb
     eng.decode_splits = args.splits  # read when the cache is made
     eng.sync()
     load_s = time.perf_counter() - t0
@@ -174,7 +177,7 @@ def main():
            "prefill_tokens": args.prompt, "prefill_s": prefill_s, "prefill_tokens_per_s": args.prompt / prefill_s,
            "decode": rows, "peak_device_GB": peak[0] / 1e9, "pool_GB": pool / 1e9,
            "device_total_GB": total / 1e9, "kv_cache_dtype": np.dtype(eng.cache_dtype).name,
-           "kv_bits": args.kv_bits, "act_bits": args.act_bits, "attention": args.attention, "fuse_rope": not args.unfused_rope, "splits": args.splits, "kv_cache_GB": kv_per_pos * max_len / 1e9,
+           "kv_bits": args.kv_bits, "act_bits": args.act_bits, "attention": args.attention, "fuse_rope": not args.unfused_rope, "prefetch_mb": args.prefetch_mb, "splits": args.splits, "kv_cache_GB": kv_per_pos * max_len / 1e9,
            "torch_prefill": reference}
     if reference and "prefill_tokens_per_s" in reference:
         res["prefill_vs_torch"] = res["prefill_tokens_per_s"] / reference["prefill_tokens_per_s"]

@@ -83,6 +83,7 @@ def main():
                    2 * KV * ctx * HD * 2)
     if args.splits:  # the split and merge kernels apart, at other split counts
         from koifish_cuda.attention_decode import THREADS, _merge_kernel, _split_kernel
+        from koifish_cuda.prefetch import no_prefetch
         split_k = _split_kernel(HD, HEADS // KV, False)
         for S in (int(v) for v in args.splits.split(",")):
             po, pm, pl = attention_scratch(cp, 1, HEADS, HD, S)
@@ -90,7 +91,8 @@ def main():
                 pos[...] = ctx - 1
                 report(f"  split kernel S={S} ctx {ctx}", lambda s: split_k[(KV, S), THREADS, s](
                     po, pm, pl, q, kc, vc, (), pos, 1, np.float32(HD ** -0.5)), 2 * KV * ctx * HD * 2)
-            report(f"  merge kernel S={S}", lambda s: _merge_kernel(False)[HEADS, THREADS, s](att, po, pm, pl, (), pos, 1, 1),
+            report(f"  merge kernel S={S}", lambda s: _merge_kernel(False)[HEADS, THREADS, s](att, po, pm, pl, (), pos, 1, 1,
+                                                                                no_prefetch(att)),
                    4 * HEADS * S * (HD + 2))
         print("registers a thread: split", list(split_k.get_regs_per_thread().values()), "merge",
               list(_merge_kernel(False).get_regs_per_thread().values()))

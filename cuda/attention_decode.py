@@ -35,6 +35,7 @@ import numpy as np
 import koifish_cuda.compat  # noqa: F401
 from koifish_cuda.quant_a8 import CHUNK, store_rounded
 from koifish_cuda.mma import mma_f16, pack_f16x2, unpack_f16x2
+from koifish_cuda.prefetch import no_prefetch, prefetch_blocks, prefetch_share
 from koifish_cuda.reduce import (NEG_INF, THREADS, WARPS, block_reduce_warps, shfl_xor, sync_warp, warp_max,
                                  warp_sum)
 from koifish_cuda.vload import aligned, load2, load4
@@ -611,7 +612,11 @@ def _merge_kernel(rounds: bool):
     finish = _round_head if rounds else _keep
 
     @cuda.jit(cache=True)
-    def kernel(out, part_o, part_m, part_l, xq, pos, T, min_chunk):
+    def kernel(out, part_o, part_m, part_l, xq, pos, T, min_chunk, pf):
+        work = part_m.shape[0] * part_m.shape[1]  # a block a (row, head); the blocks past them prefetch pf
+        if cuda.blockIdx.x >= work:
+            prefetch_share(pf, cuda.blockIdx.x - work)
+            return
         vals = cuda.shared.array(HD_MAX, float32)
         h, hd = _merge(out, part_o, part_m, part_l, vals, pos, T, min_chunk)
         finish(xq, vals, cuda.threadIdx.x, h, hd)
@@ -689,7 +694,7 @@ def fuses_rope(variant: str, q, k_cache, v_cache, nh: int, T: int) -> bool:
 
 
 def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k_scale=None, v_scale=None,
-                     variant: str = "warps", xq=None, rope=None):
+                     variant: str = "warps", xq=None, rope=None, prefetch=None):
     """out (R, nh*hd) = softmax(q k^T / sqrt(hd)) v over each row's visible keys; scratch from attention_scratch
     (its split count is the number of splits used, its row count at least R). An int8 cache takes its
     scales (B, nkv, max_len) float32 in k_scale, v_scale. variant: "mma" (_split_mma_kernel: float16 caches,
@@ -699,7 +704,8 @@ def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k
     and 177.3; mma 12.3 and 26.2 at 32 splits of 64 keys at least (stop 16). xq: for one row, out also rounded into
     quant_a8.quantize_x16's triple (the o projection's input). rope = (qn, kn, cos, sin, eps): q is the
     fused projection (R, (nh + 2 nkv) hd) and the mma kernel does qk_norm_rope's work (one row per
-    sequence, T = 1; fuses_rope says when it applies)."""
+    sequence, T = 1; fuses_rope says when it applies). prefetch: a 1-D uint32 array (the next GEMV's weights,
+    prefetch.weight_lines) that spare blocks of the merge pull into L2."""
     part_o, part_m, part_l = scratch
     R = q.shape[0]
     nh, splits = part_m.shape[1], part_m.shape[2]
@@ -735,5 +741,6 @@ def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k
         raise ValueError("attention: the rounded output's codes must start on a 16-byte boundary")
     kernel[(R * nkv, splits), THREADS, stream](po, pm, pl, q, k_cache, v_cache, scales, pos, T,
                                                np.float32(1.0 / math.sqrt(hd)))
-    _merge_kernel(xq is not None)[R * nh, THREADS, stream](out, po, pm, pl, () if xq is None else tuple(xq), pos, T,
-                                                           MMA_MIN_CHUNK if mma else 1)
+    pf = no_prefetch(out) if prefetch is None else prefetch
+    _merge_kernel(xq is not None)[R * nh + prefetch_blocks(pf, THREADS), THREADS, stream](
+        out, po, pm, pl, () if xq is None else tuple(xq), pos, T, MMA_MIN_CHUNK if mma else 1, pf)

@@ -18,6 +18,7 @@ import koifish_cuda.compat  # noqa: F401
 from koifish_cuda.compat import nb
 from koifish_cuda.bf16 import f32_to_bf16
 from koifish_cuda.reduce import THREADS, block_reduce_warps, block_sum
+from koifish_cuda.prefetch import no_prefetch, prefetch_blocks, prefetch_share
 from koifish_cuda.quant_a8 import CHUNK, store_rounded
 from koifish_cuda.vload import aligned, load4, store4
 from numba import config, cuda, float32, uint32
@@ -143,8 +144,11 @@ def norm_row_x16(out, xq, xs, xsum, x, delta, w, eps, add, buf, wbuf):
 
 
 @cuda.jit(cache=True)
-def add_rmsnorm_x16_kernel(out, xq, xs, xsum, x, delta, w, eps, add):
-    """One block, a thread a chunk of 16 (norm_row_x16)."""
+def add_rmsnorm_x16_kernel(out, xq, xs, xsum, x, delta, w, eps, add, pf):
+    """Block 0, a thread a chunk of 16 (norm_row_x16); any further blocks prefetch pf into L2."""
+    if cuda.blockIdx.x > 0:
+        prefetch_share(pf, cuda.blockIdx.x - 1)
+        return
     buf = cuda.shared.array(THREADS_MAX, float32)  # the simulator's warp sums (unused on a GPU)
     wbuf = cuda.shared.array(32, float32)
     norm_row_x16(out, xq, xs, xsum, x, delta, w, eps, add, buf, wbuf)
@@ -153,10 +157,11 @@ def add_rmsnorm_x16_kernel(out, xq, xs, xsum, x, delta, w, eps, add):
 X16_MAX = CHUNK * THREADS_MAX  # the widest row add_rmsnorm_x16 takes (a thread a chunk, one block)
 
 
-def add_rmsnorm_x16(out, xq, x, delta, w, eps: float, stream=0):
+def add_rmsnorm_x16(out, xq, x, delta, w, eps: float, stream=0, prefetch=None):
     """add_rmsnorm of one row, its result also rounded as quant_a8.quantize_x16 rounds it into the triple
     xq = (codes (C/4,) uint32, scales (C/16,) float32, sums (C/16,) int32): the decode step's norm and
-    its GEMV's rounding in one kernel. C a multiple of 16, at most 16 x 1024; rows 16-byte aligned."""
+    its GEMV's rounding in one kernel. C a multiple of 16, at most 16 x 1024; rows 16-byte aligned.
+    prefetch: a 1-D uint32 array (the next GEMV's weights, prefetch.weight_lines) spare blocks pull into L2."""
     R, C = x.shape
     if R != 1 or C % CHUNK or C > X16_MAX or xq[0].shape[0] * 4 != C or xq[1].shape[0] * CHUNK != C:
         raise ValueError(f"add_rmsnorm_x16: one row of a multiple of {CHUNK} values (at most {CHUNK * THREADS_MAX}) "
@@ -165,4 +170,6 @@ def add_rmsnorm_x16(out, xq, x, delta, w, eps: float, stream=0):
     if not all(aligned(a, 4) for a in (out, x, w, xq[0], delta if add else x)):
         raise ValueError("add_rmsnorm_x16: every array must start on a 16-byte boundary")
     threads = -(-(C // CHUNK) // 32) * 32  # whole warps (block_reduce_warps)
-    add_rmsnorm_x16_kernel[1, threads, stream](out, *xq, x, delta if add else x, w, np.float32(eps), add)
+    pf = no_prefetch(x) if prefetch is None else prefetch
+    add_rmsnorm_x16_kernel[1 + prefetch_blocks(pf, threads), threads, stream](
+        out, *xq, x, delta if add else x, w, np.float32(eps), add, pf)

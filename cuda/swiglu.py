@@ -15,6 +15,7 @@ import numpy as np
 import koifish_cuda.compat  # noqa: F401
 from koifish_cuda.compat import nb
 from koifish_cuda.bf16 import bf16_to_f32, f32_to_bf16
+from koifish_cuda.prefetch import no_prefetch, prefetch_blocks, prefetch_share
 from koifish_cuda.quant_a8 import CHUNK, store_rounded
 from koifish_cuda.vload import aligned, load4, store4
 from numba import cuda, float32, uint32
@@ -77,10 +78,15 @@ def swiglu_bf16(out, gu, stream=0):
 
 
 @cuda.jit(cache=True)
-def swiglu_x16_kernel(out, xq, xs, xsum, gu):
-    """One thread a chunk of 16 of one row's h: its SwiGLU written as float32 and rounded to int8."""
-    t = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+def swiglu_x16_kernel(out, xq, xs, xsum, gu, pf):
+    """One thread a chunk of 16 of one row's h: its SwiGLU written as float32 and rounded to int8; the
+    blocks past the chunks prefetch pf into L2."""
     F = out.shape[1]
+    work = (F // CHUNK + cuda.blockDim.x - 1) // cuda.blockDim.x
+    if cuda.blockIdx.x >= work:
+        prefetch_share(pf, cuda.blockIdx.x - work)
+        return
+    t = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     if t < F // CHUNK:
         c0 = t * CHUNK
         v = cuda.local.array(CHUNK, float32)
@@ -96,9 +102,10 @@ def swiglu_x16_kernel(out, xq, xs, xsum, gu):
         store_rounded(v, t, xq, xs, xsum, xw)
 
 
-def swiglu_x16(out, xq, gu, stream=0):
+def swiglu_x16(out, xq, gu, stream=0, prefetch=None):
     """swiglu of one row, also rounded into xq = (codes (F/4,), scales (F/16,), sums (F/16,)) as
-    quant_a8.quantize_x16 rounds it: the decode step's SwiGLU and its down GEMV's rounding in one kernel."""
+    quant_a8.quantize_x16 rounds it: the decode step's SwiGLU and its down GEMV's rounding in one kernel.
+    prefetch: as rmsnorm.add_rmsnorm_x16's."""
     R, F = out.shape
     if R != 1 or F % CHUNK or gu.shape != (1, 2 * F) or xq[0].shape[0] * 4 != F or xq[1].shape[0] * CHUNK != F:
         raise ValueError(f"swiglu_x16: one row of a multiple of {CHUNK} values, gu (1, 2F) and the triple; got "
@@ -106,4 +113,5 @@ def swiglu_x16(out, xq, gu, stream=0):
     if not all(aligned(a, 4) for a in (out, gu, xq[0])):
         raise ValueError("swiglu_x16: every array must start on a 16-byte boundary")
     n = F // CHUNK
-    swiglu_x16_kernel[(n + 127) // 128, 128, stream](out, *xq, gu)
+    pf = no_prefetch(gu) if prefetch is None else prefetch
+    swiglu_x16_kernel[(n + 127) // 128 + prefetch_blocks(pf, 128), 128, stream](out, *xq, gu, pf)

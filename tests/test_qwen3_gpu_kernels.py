@@ -53,6 +53,15 @@ def _triple(K):
     return dev(np.zeros(K // 4, np.uint32)), dev(np.zeros(K // 16, np.float32)), dev(np.zeros(K // 16, np.int32))
 
 
+def _weights_ahead():
+    """A next GEMV's packed weights for the spare prefetch blocks (koifish_cuda.prefetch): 4 MB on a GPU (32
+    spare blocks), 2 lines in the simulator (one block); what they do must not change any output."""
+    from koifish_cuda.prefetch import weight_lines
+
+    words = dev(np.arange((1 << 20) if ON_GPU else 64, dtype=np.uint32).reshape(-1, 8))
+    return weight_lines(words, 4 << 20)
+
+
 def _assert_rounds(xq, values):
     """xq holds `values` (1, K) rounded as quant_a8.quantize_x16 rounds them."""
     from koifish_cuda.quant_a8 import pack_x16_ref, quantize_x16_ref
@@ -72,7 +81,8 @@ def test_add_rmsnorm_x16_rounds_what_it_writes(residual):
     C = 5120 if ON_GPU else 1120  # 320 chunks (ten warps), 70 (three warps, the last with idle lanes)
     x, d, w = r.standard_normal((1, C)) * 3, r.standard_normal((1, C)), r.standard_normal(C)
     xd, out, xq = f32(x), dev(np.full((1, C), np.nan, np.float32)), _triple(C)
-    add_rmsnorm_x16(out, xq, xd, f32(d) if residual else None, f32(w), 1e-6)
+    add_rmsnorm_x16(out, xq, xd, f32(d) if residual else None, f32(w), 1e-6,
+                    prefetch=None if residual else _weights_ahead())
     rx, ro = add_rmsnorm_ref(x, d if residual else None, w, 1e-6)
     assert rel_err(host(xd), rx) < TOL and rel_err(host(out), ro) < TOL
     _assert_rounds(xq, host(out))
@@ -100,7 +110,7 @@ def test_swiglu_x16_rounds_what_it_writes():
     F = 25600 if ON_GPU else 48
     gu = r.standard_normal((1, 2 * F)) * 2
     out, xq = dev(np.full((1, F), np.nan, np.float32)), _triple(F)
-    swiglu_x16(out, xq, f32(gu))
+    swiglu_x16(out, xq, f32(gu), prefetch=_weights_ahead())  # spare blocks past the chunks' blocks
     assert rel_err(host(out), swiglu_ref(gu)) < TOL
     _assert_rounds(xq, host(out))
 
@@ -233,7 +243,8 @@ def test_attention_decode_rounds_its_row_for_the_o_projection(variant):
     k, v = (r.standard_normal((B, nkv, max_len, hd)).astype(np.float16) for _ in range(2))
     out, xq = dev(np.full((1, nh * hd), np.nan, np.float32)), _triple(nh * hd)
     scratch = attention_scratch(np if not ON_GPU else __import__("cupy"), 1, nh, hd, 2)
-    attention_decode(out, f32(q), dev(k), dev(v), dev(np.array([past], np.int32)), 1, scratch, variant=variant, xq=xq)
+    attention_decode(out, f32(q), dev(k), dev(v), dev(np.array([past], np.int32)), 1, scratch, variant=variant, xq=xq,
+                     prefetch=_weights_ahead())  # the merge's spare blocks
     assert rel_err(host(out), attention_ref(q, k, v, past, B, nh)) < 1e-4
     _assert_rounds(xq, host(out))
 

@@ -221,6 +221,10 @@ class Qwen3GPU:
         # decode with the mma kernel: q/k norm and RoPE run inside it (attention_decode rope=), not as a node
         # of their own; False for measurement (bench_qwen3_decode.py --unfused-rope)
         self.fuse_rope = True
+        # decode: spare blocks of each norm, attention merge and SwiGLU pull the first prefetch_mb MB of the
+        # next GEMV's weights into L2 while the bus is idle (koifish_cuda.prefetch); 0 = off. Written for
+        # measurement (bench_qwen3_decode.py --prefetch-mb), not yet run on a GPU
+        self.prefetch_mb = 0.0
         self.layers: list[dict] = []
         self.embed = self.head = self.norm = None
         self.batch = self.max_len = 0
@@ -602,6 +606,7 @@ class Qwen3GPU:
         """The blocks over rows x[:R] (R = B*T, positions pos[0] + t); leaves the final normed states in xn[:R].
         head: the matrix that reads them next; True when they are also rounded for it in self.xq."""
         from koifish_cuda.attention_decode import attention_decode, fuses_rope
+        from koifish_cuda.prefetch import weight_lines
         from koifish_cuda.rmsnorm import X16_MAX, add_rmsnorm, add_rmsnorm_x16
         from koifish_cuda.rope import qk_norm_rope
         from koifish_cuda.swiglu import swiglu, swiglu_x16
@@ -612,10 +617,17 @@ class Qwen3GPU:
         qkv, q, att, gu, h = self.qkv[:R], self.q[:R], self.att[:R], self.gu[:R], self.h[:R]
         kc, vc = self.kv
 
+        def ahead(lin):  # the first prefetch_mb MB of lin's packed weights, for the kernel before its GEMV
+            if not self.prefetch_mb or R != 1 or lin is None or not self._w4a8(lin, R) \
+                    or not lin.words.flags.c_contiguous:
+                return None
+            return weight_lines(lin.words, int(self.prefetch_mb * 2**20))
+
         def norm(w, lin, residual=True):  # rounds for lin's GEMV too, when it reads x so; True if it did
             rounded = lin is not None and self._takes_rounded(lin, R) and c.hidden_size <= X16_MAX
             if rounded:
-                add_rmsnorm_x16(xn, self._xq(c.hidden_size), x, delta if residual else None, w, eps, s)
+                add_rmsnorm_x16(xn, self._xq(c.hidden_size), x, delta if residual else None, w, eps, s,
+                                prefetch=ahead(lin))
             else:
                 add_rmsnorm(xn, x, delta if residual else None, w, eps, s)
             return rounded
@@ -630,11 +642,12 @@ class Qwen3GPU:
             ro = self._takes_rounded(L["o"], R) and c.head_dim % 16 == 0
             attention_decode(att, qkv if fused else q, kc[l], vc[l], self.pos, T, scratch, s,
                              variant=self.attention_variant, xq=self._xq(c.n_head * c.head_dim) if ro else None,
-                             rope=(L["qn"], L["kn"], self.cos, self.sin, eps) if fused else None, **sc)
+                             rope=(L["qn"], L["kn"], self.cos, self.sin, eps) if fused else None,
+                             prefetch=ahead(L["o"]), **sc)
             self._apply(delta, att, L["o"], rounded=ro)
             self._apply(gu, xn, L["gu"], rounded=norm(L["ln2"], L["gu"]))
             if self._takes_rounded(L["down"], R):
-                swiglu_x16(h, self._xq(c.intermediate_size), gu, s)
+                swiglu_x16(h, self._xq(c.intermediate_size), gu, s, prefetch=ahead(L["down"]))
                 self._apply(delta, h, L["down"], rounded=True)
             else:
                 swiglu(h, gu, s)
