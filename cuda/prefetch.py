@@ -11,7 +11,7 @@ node. The simulator has no L2: there prefetch_l2 does nothing (the spare blocks 
     prefetch_l2(a, i)                 the 128-byte line of a 1-D array holding a[i], towards L2
     prefetch_share(words, i)          spare block i's lines of words (block-strided over the spares)
     prefetch_blocks(words, threads)   how many spare blocks a launch adds (0 for an empty words)
-    no_prefetch(like)                 an empty uint32 array of like's array module (prefetch off)
+    no_prefetch(like)                 a one-word uint32 array of like's array module: no line, no spare block
 """
 
 from __future__ import annotations
@@ -72,15 +72,17 @@ _EMPTY: dict = {}
 
 
 def no_prefetch(like):
-    """An empty uint32 array of like's array module (CuPy or NumPy): no spare blocks."""
+    """A one-word uint32 array of like's array module (CuPy or NumPy): no whole line, so no spare block
+    (one word, not none: a zero-size CuPy array has no device pointer to pass)."""
     xp = type(like).__module__.split(".")[0]
     if xp not in _EMPTY:
-        _EMPTY[xp] = __import__(xp).zeros(0, np.uint32)
+        _EMPTY[xp] = __import__(xp).zeros(1, np.uint32)
     return _EMPTY[xp]
 
 
 def weight_lines(words, nbytes: int):
-    """The first nbytes (whole lines) of a GEMV's packed weights words (N, K/8) uint32, as a 1-D view."""
+    """The first nbytes (whole lines, one at least) of a GEMV's packed weights words (N, K/8) uint32,
+    C-contiguous, as a 1-D view; None when they hold no whole line."""
     flat = words.reshape(-1)
-    n = min(flat.shape[0], nbytes // 4) // LINE_WORDS * LINE_WORDS
-    return flat[:n]
+    n = min(flat.shape[0], max(nbytes // 4, LINE_WORDS)) // LINE_WORDS * LINE_WORDS
+    return flat[:n] if n else None
