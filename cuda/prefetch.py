@@ -22,7 +22,8 @@ import koifish_cuda.compat  # noqa: F401
 from numba import config, cuda, types
 
 LINE_WORDS = 32  # uint32 words of a 128-byte line
-MAX_BLOCKS = 32  # spare blocks at most (each of a few hundred threads issues a few dozen prefetches a MB)
+MAX_BLOCKS = 128  # spare blocks at most: spread over the SMs (the small kernels leave them idle), so that no
+# SM queues more than a few thousand lines (an SM holds only so many misses in flight)
 
 if config.ENABLE_CUDASIM:
 

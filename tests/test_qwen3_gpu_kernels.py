@@ -54,8 +54,8 @@ def _triple(K):
 
 
 def _weights_ahead():
-    """A next GEMV's packed weights for the spare prefetch blocks (koifish_cuda.prefetch): 4 MB on a GPU (32
-    spare blocks), 2 lines in the simulator (one block); what they do must not change any output."""
+    """A next GEMV's packed weights for the spare prefetch blocks (koifish_cuda.prefetch): 4 MB on a GPU (up to
+    128 spare blocks), 2 lines in the simulator (one block); what they do must not change any output."""
     from koifish_cuda.prefetch import weight_lines
 
     words = dev(np.arange((1 << 20) if ON_GPU else 64, dtype=np.uint32).reshape(-1, 8))
