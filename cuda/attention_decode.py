@@ -89,16 +89,17 @@ def _chunk_keys(L, S, min_chunk):
 
 
 @cuda.jit(device=True, inline=True)
-def _split_keys(k_cache, pos, T, NREP, MIN_CHUNK=1):
+def _split_keys(k_cache, pos, T, NREP, MIN_CHUNK=1, S=0):
     """The block's work: (row r, its kv head, sequence b, visible keys L, this split's keys s0..s1, the
     first of the kv head's NREP query heads). The splits cut the row's keys into equal chunks sized at
     run time from pos, so a captured graph replays at any length; a chunk holds at least MIN_CHUNK keys
-    (the splits past the keys stay empty)."""
+    (the splits past the keys stay empty). S: the split count when the grid's y holds more blocks than
+    splits (0: gridDim.y)."""
     nkv = k_cache.shape[1]
     r = cuda.blockIdx.x // nkv
     kvh = cuda.blockIdx.x % nkv
     L = pos[0] + r % T + 1
-    chunk = _chunk_keys(L, cuda.gridDim.y, MIN_CHUNK)
+    chunk = _chunk_keys(L, cuda.gridDim.y if S == 0 else S, MIN_CHUNK)
     s0 = cuda.blockIdx.y * chunk
     return r, kvh, r // T, L, s0, min(L, s0 + chunk), kvh * NREP
 
@@ -323,13 +324,17 @@ def _split_mma_kernel(HD: int, NREP: int, ROPE: bool = False):
     bounds = {} if SIM else {"launch_bounds": (THREADS, 3)}  # ptxas: 168 registers (2: 246; 4: 128 and spills)
 
     @cuda.jit(**bounds)
-    def kernel(part_o, part_m, part_l, q, k_cache, v_cache, scales, pos, T, scale):
+    def kernel(part_o, part_m, part_l, q, k_cache, v_cache, scales, pos, T, scale, pf):
         split = cuda.blockIdx.y
+        S = part_m.shape[2]
+        if split >= S:  # a spare row of blocks: pf (the o projection's weights) into L2, while the splits run
+            prefetch_share(pf, (split - S) * cuda.gridDim.x + cuda.blockIdx.x, (cuda.gridDim.y - S) * cuda.gridDim.x)
+            return
         lane = cuda.threadIdx.x % 32
         wp = cuda.threadIdx.x // 32
         g = lane // 4
         c = lane % 4
-        r, kvh, b, L, s0, s1, h0 = _split_keys(k_cache, pos, T, NREP, MMA_MIN_CHUNK)
+        r, kvh, b, L, s0, s1, h0 = _split_keys(k_cache, pos, T, NREP, MMA_MIN_CHUNK, S)
         if s0 >= L:  # a split past the keys (the merge reads none of its partials)
             return
         red = cuda.shared.array(THREADS, float32)  # the simulator's shuffles (unused on a GPU)
@@ -615,7 +620,7 @@ def _merge_kernel(rounds: bool):
     def kernel(out, part_o, part_m, part_l, xq, pos, T, min_chunk, pf):
         work = part_m.shape[0] * part_m.shape[1]  # a block a (row, head); the blocks past them prefetch pf
         if cuda.blockIdx.x >= work:
-            prefetch_share(pf, cuda.blockIdx.x - work)
+            prefetch_share(pf, cuda.blockIdx.x - work, cuda.gridDim.x - work)
             return
         vals = cuda.shared.array(HD_MAX, float32)
         h, hd = _merge(out, part_o, part_m, part_l, vals, pos, T, min_chunk)
@@ -739,8 +744,14 @@ def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k
                          f"triple of {nh * hd} values; got {R} rows, head_dim {hd}, codes {xq[0].shape}")
     if xq is not None and not aligned(xq[0], 4):
         raise ValueError("attention: the rounded output's codes must start on a 16-byte boundary")
-    kernel[(R * nkv, splits), THREADS, stream](po, pm, pl, q, k_cache, v_cache, scales, pos, T,
-                                               np.float32(1.0 / math.sqrt(hd)))
     pf = no_prefetch(out) if prefetch is None else prefetch
+    scale = np.float32(1.0 / math.sqrt(hd))
+    if mma:  # the split kernel's spare rows prefetch (it runs longer than the merge), the merge none
+        spare_rows = -(-prefetch_blocks(pf, THREADS) // (R * nkv))
+        kernel[(R * nkv, splits + spare_rows), THREADS, stream](po, pm, pl, q, k_cache, v_cache, scales, pos, T,
+                                                                scale, pf)
+        pf = no_prefetch(out)
+    else:
+        kernel[(R * nkv, splits), THREADS, stream](po, pm, pl, q, k_cache, v_cache, scales, pos, T, scale)
     _merge_kernel(xq is not None)[R * nh + prefetch_blocks(pf, THREADS), THREADS, stream](
         out, po, pm, pl, () if xq is None else tuple(xq), pos, T, MMA_MIN_CHUNK if mma else 1, pf)

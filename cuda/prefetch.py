@@ -9,7 +9,7 @@ block(s) run, and the GEMV after it finds them there. A prefetch changes no valu
 node. The simulator has no L2: there prefetch_l2 does nothing (the spare blocks still run).
 
     prefetch_l2(a, i)                 the 128-byte line of a 1-D array holding a[i], towards L2
-    prefetch_share(words, i)          spare block i's lines of words (block-strided over the spares)
+    prefetch_share(words, i, n)       spare block i (of n)'s lines of words (block-strided over the spares)
     prefetch_blocks(words, threads)   how many spare blocks a launch adds (0 for an empty words)
     no_prefetch(like)                 a one-word uint32 array of like's array module: no line, no spare block
 """
@@ -54,11 +54,10 @@ else:
 
 
 @cuda.jit(device=True, inline=True)
-def prefetch_share(words, i):
-    """Spare block i (of cuda.gridDim.x - first spare) prefetches lines i*blockDim + t, strided by all the
-    spares' threads: the caller passes i = blockIdx.x - (its first spare block)."""
+def prefetch_share(words, i, n):
+    """Spare block i of n prefetches lines i*blockDim + t, strided by all the spares' threads."""
     lines = words.shape[0] // LINE_WORDS
-    step = (cuda.gridDim.x - cuda.blockIdx.x + i) * cuda.blockDim.x  # every spare block's threads
+    step = n * cuda.blockDim.x
     for line in range(i * cuda.blockDim.x + cuda.threadIdx.x, lines, step):
         prefetch_l2(words, line * LINE_WORDS)
 

@@ -147,7 +147,7 @@ def norm_row_x16(out, xq, xs, xsum, x, delta, w, eps, add, buf, wbuf):
 def add_rmsnorm_x16_kernel(out, xq, xs, xsum, x, delta, w, eps, add, pf):
     """Block 0, a thread a chunk of 16 (norm_row_x16); any further blocks prefetch pf into L2."""
     if cuda.blockIdx.x > 0:
-        prefetch_share(pf, cuda.blockIdx.x - 1)
+        prefetch_share(pf, cuda.blockIdx.x - 1, cuda.gridDim.x - 1)
         return
     buf = cuda.shared.array(THREADS_MAX, float32)  # the simulator's warp sums (unused on a GPU)
     wbuf = cuda.shared.array(32, float32)

@@ -84,7 +84,7 @@ def swiglu_x16_kernel(out, xq, xs, xsum, gu, pf):
     F = out.shape[1]
     work = (F // CHUNK + cuda.blockDim.x - 1) // cuda.blockDim.x
     if cuda.blockIdx.x >= work:
-        prefetch_share(pf, cuda.blockIdx.x - work)
+        prefetch_share(pf, cuda.blockIdx.x - work, cuda.gridDim.x - work)
         return
     t = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     if t < F // CHUNK:
