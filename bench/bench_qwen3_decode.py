@@ -89,8 +89,9 @@ def main():
                     help="the decode attention's split kernel (koifish_cuda.attention_decode)")
     ap.add_argument("--unfused-rope", action="store_true",
                     help="q/k norm and RoPE as a kernel of their own, not inside the mma attention kernel")
-    ap.add_argument("--prefetch-mb", type=float, default=0.0,
-                    help="MB of the next GEMV's weights the norm/merge/SwiGLU kernels' spare blocks pull into L2 (0: off)")
+    ap.add_argument("--prefetch-mb", default="0",
+                    help="MB of the next GEMV's weights the norm/merge/SwiGLU kernels' spare blocks pull into L2 "
+                         "(0: off); a comma list times the decode rows at each, same weights, same run")
     ap.add_argument("--splits", type=int, default=32, help="the decode attention's key splits (at most 128)")
     ap.add_argument("--prompt", type=int, default=1024, help="prompt tokens (the 1k-context decode row)")
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed at each context")
@@ -123,7 +124,8 @@ def main():
                           act_bits=args.act_bits)
     eng.attention_variant = args.attention
     eng.fuse_rope = not args.unfused_rope
-    eng.prefetch_mb = args.prefetch_mb
+    sweep = [float(v) for v in args.prefetch_mb.split(",")]
+    eng.prefetch_mb = sweep[0]
     eng.decode_splits = args.splits  # read when the cache is made
     eng.sync()
     load_s = time.perf_counter() - t0
@@ -161,13 +163,19 @@ def main():
         ctx = length + args.steps // 2
         nbytes = weights_read + kv_per_pos * ctx
         roof = copy_bw / nbytes
-        rows.append({"context": ctx, "sampling": sampling, "tokens_per_s": 1 / dt, "ms_per_token": dt * 1e3, "bytes_per_token": nbytes,
+        rows.append({"context": ctx, "sampling": sampling, "prefetch_mb": eng.prefetch_mb, "tokens_per_s": 1 / dt, "ms_per_token": dt * 1e3, "bytes_per_token": nbytes,
                      "roofline_tokens_per_s": roof, "share_of_roofline": (1 / dt) / roof})
         sample_mem()
 
-    decode_at(args.prompt)
-    for c in contexts:
-        decode_at(c)
+    for mb in sweep:
+        if mb != eng.prefetch_mb:  # a new body: one eager step (compiles), then a fresh capture
+            eng.prefetch_mb, eng.graph, eng._eager_steps = mb, None, 0
+            cache.length = args.prompt
+            eng._set(eng.pos, [args.prompt])
+            eng.decode_sample(cache)
+        decode_at(args.prompt)
+        for c in contexts:
+            decode_at(c)
     eng.set_sampling(SamplingParams(temperature=0.0), seed=1)  # argmax: what the filters cost
     decode_at(args.prompt, "greedy")
     pool = cp.get_default_memory_pool().total_bytes()
@@ -177,7 +185,7 @@ def main():
            "prefill_tokens": args.prompt, "prefill_s": prefill_s, "prefill_tokens_per_s": args.prompt / prefill_s,
            "decode": rows, "peak_device_GB": peak[0] / 1e9, "pool_GB": pool / 1e9,
            "device_total_GB": total / 1e9, "kv_cache_dtype": np.dtype(eng.cache_dtype).name,
-           "kv_bits": args.kv_bits, "act_bits": args.act_bits, "attention": args.attention, "fuse_rope": not args.unfused_rope, "prefetch_mb": args.prefetch_mb, "splits": args.splits, "kv_cache_GB": kv_per_pos * max_len / 1e9,
+           "kv_bits": args.kv_bits, "act_bits": args.act_bits, "attention": args.attention, "fuse_rope": not args.unfused_rope, "prefetch_mb": sweep, "splits": args.splits, "kv_cache_GB": kv_per_pos * max_len / 1e9,
            "torch_prefill": reference}
     if reference and "prefill_tokens_per_s" in reference:
         res["prefill_vs_torch"] = res["prefill_tokens_per_s"] / reference["prefill_tokens_per_s"]
@@ -187,7 +195,9 @@ def main():
     print(f"{'prefill ' + str(args.prompt):<22}{res['prefill_tokens_per_s']:>10.0f}"
           f"{prefill_s / args.prompt * 1e3:>10.3f}")
     for r in rows:
-        print(f"{('decode ctx ' + str(r['context'])) + (' greedy' if r['sampling'] == 'greedy' else ''):<22}{r['tokens_per_s']:>10.1f}{r['ms_per_token']:>10.2f}"
+        label = f"decode ctx {r['context']}" + (" greedy" if r["sampling"] == "greedy" else "") \
+            + (f" pf {r['prefetch_mb']:g}" if len(sweep) > 1 else "")
+        print(f"{label:<22}{r['tokens_per_s']:>10.1f}{r['ms_per_token']:>10.2f}"
               f"{r['bytes_per_token'] / 1e9:>10.2f}{r['roofline_tokens_per_s']:>10.1f}{r['share_of_roofline']:>8.0%}")
     if "prefill_vs_torch" in res:
         print(f"{'transformers prefill':<22}{reference['prefill_tokens_per_s']:>10.0f}{'':>30}"
