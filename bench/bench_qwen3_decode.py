@@ -89,9 +89,12 @@ def main():
                     help="the decode attention's split kernel (koifish_cuda.attention_decode)")
     ap.add_argument("--unfused-rope", action="store_true",
                     help="q/k norm and RoPE as a kernel of their own, not inside the mma attention kernel")
-    ap.add_argument("--prefetch-mb", default="0",
-                    help="MB of the next GEMV's weights the norm/merge/SwiGLU kernels' spare blocks pull into L2 "
-                         "(0: off); a comma list times the decode rows at each, same weights, same run")
+    ap.add_argument("--prefetch-mb", type=float, default=0.0,
+                    help="MB of the next GEMV's weights the norm/merge/SwiGLU kernels' spare blocks pull into L2 (0: off)")
+    ap.add_argument("--no-pdl", action="store_true", help="decode kernels launched without programmatic dependent launch")
+    ap.add_argument("--sweep", default="",
+                    help="engine settings to time the decode rows at, same weights, same run: "
+                         "'pdl=0;pdl=1;pdl=1,prefetch_mb=2' (a settings group per ';')")
     ap.add_argument("--splits", type=int, default=32, help="the decode attention's key splits (at most 128)")
     ap.add_argument("--prompt", type=int, default=1024, help="prompt tokens (the 1k-context decode row)")
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed at each context")
@@ -124,8 +127,10 @@ def main():
                           act_bits=args.act_bits)
     eng.attention_variant = args.attention
     eng.fuse_rope = not args.unfused_rope
-    sweep = [float(v) for v in args.prefetch_mb.split(",")]
-    eng.prefetch_mb = sweep[0]
+    eng.prefetch_mb = args.prefetch_mb
+    eng.pdl = not args.no_pdl
+    sweep = [dict((k, float(v)) for k, v in (kv.split("=") for kv in group.split(",")))
+             for group in args.sweep.split(";") if group] or [{}]
     eng.decode_splits = args.splits  # read when the cache is made
     eng.sync()
     load_s = time.perf_counter() - t0
@@ -163,13 +168,17 @@ def main():
         ctx = length + args.steps // 2
         nbytes = weights_read + kv_per_pos * ctx
         roof = copy_bw / nbytes
-        rows.append({"context": ctx, "sampling": sampling, "prefetch_mb": eng.prefetch_mb, "tokens_per_s": 1 / dt, "ms_per_token": dt * 1e3, "bytes_per_token": nbytes,
+        rows.append({"context": ctx, "sampling": sampling, "prefetch_mb": eng.prefetch_mb, "pdl": eng.pdl, "setting": setting[0], "tokens_per_s": 1 / dt, "ms_per_token": dt * 1e3, "bytes_per_token": nbytes,
                      "roofline_tokens_per_s": roof, "share_of_roofline": (1 / dt) / roof})
         sample_mem()
 
-    for mb in sweep:
-        if mb != eng.prefetch_mb:  # a new body: one eager step (compiles), then a fresh capture
-            eng.prefetch_mb, eng.graph, eng._eager_steps = mb, None, 0
+    setting = [""]
+    for group in sweep:
+        if group:  # a new body: one eager step (compiles), then a fresh capture
+            for k, v in group.items():
+                setattr(eng, k, type(getattr(eng, k))(v))
+            eng.graph, eng._eager_steps = None, 0
+            setting[0] = ",".join(f"{k}={v:g}" for k, v in group.items())
             cache.length = args.prompt
             eng._set(eng.pos, [args.prompt])
             eng.decode_sample(cache)
@@ -185,7 +194,7 @@ def main():
            "prefill_tokens": args.prompt, "prefill_s": prefill_s, "prefill_tokens_per_s": args.prompt / prefill_s,
            "decode": rows, "peak_device_GB": peak[0] / 1e9, "pool_GB": pool / 1e9,
            "device_total_GB": total / 1e9, "kv_cache_dtype": np.dtype(eng.cache_dtype).name,
-           "kv_bits": args.kv_bits, "act_bits": args.act_bits, "attention": args.attention, "fuse_rope": not args.unfused_rope, "prefetch_mb": sweep, "splits": args.splits, "kv_cache_GB": kv_per_pos * max_len / 1e9,
+           "kv_bits": args.kv_bits, "act_bits": args.act_bits, "attention": args.attention, "fuse_rope": not args.unfused_rope, "prefetch_mb": args.prefetch_mb, "pdl": not args.no_pdl, "sweep": args.sweep, "splits": args.splits, "kv_cache_GB": kv_per_pos * max_len / 1e9,
            "torch_prefill": reference}
     if reference and "prefill_tokens_per_s" in reference:
         res["prefill_vs_torch"] = res["prefill_tokens_per_s"] / reference["prefill_tokens_per_s"]
@@ -196,7 +205,7 @@ def main():
           f"{prefill_s / args.prompt * 1e3:>10.3f}")
     for r in rows:
         label = f"decode ctx {r['context']}" + (" greedy" if r["sampling"] == "greedy" else "") \
-            + (f" pf {r['prefetch_mb']:g}" if len(sweep) > 1 else "")
+            + (f" {r['setting']}" if r["setting"] else "")
         print(f"{label:<22}{r['tokens_per_s']:>10.1f}{r['ms_per_token']:>10.2f}"
               f"{r['bytes_per_token'] / 1e9:>10.2f}{r['roofline_tokens_per_s']:>10.1f}{r['share_of_roofline']:>8.0%}")
     if "prefill_vs_torch" in res:

@@ -33,6 +33,7 @@ import math
 import numpy as np
 
 import koifish_cuda.compat  # noqa: F401
+from koifish_cuda.pdl import aware, begin
 from koifish_cuda.quant_a8 import CHUNK, store_rounded
 from koifish_cuda.mma import mma_f16, pack_f16x2, unpack_f16x2
 from koifish_cuda.prefetch import no_prefetch, prefetch_blocks, prefetch_share
@@ -118,8 +119,10 @@ def _split_kernel(HD: int, NREP: int, QUANT: bool = False):
     NACC = -(-NREP // HSTEP)
     SCB = TILE if QUANT else 1
 
+    @aware
     @cuda.jit
     def kernel(part_o, part_m, part_l, q, k_cache, v_cache, scales, pos, T, scale):
+        begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
         split = cuda.blockIdx.y
         tid = cuda.threadIdx.x
         r, kvh, b, L, s0, s1, h0 = _split_keys(k_cache, pos, T, NREP)
@@ -241,8 +244,10 @@ def _split_warps_kernel(HD: int, NREP: int):
     WM = WARPS * NREP
     WO = WARPS * NREP * HD
 
+    @aware
     @cuda.jit
     def kernel(part_o, part_m, part_l, q, k_cache, v_cache, scales, pos, T, scale):
+        begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
         split = cuda.blockIdx.y
         wp = cuda.threadIdx.x // 32
         r, kvh, b, L, s0, s1, h0 = _split_keys(k_cache, pos, T, NREP)
@@ -323,8 +328,10 @@ def _split_mma_kernel(HD: int, NREP: int, ROPE: bool = False):
     SIM = config.ENABLE_CUDASIM  # the simulator's mma and shuffles are block-wide: every warp takes every turn
     bounds = {} if SIM else {"launch_bounds": (THREADS, 3)}  # ptxas: 168 registers (2: 246; 4: 128 and spills)
 
+    @aware
     @cuda.jit(**bounds)
     def kernel(part_o, part_m, part_l, q, k_cache, v_cache, scales, pos, T, scale, pf):
+        begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
         split = cuda.blockIdx.y
         S = part_m.shape[2]
         if split >= S:  # a spare row of blocks: pf (the o projection's weights) into L2, while the splits run
@@ -616,8 +623,10 @@ def _merge_kernel(rounds: bool):
     triple), rounded here instead of by a kernel of its own."""
     finish = _round_head if rounds else _keep
 
+    @aware
     @cuda.jit(cache=True)
     def kernel(out, part_o, part_m, part_l, xq, pos, T, min_chunk, pf):
+        begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
         work = part_m.shape[0] * part_m.shape[1]  # a block a (row, head); the blocks past them prefetch pf
         if cuda.blockIdx.x >= work:
             prefetch_share(pf, cuda.blockIdx.x - work, cuda.gridDim.x - work)

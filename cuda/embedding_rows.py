@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 import koifish_cuda.compat  # noqa: F401
+from koifish_cuda.pdl import aware, begin
 from koifish_cuda.quant import _code
 from koifish_cuda.reduce import THREADS
 from numba import cuda, float32
@@ -19,16 +20,20 @@ def embed_rows_ref(table: np.ndarray, ids) -> np.ndarray:
     return np.asarray(table, np.float64)[np.asarray(ids).reshape(-1)]
 
 
+@aware
 @cuda.jit(cache=True)
 def embed_dense_kernel(out, table, ids):
+    begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
     r = cuda.blockIdx.x
     row = ids[r]
     for c in range(cuda.threadIdx.x, out.shape[1], THREADS):
         out[r, c] = float32(table[row, c])
 
 
+@aware
 @cuda.jit(cache=True)
 def embed_quant_kernel(out, words, scales, zeros, ids, bits, group_size):
+    begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
     r = cuda.blockIdx.x
     row = ids[r]
     mask = (1 << bits) - 1

@@ -15,12 +15,15 @@ def gather_columns_ref(x: np.ndarray, perm: np.ndarray) -> np.ndarray:
 
 
 import koifish_cuda.compat  # noqa: E402,F401
+from koifish_cuda.pdl import aware, begin  # noqa: E402
 from numba import cuda  # noqa: E402
 
 
+@aware
 @cuda.jit(cache=True)
 def gather_columns_kernel(out, x, perm):
     """A thread per output column (its source index read once), rows over the grid's y axis."""
+    begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
     R, K = out.shape
     j = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     if j < K:

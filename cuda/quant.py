@@ -83,6 +83,7 @@ def dequant_matmul_ref(x: np.ndarray, codes, scales, zeros, group_size: int, g_i
 # Groups are multiples of 32 codes, so a chunk sits in one group: one scale and zero per chunk.
 # Scales are float32 on the device (converted once at load; 1/32 of the 4-bit weight bytes).
 import koifish_cuda.compat  # noqa: E402,F401
+from koifish_cuda.pdl import aware, begin  # noqa: E402
 from koifish_cuda.compat import nb  # noqa: E402
 from koifish_cuda.bf16 import as_float as _as_float, f32_to_bf16, pack_bits  # noqa: E402
 from koifish_cuda.reduce import THREADS, block_sum, warp_sum  # noqa: E402
@@ -103,12 +104,14 @@ def _code(words, n, c, j, bits, mask):
     return v & mask
 
 
+@aware
 @cuda.jit(cache=True)
 def dequant_matvec_kernel(out, x, words, scales, zeros, bits, group_size):
     """out (M, N) = x (M, K) @ dequant(W).T; one block per output row n, M <= MAX_BATCH.
 
     Every weight is read once for all M rows of x: decode is bound by reading the weights.
     """
+    begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
     M, K = x.shape
     n, t = cuda.blockIdx.x, cuda.threadIdx.x
     buf = cuda.shared.array(THREADS, float32)
@@ -192,6 +195,7 @@ def _store_rows(out, acc, buf, red, t, n0, N, R, W):
 _BOUNDS = {} if config.ENABLE_CUDASIM else {"launch_bounds": (BUF4, 3)}
 
 
+@aware
 @cuda.jit(cache=True, **_BOUNDS)
 def dequant_matvec4_kernel(out, x, q64, scales, zeros, group_size):
     """out (1, N) = x (1, K) @ dequant(W).T. A block owns ROWS4 rows and its warps split K:
@@ -199,6 +203,7 @@ def dequant_matvec4_kernel(out, x, q64, scales, zeros, group_size):
     a contiguous 256-byte line; ROWS4 of them in flight per lane); each lane loads its 16 x values
     once into registers for all ROWS4 rows. The warps' sums meet in shared memory and each row
     gets one plain store: no split-K over blocks, no atomics, no zeroing launch."""
+    begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
     N = q64.shape[0]
     Kq = q64.shape[1]
     buf = cuda.shared.array(BUF4, float32)
@@ -234,10 +239,12 @@ def _row(i, n0, split, n1):
     return n0 + i if i < split else n1 + i - split
 
 
+@aware
 @cuda.jit(cache=True)
 def dequantize_bf16_kernel(out2, words, scales, zeros, bits, group_size, n0, k0, split, n1):
     """out2 (n, kc/2) uint32 = bf16 pairs of W's rows _row(i, ...) and columns k0:k0+kc, any bit width
     (the 3-bit path): a thread owns two adjacent columns (one 4-byte store) and walks rows."""
+    begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
     n, half = out2.shape
     mask = (1 << bits) - 1
     c2 = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
@@ -271,8 +278,10 @@ def _dequantize_words_kernel(bits: int):
     STORES = CPW // 4  # uint64 stores of four bf16 each
     MASK = (1 << bits) - 1
 
+    @aware
     @cuda.jit  # a closure over its constants: compiled once per process, not cached on disk
     def kernel(out4, words, scales, zeros, group_size, n0, w0, split, n1):
+        begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
         n = out4.shape[0]
         nw = out4.shape[1] // STORES
         wi = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x

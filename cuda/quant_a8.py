@@ -73,6 +73,7 @@ def dequant_matvec4_a8_ref(x: np.ndarray, codes, scales, zeros, group_size: int)
 import functools  # noqa: E402
 
 import koifish_cuda.compat  # noqa: E402,F401
+from koifish_cuda.pdl import aware, begin  # noqa: E402
 from koifish_cuda.bf16 import float_bits  # noqa: E402
 from koifish_cuda.dp4a import dp4a  # noqa: E402
 from koifish_cuda.quant import ROWS4, WARPS4, _block_rows, _store_rows  # noqa: E402
@@ -180,10 +181,12 @@ def _load_x(x, i, xr, xw):
     return xsc[i], xsm[i]
 
 
+@aware
 @cuda.jit(cache=True)
 def quantize_x16_kernel(x, xq, xs, xsum):
     """One thread a chunk of 16: x (1, K) float32 -> codes xq (K/4,) uint32 in _round_chunk's byte
     order, scales xs (K/16,) float32, sums xsum (K/16,) int32."""
+    begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
     c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     if c < xs.shape[0]:
         xr = cuda.local.array(CHUNK, float32)
@@ -214,9 +217,11 @@ def _kernel(R: int, pre: bool = False, W: int = WARPS4):
     # the register bound of 128-thread blocks, kept for other widths (the same threads an SM)
     bounds = {} if config.ENABLE_CUDASIM else {"launch_bounds": (BUF, max(1, ROW_CHOICES[R] * WARPS4 // W))}
 
+    @aware
     @cuda.jit(cache=True, **bounds)
     def kernel(out, x, q64, scales, zeros, group_size):
         """out (1, N) = x (1, K) @ dequant(W).T with x rounded to int8 per 16 values (see above)."""
+        begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
         N = q64.shape[0]
         Kq = q64.shape[1]
         buf = cuda.shared.array(BUF, float32)

@@ -15,6 +15,7 @@ import math
 import numpy as np
 
 import koifish_cuda.compat  # noqa: F401
+from koifish_cuda.pdl import aware, begin
 from koifish_cuda.compat import nb
 from koifish_cuda.bf16 import f32_to_bf16
 from koifish_cuda.reduce import THREADS, block_reduce_warps, block_sum
@@ -34,10 +35,12 @@ def add_rmsnorm_ref(x: np.ndarray, delta: np.ndarray | None, w: np.ndarray, eps:
 THREADS_MAX = 1024  # a block of a few rows (decode): wide, so each thread's loads are few
 
 
+@aware
 @cuda.jit(cache=True)
 def add_rmsnorm_kernel(out, x, delta, w, eps, add, as_bf16):
     """A block per row, any multiple of 32 threads. The first pass only loads (x is written in the
     second, with the same sum recomputed): no store orders one turn's loads after the last's."""
+    begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
     r = cuda.blockIdx.x
     t = cuda.threadIdx.x
     nt = cuda.blockDim.x
@@ -143,9 +146,11 @@ def norm_row_x16(out, xq, xs, xsum, x, delta, w, eps, add, buf, wbuf):
         _finish_chunk(out, xq, xs, xsum, x, wv, v, c, rstd, add, xw)
 
 
+@aware
 @cuda.jit(cache=True)
 def add_rmsnorm_x16_kernel(out, xq, xs, xsum, x, delta, w, eps, add, pf):
     """Block 0, a thread a chunk of 16 (norm_row_x16); any further blocks prefetch pf into L2."""
+    begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
     if cuda.blockIdx.x > 0:
         prefetch_share(pf, cuda.blockIdx.x - 1, cuda.gridDim.x - 1)
         return

@@ -21,6 +21,7 @@ import math
 import numpy as np
 
 import koifish_cuda.compat  # noqa: F401
+from koifish_cuda.pdl import aware, begin
 from koifish_cuda.compat import nb
 from koifish_cuda.attention_prefill import pair_row
 from koifish_cuda.reduce import THREADS, WARPS, sync_warp, warp_max, warp_sum
@@ -101,8 +102,10 @@ def _kernel(HD: int):
                 if d < HD:
                     codes[b, j, p, d] = round(float64(vals[u]) * 127.0 / amax) if amax > 0.0 else 0
 
+    @aware
     @cuda.jit
     def kernel(q_out, k_cache, v_cache, k_scale, v_scale, qkv, qn, kn, cos, sin, pos, T, nh, eps, n_rep, quant, r0):
+        begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
         lane = cuda.threadIdx.x % 32
         nkv = k_cache.shape[1]
         heads = nh + nkv

@@ -38,6 +38,7 @@ import math
 import numpy as np
 
 import koifish_cuda.compat  # noqa: F401
+from koifish_cuda.pdl import aware, begin
 from koifish_cuda.reduce import THREADS, block_sum
 from numba import cuda, float32, float64, int32, int64
 
@@ -225,8 +226,10 @@ def _fixed(w):
     return int64(float64(w) * FIX)
 
 
+@aware
 @cuda.jit(cache=True)
 def prep_kernel(zbuf, zkey, hist, part_v, part_i, logits, seen, params):
+    begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
     b = cuda.blockIdx.y
     blk = cuda.blockIdx.x
     t = cuda.threadIdx.x
@@ -266,9 +269,11 @@ def prep_kernel(zbuf, zkey, hist, part_v, part_i, logits, seen, params):
             cuda.atomic.add(hist, (b, 0, q), hsh[q])
 
 
+@aware
 @cuda.jit(cache=True)
 def select_kernel(zbuf, zkey, hist, st, part_v, params, stage):
     """Stage 1..7 of the radix selects (see the module doc)."""
+    begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
     b = cuda.blockIdx.y
     blk = cuda.blockIdx.x
     t = cuda.threadIdx.x
@@ -353,8 +358,10 @@ def select_kernel(zbuf, zkey, hist, st, part_v, params, stage):
             cuda.atomic.add(hist, (b, stage, q), hsh[q])
 
 
+@aware
 @cuda.jit(cache=True)
 def draw_kernel(zbuf, zkey, hist, st, part_v, part_g, part_gi, part_s, params, rng):
+    begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
     b = cuda.blockIdx.y
     blk = cuda.blockIdx.x
     t = cuda.threadIdx.x
@@ -400,8 +407,10 @@ def draw_kernel(zbuf, zkey, hist, st, part_v, part_g, part_gi, part_s, params, r
         part_s[b, blk] = total
 
 
+@aware
 @cuda.jit(cache=True)
 def pick_kernel(tokens, seen, zbuf, zkey, hist, st, part_v, part_i, part_g, part_gi, part_s, params, emit):
+    begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
     b = cuda.blockIdx.x
     t = cuda.threadIdx.x
     V = zbuf.shape[1]
@@ -453,8 +462,10 @@ def pick_kernel(tokens, seen, zbuf, zkey, hist, st, part_v, part_i, part_g, part
             zbuf[b, i] = w / total
 
 
+@aware
 @cuda.jit(cache=True)
 def advance_kernel(rng, pos, dpos):
+    begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
     if cuda.grid(1) == 0:
         rng[1] += 1
         pos[0] += dpos

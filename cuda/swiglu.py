@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 import koifish_cuda.compat  # noqa: F401
+from koifish_cuda.pdl import aware, begin
 from koifish_cuda.compat import nb
 from koifish_cuda.bf16 import bf16_to_f32, f32_to_bf16
 from koifish_cuda.prefetch import no_prefetch, prefetch_blocks, prefetch_share
@@ -28,8 +29,10 @@ def swiglu_ref(gu: np.ndarray) -> np.ndarray:
     return g / (1.0 + np.exp(-g)) * gu[:, F:]
 
 
+@aware
 @cuda.jit(cache=True)
 def swiglu_kernel(out, gu):
+    begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
     R, F = out.shape
     i = cuda.grid(1)
     if i < R * F:
@@ -50,10 +53,12 @@ def _swiglu_bf16_pair(g2, u2):
     return out
 
 
+@aware
 @cuda.jit(cache=True)
 def swiglu_bf16_kernel(out2, gu2):
     """out2 (R, F/2) and gu2 (R, F) uint32: bf16 values two to a word, float32 math; 2-D grid (word
     columns x rows, grid-stride): 4-byte accesses, no index division."""
+    begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
     R, H = out2.shape
     c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     if c < H:
@@ -77,10 +82,12 @@ def swiglu_bf16(out, gu, stream=0):
     swiglu_bf16_kernel[grid, 256, stream](nb(out.view(np.uint32)), nb(gu.view(np.uint32)))
 
 
+@aware
 @cuda.jit(cache=True)
 def swiglu_x16_kernel(out, xq, xs, xsum, gu, pf):
     """One thread a chunk of 16 of one row's h: its SwiGLU written as float32 and rounded to int8; the
     blocks past the chunks prefetch pf into L2."""
+    begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
     F = out.shape[1]
     work = (F // CHUNK + cuda.blockDim.x - 1) // cuda.blockDim.x
     if cuda.blockIdx.x >= work:

@@ -188,7 +188,7 @@ def test_decode_at_wide_shapes_stays_near_the_cpu_model(tmp_path):
     200-token prompt over several key splits. 4-bit weights; act_bits 8 rounds x in the norms, the merge
     and SwiGLU. The mma attention with q/k norm and RoPE inside it (the default) and the warps attention
     after qk_norm_rope. Decode logits within the prefill's bf16 bound (act_bits 16) and the int8 bound (8),
-    the two attentions alike, and the same to the bit with the weights prefetch on."""
+    the two attentions alike, and the same to the bit with the weights prefetch on and with PDL off."""
     from koifish_core.infer.qwen3_gpu import Qwen3GPU
     from koifish_core.models.hf_qwen3 import load_hf_folder
 
@@ -200,15 +200,18 @@ def test_decode_at_wide_shapes_stays_near_the_cpu_model(tmp_path):
     cpu.forward(ids[:, :200], cache=ref_cache)
     ref = np.concatenate([cpu.forward(ids[:, t:t + 1], cache=ref_cache)[0] for t in range(200, 206)], 1)
     got = {}
-    runs = ((16, "mma", 0, PREFILL_REL), (16, "warps", 0, PREFILL_REL), (8, "mma", 0, 3e-2), (8, "mma", 2, 3e-2))
-    for bits, variant, mb, bound in runs:
+    runs = ((16, "mma", 0, True, PREFILL_REL), (16, "warps", 0, True, PREFILL_REL), (8, "mma", 0, True, 3e-2),
+            (8, "mma", 2, True, 3e-2), (8, "mma", 0, False, 3e-2))
+    for bits, variant, mb, pdl, bound in runs:
         eng = Qwen3GPU.from_model(cpu, act_bits=bits)
         eng.attention_variant = variant  # "warps": q/k norm and RoPE by qk_norm_rope
         eng.prefetch_mb = mb  # spare blocks pull the next GEMV's first MB into L2
+        eng.pdl = pdl  # each kernel launched while the one before it drains (sm_90+)
         cache = eng.new_cache(1, 256)
         eng.forward(ids[:, :200], cache=cache)
-        got[bits, variant, mb] = np.concatenate([eng.forward(ids[:, t:t + 1], cache=cache)[0]
-                                                 for t in range(200, 206)], 1)
-        assert _rel(got[bits, variant, mb], ref) < bound, (bits, variant, mb)
-    assert _rel(got[16, "mma", 0], got[16, "warps", 0]) < 1e-3  # float32 arithmetic either way, in other orders
-    assert np.array_equal(got[8, "mma", 2], got[8, "mma", 0])  # a prefetch changes no value
+        key = bits, variant, mb, pdl
+        got[key] = np.concatenate([eng.forward(ids[:, t:t + 1], cache=cache)[0] for t in range(200, 206)], 1)
+        assert _rel(got[key], ref) < bound, key
+    assert _rel(got[16, "mma", 0, True], got[16, "warps", 0, True]) < 1e-3  # float32 either way, other orders
+    assert np.array_equal(got[8, "mma", 2, True], got[8, "mma", 0, True])  # a prefetch changes no value
+    assert np.array_equal(got[8, "mma", 0, False], got[8, "mma", 0, True])  # nor does an earlier launch

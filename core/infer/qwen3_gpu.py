@@ -225,6 +225,9 @@ class Qwen3GPU:
         # next GEMV's weights into L2 while the bus is idle (koifish_cuda.prefetch); 0 = off. Written for
         # measurement (bench_qwen3_decode.py --prefetch-mb), not yet run on a GPU
         self.prefetch_mb = 0.0
+        # decode: each kernel launched while the one before it drains (programmatic dependent launch,
+        # koifish_cuda.pdl; sm_90+, else nothing changes)
+        self.pdl = True
         self.layers: list[dict] = []
         self.embed = self.head = self.norm = None
         self.batch = self.max_len = 0
@@ -666,13 +669,15 @@ class Qwen3GPU:
 
     def _decode(self) -> None:
         """One step: the eager body the first time (kernels compile), the captured graph after."""
+        from koifish_cuda.pdl import programmatic
+
         if self.sim or self._eager_steps < 1:
-            with self._ctx():
+            with self._ctx(), programmatic(self.pdl):
                 self._decode_body()
             self._eager_steps += 1
             return
         if self.graph is None:
-            with self.stream:
+            with self.stream, programmatic(self.pdl):
                 self.stream.begin_capture()
                 try:
                     self._decode_body()
