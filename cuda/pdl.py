@@ -27,9 +27,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 
 import koifish_cuda.compat  # noqa: F401
 from numba import config, cuda, types
+
+# measurement knobs (compile-time; set before the first kernel compiles, with a NUMBA_CACHE_DIR of their own):
+# KOIFISH_PDL_TRIGGER=0 leaves each kernel's dependents to launch at its end, not after its wait
+TRIGGER = os.environ.get("KOIFISH_PDL_TRIGGER", "1") != "0"
+# KOIFISH_PDL_PRELOAD=1: the W4A8 GEMV loads its first weights before its wait
+PRELOAD = os.environ.get("KOIFISH_PDL_PRELOAD", "0") == "1"
 
 _ON = contextvars.ContextVar("koifish_pdl_on", default=False)  # inside programmatic()
 _NOW = contextvars.ContextVar("koifish_pdl_now", default=False)  # the launch being made is an aware one
@@ -131,4 +138,5 @@ def programmatic(on: bool = True):
 def begin():
     """An aware kernel's first statement: wait for the previous kernel, then let the next one launch."""
     wait()
-    launch_dependents()
+    if TRIGGER:
+        launch_dependents()

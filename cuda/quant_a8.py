@@ -73,7 +73,7 @@ def dequant_matvec4_a8_ref(x: np.ndarray, codes, scales, zeros, group_size: int)
 import functools  # noqa: E402
 
 import koifish_cuda.compat  # noqa: E402,F401
-from koifish_cuda.pdl import aware, begin  # noqa: E402
+from koifish_cuda.pdl import PRELOAD, aware, begin  # noqa: E402
 from koifish_cuda.bf16 import float_bits  # noqa: E402
 from koifish_cuda.dp4a import dp4a  # noqa: E402
 from koifish_cuda.quant import ROWS4, WARPS4, _block_rows, _store_rows  # noqa: E402
@@ -221,7 +221,6 @@ def _kernel(R: int, pre: bool = False, W: int = WARPS4):
     @cuda.jit(cache=True, **bounds)
     def kernel(out, x, q64, scales, zeros, group_size):
         """out (1, N) = x (1, K) @ dequant(W).T with x rounded to int8 per 16 values (see above)."""
-        begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
         N = q64.shape[0]
         Kq = q64.shape[1]
         buf = cuda.shared.array(BUF, float32)
@@ -235,15 +234,31 @@ def _kernel(R: int, pre: bool = False, W: int = WARPS4):
         wv = cuda.local.array(R, uint64)
         xr = cuda.local.array(CHUNK, float32)
         xw = cuda.local.array(4, uint32)
-        for i in range(t, Kq, BUF):  # lane l of warp w: uint64 32 (w + W s) + l
-            for r in range(R):  # the row loads first: they are what the kernel waits for
-                wv[r] = q64[rows[r], i]
-            xs, xsum = x_chunk(x, i, xr, xw)
-            g = i // qpg
-            for r in range(R):
-                # int32(): Numba widens int32 arithmetic to int64, and an int64 -> float conversion is slow
-                dz = int32(_dot_chunk(wv[r], xw) - int32(zeros[rows[r], g]) * xsum)
-                acc[r] += scales[rows[r], g] * (xs * float32(dz))
+        if PRELOAD:  # weights are no kernel's output: the first ones load while the kernel before drains
+            if t < Kq:
+                for r in range(R):
+                    wv[r] = q64[rows[r], t]
+            begin()
+            for i in range(t, Kq, BUF):
+                xs, xsum = x_chunk(x, i, xr, xw)
+                g = i // qpg
+                for r in range(R):
+                    dz = int32(_dot_chunk(wv[r], xw) - int32(zeros[rows[r], g]) * xsum)
+                    acc[r] += scales[rows[r], g] * (xs * float32(dz))
+                if i + BUF < Kq:
+                    for r in range(R):
+                        wv[r] = q64[rows[r], i + BUF]
+        else:
+            begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
+            for i in range(t, Kq, BUF):  # lane l of warp w: uint64 32 (w + W s) + l
+                for r in range(R):  # the row loads first: they are what the kernel waits for
+                    wv[r] = q64[rows[r], i]
+                xs, xsum = x_chunk(x, i, xr, xw)
+                g = i // qpg
+                for r in range(R):
+                    # int32(): Numba widens int32 arithmetic to int64, and an int64 -> float conversion is slow
+                    dz = int32(_dot_chunk(wv[r], xw) - int32(zeros[rows[r], g]) * xsum)
+                    acc[r] += scales[rows[r], g] * (xs * float32(dz))
         _store_rows(out, acc, buf, red, t, n0, N, R, W)
 
     return kernel
