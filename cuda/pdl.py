@@ -33,8 +33,10 @@ import koifish_cuda.compat  # noqa: F401
 from numba import config, cuda, types
 
 # measurement knobs (compile-time; set before the first kernel compiles, with a NUMBA_CACHE_DIR of their own):
-# KOIFISH_PDL_TRIGGER=0 leaves each kernel's dependents to launch at its end, not after its wait
-TRIGGER = os.environ.get("KOIFISH_PDL_TRIGGER", "1") != "0"
+# KOIFISH_PDL_TRIGGER: which kernels let their dependents launch right after their own wait ("all", "small":
+# those begun with begin_early(), the one-block norm, SwiGLU and attention merge), "none": at their end
+_TRIGGER = os.environ.get("KOIFISH_PDL_TRIGGER", "none")
+TRIGGER_ALL, TRIGGER_SMALL = _TRIGGER == "all", _TRIGGER in ("all", "small")
 # KOIFISH_PDL_PRELOAD=1: the W4A8 GEMV loads its first weights before its wait
 PRELOAD = os.environ.get("KOIFISH_PDL_PRELOAD", "0") == "1"
 
@@ -136,7 +138,15 @@ def programmatic(on: bool = True):
 
 @cuda.jit(device=True, inline=True)
 def begin():
-    """An aware kernel's first statement: wait for the previous kernel, then let the next one launch."""
+    """An aware kernel's first statement: wait for the previous kernel's writes."""
     wait()
-    if TRIGGER:
+    if TRIGGER_ALL:
+        launch_dependents()
+
+
+@cuda.jit(device=True, inline=True)
+def begin_early():
+    """begin() for a short kernel: the next kernel (a GEMV) may launch while this one runs."""
+    wait()
+    if TRIGGER_SMALL:
         launch_dependents()

@@ -238,27 +238,17 @@ def _kernel(R: int, pre: bool = False, W: int = WARPS4):
             if t < Kq:
                 for r in range(R):
                     wv[r] = q64[rows[r], t]
-            begin()
-            for i in range(t, Kq, BUF):
-                xs, xsum = x_chunk(x, i, xr, xw)
-                g = i // qpg
-                for r in range(R):
-                    dz = int32(_dot_chunk(wv[r], xw) - int32(zeros[rows[r], g]) * xsum)
-                    acc[r] += scales[rows[r], g] * (xs * float32(dz))
-                if i + BUF < Kq:
-                    for r in range(R):
-                        wv[r] = q64[rows[r], i + BUF]
-        else:
-            begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
-            for i in range(t, Kq, BUF):  # lane l of warp w: uint64 32 (w + W s) + l
+        begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
+        for i in range(t, Kq, BUF):  # lane l of warp w: uint64 32 (w + W s) + l
+            if not PRELOAD or i != t:
                 for r in range(R):  # the row loads first: they are what the kernel waits for
                     wv[r] = q64[rows[r], i]
-                xs, xsum = x_chunk(x, i, xr, xw)
-                g = i // qpg
-                for r in range(R):
-                    # int32(): Numba widens int32 arithmetic to int64, and an int64 -> float conversion is slow
-                    dz = int32(_dot_chunk(wv[r], xw) - int32(zeros[rows[r], g]) * xsum)
-                    acc[r] += scales[rows[r], g] * (xs * float32(dz))
+            xs, xsum = x_chunk(x, i, xr, xw)
+            g = i // qpg
+            for r in range(R):
+                # int32(): Numba widens int32 arithmetic to int64, and an int64 -> float conversion is slow
+                dz = int32(_dot_chunk(wv[r], xw) - int32(zeros[rows[r], g]) * xsum)
+                acc[r] += scales[rows[r], g] * (xs * float32(dz))
         _store_rows(out, acc, buf, red, t, n0, N, R, W)
 
     return kernel
