@@ -1,0 +1,90 @@
+"""How fast this GPU reads memory when nothing is written: the ceiling a GEMV (which only reads) can reach,
+beside the copy bandwidth (read + write) the decode roofline is defined by.
+
+    python bench/probe_read_bandwidth.py --out bench/results/read_bandwidth.json
+
+A grid-stride kernel reads a 1 GiB buffer in 16-byte loads, U of them issued before any is used, and
+folds them into one word a thread; the grid is a multiple of the SM count. Every (threads, blocks an SM,
+U) is timed from CUDA-graph replays; the best is the ceiling. CuPy's sum (CUB) is timed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+
+import koifish_cuda.compat  # noqa: F401
+from koifish_cuda.vload import load4
+from numba import cuda, uint32
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import commit, copy_bandwidth, gpu_name, median_time, write_json  # noqa: E402
+
+
+@functools.lru_cache(maxsize=None)
+def read_kernel(U: int):
+    @cuda.jit
+    def kernel(out, a):
+        """a: uint32 (n,); reads whole turns of the grid (U * threads * 16 bytes), the tail left out."""
+        nt = cuda.gridDim.x * cuda.blockDim.x
+        t = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        acc = uint32(0)
+        v = cuda.local.array((U, 4), uint32)
+        turns = a.shape[0] // 4 // (nt * U)
+        for base in range(t, turns * nt * U, nt * U):
+            for u in range(U):  # all U loads before any use
+                v[u, 0], v[u, 1], v[u, 2], v[u, 3] = load4(a, 4 * (base + u * nt))
+            for u in range(U):
+                acc ^= v[u, 0] ^ v[u, 1] ^ v[u, 2] ^ v[u, 3]
+        out[t] = acc
+
+    return kernel
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench/results/read_bandwidth.json")
+    args = ap.parse_args()
+
+    import cupy as cp
+
+    sms = cp.cuda.runtime.getDeviceProperties(0)["multiProcessorCount"]
+    nbytes = 1 << 30
+    a = cp.zeros(nbytes // 4, cp.uint32)
+    copy = copy_bandwidth()
+    rows = []
+    print(f"{gpu_name()}: {sms} SMs; copy {copy / 1e9:.0f} GB/s (read + write)")
+    print(f"{'kernel':<34}{'GB/s':>8}{'of copy':>9}")
+    for threads in (256, 512, 1024):
+        for per_sm in (1, 2, 4, 8):
+            if threads * per_sm > 2048:
+                continue
+            for U in (1, 2, 4, 8):
+                grid = sms * per_sm
+                read = (nbytes // 16) // (grid * threads * U) * (grid * threads * U) * 16
+                out = cp.zeros(grid * threads, cp.uint32)
+                k = read_kernel(U)
+                sec = median_time(lambda s: k[grid, threads, s](out, a), 10, 4)
+                name = f"numba {threads} thr x {per_sm}/SM, U={U}"
+                rows.append({"kernel": name, "GBps": read / sec / 1e9, "share_of_copy": read / sec / copy})
+    for dtype in (cp.uint32, cp.uint64):
+        b = a.view(dtype)
+        try:
+            sec = median_time(lambda s: b.sum(), 10, 4)
+        except Exception as e:  # noqa: BLE001  (a reduction that cannot be captured: say so, go on)
+            print(f"cupy sum {cp.dtype(dtype).name}: not timed ({type(e).__name__})")
+            continue
+        rows.append({"kernel": f"cupy sum {cp.dtype(dtype).name}", "GBps": nbytes / sec / 1e9,
+                     "share_of_copy": nbytes / sec / copy})
+    for r in sorted(rows, key=lambda r: -r["GBps"])[:12]:
+        print(f"{r['kernel']:<34}{r['GBps']:>8.0f}{r['share_of_copy']:>9.0%}")
+    best = max(rows, key=lambda r: r["GBps"])
+    print(f"best read: {best['GBps']:.0f} GB/s ({best['share_of_copy']:.0%} of copy), {best['kernel']}")
+    write_json(args.out, {"gpu": gpu_name(), "commit": commit(), "copy_GBps": copy / 1e9, "rows": rows,
+                          "best_read_GBps": best["GBps"]})
+
+
+if __name__ == "__main__":
+    main()
