@@ -37,8 +37,6 @@ from numba import config, cuda, types
 # those begun with begin_early(), the one-block norm, SwiGLU and attention merge), "none": at their end
 _TRIGGER = os.environ.get("KOIFISH_PDL_TRIGGER", "none")
 TRIGGER_ALL, TRIGGER_SMALL = _TRIGGER == "all", _TRIGGER in ("all", "small")
-# KOIFISH_PDL_PRELOAD=1: the W4A8 GEMV loads its first weights before its wait
-PRELOAD = os.environ.get("KOIFISH_PDL_PRELOAD", "0") == "1"
 
 _ON = contextvars.ContextVar("koifish_pdl_on", default=False)  # inside programmatic()
 _NOW = contextvars.ContextVar("koifish_pdl_now", default=False)  # the launch being made is an aware one
