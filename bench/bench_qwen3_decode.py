@@ -89,8 +89,9 @@ def main():
                     help="the decode attention's split kernel (koifish_cuda.attention_decode)")
     ap.add_argument("--unfused-rope", action="store_true",
                     help="q/k norm and RoPE as a kernel of their own, not inside the mma attention kernel")
-    ap.add_argument("--prefetch-mb", type=float, default=0.0,
-                    help="MB of the next GEMV's weights the norm/merge/SwiGLU kernels' spare blocks pull into L2 (0: off)")
+    ap.add_argument("--prefetch-mb", type=float, default=None,
+                    help="MB of the next GEMV's weights the norm/merge/SwiGLU kernels' spare blocks pull into L2 "
+                         "(0: off; default: the engine's)")
     ap.add_argument("--no-pdl", action="store_true", help="decode kernels launched without programmatic dependent launch")
     ap.add_argument("--sweep", default="",
                     help="engine settings to time the decode rows at, same weights, same run: "
@@ -127,7 +128,8 @@ def main():
                           act_bits=args.act_bits)
     eng.attention_variant = args.attention
     eng.fuse_rope = not args.unfused_rope
-    eng.prefetch_mb = args.prefetch_mb
+    if args.prefetch_mb is not None:
+        eng.prefetch_mb = args.prefetch_mb
     eng.pdl = not args.no_pdl
     sweep = [dict((k, float(v)) for k, v in (kv.split("=") for kv in group.split(",")))
              for group in args.sweep.split(";") if group] or [{}]
@@ -168,7 +170,8 @@ def main():
         ctx = length + args.steps // 2
         nbytes = weights_read + kv_per_pos * ctx
         roof = copy_bw / nbytes
-        rows.append({"context": ctx, "sampling": sampling, "prefetch_mb": eng.prefetch_mb, "pdl": eng.pdl, "setting": setting[0], "tokens_per_s": 1 / dt, "ms_per_token": dt * 1e3, "bytes_per_token": nbytes,
+        rows.append({"context": ctx, "sampling": sampling, "prefetch_mb": eng.prefetch_mb, "pdl": eng.pdl,
+                     "setting": setting[0], "tokens_per_s": 1 / dt, "ms_per_token": dt * 1e3, "bytes_per_token": nbytes,
                      "roofline_tokens_per_s": roof, "share_of_roofline": (1 / dt) / roof})
         sample_mem()
 
@@ -194,7 +197,8 @@ def main():
            "prefill_tokens": args.prompt, "prefill_s": prefill_s, "prefill_tokens_per_s": args.prompt / prefill_s,
            "decode": rows, "peak_device_GB": peak[0] / 1e9, "pool_GB": pool / 1e9,
            "device_total_GB": total / 1e9, "kv_cache_dtype": np.dtype(eng.cache_dtype).name,
-           "kv_bits": args.kv_bits, "act_bits": args.act_bits, "attention": args.attention, "fuse_rope": not args.unfused_rope, "prefetch_mb": args.prefetch_mb, "pdl": not args.no_pdl, "sweep": args.sweep, "splits": args.splits, "kv_cache_GB": kv_per_pos * max_len / 1e9,
+           "kv_bits": args.kv_bits, "act_bits": args.act_bits, "attention": args.attention, "fuse_rope": not args.unfused_rope, "prefetch_mb": eng.prefetch_mb,
+           "pdl": not args.no_pdl, "sweep": args.sweep, "splits": args.splits, "kv_cache_GB": kv_per_pos * max_len / 1e9,
            "torch_prefill": reference}
     if reference and "prefill_tokens_per_s" in reference:
         res["prefill_vs_torch"] = res["prefill_tokens_per_s"] / reference["prefill_tokens_per_s"]

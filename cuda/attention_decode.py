@@ -33,7 +33,7 @@ import math
 import numpy as np
 
 import koifish_cuda.compat  # noqa: F401
-from koifish_cuda.pdl import aware, begin, begin_early
+from koifish_cuda.pdl import aware, begin
 from koifish_cuda.quant_a8 import CHUNK, store_rounded
 from koifish_cuda.mma import mma_f16, pack_f16x2, unpack_f16x2
 from koifish_cuda.prefetch import no_prefetch, prefetch_blocks, prefetch_share
@@ -626,7 +626,7 @@ def _merge_kernel(rounds: bool):
     @aware
     @cuda.jit(cache=True)
     def kernel(out, part_o, part_m, part_l, xq, pos, T, min_chunk, pf):
-        begin_early()  # PDL: wait for the previous kernel's writes; a GEMV may launch behind
+        begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
         work = part_m.shape[0] * part_m.shape[1]  # a block a (row, head); the blocks past them prefetch pf
         if cuda.blockIdx.x >= work:
             prefetch_share(pf, cuda.blockIdx.x - work, cuda.gridDim.x - work)

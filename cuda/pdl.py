@@ -1,42 +1,35 @@
-"""Programmatic dependent launch (Hopper's PDL): a kernel starts while the one before it drains.
+"""Programmatic dependent launch (Hopper's PDL): a kernel's launch overlaps the end of the one before it.
 
-In a captured decode step, ~600 small dependent kernels run back to back, and each boundary costs the
-time from the last block of one kernel retiring to the first block of the next one running. A kernel
-launched with the programmatic-stream-serialization attribute may be scheduled as soon as every block
-of the kernel before it has called `launch_dependents()`; it calls `wait()` before it reads anything
-that kernel wrote, and `wait()` returns once the previous kernel has completed and its writes are
-visible. The blocks are resident and waiting when the previous kernel ends, so the boundary costs
-only the wait's release. Stream capture records the attribute as a programmatic edge of the graph.
+A captured decode step runs ~590 small dependent kernels back to back. A kernel launched with the
+programmatic-stream-serialization attribute may be set up on the GPU before the kernel before it has
+ended; it calls `wait()` before it reads anything, and `wait()` returns once that kernel has completed
+and its writes are visible. Stream capture records the attribute as a programmatic edge of the graph.
 
     wait()                   PTX griddepcontrol.wait (sm_90+; nothing on older GPUs and in the simulator)
-    launch_dependents()      PTX griddepcontrol.launch_dependents (alike)
-    aware(kernel)            marks a @cuda.jit kernel whose every thread calls wait() before its first
-                             read of a previous kernel's output; returns it
+    begin()                  an aware kernel's first statement (wait())
+    aware(kernel)            marks a @cuda.jit kernel whose every thread calls begin() first; returns it
     programmatic(on=True)    context manager: aware kernels launched inside get the attribute; all
                              others launch as usual (they wait for the whole previous kernel)
     available()              whether launches can carry the attribute here (sm_90+ and cuda.core's
                              LaunchConfig has programmatic_stream_serialization)
 
-Why every aware kernel waits at its top: a kernel that ended without waiting could end before the
-kernel before it, and the one after it, waiting only on it, would read unfinished data. Each aware
-kernel calls launch_dependents() after its wait, so at most the running kernel and the next one are
-in flight: the next one's blocks can never hold the SM slots the running one still needs.
+Why every aware kernel waits first: a kernel that ended without waiting could end before the kernel
+before it, and the one after it, waiting only on it, would read unfinished data.
+
+Measured on the H200 (Qwen3-32B shapes, 4-bit, stop 17): the decode step 124.6-125.0 -> 126.1-126.2
+tokens/s at 1k context, 110.3-110.8 -> 111.8 at 8k. Tried and left out: griddepcontrol.launch_dependents
+right after the wait in every kernel (the next kernel's blocks then sit on the SMs while a GEMV's last
+wave runs: 123.5 against 124.8 without PDL) or only in the short kernels before a GEMV (equal to none),
+and a GEMV loading its first weights before its wait (its loop then measured slower: 121.9 against 124.9).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
 
 import koifish_cuda.compat  # noqa: F401
 from numba import config, cuda, types
-
-# measurement knobs (compile-time; set before the first kernel compiles, with a NUMBA_CACHE_DIR of their own):
-# KOIFISH_PDL_TRIGGER: which kernels let their dependents launch right after their own wait ("all", "small":
-# those begun with begin_early(), the one-block norm, SwiGLU and attention merge), "none": at their end
-_TRIGGER = os.environ.get("KOIFISH_PDL_TRIGGER", "none")
-TRIGGER_ALL, TRIGGER_SMALL = _TRIGGER == "all", _TRIGGER in ("all", "small")
 
 _ON = contextvars.ContextVar("koifish_pdl_on", default=False)  # inside programmatic()
 _NOW = contextvars.ContextVar("koifish_pdl_now", default=False)  # the launch being made is an aware one
@@ -54,9 +47,6 @@ if config.ENABLE_CUDASIM:
     def wait():
         pass
 
-    def launch_dependents():
-        pass
-
 else:
     from llvmlite import ir
     from numba.cuda.extending import intrinsic
@@ -67,21 +57,16 @@ else:
         except Exception:  # no device: compile for what ptxas is asked (compile_ptx tests pass cc)
             return True
 
-    def _griddep(op: str):
-        def typer(typingctx):
-            def codegen(context, builder, sig, args):
-                if _sm90():
-                    asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), f"griddepcontrol.{op};", "~{memory}",
-                                       side_effect=True)
-                    builder.call(asm, [])
-                return context.get_dummy_value()
+    @intrinsic
+    def wait(typingctx):
+        def codegen(context, builder, sig, args):
+            if _sm90():  # the instruction exists from sm_90; before, there is nothing to wait for
+                asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), "griddepcontrol.wait;", "~{memory}",
+                                   side_effect=True)
+                builder.call(asm, [])
+            return context.get_dummy_value()
 
-            return types.void(), codegen
-
-        return intrinsic(typer)
-
-    wait = _griddep("wait")
-    launch_dependents = _griddep("launch_dependents")
+        return types.void(), codegen
 
 
 def available() -> bool:
@@ -138,13 +123,3 @@ def programmatic(on: bool = True):
 def begin():
     """An aware kernel's first statement: wait for the previous kernel's writes."""
     wait()
-    if TRIGGER_ALL:
-        launch_dependents()
-
-
-@cuda.jit(device=True, inline=True)
-def begin_early():
-    """begin() for a short kernel: the next kernel (a GEMV) may launch while this one runs."""
-    wait()
-    if TRIGGER_SMALL:
-        launch_dependents()

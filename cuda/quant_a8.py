@@ -71,11 +71,9 @@ def dequant_matvec4_a8_ref(x: np.ndarray, codes, scales, zeros, group_size: int)
 # uint64 a row per 16-byte load (15.48 ms at stop 14: registers), 32- and 4-row blocks (slower on
 # every shape).
 import functools  # noqa: E402
-import os  # noqa: E402
 
 import koifish_cuda.compat  # noqa: E402,F401
 from koifish_cuda.pdl import aware, begin  # noqa: E402
-from koifish_cuda.prefetch import prefetch_l2  # noqa: E402
 from koifish_cuda.bf16 import float_bits  # noqa: E402
 from koifish_cuda.dp4a import dp4a  # noqa: E402
 from koifish_cuda.quant import ROWS4, WARPS4, _block_rows, _store_rows  # noqa: E402
@@ -136,8 +134,6 @@ def _dot_chunk(q, xw):
 # blocks an SM each block shape is bounded for at 4 warps (registers: the rows' uint64s and sums grow
 # with R)
 ROW_CHOICES = {8: 4, 16: 3}
-# turns of the K loop asked of L2 ahead (measurement knob, read when the module loads)
-GEMV_AHEAD = int(os.environ.get("KOIFISH_GEMV_AHEAD", "0"))
 
 
 def rows_warps_for(N: int, K: int, pre: bool = True) -> tuple[int, int]:
@@ -212,10 +208,9 @@ def quantize_x16(x, xq, xs, xsum, stream=0) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(R: int, pre: bool = False, W: int = WARPS4, AHEAD: int = GEMV_AHEAD):
+def _kernel(R: int, pre: bool = False, W: int = WARPS4):
     """The kernel for R rows a block (a compile-time constant: R uint64 loads in flight a lane) and W
-    warps splitting K; pre: x comes rounded (quantize_x16's triple) instead of as float32; AHEAD: turns
-    of the K loop whose weight lines each turn asks L2 for ahead of their loads (0: none)."""
+    warps splitting K; pre: x comes rounded (quantize_x16's triple) instead of as float32."""
     BUF = 32 * W  # shared sizes must be plain constants
     RED = R * W
     x_chunk = _load_x if pre else _round_x
@@ -239,19 +234,10 @@ def _kernel(R: int, pre: bool = False, W: int = WARPS4, AHEAD: int = GEMV_AHEAD)
         wv = cuda.local.array(R, uint64)
         xr = cuda.local.array(CHUNK, float32)
         xw = cuda.local.array(4, uint32)
-        if AHEAD:  # the lines of the first AHEAD turns after this one, towards L2 (weights: no kernel's output)
-            for j in range(t + BUF, min(Kq, t + (AHEAD + 1) * BUF), BUF):
-                for r in range(R):
-                    prefetch_l2(q64[rows[r]], j)
         begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
         for i in range(t, Kq, BUF):  # lane l of warp w: uint64 32 (w + W s) + l
             for r in range(R):  # the row loads first: they are what the kernel waits for
                 wv[r] = q64[rows[r], i]
-            if AHEAD:
-                j = i + (AHEAD + 1) * BUF
-                if j < Kq:
-                    for r in range(R):
-                        prefetch_l2(q64[rows[r]], j)
             xs, xsum = x_chunk(x, i, xr, xw)
             g = i // qpg
             for r in range(R):

@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 import koifish_cuda.compat  # noqa: F401
-from koifish_cuda.pdl import aware, begin, begin_early
+from koifish_cuda.pdl import aware, begin
 from koifish_cuda.compat import nb
 from koifish_cuda.bf16 import f32_to_bf16
 from koifish_cuda.reduce import THREADS, block_reduce_warps, block_sum
@@ -150,7 +150,7 @@ def norm_row_x16(out, xq, xs, xsum, x, delta, w, eps, add, buf, wbuf):
 @cuda.jit(cache=True)
 def add_rmsnorm_x16_kernel(out, xq, xs, xsum, x, delta, w, eps, add, pf):
     """Block 0, a thread a chunk of 16 (norm_row_x16); any further blocks prefetch pf into L2."""
-    begin_early()  # PDL: wait for the previous kernel's writes; a GEMV may launch behind
+    begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
     if cuda.blockIdx.x > 0:
         prefetch_share(pf, cuda.blockIdx.x - 1, cuda.gridDim.x - 1)
         return

@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 import koifish_cuda.compat  # noqa: F401
-from koifish_cuda.pdl import aware, begin, begin_early
+from koifish_cuda.pdl import aware, begin
 from koifish_cuda.compat import nb
 from koifish_cuda.bf16 import bf16_to_f32, f32_to_bf16
 from koifish_cuda.prefetch import no_prefetch, prefetch_blocks, prefetch_share
@@ -87,7 +87,7 @@ def swiglu_bf16(out, gu, stream=0):
 def swiglu_x16_kernel(out, xq, xs, xsum, gu, pf):
     """One thread a chunk of 16 of one row's h: its SwiGLU written as float32 and rounded to int8; the
     blocks past the chunks prefetch pf into L2."""
-    begin_early()  # PDL: wait for the previous kernel's writes; a GEMV may launch behind
+    begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
     F = out.shape[1]
     work = (F // CHUNK + cuda.blockDim.x - 1) // cuda.blockDim.x
     if cuda.blockIdx.x >= work:
