@@ -71,11 +71,9 @@ def dequant_matvec4_a8_ref(x: np.ndarray, codes, scales, zeros, group_size: int)
 # uint64 a row per 16-byte load (15.48 ms at stop 14: registers), 32- and 4-row blocks (slower on
 # every shape).
 import functools  # noqa: E402
-import os  # noqa: E402
 
 import koifish_cuda.compat  # noqa: E402,F401
 from koifish_cuda.pdl import aware, begin  # noqa: E402
-from koifish_cuda.async_copy import commit, copy8_async, wait_groups  # noqa: E402
 from koifish_cuda.bf16 import float_bits  # noqa: E402
 from koifish_cuda.dp4a import dp4a  # noqa: E402
 from koifish_cuda.quant import ROWS4, WARPS4, _block_rows, _store_rows  # noqa: E402
@@ -136,8 +134,6 @@ def _dot_chunk(q, xw):
 # blocks an SM each block shape is bounded for at 4 warps (registers: the rows' uint64s and sums grow
 # with R)
 ROW_CHOICES = {8: 4, 16: 3}
-# turns of weights in flight (cp.async) while the GEMV computes one; 0: register loads (measurement knob)
-GEMV_STAGES = int(os.environ.get("KOIFISH_GEMV_STAGES", "0"))
 
 
 def rows_warps_for(N: int, K: int, pre: bool = True) -> tuple[int, int]:
@@ -212,17 +208,11 @@ def quantize_x16(x, xq, xs, xsum, stream=0) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(R: int, pre: bool = False, W: int = WARPS4, D: int = -1):
+def _kernel(R: int, pre: bool = False, W: int = WARPS4):
     """The kernel for R rows a block (a compile-time constant: R uint64 loads in flight a lane) and W
-    warps splitting K; pre: x comes rounded (quantize_x16's triple) instead of as float32. D: turns of
-    the K loop whose weights are in flight while a turn computes (cp.async into shared memory,
-    koifish_cuda.async_copy); 0: loaded into registers, the turn waiting for them; -1: GEMV_STAGES
-    where the ring fits in static shared memory."""
+    warps splitting K; pre: x comes rounded (quantize_x16's triple) instead of as float32."""
     BUF = 32 * W  # shared sizes must be plain constants
     RED = R * W
-    if D < 0:
-        D = GEMV_STAGES if (GEMV_STAGES + 1) * R * BUF * 8 <= 48 * 1024 and not config.ENABLE_CUDASIM else 0
-    RING = max(1, (D + 1) * R * BUF)  # uint64 slots: D + 1 turns of R rows, a lane's own column
     x_chunk = _load_x if pre else _round_x
     # the register bound of 128-thread blocks, kept for other widths (the same threads an SM)
     bounds = {} if config.ENABLE_CUDASIM else {"launch_bounds": (BUF, max(1, ROW_CHOICES[R] * WARPS4 // W))}
@@ -244,55 +234,27 @@ def _kernel(R: int, pre: bool = False, W: int = WARPS4, D: int = -1):
         wv = cuda.local.array(R, uint64)
         xr = cuda.local.array(CHUNK, float32)
         xw = cuda.local.array(4, uint32)
-        if D > 0:
-            ring = cuda.shared.array(RING, uint64)
-            turns = (Kq - t + BUF - 1) // BUF if t < Kq else 0
-            for s in range(D):  # weights are no kernel's output: in flight before the wait for x
-                if s < turns:
-                    for r in range(R):
-                        copy8_async(ring, (s * R + r) * BUF + t, q64, rows[r], t + s * BUF)
-                commit()
-            begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
-            slot = 0
-            ahead = D
-            for s in range(turns):
-                i = t + s * BUF
-                if s + D < turns:
-                    for r in range(R):
-                        copy8_async(ring, (ahead * R + r) * BUF + t, q64, rows[r], i + D * BUF)
-                commit()  # (an empty group past the end keeps the count)
-                ahead = 0 if ahead == D else ahead + 1
-                xs, xsum = x_chunk(x, i, xr, xw)
-                g = i // qpg
-                wait_groups(D)  # turn s's group is in
-                for r in range(R):
-                    dz = int32(_dot_chunk(ring[(slot * R + r) * BUF + t], xw) - int32(zeros[rows[r], g]) * xsum)
-                    acc[r] += scales[rows[r], g] * (xs * float32(dz))
-                slot = 0 if slot == D else slot + 1
-        else:
-            begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
-            for i in range(t, Kq, BUF):  # lane l of warp w: uint64 32 (w + W s) + l
-                for r in range(R):  # the row loads first: they are what the kernel waits for
-                    wv[r] = q64[rows[r], i]
-                xs, xsum = x_chunk(x, i, xr, xw)
-                g = i // qpg
-                for r in range(R):
-                    # int32(): Numba widens int32 arithmetic to int64, and an int64 -> float conversion is slow
-                    dz = int32(_dot_chunk(wv[r], xw) - int32(zeros[rows[r], g]) * xsum)
-                    acc[r] += scales[rows[r], g] * (xs * float32(dz))
+        begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
+        for i in range(t, Kq, BUF):  # lane l of warp w: uint64 32 (w + W s) + l
+            for r in range(R):  # the row loads first: they are what the kernel waits for
+                wv[r] = q64[rows[r], i]
+            xs, xsum = x_chunk(x, i, xr, xw)
+            g = i // qpg
+            for r in range(R):
+                # int32(): Numba widens int32 arithmetic to int64, and an int64 -> float conversion is slow
+                dz = int32(_dot_chunk(wv[r], xw) - int32(zeros[rows[r], g]) * xsum)
+                acc[r] += scales[rows[r], g] * (xs * float32(dz))
         _store_rows(out, acc, buf, red, t, n0, N, R, W)
 
     return kernel
 
 
 def dequant_matvec4_a8(out, x, words, scales, zeros, group_size: int, stream=0, rows: int | None = None,
-                       warps: int | None = None, stages: int | None = None):
+                       warps: int | None = None):
     """out (1, N) float32 = x (1, K) float32 @ W.T, W 4-bit as quant.dequant_matvec takes it (words
     uint32 (N, K/8), scales float32 and zeros uint8 (N, K/group_size)); K a multiple of 32, group_size
     of 16, x on a 16-byte boundary. x may also come rounded already: quantize_x16's (xq, xs, xsum).
     rows: a block's rows (ROW_CHOICES), warps its warps (1 to 8); by default rows_warps_for(N, K, pre).
-    stages: turns of weights in flight through cp.async while a turn computes (0: register loads;
-    default GEMV_STAGES where its ring fits in 48 KB of shared memory).
     (Running the next RMSNorm in the last block to finish, counted in by an atomic, saved two graph
     nodes a layer but measured slower: 107.4 against 116.8 tokens/s at Qwen3-32B's shapes, stop 16.)"""
     pre = isinstance(x, tuple)
@@ -310,5 +272,5 @@ def dequant_matvec4_a8(out, x, words, scales, zeros, group_size: int, stream=0, 
         raise ValueError(f"dequant_matvec4_a8: rows a block must be one of {sorted(ROW_CHOICES)}, got {rows}")
     if not 1 <= warps <= 8:
         raise ValueError(f"dequant_matvec4_a8: 1 to 8 warps a block, got {warps}")
-    _kernel(rows, pre, warps, -1 if stages is None else stages)[(N + rows - 1) // rows, 32 * warps, stream](
+    _kernel(rows, pre, warps)[(N + rows - 1) // rows, 32 * warps, stream](
         out, x, words.view(np.uint64), scales, zeros, group_size)

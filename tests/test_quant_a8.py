@@ -128,25 +128,6 @@ def test_a8_kernel_takes_x_rounded_beforehand(N, K, G, warps):
     assert rel_err(host(y), dequant_matvec4_a8_ref(host(x), codes, scales, zeros, G)) < 1e-5
 
 
-@pytest.mark.parametrize("stages", [1, 3])
-@pytest.mark.parametrize("warps", [3, 1])
-@pytest.mark.parametrize("N,K,G", [(4099, 25600, 128)] if ON_GPU else [(17, 2048, 128)])
-def test_a8_kernel_with_weights_in_flight_through_shared_memory(N, K, G, warps, stages):
-    """Weights through a cp.async ring of stages + 1 turns (koifish_cuda.async_copy) give the register-load
-    kernel's output to the bit, lanes with a turn fewer than others included (K/16 uint64 over 32 warps lanes)."""
-    from koifish_cuda.quant_a8 import dequant_matvec4_a8, quantize_x16
-
-    r = np.random.default_rng()
-    codes, scales, zeros = quantize_groupwise_ref(r.standard_normal((N, K)).astype(np.float32), 4, G)
-    args = (dev(pack_codes_ref(codes, 4).view(np.uint32)), dev(scales.astype(np.float32)), dev(zeros), G)
-    pre = (dev(np.zeros(K // 4, np.uint32)), dev(np.zeros(K // 16, np.float32)), dev(np.zeros(K // 16, np.int32)))
-    quantize_x16(dev(r.standard_normal((1, K)).astype(np.float32)), *pre)
-    y, y_ring = (dev(np.full((1, N), np.nan, np.float32)) for _ in range(2))
-    dequant_matvec4_a8(y, pre, *args, rows=8, warps=warps, stages=0)
-    dequant_matvec4_a8(y_ring, pre, *args, rows=8, warps=warps, stages=stages)
-    assert np.isfinite(host(y)).all() and np.array_equal(host(y_ring), host(y))
-
-
 def test_a8_launcher_refuses_what_it_cannot_run():
     from koifish_cuda.quant_a8 import dequant_matvec4_a8
 
