@@ -6,6 +6,13 @@ beside the copy bandwidth (read + write) the decode roofline is defined by.
 A grid-stride kernel reads a 1 GiB buffer in 16-byte loads, U of them issued before any is used, and
 folds them into one word a thread; the grid is a multiple of the SM count. Every (threads, blocks an SM,
 U) is timed from CUDA-graph replays; the best is the ceiling. CuPy's sum (CUB) is timed too.
+
+Then the W4A8 GEMV's read pattern without its arithmetic (`gemv_read_kernel`): a block takes R rows of a
+uint64 matrix (N, Kq) and its lanes read uint64 t + BUF s of each row, turn after turn, as
+quant_a8's kernel does; once on the row-major matrix the GEMV reads, once on a tiled copy where each
+block's turn (R rows x BUF lanes) lies contiguous. If the row-major pattern alone reads at the GEMV's
+rate, the pattern (not the arithmetic) is what holds the GEMV; if the tiled one reads faster, a tiled
+weight layout is the fix.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import sys
 
 import koifish_cuda.compat  # noqa: F401
 from koifish_cuda.vload import load4
-from numba import cuda, uint32
+from numba import cuda, uint32, uint64
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import commit, copy_bandwidth, gpu_name, median_time, write_json  # noqa: E402
@@ -39,6 +46,32 @@ def read_kernel(U: int):
             for u in range(U):
                 acc ^= v[u, 0] ^ v[u, 1] ^ v[u, 2] ^ v[u, 3]
         out[t] = acc
+
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def gemv_read_kernel(R: int, W: int, tiled: bool):
+    BUF = 32 * W
+
+    @cuda.jit
+    def kernel(out, q64, N, Kq):
+        """q64: (N, Kq) row-major, or tiled: ((N / R) (Kq / BUF) R BUF,) flat, block b's turn s at
+        ((b Kq / BUF + s) R + r) BUF + t. Kq a multiple of BUF, N of R."""
+        t = cuda.threadIdx.x
+        b = cuda.blockIdx.x
+        acc = uint32(0)
+        wv = cuda.local.array(R, uint64)
+        turns = Kq // BUF
+        for s in range(turns):
+            for r in range(R):
+                if tiled:
+                    wv[r] = q64[((b * turns + s) * R + r) * BUF + t]
+                else:
+                    wv[r] = q64[(b * R + r) * Kq + s * BUF + t]
+            for r in range(R):  # both halves: the loads stay 8 bytes wide
+                acc ^= uint32(wv[r] & 0xFFFFFFFF) ^ uint32(wv[r] >> 32)
+        out[b * BUF + t] = acc
 
     return kernel
 
@@ -81,9 +114,27 @@ def main() -> None:
     for r in sorted(rows, key=lambda r: -r["GBps"])[:12]:
         print(f"{r['kernel']:<34}{r['GBps']:>8.0f}{r['share_of_copy']:>9.0%}")
     best = max(rows, key=lambda r: r["GBps"])
+    pattern = []
+    for name, N, K in (("qkv", 10240, 5120), ("gate_up", 51200, 5120), ("down", 5120, 25600)):
+        Kq = K // 16
+        for R, W in ((8, 3), (8, 1), (8, 4)):
+            BUF = 32 * W
+            Kq_run = Kq // BUF * BUF  # whole turns (the pattern, not the exact byte count)
+            q = cp.zeros(N * Kq_run, cp.uint64)
+            out = cp.zeros(N // R * BUF, cp.uint32)
+            for tiled in (False, True):
+                k = gemv_read_kernel(R, W, tiled)
+                sec = median_time(lambda s: k[N // R, BUF, s](out, q, N, Kq_run), 10, 4)
+                nb = N * Kq_run * 8
+                pattern.append({"shape": name, "N": N, "K": K, "rows": R, "warps": W, "tiled": tiled,
+                                "GBps": nb / sec / 1e9, "share_of_copy": nb / sec / copy, "us": sec * 1e6})
+    print(f"{'GEMV read pattern':<34}{'GB/s':>8}{'of copy':>9}{'us':>8}")
+    for r in pattern:
+        name = f"{r['shape']} {r['rows']}x{r['warps']}w {'tiled' if r['tiled'] else 'row-major'}"
+        print(f"{name:<34}{r['GBps']:>8.0f}{r['share_of_copy']:>9.0%}{r['us']:>8.1f}")
     print(f"best read: {best['GBps']:.0f} GB/s ({best['share_of_copy']:.0%} of copy), {best['kernel']}")
     write_json(args.out, {"gpu": gpu_name(), "commit": commit(), "copy_GBps": copy / 1e9, "rows": rows,
-                          "best_read_GBps": best["GBps"]})
+                          "best_read_GBps": best["GBps"], "gemv_pattern": pattern})
 
 
 if __name__ == "__main__":
