@@ -2,12 +2,18 @@
 
     python bench/bench_quant_gemv.py --bits 4 --out bench/results/quant_gemv.json
     python bench/bench_quant_gemv.py --variants --out bench/results/quant_gemv_variants.json
+    python bench/bench_quant_gemv.py --cold --out bench/results/quant_gemv_cold.json
 
 Times each projection of one Qwen3-32B layer (random 4-bit weights, group 128, batch 1) from
 CUDA-graph replays, and projects the weight-reading part of one decode token (64 layers + the
 head) against the roofline: weight bytes per token / the copy bandwidth measured in the same run.
 This is not the full decode step (attention, norms, sampling are not in it): a lower bound on
 decode time per token, i.e. an upper bound on tokens/s.
+
+--cold: the engine's fused shapes on x rounded beforehand (what a decode step runs), each timed over
+enough copies of its matrix (>= 256 MB, five times L2) that every call reads from memory as decode
+does, beside the same read pattern without the arithmetic (probe_read_bandwidth.gemv_read_kernel) and
+the contiguous read ceiling: what the arithmetic costs and what the pattern costs, shape by shape.
 """
 
 from __future__ import annotations
@@ -42,11 +48,14 @@ def main():
     ap.add_argument("--act-bits", type=int, default=8, choices=(8, 16),
                     help="4-bit only: x rounded to int8 (the engine's default) or float32")
     ap.add_argument("--out", default="bench/results/quant_gemv.json")
+    ap.add_argument("--cold", action="store_true", help="engine shapes, every call from memory (see above)")
     ap.add_argument("--variants", action="store_true",
                     help="time both 4-bit batch-1 kernels (float32 x, int8 x) on each shape")
     args = ap.parse_args()
     if args.variants:
         return variants(args)
+    if args.cold:
+        return cold(args)
     copy_bw = copy_bandwidth()
     rows, layer_time, layer_bytes = [], 0.0, 0
     for name, (N, K) in SHAPES.items():
@@ -82,6 +91,62 @@ def main():
 # the shapes the engine multiplies: q/k/v and gate/up are fused by rows, plus the head
 ENGINE = {"qkv": ((HEADS + 2 * KV) * HEAD_DIM, HIDDEN), "o_proj": (HIDDEN, HEADS * HEAD_DIM),
           "gate_up": (2 * INTER, HIDDEN), "down_proj": (HIDDEN, INTER), "lm_head": (VOCAB, HIDDEN)}
+
+
+def cold(args):
+    import cupy as cp
+
+    from koifish_cuda import quant_a8
+    from probe_read_bandwidth import read_ceiling, gemv_read_kernel
+
+    copy_bw = copy_bandwidth()
+    ceiling = read_ceiling()
+    rows = []
+    print(f"copy {copy_bw / 1e9:.0f} GB/s, contiguous read {ceiling / 1e9:.0f} GB/s")
+    print(f"{'shape':<10}{'N x K':>14}{'copies':>7}{'GEMV us':>9}{'GB/s':>7}{'of read':>8}{'pattern GB/s':>13}{'of read':>8}")
+    for shape, (N, K) in ENGINE.items():
+        rng = np.random.default_rng(0)
+        ng = K // args.group
+        one = N * K // 2 + N * ng * 5
+        C = max(1, -(-(256 << 20) // one))
+        w0 = cp.asarray(rng.integers(0, 2**32, (N, K // 8), dtype=np.uint32))
+        s0 = cp.asarray(rng.random((N, ng), dtype=np.float32) * 0.01 + 0.001)
+        z0 = cp.asarray(rng.integers(0, 16, (N, ng), dtype=np.uint8))
+        words, scales, zeros = ([a.copy() for _ in range(C)] for a in (w0, s0, z0))  # distinct memory, same values
+        xq = (cp.empty(K // 4, cp.uint32), cp.empty(K // 16, cp.float32), cp.empty(K // 16, cp.int32))
+        quant_a8.quantize_x16(cp.asarray(rng.standard_normal((1, K), dtype=np.float32)), *xq)
+        out = cp.empty((1, N), cp.float32)
+        turn = [0]
+
+        def gemv(s):
+            c = turn[0] % C
+            turn[0] += 1
+            quant_a8.dequant_matvec4_a8(out, xq, words[c], scales[c], zeros[c], args.group, s)
+
+        t = median_time(gemv, 10, C)
+        R, W = quant_a8.rows_warps_for(N, K, True)
+        BUF = 32 * W
+        Kq = K // 16 // BUF * BUF  # whole turns of the pattern kernel (the tail left out)
+        pout = cp.empty(N // R * BUF, cp.uint32)
+        k = gemv_read_kernel(R, W, False)
+        flat = [w.view(cp.uint64)[:, :Kq].copy().reshape(-1) for w in words] if Kq < K // 16 else \
+            [w.view(cp.uint64).reshape(-1) for w in words]
+
+        def pattern(s):
+            c = turn[0] % C
+            turn[0] += 1
+            k[N // R, BUF, s](pout, flat[c], N, Kq)
+
+        tp = median_time(pattern, 10, C)
+        nbytes, pbytes = one, N * Kq * 8
+        r = {"shape": shape, "N": N, "K": K, "copies": C, "rows": R, "warps": W, "us": t * 1e6,
+             "GBps": nbytes / t / 1e9, "share_of_read": nbytes / t / ceiling, "share_of_copy": nbytes / t / copy_bw,
+             "pattern_us": tp * 1e6, "pattern_GBps": pbytes / tp / 1e9, "pattern_share_of_read": pbytes / tp / ceiling}
+        rows.append(r)
+        print(f"{shape:<10}{f'{N} x {K}':>14}{C:>7}{r['us']:>9.1f}{r['GBps']:>7.0f}{r['share_of_read']:>8.0%}"
+              f"{r['pattern_GBps']:>13.0f}{r['pattern_share_of_read']:>8.0%}")
+    write_json(args.out, {"gpu": gpu_name(), "commit": commit(), "copy_GBps": copy_bw / 1e9,
+                          "read_GBps": ceiling / 1e9, "group": args.group, "rows": rows})
 
 
 def variants(args):
