@@ -49,6 +49,8 @@ def main():
                     help="4-bit only: x rounded to int8 (the engine's default) or float32")
     ap.add_argument("--out", default="bench/results/quant_gemv.json")
     ap.add_argument("--cold", action="store_true", help="engine shapes, every call from memory (see above)")
+    ap.add_argument("--cold-sweep", action="store_true",
+                    help="with --cold: every (rows, warps) a block on each shape, cold, instead of the pattern")
     ap.add_argument("--variants", action="store_true",
                     help="time both 4-bit batch-1 kernels (float32 x, int8 x) on each shape")
     args = ap.parse_args()
@@ -125,6 +127,20 @@ def cold(args):
 
         t = median_time(gemv, 10, C)
         R, W = quant_a8.rows_warps_for(N, K, True)
+        if args.cold_sweep:
+            for rr in sorted(quant_a8.ROW_CHOICES):
+                for ww in (1, 2, 3, 4, 6, 8):
+                    def one_config(s, rr=rr, ww=ww):
+                        c = turn[0] % C
+                        turn[0] += 1
+                        quant_a8.dequant_matvec4_a8(out, xq, words[c], scales[c], zeros[c], args.group, s,
+                                                    rows=rr, warps=ww)
+                    tc = median_time(one_config, 10, C)
+                    rows.append({"shape": shape, "N": N, "K": K, "rows": rr, "warps": ww, "us": tc * 1e6,
+                                 "default": (rr, ww) == (R, W), "GBps": one / tc / 1e9})
+                    print(f"{shape:<10} {rr:>2} rows {ww} warps {tc * 1e6:8.1f} us{'  (default)' if (rr, ww) == (R, W) else ''}",
+                          flush=True)
+            continue
         BUF = 32 * W
         Kq = K // 16 // BUF * BUF  # whole turns of the pattern kernel (the tail left out)
         pout = cp.empty(N // R * BUF, cp.uint32)
