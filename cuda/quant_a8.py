@@ -143,7 +143,8 @@ def rows_warps_for(N: int, K: int, pre: bool = True) -> tuple[int, int]:
     the rest (qkv 10.7, o_proj 8.4, down 22.5: fewer blocks, so more warps each to fill the SMs): a
     token's GEMVs 5.72 ms, against 8.17 at 16 rows x 4 warps and 6.26 at 8 x 2 everywhere. x rounded
     in the kernel (each block rounds all of x): 8 rows for the attention matrices, 16 for the rest
-    (measured at 4 warps)."""
+    (measured at 4 warps). Confirmed cold (every call from memory, as in decode; bench_quant_gemv.py
+    --cold --cold-sweep, stop 17): the fastest of {8, 16} rows x {1, 2, 3, 4, 6, 8} warps on every shape."""
     if pre:
         return 8, (1 if N >= 32768 else 3)
     return (8 if K <= 8192 and N <= 16384 else ROWS4), WARPS4
