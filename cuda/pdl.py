@@ -76,6 +76,7 @@ def available() -> bool:
         from numba.cuda import dispatcher
 
         dispatcher.LaunchConfig(grid=1, block=1, programmatic_stream_serialization=True)
+        dispatcher.CUDADispatcher.call  # noqa: B018  (what _patch wraps: another numba-cuda may lack it)
         return cuda.get_current_device().compute_capability >= (9, 0)
     except Exception:
         return False
