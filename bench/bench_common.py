@@ -98,3 +98,21 @@ def apply_engine_options(eng, args) -> dict:
     if args.update_sample is not None:
         eng.stat_sample = args.update_sample
     return {"variants": dict(eng.variants), "tune": args.tune, "update_sample": eng.stat_sample}
+
+
+def parse_settings(text: str) -> list[dict]:
+    """'pdl=0;pdl=1,prefetch_mb=2' -> [{'pdl': 0.0}, {'pdl': 1.0, 'prefetch_mb': 2.0}] ([{}] for '')."""
+    return [dict((k, float(v)) for k, v in (kv.split("=") for kv in group.split(",")))
+            for group in text.split(";") if group] or [{}]
+
+
+def apply_settings(eng, settings: dict) -> str:
+    """Set a Qwen3GPU's decode settings (each cast to its attribute's type) and have the next step capture
+    them; returns their label ('' for none)."""
+    for k, v in settings.items():
+        if not hasattr(eng, k):
+            raise SystemExit(f"--sweep: the engine has no setting {k!r}")
+        setattr(eng, k, type(getattr(eng, k))(v))
+    if settings:
+        eng.recapture()
+    return ",".join(f"{k}={v:g}" for k, v in settings.items())

@@ -74,7 +74,7 @@ def main():
         return
     import cupy as cp
 
-    from bench.bench_common import commit, copy_bandwidth
+    from bench.bench_common import apply_settings, commit, copy_bandwidth, parse_settings
     from koifish_core.infer.qwen3_gpu import Qwen3GPU, kv_cache_dtype
     from koifish_core.infer.sampling import SamplingParams
     from koifish_core.models.qwen3 import Qwen3Config
@@ -131,8 +131,7 @@ def main():
     if args.prefetch_mb is not None:
         eng.prefetch_mb = args.prefetch_mb
     eng.pdl = not args.no_pdl
-    sweep = [dict((k, float(v)) for k, v in (kv.split("=") for kv in group.split(",")))
-             for group in args.sweep.split(";") if group] or [{}]
+    sweep = parse_settings(args.sweep)
     eng.decode_splits = args.splits  # read when the cache is made
     eng.sync()
     load_s = time.perf_counter() - t0
@@ -177,11 +176,8 @@ def main():
 
     setting = [""]
     for group in sweep:
+        setting[0] = apply_settings(eng, group)
         if group:  # a new body: one eager step (compiles), then a fresh capture
-            for k, v in group.items():
-                setattr(eng, k, type(getattr(eng, k))(v))
-            eng.graph, eng._eager_steps = None, 0
-            setting[0] = ",".join(f"{k}={v:g}" for k, v in group.items())
             cache.length = args.prompt
             eng._set(eng.pos, [args.prompt])
             eng.decode_sample(cache)

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import commit, copy_bandwidth, gpu_name, write_json  # noqa: E402
+from bench_common import apply_settings, commit, copy_bandwidth, gpu_name, parse_settings, write_json  # noqa: E402
 
 GROUPS = (  # (group, pattern in the mangled kernel name), first match wins
     ("gemv w4a8", r"quant_a8.*kernel"),
@@ -75,11 +75,8 @@ def main() -> None:
     copy = copy_bandwidth()
     report = {"gpu": gpu_name(), "commit": commit(), "layers": args.layers, "context": args.context,
               "copy_GBps": copy / 1e9, "runs": []}
-    sweep = [dict((k, float(v)) for k, v in (kv.split("=") for kv in g.split(","))) for g in args.sweep.split(";") if g]
-    for setting in sweep or [{}]:
-        for k, v in setting.items():
-            setattr(eng, k, type(getattr(eng, k))(v))
-        eng.graph, eng._eager_steps = None, 0
+    for setting in parse_settings(args.sweep):
+        label = apply_settings(eng, setting) or "defaults"
         for _ in range(3):  # eager (compiles), capture, one replay
             cache.length = args.context
             eng._set(eng.pos, [args.context])
@@ -108,7 +105,6 @@ def main() -> None:
                 if prev_end is not None:
                     g["gap_before_us"] += max(0, s - prev_end) / 1e3 / len(steps)
                 prev_end = s + d
-        label = ",".join(f"{k}={v:g}" for k, v in setting.items()) or "defaults"
         gaps = span - busy
         print(f"{label}: step {span / 1e6:.3f} ms on the GPU clock, kernels running {busy / 1e6:.3f} ms, "
               f"idle between kernels {gaps / 1e6:.3f} ms ({len(steps[0])} kernels a step)")

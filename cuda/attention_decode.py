@@ -36,7 +36,7 @@ import koifish_cuda.compat  # noqa: F401
 from koifish_cuda.pdl import aware, begin
 from koifish_cuda.quant_a8 import CHUNK, store_rounded
 from koifish_cuda.mma import mma_f16, pack_f16x2, unpack_f16x2
-from koifish_cuda.prefetch import no_prefetch, prefetch_blocks, prefetch_share
+from koifish_cuda.prefetch import lines_or_none, no_prefetch, prefetch_blocks, prefetch_share
 from koifish_cuda.reduce import (NEG_INF, THREADS, WARPS, block_reduce_warps, shfl_xor, sync_warp, warp_max,
                                  warp_sum)
 from koifish_cuda.vload import aligned, load2, load4
@@ -753,7 +753,7 @@ def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k
                          f"triple of {nh * hd} values; got {R} rows, head_dim {hd}, codes {xq[0].shape}")
     if xq is not None and not aligned(xq[0], 4):
         raise ValueError("attention: the rounded output's codes must start on a 16-byte boundary")
-    pf = no_prefetch(out) if prefetch is None else prefetch
+    pf = lines_or_none(prefetch, out)
     scale = np.float32(1.0 / math.sqrt(hd))
     if mma:  # the split kernel's spare rows prefetch (it runs longer than the merge), the merge none
         spare_rows = -(-prefetch_blocks(pf, THREADS) // (R * nkv))

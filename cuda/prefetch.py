@@ -12,6 +12,7 @@ node. The simulator has no L2: there prefetch_l2 does nothing (the spare blocks 
     prefetch_share(words, i, n)       spare block i (of n)'s lines of words (block-strided over the spares)
     prefetch_blocks(words, threads)   how many spare blocks a launch adds (0 for an empty words)
     no_prefetch(like)                 a one-word uint32 array of like's array module: no line, no spare block
+    lines_or_none(prefetch, like)     a launcher's prefetch argument as its kernel takes it (None: no_prefetch)
 """
 
 from __future__ import annotations
@@ -78,6 +79,11 @@ def no_prefetch(like):
     if xp not in _EMPTY:
         _EMPTY[xp] = __import__(xp).zeros(1, np.uint32)
     return _EMPTY[xp]
+
+
+def lines_or_none(prefetch, like):
+    """What a launcher passes its kernel: prefetch (a 1-D uint32 array), or no_prefetch(like) for None."""
+    return no_prefetch(like) if prefetch is None else prefetch
 
 
 def weight_lines(words, nbytes: int):

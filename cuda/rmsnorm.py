@@ -19,7 +19,7 @@ from koifish_cuda.pdl import aware, begin
 from koifish_cuda.compat import nb
 from koifish_cuda.bf16 import f32_to_bf16
 from koifish_cuda.reduce import THREADS, block_reduce_warps, block_sum
-from koifish_cuda.prefetch import no_prefetch, prefetch_blocks, prefetch_share
+from koifish_cuda.prefetch import lines_or_none, prefetch_blocks, prefetch_share
 from koifish_cuda.quant_a8 import CHUNK, store_rounded
 from koifish_cuda.vload import aligned, load4, store4
 from numba import config, cuda, float32, uint32
@@ -175,6 +175,6 @@ def add_rmsnorm_x16(out, xq, x, delta, w, eps: float, stream=0, prefetch=None):
     if not all(aligned(a, 4) for a in (out, x, w, xq[0], delta if add else x)):
         raise ValueError("add_rmsnorm_x16: every array must start on a 16-byte boundary")
     threads = -(-(C // CHUNK) // 32) * 32  # whole warps (block_reduce_warps)
-    pf = no_prefetch(x) if prefetch is None else prefetch
+    pf = lines_or_none(prefetch, x)
     add_rmsnorm_x16_kernel[1 + prefetch_blocks(pf, threads), threads, stream](
         out, *xq, x, delta if add else x, w, np.float32(eps), add, pf)

@@ -16,7 +16,7 @@ import koifish_cuda.compat  # noqa: F401
 from koifish_cuda.pdl import aware, begin
 from koifish_cuda.compat import nb
 from koifish_cuda.bf16 import bf16_to_f32, f32_to_bf16
-from koifish_cuda.prefetch import no_prefetch, prefetch_blocks, prefetch_share
+from koifish_cuda.prefetch import lines_or_none, prefetch_blocks, prefetch_share
 from koifish_cuda.quant_a8 import CHUNK, store_rounded
 from koifish_cuda.vload import aligned, load4, store4
 from numba import cuda, float32, uint32
@@ -120,5 +120,5 @@ def swiglu_x16(out, xq, gu, stream=0, prefetch=None):
     if not all(aligned(a, 4) for a in (out, gu, xq[0])):
         raise ValueError("swiglu_x16: every array must start on a 16-byte boundary")
     n = F // CHUNK
-    pf = no_prefetch(gu) if prefetch is None else prefetch
+    pf = lines_or_none(prefetch, gu)
     swiglu_x16_kernel[(n + 127) // 128 + prefetch_blocks(pf, 128), 128, stream](out, *xq, gu, pf)

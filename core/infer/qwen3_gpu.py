@@ -454,6 +454,11 @@ class Qwen3GPU:
     def _get(self, src) -> np.ndarray:
         return np.array(src) if self.sim else src.get(stream=self.stream)
 
+    def recapture(self) -> None:
+        """After changing a decode setting (attention_variant, fuse_rope, prefetch_mb, pdl, ...): the next
+        decode step runs eagerly (compiling what is new) and captures a fresh graph."""
+        self.graph, self._eager_steps = None, 0
+
     def sync(self) -> None:
         if not self.sim:
             self.stream.synchronize()
@@ -621,8 +626,7 @@ class Qwen3GPU:
         kc, vc = self.kv
 
         def ahead(lin):  # the first prefetch_mb MB of lin's packed weights, for the kernel before its GEMV
-            if not self.prefetch_mb or R != 1 or lin is None or not self._w4a8(lin, R) \
-                    or not lin.words.flags.c_contiguous:
+            if not self.prefetch_mb or lin is None or not self._w4a8(lin, R) or not lin.words.flags.c_contiguous:
                 return None
             return weight_lines(lin.words, int(self.prefetch_mb * 2**20))
 
