@@ -198,9 +198,14 @@ def test_adamw_and_norm():
     mask = r.random(n) < 0.5
     norm_sq = f32(np.zeros(1))
     gd = f32(g)
-    sum_squares(norm_sq, gd)
+    sum_squares(norm_sq, gd, vector=False)  # the scalar kernel (unaligned views)
     norm = global_norm_ref(g)
     assert abs(np.sqrt(host(norm_sq)[0]) - norm) < 1e-4 * norm
+    # the default 16-byte loads: two whole turns of a one-block grid (2 x 4 x 4 x 128 values) and a ragged tail
+    gv = r.standard_normal(n if ON_GPU else 2 * 2048 + 37)
+    vec_sq = f32(np.zeros(1))
+    sum_squares(vec_sq, f32(gv))
+    assert abs(np.sqrt(host(vec_sq)[0]) - global_norm_ref(gv)) < 1e-4 * global_norm_ref(gv)
     clip = norm / 2  # clipping active: the kernel scales the gradient by clip / norm
     step, lr, b1, b2, eps, wd = 3, 1e-2, 0.9, 0.95, 1e-8, 0.1
     hyper = f32([lr, b1, b2, eps, wd, 1 - b1**step, 1 - b2**step, clip])
