@@ -1,8 +1,9 @@
 """The kernels worth a hardware-counter look, each launched once on data past L2, for Nsight Compute (ncu).
 
-    ncu --clock-control none --kernel-name regex:'quant_a8|attention_decode|rmsnorm|layernorm|classifier|adamw' \\
+    ncu --clock-control none --kernel-name regex:kernel \\
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \\
         --section SchedulerStats --section LaunchStats --csv --page details \\
+        --metrics regex:'smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio' \\
         python bench/ncu_kernels.py > ncu.csv
     python bench/ncu_kernels.py --summary ncu.csv        (a table of the metrics that matter, a row a kernel)
 
@@ -30,16 +31,15 @@ KEEP = ("Duration", "DRAM Throughput", "Memory Throughput", "L1/TEX Hit Rate", "
         "Achieved Occupancy", "Theoretical Occupancy", "Registers Per Thread", "Block Size", "Grid Size",
         "Warp Cycles Per Issued Instruction", "Issue Slots Busy", "No Eligible", "Active Warps Per Scheduler",
         "Eligible Warps Per Scheduler", "Mem Busy", "Max Bandwidth")
-NAMES = (("gemv w4a8", r"quant_a8"), ("attention split", r"attention_decode.*split"),
-         ("attention merge", r"attention_decode"), ("rmsnorm x16", r"rmsnorm"),
-         ("layernorm backward", r"layernorm"), ("classifier bf16", r"classifier"), ("sum_squares", r"adamw"))
+STALL = "smsp__average_warps_issue_stalled_"
 
 
 def short(name: str) -> str:
-    for label, pat in NAMES:
-        if re.search(pat, name):
-            return label
-    return name[:30]
+    """ncu names a kernel by its function: the factories' closures are all `kernel`, so the first
+    argument types tell them apart (with the grid, and the script's launch order on stderr)."""
+    name = re.sub(r"\[[^]]*\]", "", name)  # numba's specialisation hash
+    name = re.sub(r"Array<([^,]+), (\d), [^>]*>", r"\1[\2]", name)
+    return name[:90]
 
 
 def summary(path: str) -> None:
@@ -53,10 +53,17 @@ def summary(path: str) -> None:
         name = rec["Metric Name"]
         if any(name.startswith(k) for k in KEEP):
             r[name] = f"{rec['Metric Value']} {rec['Metric Unit']}".strip()
+        elif name.startswith(STALL):  # cycles a warp waits per issued instruction, by reason
+            r.setdefault("stalls", {})[name[len(STALL):].split("_per_issue")[0]] = float(
+                rec["Metric Value"].replace(",", "") or 0)
     for i, r in rows.items():
         print(f"[{i}] {r.pop('kernel')}  grid {r.pop('grid')}  block {r.pop('block')}")
+        stalls = r.pop("stalls", {})
         for k, v in r.items():
             print(f"      {k:<44} {v}")
+        top = sorted(stalls.items(), key=lambda kv: -kv[1])[:6]
+        if top:
+            print("      stalls (cycles an issue): " + ", ".join(f"{k} {v:.2f}" for k, v in top))
 
 
 def main() -> None:
