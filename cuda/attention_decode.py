@@ -287,10 +287,11 @@ MMA_TILE = 16  # keys a warp of the mma kernel takes at once: the rows of one pr
 # keys a split of the mma kernel takes at least: at 1k keys 16 splits of 64 beat 32 of 32 (11.9 against 15.1 us),
 # at 8k 32 splits beat 16 (25.8 against 30.7)
 MMA_MIN_CHUNK = 64
+MMA_VARIANTS = ("mma", "mma_pv", "mma_pv2")  # mma_pv: V's weighted sum on the tensor cores too; 2: two blocks an SM
 
 
 @functools.lru_cache(maxsize=None)
-def _split_mma_kernel(HD: int, NREP: int, ROPE: bool = False):
+def _split_mma_kernel(HD: int, NREP: int, ROPE: bool = False, PV: bool = False, PER_SM: int = 3):
     """The "mma" split kernel (float16 caches, HD a multiple of 64, NREP at most 8): each warp takes
     tiles of MMA_TILE (16) keys and scores them against the kv head's NREP query heads on the tensor cores,
     S^T (keys x 8 heads) = K (keys x HD) Q^T, as mma.sync m16n8k16 products (koifish_cuda.mma): lane
@@ -309,7 +310,14 @@ def _split_mma_kernel(HD: int, NREP: int, ROPE: bool = False):
     block norms and rotates its query heads from the raw row (a lane's quarter of a head: the sum of
     squares over the four lanes of a g, the RoPE partner d +- HD/2 in lane c ^ 2), and the block whose
     split holds the new key stores that key (normed, rotated) and value into the caches before its
-    first tile reads them."""
+    first tile reads them.
+    PV (variant "mma_pv"): the weighted sum of V on the tensor cores too, O^T (HD x 8 heads) += V^T P^T,
+    a product a 16-dimension slice of the tile's V (HD / 16 of them), its A fragment built from the V
+    rows in shared memory (row g of a slice is dimension 2g, row g + 8 dimension 2g + 1: one word of a
+    key row holds both, so a fragment register is two words' halves) and P^T as B, rounded to float16
+    hi + lo as q is. A lane's accumulators are then heads 2c, 2c + 1 (whose rescale factors it holds)
+    at dimensions 16 mt + 2g, + 1; the FMA loop's ~512 multiply-adds and 128 weight loads a lane a tile
+    become 16 products and 32 shared loads."""
     KS = HD // 16  # k-steps of 16 dimensions
     KW = HD // 8  # uint32 words of a key row a lane holds (a quarter of the row)
     DPL = HD // 32
@@ -319,14 +327,18 @@ def _split_mma_kernel(HD: int, NREP: int, ROPE: bool = False):
     MT = MMA_TILE // 16  # the product's row tiles
     KR = 4 * MT * KW // 2
     NS = 4 * MT  # a lane's scores a tile
-    VS = WARPS * MMA_TILE * (HD // 2)
-    QR = NREP * DPL
+    RS = HD // 2 + (4 if PV else 0)  # words a V row takes in shared memory (PV: padded, the slices' loads conflict-free)
+    VS = WARPS * MMA_TILE * RS
+    MV = HD // 16  # PV: the product's 16-dimension slices of V
+    QR = 4 * MV if PV else NREP * DPL
     WM = WARPS * NREP
     WO = WARPS * NREP * HD
-    PS = WARPS * MMA_TILE * 8
+    PR = MMA_TILE + 4  # PV: a head's row of tile weights, [head][key] (padded)
+    PS = WARPS * 8 * PR if PV else WARPS * MMA_TILE * 8
     PA = WARPS * 8
     SIM = config.ENABLE_CUDASIM  # the simulator's mma and shuffles are block-wide: every warp takes every turn
-    bounds = {} if SIM else {"launch_bounds": (THREADS, 3)}  # ptxas: 168 registers (2: 246; 4: 128 and spills)
+    # ptxas at PER_SM 3: 168 registers (PV: 232 bytes spilled); 2: 253, no spills; 4: 128 and spills
+    bounds = {} if SIM else {"launch_bounds": (THREADS, PER_SM)}
 
     @aware
     @cuda.jit(**bounds)
@@ -386,7 +398,7 @@ def _split_mma_kernel(HD: int, NREP: int, ROPE: bool = False):
                             k_cache, (b, kvh, row, c * KW + i))
                 for k in range(MMA_TILE):  # the tile's V rows, the lane's DPL dimensions, into shared memory
                     row = kb + k if kb + k < s1 else safe  # (registers indexed by the key would go to local memory)
-                    o = (wp * MMA_TILE + k) * (HD // 2) + lane * VW
+                    o = (wp * MMA_TILE + k) * RS + lane * VW
                     if VW == 2:
                         vsh[o], vsh[o + 1] = load2(v_cache, (b, kvh, row, 2 * lane))
                     else:
@@ -422,7 +434,7 @@ def _split_mma_kernel(HD: int, NREP: int, ROPE: bool = False):
                 l1 *= a1
                 m0 = n0
                 m1 = n1
-                pw = wp * MMA_TILE * 8
+                pw = wp * (8 * PR if PV else MMA_TILE * 8)
                 for i in range(NS):
                     key = 8 * (i // 2) + g
                     p = math.exp(sc[i] - (n0 if i % 2 == 0 else n1)) if kb + key < s1 else float32(0.0)
@@ -430,7 +442,13 @@ def _split_mma_kernel(HD: int, NREP: int, ROPE: bool = False):
                         l0 += p
                     else:
                         l1 += p
-                    ps[pw + key * 8 + 2 * c + i % 2] = p
+                    if PV:
+                        ps[pw + (2 * c + i % 2) * PR + key] = p
+                    else:
+                        ps[pw + key * 8 + 2 * c + i % 2] = p
+                if PV:
+                    _weighted_v_mma(acc, vsh, ps, pw, wp * MMA_TILE * RS, a0, a1, g, c, mbuf, MV, RS, PR)
+                    continue
                 if g == 0:
                     pa[wp * 8 + 2 * c] = a0
                     pa[wp * 8 + 2 * c + 1] = a1
@@ -459,9 +477,43 @@ def _split_mma_kernel(HD: int, NREP: int, ROPE: bool = False):
         if g == 0 and 2 * c + 1 < NREP:
             wm[wp * NREP + 2 * c + 1] = m1
             wl[wp * NREP + 2 * c + 1] = l1
-        _finish_warps(part_o, part_m, part_l, r, h0, split, acc, wm, wl, wo, NREP, HD, DPL)
+        if PV:
+            for i in range(QR):  # acc[4 mt + i]: head 2c + i % 2, dimension 16 mt + 2g + i // 2
+                h = 2 * c + i % 2
+                if h < NREP:
+                    wo[(wp * NREP + h) * HD + 16 * (i // 4) + 2 * g + (i // 2) % 2] = acc[i]
+            _merge_warps(part_o, part_m, part_l, r, h0, split, wm, wl, wo, NREP, HD)
+        else:
+            _finish_warps(part_o, part_m, part_l, r, h0, split, acc, wm, wl, wo, NREP, HD, DPL)
 
     return kernel
+
+
+LO16, HI16, SH16 = uint32(0xFFFF), uint32(0xFFFF0000), uint32(16)
+
+
+@cuda.jit(device=True, inline=True)
+def _weighted_v_mma(acc, vsh, ps, pw, vw, a0, a1, g, c, mbuf, MV, RS, PR):
+    """acc (heads 2c, 2c + 1 at dimensions 16 mt + 2g, + 1; 4 a slice mt) rescaled by a0, a1 and plus this
+    tile's weights ps[pw + head * PR + key] times its V rows vsh[vw + key * RS ..] (the "mma_pv" kernel)."""
+    sync_warp()  # the tile's weights and V rows are in shared memory
+    for i in range(4 * MV):
+        acc[i] *= a0 if i % 2 == 0 else a1
+    q = pw + g * PR + 2 * c  # B = P^T: keys 2c, 2c + 1 (b0) and 2c + 8, 2c + 9 (b1) of head g
+    bh0, bl0 = _hi_lo(ps[q], ps[q + 1])
+    bh1, bl1 = _hi_lo(ps[q + 8], ps[q + 9])
+    for mt in range(MV):
+        w = vw + 2 * c * RS + 8 * mt + g  # key 2c's word of dimensions 16 mt + 2g, + 1
+        w0, w1, w2, w3 = vsh[w], vsh[w + RS], vsh[w + 8 * RS], vsh[w + 9 * RS]
+        f0 = (w0 & LO16) | (w1 << SH16)  # A rows g (dimension 16 mt + 2g) and g + 8 (+ 1), keys 2c, 2c + 1
+        f1 = (w0 >> SH16) | (w1 & HI16)
+        f2 = (w2 & LO16) | (w3 << SH16)  # keys 2c + 8, 2c + 9
+        f3 = (w2 >> SH16) | (w3 & HI16)
+        d0, d1, d2, d3 = mma_f16(f0, f1, f2, f3, bh0, bh1, acc[4 * mt], acc[4 * mt + 1], acc[4 * mt + 2],
+                                 acc[4 * mt + 3], mbuf)
+        acc[4 * mt], acc[4 * mt + 1], acc[4 * mt + 2], acc[4 * mt + 3] = mma_f16(f0, f1, f2, f3, bl0, bl1, d0, d1,
+                                                                                d2, d3, mbuf)
+    sync_warp()  # read before the next tile's overwrite
 
 
 @cuda.jit(device=True, inline=True)
@@ -574,12 +626,18 @@ def _combine_warps(part_o, part_m, part_l, r, h0, split, m, lsum, acc, wm, wl, w
 @cuda.jit(device=True, inline=True)
 def _finish_warps(part_o, part_m, part_l, r, h0, split, acc, wm, wl, wo, NREP, HD, DPL):
     """_combine_warps once each warp's max and sum are in wm and wl: the outputs stashed, then merged."""
-    tid = cuda.threadIdx.x
-    lane = tid % 32
-    wp = tid // 32
+    lane = cuda.threadIdx.x % 32
+    wp = cuda.threadIdx.x // 32
     for j in range(NREP):
         for e in range(DPL):
             wo[(wp * NREP + j) * HD + lane * DPL + e] = acc[j * DPL + e]
+    _merge_warps(part_o, part_m, part_l, r, h0, split, wm, wl, wo, NREP, HD)
+
+
+@cuda.jit(device=True, inline=True)
+def _merge_warps(part_o, part_m, part_l, r, h0, split, wm, wl, wo, NREP, HD):
+    """The warps' maxima, sums (wm, wl) and outputs (wo, [warp][head][dimension]) merged into the split's partials."""
+    tid = cuda.threadIdx.x
     cuda.syncthreads()
     for i in range(tid, NREP * HD, THREADS):
         j = i // HD
@@ -704,7 +762,7 @@ def _mma_applies(q, k_cache, v_cache, nh: int) -> bool:
 def fuses_rope(variant: str, q, k_cache, v_cache, nh: int, T: int) -> bool:
     """Whether attention_decode can take the fused projection q (R, (nh + 2 nkv) hd) with rope=... and do
     qk_norm_rope's work itself (the mma kernel, one row per sequence)."""
-    return variant == "mma" and T == 1 and _mma_applies(q, k_cache, v_cache, nh)
+    return variant in MMA_VARIANTS and T == 1 and _mma_applies(q, k_cache, v_cache, nh)
 
 
 def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k_scale=None, v_scale=None,
@@ -732,14 +790,15 @@ def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k
         raise ValueError("attention: an int8 KV cache needs its k_scale and v_scale arrays")
     po, pm, pl = part_o[:R], part_m[:R], part_l[:R]
     scales = (k_scale, v_scale) if quant else ()  # () adds no kernel parameter
-    warps = (variant in ("warps", "mma") and not quant and hd % 32 == 0
+    warps = (variant in ("warps",) + MMA_VARIANTS and not quant and hd % 32 == 0
              and (hd // 32 != 4 or (aligned(k_cache, 4) and aligned(v_cache, 4))))
-    mma = variant == "mma" and _mma_applies(q, k_cache, v_cache, nh)
+    mma = variant in MMA_VARIANTS and _mma_applies(q, k_cache, v_cache, nh)
     if rope is not None and not (mma and T == 1):
         raise ValueError("attention: the fused q/k norm and RoPE takes the mma kernel and one row per sequence "
                          "(attention_decode.fuses_rope)")
     if mma:  # the caches as words of two float16
-        kernel = _split_mma_kernel(hd, nh // nkv, rope is not None)
+        kernel = _split_mma_kernel(hd, nh // nkv, rope is not None, variant.startswith("mma_pv"),
+                                   2 if variant == "mma_pv2" else 3)
         k_cache, v_cache = k_cache.view(np.uint32), v_cache.view(np.uint32)
         if rope is not None:
             qn, kn, cos, sin, eps = rope
