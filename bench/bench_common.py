@@ -101,8 +101,14 @@ def apply_engine_options(eng, args) -> dict:
 
 
 def parse_settings(text: str) -> list[dict]:
-    """'pdl=0;pdl=1,prefetch_mb=2' -> [{'pdl': 0.0}, {'pdl': 1.0, 'prefetch_mb': 2.0}] ([{}] for '')."""
-    return [dict((k, float(v)) for k, v in (kv.split("=") for kv in group.split(",")))
+    """'pdl=0;pdl=1,prefetch_mb=2' -> [{'pdl': 0.0}, {'pdl': 1.0, 'prefetch_mb': 2.0}] ([{}] for ''); a value
+    that is not a number stays a string (attention_variant=mma_pv)."""
+    def value(v: str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return [dict((k, value(v)) for k, v in (kv.split("=") for kv in group.split(",")))
             for group in text.split(";") if group] or [{}]
 
 
@@ -115,4 +121,4 @@ def apply_settings(eng, settings: dict) -> str:
         setattr(eng, k, type(getattr(eng, k))(v))
     if settings:
         eng.recapture()
-    return ",".join(f"{k}={v:g}" for k, v in settings.items())
+    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items())
