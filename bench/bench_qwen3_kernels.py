@@ -77,10 +77,6 @@ def main():
         for S in (16, 32, 48):  # the tensor-core kernel at three split counts (a split takes 64 keys at least)
             report(f"decode attention ctx {ctx} mma S={S}", lambda s, S=S: attention_decode(
                 att, q, kc, vc, pos, 1, scratches[S], s, variant="mma"), 2 * KV * ctx * HD * 2)
-        for S in (32, 48):  # V's weighted sum on the tensor cores too (three and two blocks an SM)
-            for variant in ("mma_pv", "mma_pv2"):
-                report(f"decode attention ctx {ctx} {variant} S={S}", lambda s, S=S, v=variant: attention_decode(
-                    att, q, kc, vc, pos, 1, scratches[S], s, variant=v), 2 * KV * ctx * HD * 2)
         for variant in ("warps", "tiles"):  # the engine's, and the int8 cache's (float caches measured slower)
             report(f"decode attention ctx {ctx} {variant}",
                    lambda s, v=variant: attention_decode(att, q, kc, vc, pos, 1, scratch, s, variant=v),

@@ -20,7 +20,8 @@ unnormalized output. Kernel 2 merges the splits (their weights in shared memory,
 outputs read four at a time).
 Kernel 1 comes in three variants (attention_decode's `variant`): the tile kernel above (int8 caches),
 "warps" (a warp walks its own keys, a lane owning head_dim/32 dimensions) and "mma" (the default for
-float16 caches: a 16-key tile's scores as tensor-core products, _split_mma_kernel), which can also do
+float16 caches: a 16-key tile's scores and its weighted sum of V as tensor-core products,
+_split_mma_kernel), which can also do
 qk_norm_rope's work for a decode step (rope=).
 Shapes are compile-time constants of the split kernel (one compiled per head_dim, n_rep, int8 or not).
 """
@@ -287,11 +288,10 @@ MMA_TILE = 16  # keys a warp of the mma kernel takes at once: the rows of one pr
 # keys a split of the mma kernel takes at least: at 1k keys 16 splits of 64 beat 32 of 32 (11.9 against 15.1 us),
 # at 8k 32 splits beat 16 (25.8 against 30.7)
 MMA_MIN_CHUNK = 64
-MMA_VARIANTS = ("mma", "mma_pv", "mma_pv2")  # mma_pv: V's weighted sum on the tensor cores too; 2: two blocks an SM
 
 
 @functools.lru_cache(maxsize=None)
-def _split_mma_kernel(HD: int, NREP: int, ROPE: bool = False, PV: bool = False, PER_SM: int = 3):
+def _split_mma_kernel(HD: int, NREP: int, ROPE: bool = False):
     """The "mma" split kernel (float16 caches, HD a multiple of 64, NREP at most 8): each warp takes
     tiles of MMA_TILE (16) keys and scores them against the kv head's NREP query heads on the tensor cores,
     S^T (keys x 8 heads) = K (keys x HD) Q^T, as mma.sync m16n8k16 products (koifish_cuda.mma): lane
@@ -301,44 +301,37 @@ def _split_mma_kernel(HD: int, NREP: int, ROPE: bool = False, PV: bool = False, 
     query at the same dimensions, rounded to float16 twice (hi + lo: the product keeps float32's
     precision). A lane gets the scores of heads 2c, 2c + 1 at two keys: the tile's max per head is
     three shuffles, one exp a score, one rescale of the output a tile (the "warps" kernel spends a
-    warp sum a key a head, and two exps in each of 32 lanes). Then the tile's weights go through
-    shared memory to lanes owning DPL dimensions of V, the tile's V rows loaded with its K rows
-    (all of a tile's bytes in flight at once: 8 KB a warp). k_cache and v_cache come as uint32
-    views (two float16 a word).
+    warp sum a key a head, and two exps in each of 32 lanes). The weighted sum of V is a tensor-core
+    product too, O^T (HD x 8 heads) += V^T P^T (_weighted_v_mma): the tile's V rows, loaded with its K
+    rows (all of a tile's bytes in flight at once: 8 KB a warp), and its weights go through shared
+    memory. k_cache and v_cache come as uint32 views (two float16 a word).
     ROPE (decode, one row per sequence): q is the fused projection's row (koifish_cuda.rope's qkv) and
     `scales` (qn, kn, cos, sin, eps): the kernel runs qk_norm_rope's work itself, saving its node: each
     block norms and rotates its query heads from the raw row (a lane's quarter of a head: the sum of
     squares over the four lanes of a g, the RoPE partner d +- HD/2 in lane c ^ 2), and the block whose
     split holds the new key stores that key (normed, rotated) and value into the caches before its
-    first tile reads them.
-    PV (variant "mma_pv"): the weighted sum of V on the tensor cores too, O^T (HD x 8 heads) += V^T P^T,
-    a product a 16-dimension slice of the tile's V (HD / 16 of them), its A fragment built from the V
-    rows in shared memory (row g of a slice is dimension 2g, row g + 8 dimension 2g + 1: one word of a
-    key row holds both, so a fragment register is two words' halves) and P^T as B, rounded to float16
-    hi + lo as q is. A lane's accumulators are then heads 2c, 2c + 1 (whose rescale factors it holds)
-    at dimensions 16 mt + 2g, + 1; the FMA loop's ~512 multiply-adds and 128 weight loads a lane a tile
-    become 16 products and 32 shared loads."""
+    first tile reads them."""
     KS = HD // 16  # k-steps of 16 dimensions
     KW = HD // 8  # uint32 words of a key row a lane holds (a quarter of the row)
     DPL = HD // 32
-    VW = DPL // 2  # words of a V row a lane holds in the weighted sum
+    VW = DPL // 2  # words of a V row a lane loads
     QB = 2 * KS
     QW = HD // 4 if ROPE else 1
     MT = MMA_TILE // 16  # the product's row tiles
     KR = 4 * MT * KW // 2
     NS = 4 * MT  # a lane's scores a tile
-    RS = HD // 2 + (4 if PV else 0)  # words a V row takes in shared memory (PV: padded, the slices' loads conflict-free)
+    RS = HD // 2 + 4  # words a V row takes in shared memory (padded: the product's loads are conflict-free)
     VS = WARPS * MMA_TILE * RS
-    MV = HD // 16  # PV: the product's 16-dimension slices of V
-    QR = 4 * MV if PV else NREP * DPL
+    MV = HD // 16  # the weighted sum's 16-dimension slices of V
+    QR = 4 * MV
     WM = WARPS * NREP
     WO = WARPS * NREP * HD
-    PR = MMA_TILE + 4  # PV: a head's row of tile weights, [head][key] (padded)
-    PS = WARPS * 8 * PR if PV else WARPS * MMA_TILE * 8
-    PA = WARPS * 8
+    PR = MMA_TILE + 4  # a head's row of tile weights, [head][key] (padded)
+    PS = WARPS * 8 * PR
     SIM = config.ENABLE_CUDASIM  # the simulator's mma and shuffles are block-wide: every warp takes every turn
-    # ptxas at PER_SM 3: 168 registers (PV: 232 bytes spilled); 2: 253, no spills; 4: 128 and spills
-    bounds = {} if SIM else {"launch_bounds": (THREADS, PER_SM)}
+    # two blocks an SM (32 splits x 8 kv heads are 256 blocks): ptxas 253 registers, no spills; at three, 168
+    # and 232 bytes spilled: 20.1 against 25.2 us at 8k keys (H200, bench_qwen3_kernels.py, stop 18)
+    bounds = {} if SIM else {"launch_bounds": (THREADS, 2)}
 
     @aware
     @cuda.jit(**bounds)
@@ -365,15 +358,13 @@ def _split_mma_kernel(HD: int, NREP: int, ROPE: bool = False, PV: bool = False, 
                 cuda.syncthreads()
             _rope_query(xr, q, scales, r, h0 + min(g, NREP - 1), c, L - 1, red, HD)
         mbuf = cuda.shared.array((THREADS, 6), uint32)  # the simulator's mma (unused on a GPU)
-        ps = cuda.shared.array(PS, float32)  # each warp's tile weights, [key][head]
-        pa = cuda.shared.array(PA, float32)  # each warp's tile rescale factor of each head
+        ps = cuda.shared.array(PS, float32)  # each warp's tile weights, [head][key]
         qh = cuda.local.array(QB, uint32)
         ql = cuda.local.array(QB, uint32)
         kw = cuda.local.array(KR, uint32)
         vsh = cuda.shared.array(VS, uint32)  # each warp's tile of V rows
         sc = cuda.local.array(NS, float32)
-        v = cuda.local.array(DPL, float32)
-        acc = cuda.local.array(QR, float32)
+        acc = cuda.local.array(QR, float32)  # heads 2c, 2c + 1 at dimensions 16 mt + 2g, + 1 (_weighted_v_mma)
         for s in range(KS):  # head g's query (zero past NREP) at dims c HD/4 + 4s .. + 4: b0, b1 of step s
             x0 = x1 = x2 = x3 = float32(0.0)
             if ROPE and g < NREP:
@@ -434,7 +425,7 @@ def _split_mma_kernel(HD: int, NREP: int, ROPE: bool = False, PV: bool = False, 
                 l1 *= a1
                 m0 = n0
                 m1 = n1
-                pw = wp * (8 * PR if PV else MMA_TILE * 8)
+                pw = wp * 8 * PR
                 for i in range(NS):
                     key = 8 * (i // 2) + g
                     p = math.exp(sc[i] - (n0 if i % 2 == 0 else n1)) if kb + key < s1 else float32(0.0)
@@ -442,29 +433,8 @@ def _split_mma_kernel(HD: int, NREP: int, ROPE: bool = False, PV: bool = False, 
                         l0 += p
                     else:
                         l1 += p
-                    if PV:
-                        ps[pw + (2 * c + i % 2) * PR + key] = p
-                    else:
-                        ps[pw + key * 8 + 2 * c + i % 2] = p
-                if PV:
-                    _weighted_v_mma(acc, vsh, ps, pw, wp * MMA_TILE * RS, a0, a1, g, c, mbuf, MV, RS, PR)
-                    continue
-                if g == 0:
-                    pa[wp * 8 + 2 * c] = a0
-                    pa[wp * 8 + 2 * c + 1] = a1
-                sync_warp()
-                for j in range(NREP):
-                    al = pa[wp * 8 + j]
-                    for e in range(DPL):
-                        acc[j * DPL + e] *= al
-                for k in range(MMA_TILE):
-                    for i in range(VW):
-                        v[2 * i], v[2 * i + 1] = unpack_f16x2(vsh[(wp * MMA_TILE + k) * (HD // 2) + lane * VW + i])
-                    for j in range(NREP):
-                        p = ps[pw + k * 8 + j]
-                        for e in range(DPL):
-                            acc[j * DPL + e] += p * v[e]
-                sync_warp()  # the weights are read before the next tile's overwrite them
+                    ps[pw + (2 * c + i % 2) * PR + key] = p
+                _weighted_v_mma(acc, vsh, ps, pw, wp * MMA_TILE * RS, a0, a1, g, c, mbuf, MV, RS, PR)
         for off in (4, 8, 16):
             l0 += shfl_xor(l0, off, red)
             l1 += shfl_xor(l1, off, red)
@@ -477,14 +447,11 @@ def _split_mma_kernel(HD: int, NREP: int, ROPE: bool = False, PV: bool = False, 
         if g == 0 and 2 * c + 1 < NREP:
             wm[wp * NREP + 2 * c + 1] = m1
             wl[wp * NREP + 2 * c + 1] = l1
-        if PV:
-            for i in range(QR):  # acc[4 mt + i]: head 2c + i % 2, dimension 16 mt + 2g + i // 2
-                h = 2 * c + i % 2
-                if h < NREP:
-                    wo[(wp * NREP + h) * HD + 16 * (i // 4) + 2 * g + (i // 2) % 2] = acc[i]
-            _merge_warps(part_o, part_m, part_l, r, h0, split, wm, wl, wo, NREP, HD)
-        else:
-            _finish_warps(part_o, part_m, part_l, r, h0, split, acc, wm, wl, wo, NREP, HD, DPL)
+        for i in range(QR):  # acc[4 mt + i]: head 2c + i % 2, dimension 16 mt + 2g + (i // 2) % 2
+            h = 2 * c + i % 2
+            if h < NREP:
+                wo[(wp * NREP + h) * HD + 16 * (i // 4) + 2 * g + (i // 2) % 2] = acc[i]
+        _merge_warps(part_o, part_m, part_l, r, h0, split, wm, wl, wo, NREP, HD)
 
     return kernel
 
@@ -495,7 +462,12 @@ LO16, HI16, SH16 = uint32(0xFFFF), uint32(0xFFFF0000), uint32(16)
 @cuda.jit(device=True, inline=True)
 def _weighted_v_mma(acc, vsh, ps, pw, vw, a0, a1, g, c, mbuf, MV, RS, PR):
     """acc (heads 2c, 2c + 1 at dimensions 16 mt + 2g, + 1; 4 a slice mt) rescaled by a0, a1 and plus this
-    tile's weights ps[pw + head * PR + key] times its V rows vsh[vw + key * RS ..] (the "mma_pv" kernel)."""
+    tile's weights ps[pw + head * PR + key] times its V rows vsh[vw + key * RS ..]: O^T += V^T P^T, a
+    product a 16-dimension slice mt of V. Row g of a slice's A is dimension 2g, row g + 8 dimension
+    2g + 1, so one word of a key row holds both and a fragment register is two words' halves; P^T is B,
+    rounded to float16 hi + lo as q is (float32's precision). The lane holds the rescale factors of its
+    heads. A tile costs a lane 16 products and 32 shared loads here, where a lane owning 4 dimensions of
+    every head spent ~512 multiply-adds and 128 weight loads (25.2 against 20.1 us at 8k keys, stop 18)."""
     sync_warp()  # the tile's weights and V rows are in shared memory
     for i in range(4 * MV):
         acc[i] *= a0 if i % 2 == 0 else a1
@@ -762,7 +734,7 @@ def _mma_applies(q, k_cache, v_cache, nh: int) -> bool:
 def fuses_rope(variant: str, q, k_cache, v_cache, nh: int, T: int) -> bool:
     """Whether attention_decode can take the fused projection q (R, (nh + 2 nkv) hd) with rope=... and do
     qk_norm_rope's work itself (the mma kernel, one row per sequence)."""
-    return variant in MMA_VARIANTS and T == 1 and _mma_applies(q, k_cache, v_cache, nh)
+    return variant == "mma" and T == 1 and _mma_applies(q, k_cache, v_cache, nh)
 
 
 def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k_scale=None, v_scale=None,
@@ -773,10 +745,10 @@ def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k
     head_dim a multiple of 64, at most 8 query heads a kv head; else as "warps"), "warps" (_split_warps_kernel;
     float caches with head_dim a multiple of 32, else the tile kernel runs) or "tiles" (_split_kernel). On the H200 at
     Qwen3-32B's shapes (bench_qwen3_kernels.py) warps took 21.3 us at 1k keys and 57.1 at 8k, tiles 49.0
-    and 177.3; mma 12.3 and 26.2 at 32 splits of 64 keys at least (stop 16). xq: for one row, out also rounded into
-    quant_a8.quantize_x16's triple (the o projection's input). rope = (qn, kn, cos, sin, eps): q is the
-    fused projection (R, (nh + 2 nkv) hd) and the mma kernel does qk_norm_rope's work (one row per
-    sequence, T = 1; fuses_rope says when it applies). prefetch: a 1-D uint32 array (the next GEMV's weights,
+    and 177.3; mma 11.8 and 20.1 at 32 splits of 64 keys at least (stop 18; 12.3 and 26.2 with V's
+    weighted sum on the CUDA cores). xq: for one row, out also rounded into quant_a8.quantize_x16's triple
+    (the o projection's input). rope = (qn, kn, cos, sin, eps): q is the fused projection (R, (nh + 2 nkv)
+    hd) and the mma kernel does qk_norm_rope's work (one row per sequence, T = 1; fuses_rope says when). prefetch: a 1-D uint32 array (the next GEMV's weights,
     prefetch.weight_lines) that spare blocks of the merge pull into L2."""
     part_o, part_m, part_l = scratch
     R = q.shape[0]
@@ -790,15 +762,14 @@ def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k
         raise ValueError("attention: an int8 KV cache needs its k_scale and v_scale arrays")
     po, pm, pl = part_o[:R], part_m[:R], part_l[:R]
     scales = (k_scale, v_scale) if quant else ()  # () adds no kernel parameter
-    warps = (variant in ("warps",) + MMA_VARIANTS and not quant and hd % 32 == 0
+    warps = (variant in ("warps", "mma") and not quant and hd % 32 == 0
              and (hd // 32 != 4 or (aligned(k_cache, 4) and aligned(v_cache, 4))))
-    mma = variant in MMA_VARIANTS and _mma_applies(q, k_cache, v_cache, nh)
+    mma = variant == "mma" and _mma_applies(q, k_cache, v_cache, nh)
     if rope is not None and not (mma and T == 1):
         raise ValueError("attention: the fused q/k norm and RoPE takes the mma kernel and one row per sequence "
                          "(attention_decode.fuses_rope)")
     if mma:  # the caches as words of two float16
-        kernel = _split_mma_kernel(hd, nh // nkv, rope is not None, variant.startswith("mma_pv"),
-                                   2 if variant == "mma_pv2" else 3)
+        kernel = _split_mma_kernel(hd, nh // nkv, rope is not None)
         k_cache, v_cache = k_cache.view(np.uint32), v_cache.view(np.uint32)
         if rope is not None:
             qn, kn, cos, sin, eps = rope

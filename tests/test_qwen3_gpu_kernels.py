@@ -182,9 +182,8 @@ def test_attention_decode_warps_variant(hd, cache_dtype, T, splits):
 
 
 # the simulator's mma and shuffles cost a barrier each (~20 s a case): two cases there, three on a GPU
-@pytest.mark.parametrize("variant", ["mma", "mma_pv"])
 @pytest.mark.parametrize("nh,nkv,T,past,splits", [(8, 1, 1, 40, 2), (6, 2, 2, 3, 1)] + ([(4, 1, 1, 5, 4)] if ON_GPU else []))
-def test_attention_decode_mma_variant(nh, nkv, T, past, splits, variant):
+def test_attention_decode_mma_variant(nh, nkv, T, past, splits):
     """The tensor-core split kernel against the float64 reference: 8 and fewer query heads a kv head
     (the product's rows past them zero), a tile with dead keys, splits past the cache's keys. Its query
     goes in as two float16 parts, so it keeps float32's precision (the same bound as the warps kernel)."""
@@ -199,14 +198,13 @@ def test_attention_decode_mma_variant(nh, nkv, T, past, splits, variant):
     k, v = (r.standard_normal((B, nkv, max_len, hd)).astype(np.float16) for _ in range(2))
     out = dev(np.full((B * T, nh * hd), np.nan, np.float32))
     scratch = attention_scratch(np if not ON_GPU else __import__("cupy"), B * T, nh, hd, splits)
-    attention_decode(out, f32(q), dev(k), dev(v), dev(np.array([past], np.int32)), T, scratch, variant=variant,
+    attention_decode(out, f32(q), dev(k), dev(v), dev(np.array([past], np.int32)), T, scratch, variant="mma",
                      prefetch=_weights_ahead())  # a spare row of split blocks
     assert rel_err(host(out), attention_ref(q, k, v, past, B, nh)) < 1e-4
 
 
-@pytest.mark.parametrize("variant", ["mma", "mma_pv"])
 @pytest.mark.parametrize("nh,nkv,B,past,splits", [(4, 2, 2, 5, 3)] + ([(8, 1, 1, 70, 2)] if ON_GPU else []))
-def test_attention_decode_mma_with_the_q_k_norm_and_rope_fused(nh, nkv, B, past, splits, variant):
+def test_attention_decode_mma_with_the_q_k_norm_and_rope_fused(nh, nkv, B, past, splits):
     """rope=(qn, kn, cos, sin, eps): the kernel takes the fused projection's rows, norms and rotates the
     query heads and stores the new key and value at pos as qk_norm_rope would; output and cache against
     the float64 references (the cache row to float16's rounding)."""
@@ -223,10 +221,10 @@ def test_attention_decode_mma_with_the_q_k_norm_and_rope_fused(nh, nkv, B, past,
     cos, sin = rope_tables(max_len, hd, 1e6)
     kc, vc = (r.standard_normal((B, nkv, max_len, hd)).astype(np.float16) for _ in range(2))
     kd, vd, qd = dev(kc), dev(vc), f32(qkv)
-    assert fuses_rope(variant, qd, kd, vd, nh, 1)
+    assert fuses_rope("mma", qd, kd, vd, nh, 1)
     out = dev(np.full((B, nh * hd), np.nan, np.float32))
     scratch = attention_scratch(np if not ON_GPU else __import__("cupy"), B, nh, hd, splits)
-    attention_decode(out, qd, kd, vd, dev(np.array([past], np.int32)), 1, scratch, variant=variant,
+    attention_decode(out, qd, kd, vd, dev(np.array([past], np.int32)), 1, scratch, variant="mma",
                      rope=(f32(qn), f32(kn), dev(cos), dev(sin), eps))
     q, k, v = qk_norm_rope_ref(qkv.astype(np.float32), qn.astype(np.float32), kn.astype(np.float32), cos, sin, past, B,
                                nh, nkv, hd, eps)
