@@ -48,7 +48,7 @@ import koifish_cuda.compat  # noqa: E402,F401
 from koifish_cuda.bf16 import load, pack_word, store, word_hi, word_lo  # noqa: E402
 from koifish_cuda.reduce import NEG_INF, THREADS, block_max, block_reduce_warps, block_sum  # noqa: E402
 from koifish_cuda.vload import aligned, load4, store4  # noqa: E402
-from numba import config, cuda, float32, uint32  # noqa: E402
+from numba import config, cuda, float32, int32, uint32  # noqa: E402
 
 MAX_PER = 32  # most 32-bit words (two bf16 logits) a thread of the bf16 kernels holds in registers
 SHARED_WORDS = 11264  # words of a row the "split" kernel keeps in shared memory (44 KB of the 48 KB static limit)
@@ -86,6 +86,37 @@ def _word_grad(u, c, V, m, inv, tgt, dloss):
     return pack_word(lo, hi)
 
 
+PAD_WORD = uint32(0xFF62FF62)  # two bf16 -3.0e38: a padding column's exp is 0, it raises no maximum
+LO_BITS, HI_BITS = uint32(0xFFFF), uint32(0xFFFF0000)
+
+
+@cuda.jit(device=True, inline=True)
+def _mask_padding(u, c, V):
+    """Word u of columns c, c + 1 with the columns at or past V made PAD_WORD's halves."""
+    if c >= V:
+        return PAD_WORD
+    if c + 1 >= V:
+        return (u & LO_BITS) | (PAD_WORD & HI_BITS)
+    return u
+
+
+L2E = float32(1.4426950408889634)  # exp(x - m) = exp2(x L2E - m L2E): one FFMA and one MUFU.EX2
+
+
+@cuda.jit(device=True, inline=True)
+def _word_exps(u, ml):
+    """exp(x - m) of the word's two logits, ml = m * L2E."""
+    return math.exp2(word_lo(u) * L2E - ml), math.exp2(word_hi(u) * L2E - ml)
+
+
+@cuda.jit(device=True, inline=True)
+def _word_grad_fast(u, ml, f):
+    """dloss * softmax of the word's two logits (f = dloss / sum), as bf16: no target, no padding check
+    (padding is PAD_WORD: 0)."""
+    lo, hi = _word_exps(u, ml)
+    return pack_word(lo * f, hi * f)
+
+
 @functools.lru_cache(maxsize=None)
 def _bf16_rows_kernel(PER4: int, SHK: int, NT: int, PER_SM: int, VEC: bool):
     """A block of NT threads per row: the groups of four words t + NT k (k < PER4) in each thread's
@@ -93,7 +124,10 @@ def _bf16_rows_kernel(PER4: int, SHK: int, NT: int, PER_SM: int, VEC: bool):
     a whole GPT-2 row in registers, one block an SM. "split" (512 threads, 44 KB of the row in
     shared memory): two blocks, so two rows, an SM, one block's reductions and exponentials
     overlapping the other's loads. VEC: a group is one 16-byte load and store (the row's words a
-    multiple of 4, aligned; vload.py), else four bounds-checked scalar ones."""
+    multiple of 4, aligned; vload.py), else four bounds-checked scalar ones. The registers' groups
+    are checked once each, not a column at a time: a group reaching past V has its padding made
+    PAD_WORD as it loads, and only the group holding the target takes the one-hot (the per-column
+    checks on 64-bit indices and the integer bf16 rounding were ~54 instructions a logit, stop 18)."""
     PER = 4 * PER4  # sizes must be plain constants
     REG = PER * NT  # words held in registers (the shared part starts there)
     SHW = max(SHK * NT, 1)
@@ -110,26 +144,36 @@ def _bf16_rows_kernel(PER4: int, SHK: int, NT: int, PER_SM: int, VEC: bool):
         low half), the row held on chip: read once and written once, where the generic kernel
         reads it twice."""
         N, W = words.shape
+        W = int32(W)  # 32-bit index arithmetic (64-bit compares were two instructions each)
+        V = int32(V)
         buf = cuda.shared.array(BUF, float32)
         wbuf = cuda.shared.array(32, float32)
         sh = cuda.shared.array(SHW, uint32)
-        row, t = cuda.blockIdx.x, cuda.threadIdx.x
-        tgt = targets[row]
+        row, t = cuda.blockIdx.x, int32(cuda.threadIdx.x)
+        tgt = int32(targets[row])
         xt = ZERO
+        w = uint32(0)
         if t == 0:  # before any thread can overwrite the row (the first barrier is in the reduction)
             w = words[row, tgt // 2]
             xt = word_lo(w) if tgt % 2 == 0 else word_hi(w)
         x = cuda.local.array(PER, uint32)
         mt = NEG_INF
         for k in range(PER4):
-            j = 4 * (t + k * NT)
-            if VEC and j < W:
+            j = int32(4 * t + 4 * k * NT)  # 32-bit compares (Numba types int32 arithmetic int64)
+            if j >= W:  # a group past the row: nothing to load, nothing to add
+                for e in range(4):
+                    x[4 * k + e] = PAD_WORD
+                continue
+            if VEC:
                 x[4 * k], x[4 * k + 1], x[4 * k + 2], x[4 * k + 3] = load4(words, (row, j))
             else:
                 for e in range(4):
-                    x[4 * k + e] = words[row, j + e] if j + e < W else uint32(0)
+                    x[4 * k + e] = words[row, j + e] if j + e < W else PAD_WORD
+            if int32(2 * j + 8) > V:  # the row's end: its padding masked
+                for e in range(4):
+                    x[4 * k + e] = _mask_padding(x[4 * k + e], 2 * (j + e), V)
             for e in range(4):
-                mt = _word_max(mt, x[4 * k + e], 2 * (j + e), V)
+                mt = max(mt, max(word_lo(x[4 * k + e]), word_hi(x[4 * k + e])))
         for k in range(SHK):
             j = REG + t + k * NT
             if j < W:
@@ -137,31 +181,36 @@ def _bf16_rows_kernel(PER4: int, SHK: int, NT: int, PER_SM: int, VEC: bool):
                 mt = _word_max(mt, sh[t + k * NT], 2 * j, V)
         m = block_reduce_warps(mt, buf, wbuf, True)
         st = ZERO
+        ml = m * L2E
         for k in range(PER4):
             for e in range(4):
-                st = _word_sum(st, x[4 * k + e], 2 * (4 * (t + k * NT) + e), V, m)
+                lo, hi = _word_exps(x[4 * k + e], ml)
+                st += lo + hi
         for k in range(SHK):
             j = REG + t + k * NT
             if j < W:
                 st = _word_sum(st, sh[t + k * NT], 2 * j, V, m)
         s = block_reduce_warps(st, buf, wbuf, False)
         inv = ONE / s
+        f = inv * dloss
         for k in range(PER4):
-            j = 4 * (t + k * NT)
-            if VEC and j < W:
-                store4(words, (row, j), _word_grad(x[4 * k], 2 * j, V, m, inv, tgt, dloss),
-                       _word_grad(x[4 * k + 1], 2 * j + 2, V, m, inv, tgt, dloss),
-                       _word_grad(x[4 * k + 2], 2 * j + 4, V, m, inv, tgt, dloss),
-                       _word_grad(x[4 * k + 3], 2 * j + 6, V, m, inv, tgt, dloss))
-            elif not VEC:
+            j = int32(4 * t + 4 * k * NT)
+            if j >= W:
+                continue
+            if VEC:
+                store4(words, (row, j), _word_grad_fast(x[4 * k], ml, f), _word_grad_fast(x[4 * k + 1], ml, f),
+                       _word_grad_fast(x[4 * k + 2], ml, f), _word_grad_fast(x[4 * k + 3], ml, f))
+            else:
                 for e in range(4):
                     if j + e < W:
-                        words[row, j + e] = _word_grad(x[4 * k + e], 2 * (j + e), V, m, inv, tgt, dloss)
+                        words[row, j + e] = _word_grad_fast(x[4 * k + e], ml, f)
         for k in range(SHK):
             j = REG + t + k * NT
             if j < W:
                 words[row, j] = _word_grad(sh[t + k * NT], 2 * j, V, m, inv, tgt, dloss)
+        cuda.syncthreads()  # the target's word is rewritten after its owner stored it without the one-hot
         if t == 0:
+            words[row, tgt // 2] = _word_grad(w, tgt - tgt % 2, V, m, inv, tgt, dloss)
             loss = math.log(s) + m - xt
             losses[row] = loss
             cuda.atomic.add(loss_sum, 0, loss * dloss)
