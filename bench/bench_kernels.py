@@ -110,10 +110,11 @@ def sweep(args):
         cases = [(f"C={C} forward {'vector' if v else 'scalar'} blocks={g or 'all'}",
                   lambda s, g=g, v=v: layernorm_forward(out16, mean, rstd, x, w, b, s, blocks=g, vector=v),
                   N * C * (f + h) + 2 * N * f) for v in (True, False) for g in (None, 132 * 8, 132 * 16)]
-        cases += [(f"C={C} backward rows={r} blocks={g}",
-                   lambda s, r=r, g=g: layernorm_backward(dx, dw, db, dout16, x, w, mean, rstd, s, blocks=g, dx16=dx16,
-                                                          rows=r), N * C * (3 * f + 2 * h) + 2 * N * f)
-                  for r in (1, 2) for g in (528, 1056)]
+        cases += [(f"C={C} backward rows={r} blocks={g}{' fit' if fit else ''}",
+                   lambda s, r=r, g=g, fit=fit: layernorm_backward(dx, dw, db, dout16, x, w, mean, rstd, s, blocks=g,
+                                                                   dx16=dx16, rows=r, fit=fit),
+                   N * C * (3 * f + 2 * h) + 2 * N * f)
+                  for r in (1, 2) for g in (528, 792, 1056) for fit in (False, True)]
         for name, fn, nbytes in cases:
             t = median_time(fn)
             bw = nbytes / t

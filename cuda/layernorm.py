@@ -41,7 +41,7 @@ import math  # noqa: E402
 
 import koifish_cuda.compat  # noqa: E402,F401
 from koifish_cuda.bf16 import load, load_4, store, store_4  # noqa: E402
-from koifish_cuda.reduce import THREADS, WARPS, warp_sum  # noqa: E402
+from koifish_cuda.reduce import THREADS, warp_sum  # noqa: E402
 from koifish_cuda.vload import aligned  # noqa: E402
 from numba import cuda, float32  # noqa: E402
 
@@ -131,14 +131,15 @@ def _forward_kernel(PER4: int, VEC: bool):
 
 
 @functools.lru_cache(maxsize=None)
-def _backward_kernel(PER4: int, BACK_ROWS: int, VEC: bool):
+def _backward_kernel(PER4: int, BACK_ROWS: int, VEC: bool, NT: int = THREADS):
     PER = 4 * PER4  # a local array's size must be a plain constant, not an expression
     PR = PER * BACK_ROWS
-    RED = 2 * WARPS * BACK_ROWS  # the rows' per-warp sums
+    NW = NT // 32  # warps a block
+    RED = 2 * NW * BACK_ROWS  # the rows' per-warp sums
 
     @cuda.jit(cache=True)
     def kernel(dx, dx16, dsum, dw, db, dout, x, w, mean, rstd):
-        """w (1, C). A block walks rows, BACK_ROWS at a time (grid-stride); thread t owns the groups t + THREADS
+        """w (1, C). A block walks rows, BACK_ROWS at a time (grid-stride); thread t owns the groups t + NT
         k: its weights, the rows' normalised x, dout and old dx, read together in the first pass, and
         its dw/db (and dsum) partial sums, added into dw/db once per block, not once per row. The
         rows' sums are reduced in each warp by shuffles and across the warps through shared memory:
@@ -151,7 +152,7 @@ def _backward_kernel(PER4: int, BACK_ROWS: int, VEC: bool):
         N, C = x.shape
         copy = dx16.shape[0] > 0
         total = dsum.shape[0] > 0
-        buf = cuda.shared.array(THREADS, float32)
+        buf = cuda.shared.array(NT, float32)
         red = cuda.shared.array(RED, float32)
         t = cuda.threadIdx.x
         lane, warp = t % 32, t // 32
@@ -164,7 +165,7 @@ def _backward_kernel(PER4: int, BACK_ROWS: int, VEC: bool):
         dr = cuda.local.array(PR, float32)
         rs = cuda.local.array(BACK_ROWS, float32)
         for k in range(PER4):
-            c = 4 * (t + k * THREADS)
+            c = 4 * (t + k * NT)
             if c < C:
                 wr[4 * k], wr[4 * k + 1], wr[4 * k + 2], wr[4 * k + 3] = _load_group(w, 0, c, C, VEC)
             else:
@@ -184,7 +185,7 @@ def _backward_kernel(PER4: int, BACK_ROWS: int, VEC: bool):
                 a = float32(0.0)
                 bs = float32(0.0)
                 for k in range(PER4):
-                    c = 4 * (t + k * THREADS)
+                    c = 4 * (t + k * NT)
                     if live and c < C:
                         o = q * PER + 4 * k
                         x0, x1, x2, x3 = _load_group(x, row, c, C, VEC)
@@ -200,22 +201,22 @@ def _backward_kernel(PER4: int, BACK_ROWS: int, VEC: bool):
                 a = warp_sum(a, buf)
                 bs = warp_sum(bs, buf)
                 if lane == 0:
-                    red[2 * WARPS * q + warp] = a
-                    red[2 * WARPS * q + WARPS + warp] = bs
+                    red[2 * NW * q + warp] = a
+                    red[2 * NW * q + NW + warp] = bs
             cuda.syncthreads()
             for q in range(BACK_ROWS):
                 row = base + q
                 a = float32(0.0)
                 bs = float32(0.0)
-                for i in range(WARPS):
-                    a += red[2 * WARPS * q + i]
-                    bs += red[2 * WARPS * q + WARPS + i]
+                for i in range(NW):
+                    a += red[2 * NW * q + i]
+                    bs += red[2 * NW * q + NW + i]
                 a /= float32(C)
                 bs /= float32(C)
                 r = rs[q]
                 if row < N:
                     for k in range(PER4):
-                        c = 4 * (t + k * THREADS)
+                        c = 4 * (t + k * NT)
                         if c < C:
                             o = q * PER + 4 * k
                             # += : dx also carries the residual path
@@ -233,7 +234,7 @@ def _backward_kernel(PER4: int, BACK_ROWS: int, VEC: bool):
             cuda.syncthreads()  # every thread has its sums before the next rows' overwrite them
         for k in range(PER4):
             for e in range(4):
-                c = 4 * (t + k * THREADS) + e
+                c = 4 * (t + k * NT) + e
                 if c < C:
                     cuda.atomic.add(dw, c, acc_w[4 * k + e])
                     cuda.atomic.add(db, c, acc_b[4 * k + e])
@@ -262,16 +263,18 @@ def layernorm_forward(out, mean, rstd, x, w, b, stream=0, eps=EPS, blocks=None, 
 
 
 def layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, stream=0, blocks=None, dx16=None, dsum=None,
-                       rows=BACK_ROWS, vector=True):
+                       rows=BACK_ROWS, vector=True, fit=False):
     """Adds into dx, dw and db; dout float32 or bf16 bits. dx16 (bf16 bits, dx's shape), if given,
     receives a copy of the new dx; dsum (C,) float32, if given, += the new dx's column sums.
     blocks (the grid) and rows (a block's rows in flight) are there to be measured
-    (bench_kernels.py --sweep); vector as layernorm_forward's."""
+    (bench_kernels.py --sweep); vector as layernorm_forward's. fit: a block of C/4 threads rounded up to
+    whole warps (192 at C = 768: a group of four columns each), not THREADS (128: one or two groups)."""
     N, C = x.shape
     if dx16 is None:  # no rows: no bf16 copy of dx
         dx16 = koifish_cuda.compat.device_constant((0, 1), np.uint16)
     if dsum is None:
         dsum = koifish_cuda.compat.device_constant((0,), np.float32)
-    kernel = _backward_kernel(-(-C // (4 * THREADS)), rows, _vector(C, (dx, dx16, dout, x, w), vector))
+    nt = min(1024, 32 * -(-C // 128)) if fit else THREADS
+    kernel = _backward_kernel(-(-C // (4 * nt)), rows, _vector(C, (dx, dx16, dout, x, w), vector), nt)
     grid = min(blocks or BACKWARD_BLOCKS, -(-N // rows))
-    kernel[grid, THREADS, stream](dx, dx16, dsum, dw, db, dout, x, w.reshape(1, C), mean, rstd)
+    kernel[grid, nt, stream](dx, dx16, dsum, dw, db, dout, x, w.reshape(1, C), mean, rstd)

@@ -57,12 +57,13 @@ def test_layernorm_forward_backward(odd):
         assert rel_err(host(again), ro) < TOL, vector
     dout = r.standard_normal((N, C))
     rdx, rdw, rdb = layernorm_backward_ref(dout, x, w, rm, rr)
-    # the default, one row in flight, and a grid smaller than the rows (the grid-stride turns)
-    for rows, blocks in ((2, None), (1, None), (3, 2)):
+    # the default, one row in flight, a grid smaller than the rows (the grid-stride turns), a block fitted to C
+    for rows, blocks, fit in ((2, None, False), (1, None, False), (3, 2, False), (1, 2, True)):
         dx, dw, db = dev(np.zeros((N, C), np.float32)), dev(np.zeros(C, np.float32)), dev(np.zeros(C, np.float32))
         dsum0 = r.standard_normal(C)
         dsum = f32(dsum0)
-        layernorm_backward(dx, dw, db, f32(dout), f32(x), f32(w), mean, rstd, dsum=dsum, rows=rows, blocks=blocks)
+        layernorm_backward(dx, dw, db, f32(dout), f32(x), f32(w), mean, rstd, dsum=dsum, rows=rows, blocks=blocks,
+                           fit=fit)
         assert rel_err(host(dx), rdx) < 1e-4 and rel_err(host(dw), rdw) < 1e-4 and rel_err(host(db), rdb) < 1e-4
         # dsum += the new dx's column sums (which nearly cancel: bounded against the terms' size)
         assert np.max(np.abs(host(dsum) - dsum0 - rdx.sum(0))) < 1e-5 * np.abs(rdx).sum(0).max(), rows
