@@ -57,8 +57,9 @@ def test_layernorm_forward_backward(odd):
         assert rel_err(host(again), ro) < TOL, vector
     dout = r.standard_normal((N, C))
     rdx, rdw, rdb = layernorm_backward_ref(dout, x, w, rm, rr)
-    # the default, one row in flight, a grid smaller than the rows (the grid-stride turns), a block fitted to C
-    for rows, blocks, fit in ((2, None, False), (1, None, False), (3, 2, False), (1, 2, True)):
+    # two rows in flight, the default one, a grid smaller than the rows (the grid-stride turns), and a block of
+    # THREADS instead of one fitted to C
+    for rows, blocks, fit in ((2, None, True), (1, None, True), (3, 2, True), (1, 2, False)):
         dx, dw, db = dev(np.zeros((N, C), np.float32)), dev(np.zeros(C, np.float32)), dev(np.zeros(C, np.float32))
         dsum0 = r.standard_normal(C)
         dsum = f32(dsum0)

@@ -90,8 +90,7 @@ class CUDAEngine:
         self.adam_step = 0
         # kernel variants written for measurement beside the measured ones (bench/profile_step.py
         # --variants); set before the first step (the graphs capture them)
-        # layernorm_backward: "plain" or "fit" (C/4 threads a block), ":N" a grid of N blocks (being measured)
-        self.variants = {"classifier": "registers", "layernorm_backward": "plain"}
+        self.variants = {"classifier": "registers"}
         # the update statistics: large tensors sampled (instability.update_sample; koifish_cuda.update_stats)
         self.stat_sample = InstabilityConfig.from_dict(case.instability).update_sample
         self.stat_chunk = STAT_CHUNK
@@ -288,15 +287,13 @@ class CUDAEngine:
             gemm(g[name], dout, x, trans_a=True, c=g[name])
 
         dres, dres_g = self.dres, self.dres_g  # float32, and the GEMMs' copy of it
-        ln_kind, _, ln_blocks = self.variants["layernorm_backward"].partition(":")  # e.g. "fit:792"
         copy = dres_g if dres_g is not dres else None
 
         def ln_backward(name, x, mean, rstd, proj_bias):
             """dres += LayerNorm backward of dln (dres_g follows); the new dres is the gradient of a
             residual add, whose column sums are proj_bias' gradient (the projection added there)."""
             layernorm_backward(dres, g[name + ".weight"], g[name + ".bias"], self.dln, x, p[name + ".weight"], mean,
-                               rstd, s, dx16=copy, dsum=None if proj_bias is None else g[proj_bias],
-                               fit=ln_kind == "fit", blocks=int(ln_blocks) if ln_blocks else None)
+                               rstd, s, dx16=copy, dsum=None if proj_bias is None else g[proj_bias])
 
         dres.fill(0)  # the LM head's backward ran with the forward (_head): dln is ln_f's output gradient
         L = self.cfg.n_layer
