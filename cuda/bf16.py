@@ -91,23 +91,16 @@ if config.ENABLE_CUDASIM:
 else:
     import functools
 
-    from llvmlite import ir
     from numba import types
-    from numba.cuda.extending import intrinsic, overload
+    from numba.cuda.extending import overload
+
+    from koifish_cuda.cvt import pack_pair
 
     @functools.lru_cache(maxsize=None)
     def _hardware_bf16() -> bool:
         return cuda.get_current_device().compute_capability >= (8, 0)
 
-    @intrinsic
-    def _cvt_bf16x2(typingctx, lo, hi):
-        sig = types.uint32(types.float32, types.float32)
-
-        def codegen(context, builder, signature, args):
-            asm = ir.InlineAsm(ir.FunctionType(ir.IntType(32), [ir.FloatType()] * 2),
-                               "cvt.rn.bf16x2.f32 $0, $1, $2;", "=r,f,f")  # the first source to the upper half
-            return builder.call(asm, [args[1], args[0]])
-        return sig, codegen
+    _cvt_bf16x2 = pack_pair("bf16")
 
     def f32_to_bf16(x):
         raise NotImplementedError("device function")

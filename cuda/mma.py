@@ -85,6 +85,8 @@ else:
     from llvmlite import ir
     from numba.cuda.extending import intrinsic
 
+    from koifish_cuda.cvt import pack_pair
+
     @intrinsic
     def _mma(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
         sig = types.UniTuple(types.float32, 4)(*([types.uint32] * 6 + [types.float32] * 4))
@@ -105,16 +107,7 @@ else:
         return _mma(uint32(a0), uint32(a1), uint32(a2), uint32(a3), uint32(b0), uint32(b1),
                     float32(c0), float32(c1), float32(c2), float32(c3))
 
-    @intrinsic
-    def _pack(typingctx, lo, hi):
-        sig = types.uint32(types.float32, types.float32)
-
-        def codegen(context, builder, signature, args):
-            asm = ir.InlineAsm(ir.FunctionType(ir.IntType(32), [ir.FloatType()] * 2),
-                               "cvt.rn.f16x2.f32 $0, $1, $2;", "=r,f,f")  # the first source to the upper half
-            return builder.call(asm, [args[1], args[0]])
-
-        return sig, codegen
+    _pack = pack_pair("f16")
 
     @cuda.jit(device=True, inline=True)
     def pack_f16x2(lo, hi):
