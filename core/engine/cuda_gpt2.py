@@ -90,10 +90,7 @@ class CUDAEngine:
         self.adam_step = 0
         # kernel variants written for measurement beside the measured ones (bench/profile_step.py
         # --variants); set before the first step (the graphs capture them)
-        # weight_grads "side": the weight and bias gradients on a second stream, beside the backward's
-        # chain of input gradients (forked and joined inside the captured graph; remat 0 only; not yet measured)
-        self.variants = {"classifier": "registers", "weight_grads": "main"}
-        self.side = None  # (CuPy stream, Numba stream, CublasLt) of the weight gradients, when "side"
+        self.variants = {"classifier": "registers"}
         # the update statistics: large tensors sampled (instability.update_sample; koifish_cuda.update_stats)
         self.stat_sample = InstabilityConfig.from_dict(case.instability).update_sample
         self.stat_chunk = STAT_CHUNK
@@ -197,7 +194,6 @@ class CUDAEngine:
         self.dres, self.dln = f(N, C), h(N, C)
         self.dres_g = h(N, C) if self.bf16 else self.dres
         self.dqkv, self.datty = h(N, 3 * C), h(N, C)  # the MLP's dGELU output goes over the layer's fch_gelu
-        self.dfch = None  # ... or here, when the weight gradients run beside it (_side_stream)
         self.norm_sq = f(1)
         self.hyper = f(8)
         self.stat_phase = cp.zeros(1, dtype=cp.int32)  # which sampled chunks this step's statistics read
@@ -279,20 +275,6 @@ class CUDAEngine:
             layernorm_forward(a["ln2"], a["m2"], a["r2"], a["res2"], p[h + "ln_2.weight"], p[h + "ln_2.bias"], s)
             gelu_forward(a["fch_gelu"], a["fch"], s)  # fch holds the pre-activation, bias included
 
-    def _side_stream(self) -> None:
-        """The weight_grads "side" variant's second stream, its cuBLASLt (own workspace) and the dGELU
-        output's own buffer (the side stream still reads fch_gelu while it is written)."""
-        from koifish_cuda.cublaslt import CublasLt
-        from numba import cuda
-
-        if self.variants["weight_grads"] != "side" or self.remat or self.side is not None:
-            return
-        cp = self.cp
-        stream = cp.cuda.Stream(non_blocking=True)
-        with stream:
-            self.side = (stream, cuda.external_stream(stream.ptr), CublasLt(stream, tf32=True))
-        self.dfch = cp.zeros_like(self.act[0]["fch_gelu"])
-
     def _backward(self) -> None:
         from koifish_cuda.embedding import encoder_backward
         from koifish_cuda.layernorm import layernorm_backward
@@ -300,27 +282,9 @@ class CUDAEngine:
 
         p, w, g, s = self.p, self.pw, self.g, self.ns
         gemm = self.lt.matmul
-        side_stream, ss, side_lt = self.side or (self.stream, s, self.lt)
-
-        def fork():  # the side stream goes on after the main stream's work so far
-            if self.side:
-                ev = self.cp.cuda.Event(disable_timing=True)
-                ev.record(self.stream)
-                side_stream.wait_event(ev)
-
-        def mark():  # an event after the side stream's work so far
-            if not self.side:
-                return None
-            ev = self.cp.cuda.Event(disable_timing=True)
-            ev.record(side_stream)
-            return ev
-
-        def wait(ev):  # the main stream waits for the side stream's work up to ev
-            if ev is not None:
-                self.stream.wait_event(ev)
 
         def grad(name, dout, x):  # g[name] += dout^T x: a weight's gradient, accumulated over micro-batches
-            side_lt.matmul(g[name], dout, x, trans_a=True, c=g[name])
+            gemm(g[name], dout, x, trans_a=True, c=g[name])
 
         dres, dres_g = self.dres, self.dres_g  # float32, and the GEMMs' copy of it
         copy = dres_g if dres_g is not dres else None
@@ -339,34 +303,22 @@ class CUDAEngine:
             a, h = self.act[l], f"h.{l}."
             resid_in = self.x0 if l == 0 else self.act[l - 1]["res3"]
             self._rebuild(l, resid_in)
-            # MLP: res3 = res2 + c_proj(gelu(c_fc(ln2(res2)))); c_proj's bias gradient came with dres.
-            # With a side stream, the weight and bias gradients run there, each forked when its inputs
-            # are written; the main stream waits only where it overwrites what they read (dres_g).
-            fork()
+            # MLP: res3 = res2 + c_proj(gelu(c_fc(ln2(res2)))); c_proj's bias gradient came with dres
             grad(h + "mlp.c_proj.weight", dres_g, a["fch_gelu"])
-            read_dres = mark()
-            # GELU's output is spent: its buffer takes the pre-activation's gradient (own buffer with a side stream)
-            dfch = a["fch_gelu"] if self.dfch is None else self.dfch
+            dfch = a["fch_gelu"]  # GELU's output is spent: its buffer takes the pre-activation's gradient
             gemm(dfch, dres_g, w[h + "mlp.c_proj.weight"], epilogue="dgelu", aux=a["fch"])
-            fork()
-            bias_grad(g[h + "mlp.c_fc.bias"], dfch, ss)
+            bias_grad(g[h + "mlp.c_fc.bias"], dfch, s)
             grad(h + "mlp.c_fc.weight", dfch, a["ln2"])
             gemm(self.dln, dfch, w[h + "mlp.c_fc.weight"])
-            wait(read_dres)
             ln_backward(h + "ln_2", a["res2"], a["m2"], a["r2"], h + "attn.c_proj.bias")
             # attention: res2 = resid_in + c_proj(attn(c_attn(ln1(resid_in))))
-            fork()
             grad(h + "attn.c_proj.weight", dres_g, a["atty"])
-            read_dres = mark()
             gemm(self.datty, dres_g, w[h + "attn.c_proj.weight"])
             self.attn.backward(a, self.datty, self.dqkv)
-            fork()
-            bias_grad(g[h + "attn.c_attn.bias"], self.dqkv, ss)
+            bias_grad(g[h + "attn.c_attn.bias"], self.dqkv, s)
             grad(h + "attn.c_attn.weight", self.dqkv, a["ln1"])
             gemm(self.dln, self.dqkv, w[h + "attn.c_attn.weight"])
-            wait(read_dres)
             ln_backward(h + "ln_1", resid_in, a["m1"], a["r1"], f"h.{l - 1}.mlp.c_proj.bias" if l else None)
-            wait(mark())  # the layer's gradients are all written (the buckets below; dqkv, dfch are reused)
             self._ready([k for k in self.shapes if block_of(k) == l])
         encoder_backward(g["wte"], g["wpe"], dres, self.idx, s)
         self._ready(("wte", "wpe"))
@@ -408,7 +360,6 @@ class CUDAEngine:
                     self.sync.end()
             return run
 
-        self._side_stream()
         phases = {"zero": self._zero, "micro_last": micro(True), "norm": self._norm, "update": self._update}
         if accum > 1:
             phases["micro"] = micro(False)
