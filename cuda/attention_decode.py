@@ -21,8 +21,7 @@ outputs read four at a time).
 Kernel 1 comes in three variants (attention_decode's `variant`): the tile kernel above (int8 caches),
 "warps" (a warp walks its own keys, a lane owning head_dim/32 dimensions) and "mma" (the default for
 float16 caches: a 16-key tile's scores and its weighted sum of V as tensor-core products,
-_split_mma_kernel), which can also do
-qk_norm_rope's work for a decode step (rope=).
+_split_mma_kernel), which can also do qk_norm_rope's work for a decode step (rope=).
 Shapes are compile-time constants of the split kernel (one compiled per head_dim, n_rep, int8 or not).
 """
 
@@ -467,7 +466,7 @@ def _weighted_v_mma(acc, vsh, ps, pw, vw, a0, a1, g, c, mbuf, MV, RS, PR):
     2g + 1, so one word of a key row holds both and a fragment register is two words' halves; P^T is B,
     rounded to float16 hi + lo as q is (float32's precision). The lane holds the rescale factors of its
     heads. A tile costs a lane 16 products and 32 shared loads here, where a lane owning 4 dimensions of
-    every head spent ~512 multiply-adds and 128 weight loads (25.2 against 20.1 us at 8k keys, stop 18)."""
+    every head spent ~512 multiply-adds and 128 weight loads (8k keys: 26.4 -> 20.3 us, stop 18)."""
     sync_warp()  # the tile's weights and V rows are in shared memory
     for i in range(4 * MV):
         acc[i] *= a0 if i % 2 == 0 else a1
@@ -745,11 +744,12 @@ def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k
     head_dim a multiple of 64, at most 8 query heads a kv head; else as "warps"), "warps" (_split_warps_kernel;
     float caches with head_dim a multiple of 32, else the tile kernel runs) or "tiles" (_split_kernel). On the H200 at
     Qwen3-32B's shapes (bench_qwen3_kernels.py) warps took 21.3 us at 1k keys and 57.1 at 8k, tiles 49.0
-    and 177.3; mma 11.8 and 20.1 at 32 splits of 64 keys at least (stop 18; 12.3 and 26.2 with V's
+    and 177.3; mma 11.8 and 20.3 at 32 splits of 64 keys at least (stop 18; 12.3 and 26.2 with V's
     weighted sum on the CUDA cores). xq: for one row, out also rounded into quant_a8.quantize_x16's triple
     (the o projection's input). rope = (qn, kn, cos, sin, eps): q is the fused projection (R, (nh + 2 nkv)
-    hd) and the mma kernel does qk_norm_rope's work (one row per sequence, T = 1; fuses_rope says when). prefetch: a 1-D uint32 array (the next GEMV's weights,
-    prefetch.weight_lines) that spare blocks of the merge pull into L2."""
+    hd) and the mma kernel does qk_norm_rope's work (one row per sequence, T = 1; fuses_rope says when).
+    prefetch: a 1-D uint32 array (the next GEMV's weights, prefetch.weight_lines) that spare blocks of the
+    merge pull into L2."""
     part_o, part_m, part_l = scratch
     R = q.shape[0]
     nh, splits = part_m.shape[1], part_m.shape[2]
