@@ -72,6 +72,7 @@ def main():
          (4 * N * C + 2 * N) * f + N * C * h),
         ("gelu_forward bf16 (remat 1)", lambda s: gelu_forward(act16, pre16, s), 2 * N * F4 * h),
         ("bias_grad bf16 (N, 4C)", lambda s: bias_grad(db4, act16, s), N * F4 * h),
+        ("bias_grad bf16 (N, 4C) 16-byte loads", lambda s: bias_grad(db4, act16, s, vector=True), N * F4 * h),
         ("fused_classifier bf16", lambda s: fused_classifier(logits16, losses, loss_sum, targets, V, 1.0 / N, s),
          2 * N * Vp * h),
         ("fused_classifier bf16 split", lambda s: fused_classifier(logits16, losses, loss_sum, targets, V, 1.0 / N,

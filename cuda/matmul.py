@@ -27,8 +27,8 @@ def matmul_backward_ref(dout: np.ndarray, x: np.ndarray, w: np.ndarray):
 # The products themselves are cuBLAS GEMMs (koifish_cuda.cublas_raw); these kernels do the rest.
 import koifish_cuda.compat  # noqa: E402,F401
 from koifish_cuda.bf16 import load, store, word_hi, word_lo  # noqa: E402
-from koifish_cuda.vload import aligned  # noqa: E402
-from numba import cuda, float32  # noqa: E402
+from koifish_cuda.vload import aligned, load4  # noqa: E402
+from numba import cuda, float32, uint32  # noqa: E402
 
 
 @cuda.jit(cache=True)
@@ -75,17 +75,59 @@ def bias_grad_pairs_kernel(dbias, words, rows_per_block):
     cuda.atomic.add(dbias, 2 * j + 1, hi)
 
 
+R4 = 4  # rows whose 16-byte loads bias_grad_quads_kernel issues before it adds any
+
+
+@cuda.jit(cache=True)
+def bias_grad_quads_kernel(dbias, words, rows_per_block):
+    """bias_grad_pairs_kernel four words (eight columns) a thread, one 16-byte load a row, the loads of
+    R4 rows issued before any is added (W a multiple of 4, rows on 16-byte boundaries)."""
+    N, W = words.shape
+    j = 4 * (cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x)
+    if j >= W:
+        return
+    start = cuda.blockIdx.y * rows_per_block
+    end = min(start + rows_per_block, N)
+    acc = cuda.local.array(8, float32)
+    u = cuda.local.array((R4, 4), uint32)
+    for e in range(8):
+        acc[e] = float32(0.0)
+    r = start
+    while r + R4 <= end:
+        for q in range(R4):
+            u[q, 0], u[q, 1], u[q, 2], u[q, 3] = load4(words, (r + q, j))
+        for q in range(R4):
+            for e in range(4):
+                acc[2 * e] += word_lo(u[q, e])
+                acc[2 * e + 1] += word_hi(u[q, e])
+        r += R4
+    for rr in range(r, end):  # the slab's last rows when it is not a multiple of R4
+        u[0, 0], u[0, 1], u[0, 2], u[0, 3] = load4(words, (rr, j))
+        for e in range(4):
+            acc[2 * e] += word_lo(u[0, e])
+            acc[2 * e + 1] += word_hi(u[0, e])
+    for e in range(8):
+        cuda.atomic.add(dbias, 2 * j + e, acc[e])
+
+
 def add_bias(out, bias, stream=0):
     N, C = out.shape
     add_bias_kernel[((C + 255) // 256, min(N, 65535)), 256, stream](out, bias)
 
 
-def bias_grad(dbias, dout, stream=0, rows_per_block=64):
+def bias_grad(dbias, dout, stream=0, rows_per_block=64, vector=False):
     """dbias += dout's column sums, in slabs of 64 rows (at 16384 x 2304 bf16 on an H200: 16 rows
     0.059 ms, 32 0.038, 64 0.030; 256-row slabs left most of the GPU idle). bf16 rows of even
-    width are read two columns a 32-bit load (2-byte loads kept the kernel at 57% of copy)."""
+    width are read two columns a 32-bit load (2-byte loads kept the kernel at 57% of copy; 32-bit
+    loads reach 87%). vector (bf16 rows of a multiple of 8 columns, aligned): eight columns a 16-byte
+    load, R4 rows in flight (bias_grad_quads_kernel; written for measurement, bench_kernels.py, as
+    16-byte loads took sum_squares from 71% to 157% of copy; not yet run on a GPU)."""
     N, C = dout.shape
     rows = (N + rows_per_block - 1) // rows_per_block
+    if vector and dout.dtype == np.uint16 and C % 8 == 0 and aligned(dout, 8):
+        bias_grad_quads_kernel[((C // 8 + 127) // 128, rows), 128, stream](dbias, dout.view(np.uint32),
+                                                                          rows_per_block)
+        return
     if dout.dtype == np.uint16 and C % 2 == 0 and aligned(dout, 2):  # rows of whole 32-bit words
         bias_grad_pairs_kernel[((C // 2 + 127) // 128, rows), 128, stream](dbias, dout.view(np.uint32), rows_per_block)
         return
