@@ -80,6 +80,8 @@ def main():
         ("sum_squares (124M)", lambda s: sum_squares(norm_sq, grads, s), n_par * f),
         ("sum_squares (124M) scalar loads", lambda s: sum_squares(norm_sq, grads, s, vector=False), n_par * f),
         ("adamw (124M)", lambda s: adamw_update(params, grads, m, v, mask, norm_sq, hyper, s), (7 * n_par * f + n_par)),
+        ("adamw (124M) 16-byte loads", lambda s: adamw_update(params, grads, m, v, mask, norm_sq, hyper, s, vector=True),
+         (7 * n_par * f + n_par)),
     ]
     rows = []
     print(f"{'kernel':<30} {'time ms':>9} {'GB/s':>8} {'% copy':>7}")

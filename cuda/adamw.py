@@ -30,10 +30,10 @@ def global_norm_ref(grads: np.ndarray) -> float:
 import math  # noqa: E402
 
 import koifish_cuda.compat  # noqa: E402,F401
-from koifish_cuda.bf16 import f32_to_bf16  # noqa: E402
+from koifish_cuda.bf16 import f32_to_bf16, pack_word  # noqa: E402
 from koifish_cuda.reduce import THREADS, block_sum  # noqa: E402
-from koifish_cuda.vload import aligned, load4  # noqa: E402
-from numba import cuda, float32  # noqa: E402
+from koifish_cuda.vload import aligned, load4, store4  # noqa: E402
+from numba import cuda, float32, uint32  # noqa: E402
 
 ONE, TINY, HUGE = np.float32(1.0), np.float32(1e-6), np.float32(3.0e38)  # float32: Python floats make float64
 
@@ -67,6 +67,15 @@ def sum_squares_kernel(out, x):
         cuda.atomic.add(out, 0, s)
 
 
+@cuda.jit(device=True, inline=True)
+def _step(p, g, m, v, decay, lr, b1, b2, eps, wd, bc1, bc2, scale):
+    """One weight's (p, m, v) after AdamW's step on its gradient g (clipped by scale)."""
+    mi, vi = moments(g * scale, m, v, b1, b2)
+    if decay:
+        p -= lr * wd * p
+    return p - (lr / bc1) * mi / (math.sqrt(vi / bc2) + eps), mi, vi
+
+
 @cuda.jit(cache=True)
 def adamw_kernel(params, grads, m, v, decay_mask, norm_sq, hyper, params16):
     """One launch over every tensor. hyper (device, float32): lr, beta1, beta2, eps, weight_decay,
@@ -81,16 +90,43 @@ def adamw_kernel(params, grads, m, v, decay_mask, norm_sq, hyper, params16):
     live, scale = clip_scale(norm_sq[0], clip)
     if not live:  # NaN or Inf gradients: skip the update everywhere (the trainer logs it)
         return
-    mi, vi = moments(grads[i] * scale, m[i], v[i], b1, b2)
-    m[i] = mi
-    v[i] = vi
-    p = params[i]
-    if decay_mask[i]:
-        p -= lr * wd * p
-    p -= (lr / bc1) * mi / (math.sqrt(vi / bc2) + eps)
+    p, m[i], v[i] = _step(params[i], grads[i], m[i], v[i], decay_mask[i], lr, b1, b2, eps, wd, bc1, bc2, scale)
     params[i] = p
     if params16.size:
         params16[i] = f32_to_bf16(p)
+
+
+@cuda.jit(cache=True)
+def adamw_vec_kernel(params, grads, m, v, mask_words, norm_sq, hyper, words16):
+    """adamw_kernel four weights a thread: params, grads, m and v in 16-byte loads and stores, the four
+    decay flags as one 32-bit word, the bf16 copy as two (sizes a multiple of 4, arrays aligned)."""
+    i = cuda.grid(1)
+    j = 4 * i
+    if j >= params.size:
+        return
+    lr, b1, b2, eps, wd, bc1, bc2, clip = (hyper[0], hyper[1], hyper[2], hyper[3], hyper[4], hyper[5],
+                                          hyper[6], hyper[7])
+    live, scale = clip_scale(norm_sq[0], clip)
+    if not live:
+        return
+    p = cuda.local.array(4, float32)
+    g = cuda.local.array(4, float32)
+    mm = cuda.local.array(4, float32)
+    vv = cuda.local.array(4, float32)
+    p[0], p[1], p[2], p[3] = load4(params, j)
+    g[0], g[1], g[2], g[3] = load4(grads, j)
+    mm[0], mm[1], mm[2], mm[3] = load4(m, j)
+    vv[0], vv[1], vv[2], vv[3] = load4(v, j)
+    flags = mask_words[i]
+    for e in range(4):
+        decay = (flags >> uint32(8 * e)) & uint32(0xFF)
+        p[e], mm[e], vv[e] = _step(p[e], g[e], mm[e], vv[e], decay, lr, b1, b2, eps, wd, bc1, bc2, scale)
+    store4(params, j, p[0], p[1], p[2], p[3])
+    store4(m, j, mm[0], mm[1], mm[2], mm[3])
+    store4(v, j, vv[0], vv[1], vv[2], vv[3])
+    if words16.size:
+        words16[2 * i] = pack_word(p[0], p[1])
+        words16[2 * i + 1] = pack_word(p[2], p[3])
 
 
 U4 = 4  # the vector kernel's 16-byte loads in flight a thread (probe_read_bandwidth: 4,453 GB/s at 4 x 128 x 4)
@@ -130,10 +166,19 @@ def sum_squares(out, x, stream=0, blocks=None, vector=True):
     sum_squares_kernel[min(blocks or 528, (x.size + THREADS - 1) // THREADS), THREADS, stream](out, x)
 
 
-def adamw_update(params, grads, m, v, decay_mask, norm_sq, hyper, stream=0, params16=None):
-    """params16: uint16 bf16 bits of params' shape, refreshed from the updated weights (None: none)."""
+def adamw_update(params, grads, m, v, decay_mask, norm_sq, hyper, stream=0, params16=None, vector=False):
+    """params16: uint16 bf16 bits of params' shape, refreshed from the updated weights (None: none).
+    vector: four weights a thread in 16-byte memory instructions (adamw_vec_kernel; sizes a multiple of
+    4, arrays aligned, else the scalar kernel), written for measurement beside the scalar kernel
+    (bench_kernels.py; not yet run on a GPU: the scalar one moves 129% of copy's bytes a second)."""
     if params16 is None:
         params16 = koifish_cuda.compat.device_constant((0,), np.uint16)
     elif params16.shape != params.shape:
         raise ValueError(f"adamw_update: params16 {params16.shape} must be shaped as params {params.shape}")
+    if (vector and params.size % 4 == 0 and all(aligned(a, 4) for a in (params, grads, m, v, decay_mask))
+            and (params16.size == 0 or aligned(params16, 4))):
+        words16 = params16.view(np.uint32) if params16.size else koifish_cuda.compat.device_constant((0,), np.uint32)
+        adamw_vec_kernel[(params.size // 4 + 255) // 256, 256, stream](params, grads, m, v, decay_mask.view(np.uint32),
+                                                                        norm_sq, hyper, words16)
+        return
     adamw_kernel[(params.size + 255) // 256, 256, stream](params, grads, m, v, decay_mask, norm_sq, hyper, params16)

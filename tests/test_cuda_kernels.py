@@ -211,14 +211,18 @@ def test_adamw_and_norm():
     clip = norm / 2  # clipping active: the kernel scales the gradient by clip / norm
     step, lr, b1, b2, eps, wd = 3, 1e-2, 0.9, 0.95, 1e-8, 0.1
     hyper = f32([lr, b1, b2, eps, wd, 1 - b1**step, 1 - b2**step, clip])
-    pd, md, vd = f32(p), f32(m), f32(v)
-    p16 = dev(np.zeros(n, np.uint16))
-    adamw_update(pd, gd, md, vd, dev(mask.astype(np.uint8)), norm_sq, hyper, params16=p16)
-    adamw_update_ref(p, g * (clip / (norm + 1e-6)), m, v, mask, step, lr, b1, b2, eps, wd)
-    assert rel_err(host(pd), p) < 1e-5 and rel_err(host(md), m) < 1e-5 and rel_err(host(vd), v) < 1e-5
     from koifish_cuda.bf16 import to_bf16_ref
 
-    assert np.array_equal(host(p16), to_bf16_ref(host(pd)))  # the bf16 copy, refreshed in the same pass
+    runs = []
+    for vector in (False, True):  # a weight a thread, or four in 16-byte loads (n a multiple of 4)
+        pd, md, vd = f32(p), f32(m), f32(v)
+        p16 = dev(np.zeros(n, np.uint16))
+        adamw_update(pd, gd, md, vd, dev(mask.astype(np.uint8)), norm_sq, hyper, params16=p16, vector=vector)
+        runs.append((pd, md, vd, p16))
+    adamw_update_ref(p, g * (clip / (norm + 1e-6)), m, v, mask, step, lr, b1, b2, eps, wd)
+    for pd, md, vd, p16 in runs:
+        assert rel_err(host(pd), p) < 1e-5 and rel_err(host(md), m) < 1e-5 and rel_err(host(vd), v) < 1e-5
+        assert np.array_equal(host(p16), to_bf16_ref(host(pd)))  # the bf16 copy, refreshed in the same pass
 
 
 def _adam_state(r, n):
