@@ -90,7 +90,8 @@ class CUDAEngine:
         self.adam_step = 0
         # kernel variants written for measurement beside the measured ones (bench/profile_step.py
         # --variants); set before the first step (the graphs capture them)
-        self.variants = {"classifier": "registers"}
+        # bias_grad "quads" and adamw "vector": 16-byte loads, written for measurement (not yet run on a GPU)
+        self.variants = {"classifier": "registers", "bias_grad": "pairs", "adamw": "scalar"}
         # the update statistics: large tensors sampled (instability.update_sample; koifish_cuda.update_stats)
         self.stat_sample = InstabilityConfig.from_dict(case.instability).update_sample
         self.stat_chunk = STAT_CHUNK
@@ -287,6 +288,7 @@ class CUDAEngine:
             gemm(g[name], dout, x, trans_a=True, c=g[name])
 
         dres, dres_g = self.dres, self.dres_g  # float32, and the GEMMs' copy of it
+        quads = self.variants["bias_grad"] == "quads"
         copy = dres_g if dres_g is not dres else None
 
         def ln_backward(name, x, mean, rstd, proj_bias):
@@ -307,7 +309,7 @@ class CUDAEngine:
             grad(h + "mlp.c_proj.weight", dres_g, a["fch_gelu"])
             dfch = a["fch_gelu"]  # GELU's output is spent: its buffer takes the pre-activation's gradient
             gemm(dfch, dres_g, w[h + "mlp.c_proj.weight"], epilogue="dgelu", aux=a["fch"])
-            bias_grad(g[h + "mlp.c_fc.bias"], dfch, s)
+            bias_grad(g[h + "mlp.c_fc.bias"], dfch, s, vector=quads)
             grad(h + "mlp.c_fc.weight", dfch, a["ln2"])
             gemm(self.dln, dfch, w[h + "mlp.c_fc.weight"])
             ln_backward(h + "ln_2", a["res2"], a["m2"], a["r2"], h + "attn.c_proj.bias")
@@ -315,7 +317,7 @@ class CUDAEngine:
             grad(h + "attn.c_proj.weight", dres_g, a["atty"])
             gemm(self.datty, dres_g, w[h + "attn.c_proj.weight"])
             self.attn.backward(a, self.datty, self.dqkv)
-            bias_grad(g[h + "attn.c_attn.bias"], self.dqkv, s)
+            bias_grad(g[h + "attn.c_attn.bias"], self.dqkv, s, vector=quads)
             grad(h + "attn.c_attn.weight", self.dqkv, a["ln1"])
             gemm(self.dln, self.dqkv, w[h + "attn.c_attn.weight"])
             ln_backward(h + "ln_1", resid_in, a["m1"], a["r1"], f"h.{l - 1}.mlp.c_proj.bias" if l else None)
@@ -341,7 +343,8 @@ class CUDAEngine:
 
         # the bf16 copy is refreshed in the same pass; with ZeRO-1 after the all-gather (train_step)
         fresh16 = self.params16 if self.bf16 and self.zero is None else None
-        adamw_update(*self._opt_arrays(), self.norm_sq, self.hyper, self.ns, params16=fresh16)
+        adamw_update(*self._opt_arrays(), self.norm_sq, self.hyper, self.ns, params16=fresh16,
+                     vector=self.variants["adamw"] == "vector")
 
     def _capture(self, accum: int) -> None:
         """Run each phase once eagerly (kernels compile, cuBLAS sets up its workspace), then capture."""
@@ -371,7 +374,8 @@ class CUDAEngine:
         params, grads, m, v, decay = self._opt_arrays()
         saved = (params[head].copy(), m[head].copy(), v[head].copy())
         warm = {**phases, "update": lambda: adamw_update(params[head], grads[head], m[head], v[head], decay[head],
-                                                         self.norm_sq, self.hyper, self.ns)}
+                                                         self.norm_sq, self.hyper, self.ns,
+                                                         vector=self.variants["adamw"] == "vector")}
         with self.stream:
             for fn in warm.values():
                 fn()
