@@ -89,16 +89,11 @@ if config.ENABLE_CUDASIM:
         return pack_bits(_f32_to_bf16_int(lo), _f32_to_bf16_int(hi))
 
 else:
-    import functools
-
     from numba import types
     from numba.cuda.extending import overload
 
+    from koifish_cuda.compat import compiles_for
     from koifish_cuda.cvt import pack_pair
-
-    @functools.lru_cache(maxsize=None)
-    def _hardware_bf16() -> bool:
-        return cuda.get_current_device().compute_capability >= (8, 0)
 
     _cvt_bf16x2 = pack_pair("bf16")
 
@@ -110,13 +105,13 @@ else:
 
     @overload(f32_to_bf16, target="cuda")
     def _f32_to_bf16(x):
-        if _hardware_bf16():
+        if compiles_for((8, 0)):
             return lambda x: uint16(_cvt_bf16x2(float32(x), float32(x)) & uint32(0xFFFF))
         return lambda x: _f32_to_bf16_int(x)
 
     @overload(pack_word, target="cuda")
     def _pack_word(lo, hi):
-        if _hardware_bf16():
+        if compiles_for((8, 0)):
             return lambda lo, hi: _cvt_bf16x2(float32(lo), float32(hi))
         return lambda lo, hi: pack_bits(_f32_to_bf16_int(lo), _f32_to_bf16_int(hi))
 

@@ -24,6 +24,18 @@ def stride_blocks(n: int, cap: int = 4096) -> int:
     return 1 if config.ENABLE_CUDASIM else max(1, min(n, cap))
 
 
+def compiles_for(cc: tuple) -> bool:
+    """Whether kernels compile for compute capability cc or later: the current device's; with no device
+    (cuda.compile_ptx asked for a cc, as the offline ptxas checks do), yes. For code generated per target
+    (inline PTX that exists only from some sm on)."""
+    from numba import cuda
+
+    try:
+        return cuda.get_current_device().compute_capability >= cc
+    except Exception:
+        return True
+
+
 _DEVICE_ARRAYS: dict = {}
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 
-import koifish_cuda.compat  # noqa: F401
+from koifish_cuda.compat import compiles_for
 from numba import config, cuda, types
 
 _ON = contextvars.ContextVar("koifish_pdl_on", default=False)  # inside programmatic()
@@ -51,16 +51,10 @@ else:
     from llvmlite import ir
     from numba.cuda.extending import intrinsic
 
-    def _sm90() -> bool:
-        try:
-            return cuda.get_current_device().compute_capability >= (9, 0)
-        except Exception:  # no device: compile for what ptxas is asked (compile_ptx tests pass cc)
-            return True
-
     @intrinsic
     def wait(typingctx):
         def codegen(context, builder, sig, args):
-            if _sm90():  # the instruction exists from sm_90; before, there is nothing to wait for
+            if compiles_for((9, 0)):  # the instruction exists from sm_90; before, there is nothing to wait for
                 asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), "griddepcontrol.wait;", "~{memory}",
                                    side_effect=True)
                 builder.call(asm, [])
