@@ -50,6 +50,14 @@ def clip_scale(norm_sq, clip):
 
 
 @cuda.jit(device=True, inline=True)
+def read_hyper(hyper, norm_sq):
+    """(live, scale, lr, b1, b2, eps, wd, bc1, bc2) of a step: hyper's values (adamw_kernel's order) and
+    clip_scale of the gradient norm norm_sq[0]."""
+    live, scale = clip_scale(norm_sq[0], hyper[7])
+    return live, scale, hyper[0], hyper[1], hyper[2], hyper[3], hyper[4], hyper[5], hyper[6]
+
+
+@cuda.jit(device=True, inline=True)
 def moments(g, m, v, b1, b2):
     """AdamW's new first and second moments of clipped gradient g."""
     return b1 * m + (ONE - b1) * g, b2 * v + (ONE - b2) * g * g
@@ -85,9 +93,7 @@ def adamw_kernel(params, grads, m, v, decay_mask, norm_sq, hyper, params16):
     i = cuda.grid(1)
     if i >= params.size:
         return
-    lr, b1, b2, eps, wd, bc1, bc2, clip = (hyper[0], hyper[1], hyper[2], hyper[3], hyper[4], hyper[5],
-                                          hyper[6], hyper[7])
-    live, scale = clip_scale(norm_sq[0], clip)
+    live, scale, lr, b1, b2, eps, wd, bc1, bc2 = read_hyper(hyper, norm_sq)
     if not live:  # NaN or Inf gradients: skip the update everywhere (the trainer logs it)
         return
     p, m[i], v[i] = _step(params[i], grads[i], m[i], v[i], decay_mask[i], lr, b1, b2, eps, wd, bc1, bc2, scale)
@@ -104,9 +110,7 @@ def adamw_vec_kernel(params, grads, m, v, mask_words, norm_sq, hyper, words16):
     j = 4 * i
     if j >= params.size:
         return
-    lr, b1, b2, eps, wd, bc1, bc2, clip = (hyper[0], hyper[1], hyper[2], hyper[3], hyper[4], hyper[5],
-                                          hyper[6], hyper[7])
-    live, scale = clip_scale(norm_sq[0], clip)
+    live, scale, lr, b1, b2, eps, wd, bc1, bc2 = read_hyper(hyper, norm_sq)
     if not live:
         return
     p = cuda.local.array(4, float32)

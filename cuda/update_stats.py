@@ -51,7 +51,7 @@ def update_stats_ref(params, grads, m, v, decay_mask, norm_sq: float, hyper) -> 
 import math  # noqa: E402
 
 import koifish_cuda.compat  # noqa: E402,F401
-from koifish_cuda.adamw import clip_scale, moments  # noqa: E402
+from koifish_cuda.adamw import moments, read_hyper  # noqa: E402
 from koifish_cuda.reduce import THREADS, block_sum  # noqa: E402
 from numba import cuda, float32  # noqa: E402
 
@@ -87,9 +87,8 @@ def update_stats_kernel(out, chunks, weights, phase, params, grads, m, v, decay_
         return
     buf = cuda.shared.array(THREADS, float32)
     index, start, stop = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-    lr, b1, b2, eps, wd, bc1, bc2, clip = (hyper[0], hyper[1], hyper[2], hyper[3], hyper[4], hyper[5],
-                                          hyper[6], hyper[7])
-    live, scale = clip_scale(norm_sq[0], clip)  # not live: NaN or Inf gradients, adamw_update moves nothing
+    # not live: NaN or Inf gradients, adamw_update moves nothing
+    live, scale, lr, b1, b2, eps, wd, bc1, bc2 = read_hyper(hyper, norm_sq)
     step = lr / bc1
     su = float32(0.0)
     sw = float32(0.0)
