@@ -78,6 +78,14 @@ def bias_grad_pairs_kernel(dbias, words, rows_per_block):
 R4 = 4  # rows whose 16-byte loads bias_grad_quads_kernel issues before it adds any
 
 
+@cuda.jit(device=True, inline=True)
+def _add_words(acc, u, q):
+    """acc[0..7] += the eight bf16 columns of row q's four words u[q, 0..3]."""
+    for e in range(4):
+        acc[2 * e] += word_lo(u[q, e])
+        acc[2 * e + 1] += word_hi(u[q, e])
+
+
 @cuda.jit(cache=True)
 def bias_grad_quads_kernel(dbias, words, rows_per_block):
     """bias_grad_pairs_kernel four words (eight columns) a thread, one 16-byte load a row, the loads of
@@ -97,15 +105,11 @@ def bias_grad_quads_kernel(dbias, words, rows_per_block):
         for q in range(R4):
             u[q, 0], u[q, 1], u[q, 2], u[q, 3] = load4(words, (r + q, j))
         for q in range(R4):
-            for e in range(4):
-                acc[2 * e] += word_lo(u[q, e])
-                acc[2 * e + 1] += word_hi(u[q, e])
+            _add_words(acc, u, q)
         r += R4
     for rr in range(r, end):  # the slab's last rows when it is not a multiple of R4
         u[0, 0], u[0, 1], u[0, 2], u[0, 3] = load4(words, (rr, j))
-        for e in range(4):
-            acc[2 * e] += word_lo(u[0, e])
-            acc[2 * e + 1] += word_hi(u[0, e])
+        _add_words(acc, u, 0)
     for e in range(8):
         cuda.atomic.add(dbias, 2 * j + e, acc[e])
 
