@@ -158,8 +158,7 @@ def main():
     rows = []
 
     def decode_at(length: int, sampling: str = "top-k 20, top-p 0.95, T 0.6"):
-        cache.length = length
-        eng._set(eng.pos, [length])
+        eng.seek(cache, length)
         eng.decode_sample(cache)  # the graph exists; one untimed replay
         eng.sync()
         t = time.perf_counter()
@@ -178,8 +177,7 @@ def main():
     for group in sweep:
         setting[0] = apply_settings(eng, group)
         if group:  # a new body: one eager step (compiles), then a fresh capture
-            cache.length = args.prompt
-            eng._set(eng.pos, [args.prompt])
+            eng.seek(cache, args.prompt)
             eng.decode_sample(cache)
         decode_at(args.prompt)
         for c in contexts:

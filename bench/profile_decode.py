@@ -72,8 +72,7 @@ def main() -> None:
     eng.prefill_sample(prompt, cache)
     eng.decode_sample(cache)  # eager: compiles
     eng.decode_sample(cache)  # captures the graph
-    cache.length = args.context
-    eng._set(eng.pos, [args.context])
+    eng.seek(cache, args.context)
     eng.sync()
     t0 = time.perf_counter()
     for _ in range(20):
@@ -85,7 +84,7 @@ def main() -> None:
     timer.wrap_modules(WRAPPED)
     sums: dict = {}
     for _ in range(args.reps):
-        eng._set(eng.pos, [args.context])
+        eng.seek(cache, args.context)
         timer.marks = []
         with eng.stream:
             hold = busy(cp)

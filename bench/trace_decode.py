@@ -78,14 +78,12 @@ def main() -> None:
     for setting in parse_settings(args.sweep):
         label = apply_settings(eng, setting) or "defaults"
         for _ in range(3):  # eager (compiles), capture, one replay
-            cache.length = args.context
-            eng._set(eng.pos, [args.context])
+            eng.seek(cache, args.context)
             eng.decode_sample(cache)
         eng.sync()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(args.steps):
-                cache.length = args.context
-                eng._set(eng.pos, [args.context])
+                eng.seek(cache, args.context)
                 eng.decode_sample(cache)
             eng.sync()
         kern = sorted(k for k in _kernels(prof) if "memcpy" not in k[2].lower() and "memset" not in k[2].lower())

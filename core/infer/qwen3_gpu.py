@@ -783,6 +783,12 @@ class Qwen3GPU:
         self._set(self.pos, [cache.length])
         return self._get(self.tok)
 
+    def seek(self, cache: GPUCache, length: int) -> None:
+        """The next decode step takes position `length` (the keys at and after it are overwritten): a step
+        timed at a chosen context without feeding the cache that far (the benches)."""
+        cache.length = length
+        self._set(self.pos, [length])
+
     def decode_sample(self, cache: GPUCache) -> np.ndarray:
         """Feed the tokens last drawn and draw the next ones (B,): one graph replay, 4 bytes a row back."""
         self._check(cache, self.batch, 1)
