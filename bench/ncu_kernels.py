@@ -92,10 +92,11 @@ def main() -> None:
         cp.cuda.Device().synchronize()
         print(f"launched: {what}", file=sys.stderr, flush=True)
 
-    # decode (Qwen3-32B shapes, batch 1)
-    hidden, inter, heads, kv, hd, vocab, group = 5120, 25600, 64, 8, 128, 151936, 128
-    for name, (N, K) in {"qkv": ((heads + 2 * kv) * hd, hidden), "o_proj": (hidden, heads * hd),
-                         "gate_up": (2 * inter, hidden), "down": (hidden, inter), "head": (vocab, hidden)}.items():
+    # decode (Qwen3-32B shapes, batch 1: the decode engine's five matrices, as bench_quant_gemv --cold times them)
+    from bench_quant_gemv import ENGINE, HEAD_DIM as hd, HEADS as heads, HIDDEN as hidden, KV as kv
+
+    group = 128
+    for name, (N, K) in ENGINE.items():
         words = cp.asarray(rng.integers(0, 2**32, (N, K // 8), dtype=np.uint32))
         scales = cp.asarray(rng.random((N, K // group), dtype=np.float32) * 0.01 + 0.001)
         zeros = cp.asarray(rng.integers(0, 16, (N, K // group), dtype=np.uint8))
