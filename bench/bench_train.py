@@ -70,7 +70,9 @@ def run_koifish(size, B, T, steps, warmup, remat=0, dist=None, collective=None, 
             **chosen}
 
 
-def run_torch(size, B, T, steps, warmup):
+def torch_step(size, B, T):
+    """PyTorch's GPT-2 of `size` as a user would train it (compile, bf16 autocast, SDPA, fused AdamW,
+    clipping at 1.0): returns (step, model); step() runs one step on random tokens, returns the loss."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -107,7 +109,6 @@ def run_torch(size, B, T, steps, warmup):
             return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
 
     torch.backends.cuda.matmul.allow_tf32 = True
-    t0 = time.perf_counter()
     model = GPT().cuda()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
@@ -125,6 +126,14 @@ def run_torch(size, B, T, steps, warmup):
         opt.zero_grad(set_to_none=True)
         return loss
 
+    return step, model
+
+
+def run_torch(size, B, T, steps, warmup):
+    import torch
+
+    t0 = time.perf_counter()
+    step, model = torch_step(size, B, T)
     step().item()
     first = time.perf_counter() - t0
     for _ in range(warmup):
@@ -135,7 +144,7 @@ def run_torch(size, B, T, steps, warmup):
         loss = step()
     loss.item()
     dt = time.perf_counter() - t0
-    n_params = sum(p.numel() for p in model.parameters()) - (50304 - 50257) * C
+    n_params = sum(p.numel() for p in model.parameters()) - (50304 - 50257) * SIZES[size][2]
     return {"tokens_per_s": steps * B * T / dt, "first_step_s": first, "loss": float(loss),
             "peak_vram_bytes": torch.cuda.max_memory_allocated(), "n_params": n_params}
 
