@@ -77,7 +77,8 @@ def main():
     L, H, C = SIZES[args.size]
     B, T = args.batch, args.seq
     case = build_case({"model": {"n_layer": L, "n_head": H, "n_embd": C, "n_ctx": T},
-                       "data": {"batch_size": B, "seq_len": T}, "train": {"device": "cuda"}}, "gemm")
+                       "data": {"batch_size": B, "seq_len": T}, "train": {"device": "cuda"},
+                       "precision": {"compute": "bf16"}}, "gemm")
     eng = CUDAEngine(case)
     eng.lt.tune = args.tune
     rng = np.random.default_rng(0)
