@@ -85,7 +85,7 @@ def main():
     ap.add_argument("--kv-bits", type=int, default=16, choices=(16, 8), help="KV cache: float16, or int8 + scales")
     ap.add_argument("--act-bits", type=int, default=8, choices=(16, 8),
                     help="the 4-bit GEMVs' x: int8 per 16 values (dp4a; the engine's default), or float32")
-    ap.add_argument("--attention", default="mma", choices=("tiles", "warps", "mma", "mma_u"),
+    ap.add_argument("--attention", default="mma", choices=("tiles", "warps", "mma"),
                     help="the decode attention's split kernel (koifish_cuda.attention_decode)")
     ap.add_argument("--unfused-rope", action="store_true",
                     help="q/k norm and RoPE as a kernel of their own, not inside the mma attention kernel")

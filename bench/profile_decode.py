@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--act-bits", type=int, default=8, choices=(8, 16), help="the 4-bit GEMVs' x (engine default 8)")
-    ap.add_argument("--attention", default="mma", choices=("tiles", "warps", "mma", "mma_u"), help="the decode attention's kernel")
+    ap.add_argument("--attention", default="mma", choices=("tiles", "warps", "mma"), help="the decode attention's kernel")
     ap.add_argument("--out", default="bench/results/decode_profile.json")
     args = ap.parse_args()
 

@@ -287,11 +287,10 @@ MMA_TILE = 16  # keys a warp of the mma kernel takes at once: the rows of one pr
 # keys a split of the mma kernel takes at least: at 1k keys 16 splits of 64 beat 32 of 32 (11.9 against 15.1 us),
 # at 8k 32 splits beat 16 (25.8 against 30.7)
 MMA_MIN_CHUNK = 64
-MMA_VARIANTS = ("mma", "mma_u")  # mma_u: the same kernel with unsigned shared indices (being measured)
 
 
 @functools.lru_cache(maxsize=None)
-def _split_mma_kernel(HD: int, NREP: int, ROPE: bool = False, U: bool = False):
+def _split_mma_kernel(HD: int, NREP: int, ROPE: bool = False):
     """The "mma" split kernel (float16 caches, HD a multiple of 64, NREP at most 8): each warp takes
     tiles of MMA_TILE (16) keys and scores them against the kv head's NREP query heads on the tensor cores,
     S^T (keys x 8 heads) = K (keys x HD) Q^T, as mma.sync m16n8k16 products (koifish_cuda.mma): lane
@@ -310,11 +309,8 @@ def _split_mma_kernel(HD: int, NREP: int, ROPE: bool = False, U: bool = False):
     block norms and rotates its query heads from the raw row (a lane's quarter of a head: the sum of
     squares over the four lanes of a g, the RoPE partner d +- HD/2 in lane c ^ 2), and the block whose
     split holds the new key stores that key (normed, rotated) and value into the caches before its
-    first tile reads them.
-    U (variant "mma_u"): the shared-memory indices of the hot loop unsigned, so Numba emits no negative-index
-    wraparound for them (ptxas: 836 -> 754 instructions a tile; written for measurement, not yet run on a GPU)."""
-    KS = HD // 16
-    IX = _u32 if U else _same  # k-steps of 16 dimensions
+    first tile reads them."""
+    KS = HD // 16  # k-steps of 16 dimensions
     KW = HD // 8  # uint32 words of a key row a lane holds (a quarter of the row)
     DPL = HD // 32
     VW = DPL // 2  # words of a V row a lane loads
@@ -394,7 +390,7 @@ def _split_mma_kernel(HD: int, NREP: int, ROPE: bool = False, U: bool = False):
                     row = kb + k if kb + k < s1 else safe  # (registers indexed by the key would go to local memory)
                     o = (wp * MMA_TILE + k) * RS + lane * VW
                     if VW == 2:
-                        vsh[IX(o)], vsh[IX(o + 1)] = load2(v_cache, (b, kvh, row, 2 * lane))
+                        vsh[o], vsh[o + 1] = load2(v_cache, (b, kvh, row, 2 * lane))
                     else:
                         for i in range(VW):
                             vsh[o + i] = v_cache[b, kvh, row, lane * VW + i]
@@ -436,8 +432,8 @@ def _split_mma_kernel(HD: int, NREP: int, ROPE: bool = False, U: bool = False):
                         l0 += p
                     else:
                         l1 += p
-                    ps[IX(pw + (2 * c + i % 2) * PR + key)] = p
-                _weighted_v_mma(acc, vsh, ps, pw, wp * MMA_TILE * RS, a0, a1, g, c, mbuf, MV, RS, PR, IX)
+                    ps[pw + (2 * c + i % 2) * PR + key] = p
+                _weighted_v_mma(acc, vsh, ps, pw, wp * MMA_TILE * RS, a0, a1, g, c, mbuf, MV, RS, PR)
         for off in (4, 8, 16):
             l0 += shfl_xor(l0, off, red)
             l1 += shfl_xor(l1, off, red)
@@ -463,34 +459,23 @@ LO16, HI16, SH16 = uint32(0xFFFF), uint32(0xFFFF0000), uint32(16)
 
 
 @cuda.jit(device=True, inline=True)
-def _u32(i):
-    return uint32(i)
-
-
-@cuda.jit(device=True, inline=True)
-def _same(i):
-    return i
-
-
-@cuda.jit(device=True, inline=True)
-def _weighted_v_mma(acc, vsh, ps, pw, vw, a0, a1, g, c, mbuf, MV, RS, PR, IX):
+def _weighted_v_mma(acc, vsh, ps, pw, vw, a0, a1, g, c, mbuf, MV, RS, PR):
     """acc (heads 2c, 2c + 1 at dimensions 16 mt + 2g, + 1; 4 a slice mt) rescaled by a0, a1 and plus this
     tile's weights ps[pw + head * PR + key] times its V rows vsh[vw + key * RS ..]: O^T += V^T P^T, a
     product a 16-dimension slice mt of V. Row g of a slice's A is dimension 2g, row g + 8 dimension
     2g + 1, so one word of a key row holds both and a fragment register is two words' halves; P^T is B,
     rounded to float16 hi + lo as q is (float32's precision). The lane holds the rescale factors of its
     heads. A tile costs a lane 16 products and 32 shared loads here, where a lane owning 4 dimensions of
-    every head spent ~512 multiply-adds and 128 weight loads (8k keys: 26.4 -> 20.3 us, stop 18). IX: how
-    the shared indices are typed (_u32: unsigned, no wraparound code)."""
+    every head spent ~512 multiply-adds and 128 weight loads (8k keys: 26.4 -> 20.3 us, stop 18)."""
     sync_warp()  # the tile's weights and V rows are in shared memory
     for i in range(4 * MV):
         acc[i] *= a0 if i % 2 == 0 else a1
     q = pw + g * PR + 2 * c  # B = P^T: keys 2c, 2c + 1 (b0) and 2c + 8, 2c + 9 (b1) of head g
-    bh0, bl0 = _hi_lo(ps[IX(q)], ps[IX(q + 1)])
-    bh1, bl1 = _hi_lo(ps[IX(q + 8)], ps[IX(q + 9)])
+    bh0, bl0 = _hi_lo(ps[q], ps[q + 1])
+    bh1, bl1 = _hi_lo(ps[q + 8], ps[q + 9])
     for mt in range(MV):
         w = vw + 2 * c * RS + 8 * mt + g  # key 2c's word of dimensions 16 mt + 2g, + 1
-        w0, w1, w2, w3 = vsh[IX(w)], vsh[IX(w + RS)], vsh[IX(w + 8 * RS)], vsh[IX(w + 9 * RS)]
+        w0, w1, w2, w3 = vsh[w], vsh[w + RS], vsh[w + 8 * RS], vsh[w + 9 * RS]
         f0 = (w0 & LO16) | (w1 << SH16)  # A rows g (dimension 16 mt + 2g) and g + 8 (+ 1), keys 2c, 2c + 1
         f1 = (w0 >> SH16) | (w1 & HI16)
         f2 = (w2 & LO16) | (w3 << SH16)  # keys 2c + 8, 2c + 9
@@ -748,7 +733,7 @@ def _mma_applies(q, k_cache, v_cache, nh: int) -> bool:
 def fuses_rope(variant: str, q, k_cache, v_cache, nh: int, T: int) -> bool:
     """Whether attention_decode can take the fused projection q (R, (nh + 2 nkv) hd) with rope=... and do
     qk_norm_rope's work itself (the mma kernel, one row per sequence)."""
-    return variant in MMA_VARIANTS and T == 1 and _mma_applies(q, k_cache, v_cache, nh)
+    return variant == "mma" and T == 1 and _mma_applies(q, k_cache, v_cache, nh)
 
 
 def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k_scale=None, v_scale=None,
@@ -777,14 +762,14 @@ def attention_decode(out, q, k_cache, v_cache, pos, T: int, scratch, stream=0, k
         raise ValueError("attention: an int8 KV cache needs its k_scale and v_scale arrays")
     po, pm, pl = part_o[:R], part_m[:R], part_l[:R]
     scales = (k_scale, v_scale) if quant else ()  # () adds no kernel parameter
-    warps = (variant in ("warps",) + MMA_VARIANTS and not quant and hd % 32 == 0
+    warps = (variant in ("warps", "mma") and not quant and hd % 32 == 0
              and (hd // 32 != 4 or (aligned(k_cache, 4) and aligned(v_cache, 4))))
-    mma = variant in MMA_VARIANTS and _mma_applies(q, k_cache, v_cache, nh)
+    mma = variant == "mma" and _mma_applies(q, k_cache, v_cache, nh)
     if rope is not None and not (mma and T == 1):
         raise ValueError("attention: the fused q/k norm and RoPE takes the mma kernel and one row per sequence "
                          "(attention_decode.fuses_rope)")
     if mma:  # the caches as words of two float16
-        kernel = _split_mma_kernel(hd, nh // nkv, rope is not None, variant == "mma_u")
+        kernel = _split_mma_kernel(hd, nh // nkv, rope is not None)
         k_cache, v_cache = k_cache.view(np.uint32), v_cache.view(np.uint32)
         if rope is not None:
             qn, kn, cos, sin, eps = rope

@@ -203,23 +203,6 @@ def test_attention_decode_mma_variant(nh, nkv, T, past, splits):
     assert rel_err(host(out), attention_ref(q, k, v, past, B, nh)) < 1e-4
 
 
-def test_attention_decode_mma_u_is_the_mma_kernel_to_the_bit():
-    """"mma_u" types the split kernel's shared-memory indices unsigned (no wraparound code): same output."""
-    from koifish_cuda.attention_decode import attention_decode, attention_scratch
-
-    r = rng()
-    nh, nkv, hd, past = (64, 8, 128, 3000) if ON_GPU else (8, 1, 64, 40)
-    q = f32(r.standard_normal((1, nh * hd)))
-    k, v = (dev(r.standard_normal((1, nkv, past + 4, hd)).astype(np.float16)) for _ in range(2))
-    outs = []
-    for variant in ("mma", "mma_u"):
-        out = dev(np.full((1, nh * hd), np.nan, np.float32))
-        scratch = attention_scratch(np if not ON_GPU else __import__("cupy"), 1, nh, hd, 2)
-        attention_decode(out, q, k, v, dev(np.array([past], np.int32)), 1, scratch, variant=variant)
-        outs.append(host(out))
-    assert np.array_equal(outs[0], outs[1]) and np.isfinite(outs[0]).all()
-
-
 @pytest.mark.parametrize("nh,nkv,B,past,splits", [(4, 2, 2, 5, 3)] + ([(8, 1, 1, 70, 2)] if ON_GPU else []))
 def test_attention_decode_mma_with_the_q_k_norm_and_rope_fused(nh, nkv, B, past, splits):
     """rope=(qn, kn, cos, sin, eps): the kernel takes the fused projection's rows, norms and rotates the
