@@ -105,8 +105,7 @@ def cold(args):
     ceiling = read_ceiling()
     rows = []
     print(f"copy {copy_bw / 1e9:.0f} GB/s, contiguous read {ceiling / 1e9:.0f} GB/s")
-    print(f"{'shape':<10}{'N x K':>14}{'copies':>7}{'GEMV us':>9}{'GB/s':>7}{'of read':>8}{'pattern GB/s':>13}{'of read':>8}"
-          f"{'flat us':>9}{'of read':>8}")
+    print(f"{'shape':<10}{'N x K':>14}{'copies':>7}{'GEMV us':>9}{'GB/s':>7}{'of read':>8}{'pattern GB/s':>13}{'of read':>8}")
     for shape, (N, K) in ENGINE.items():
         rng = np.random.default_rng(0)
         ng = K // args.group
@@ -121,13 +120,12 @@ def cold(args):
         out = cp.empty((1, N), cp.float32)
         turn = [0]
 
-        def gemv(s, flat=False):
+        def gemv(s):
             c = turn[0] % C
             turn[0] += 1
-            quant_a8.dequant_matvec4_a8(out, xq, words[c], scales[c], zeros[c], args.group, s, flat=flat)
+            quant_a8.dequant_matvec4_a8(out, xq, words[c], scales[c], zeros[c], args.group, s)
 
         t = median_time(gemv, 10, C)
-        t_flat = median_time(lambda s: gemv(s, flat=True), 10, C)  # the flat-indexed kernel (dequant_matvec4_a8)
         R, W = quant_a8.rows_warps_for(N, K, True)
         if args.cold_sweep:
             for rr in sorted(quant_a8.ROW_CHOICES):
@@ -159,11 +157,10 @@ def cold(args):
         nbytes, pbytes = one, N * Kq * 8
         r = {"shape": shape, "N": N, "K": K, "copies": C, "rows": R, "warps": W, "us": t * 1e6,
              "GBps": nbytes / t / 1e9, "share_of_read": nbytes / t / ceiling, "share_of_copy": nbytes / t / copy_bw,
-             "pattern_us": tp * 1e6, "pattern_GBps": pbytes / tp / 1e9, "pattern_share_of_read": pbytes / tp / ceiling,
-             "flat_us": t_flat * 1e6, "flat_share_of_read": nbytes / t_flat / ceiling}
+             "pattern_us": tp * 1e6, "pattern_GBps": pbytes / tp / 1e9, "pattern_share_of_read": pbytes / tp / ceiling}
         rows.append(r)
         print(f"{shape:<10}{f'{N} x {K}':>14}{C:>7}{r['us']:>9.1f}{r['GBps']:>7.0f}{r['share_of_read']:>8.0%}"
-              f"{r['pattern_GBps']:>13.0f}{r['pattern_share_of_read']:>8.0%}{r['flat_us']:>9.1f}{r['flat_share_of_read']:>8.0%}")
+              f"{r['pattern_GBps']:>13.0f}{r['pattern_share_of_read']:>8.0%}")
     write_json(args.out, {"gpu": gpu_name(), "commit": commit(), "copy_GBps": copy_bw / 1e9,
                           "read_GBps": ceiling / 1e9, "group": args.group, "rows": rows})
 

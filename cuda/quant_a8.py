@@ -209,11 +209,10 @@ def quantize_x16(x, xq, xs, xsum, stream=0) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(R: int, pre: bool = False, W: int = WARPS4, QPG: int = 0):
-    """The kernel for R rows a block (a compile-time constant: R uint64 loads in flight a lane) and W
-    warps splitting K; pre: x comes rounded (quantize_x16's triple) instead of as float32. QPG > 0: the
-    uint64s of a group as a compile-time constant and scales, zeros as flat (N * groups,) arrays
-    indexed from 32-bit row offsets (see dequant_matvec4_a8's flat)."""
+def _kernel(R: int, pre: bool, W: int, QPG: int):
+    """The kernel for R rows a block (a compile-time constant: R uint64 loads in flight a lane), W warps
+    splitting K and QPG uint64s a quantization group; pre: x comes rounded (quantize_x16's triple)
+    instead of as float32. Scales and zeros come flat ((N * groups,)), indexed from 32-bit row offsets."""
     BUF = 32 * W  # shared sizes must be plain constants
     RED = R * W
     x_chunk = _load_x if pre else _round_x
@@ -222,7 +221,7 @@ def _kernel(R: int, pre: bool = False, W: int = WARPS4, QPG: int = 0):
 
     @aware
     @cuda.jit(cache=True, **bounds)
-    def kernel(out, x, q64, scales, zeros, group_size):
+    def kernel(out, x, q64, scales, zeros):
         """out (1, N) = x (1, K) @ dequant(W).T with x rounded to int8 per 16 values (see above)."""
         N = q64.shape[0]
         Kq = q64.shape[1]
@@ -230,58 +229,47 @@ def _kernel(R: int, pre: bool = False, W: int = WARPS4, QPG: int = 0):
         red = cuda.shared.array(RED, float32)
         t = cuda.threadIdx.x
         n0 = cuda.blockIdx.x * R
-        qpg = group_size // CHUNK
         acc = cuda.local.array(R, float32)
         rows = cuda.local.array(R, int32)
         _block_rows(acc, rows, n0, N, R)
         wv = cuda.local.array(R, uint64)
         xr = cuda.local.array(CHUNK, float32)
         xw = cuda.local.array(4, uint32)
-        so = cuda.local.array(R, uint32)  # QPG: the rows' offsets into the flat scales and zeros
+        so = cuda.local.array(R, uint32)  # the rows' offsets into the flat scales and zeros
         ru = cuda.local.array(R, uint32)
-        if QPG:
-            for r in range(R):
-                so[r] = uint32(rows[r] * (Kq // QPG))
-                ru[r] = uint32(rows[r])
+        for r in range(R):
+            so[r] = uint32(rows[r] * (Kq // QPG))
+            ru[r] = uint32(rows[r])
         begin()  # PDL: wait for the previous kernel's writes (koifish_cuda.pdl)
+        # Every hot index unsigned: Numba adds negative-index wraparound to signed ones (3 instructions each)
         for i in range(t, Kq, BUF):  # lane l of warp w: uint64 32 (w + W s) + l
-            if QPG:  # unsigned indices: Numba adds no negative-index wraparound (3 instructions an index)
-                iu = uint32(i)
-                for r in range(R):
-                    wv[r] = q64[ru[r], iu]
-                xs, xsum = x_chunk(x, iu, xr, xw)
-                g = iu // uint32(QPG)  # a constant divisor: a shift, not a 64-bit division a turn
-                for r in range(R):
-                    k = so[r] + g
-                    dz = int32(_dot_chunk(wv[r], xw) - int32(zeros[k]) * xsum)
-                    acc[r] += scales[k] * (xs * float32(dz))
-                continue
+            iu = uint32(i)
             for r in range(R):  # the row loads first: they are what the kernel waits for
-                wv[r] = q64[rows[r], i]
-            xs, xsum = x_chunk(x, i, xr, xw)
-            g = i // qpg
+                wv[r] = q64[ru[r], iu]
+            xs, xsum = x_chunk(x, iu, xr, xw)
+            g = iu // uint32(QPG)  # a constant divisor: a shift, not a 64-bit division a turn
             for r in range(R):
+                k = so[r] + g
                 # int32(): Numba widens int32 arithmetic to int64, and an int64 -> float conversion is slow
-                dz = int32(_dot_chunk(wv[r], xw) - int32(zeros[rows[r], g]) * xsum)
-                acc[r] += scales[rows[r], g] * (xs * float32(dz))
+                dz = int32(_dot_chunk(wv[r], xw) - int32(zeros[k]) * xsum)
+                acc[r] += scales[k] * (xs * float32(dz))
         _store_rows(out, acc, buf, red, t, n0, N, R, W)
 
     return kernel
 
 
 def dequant_matvec4_a8(out, x, words, scales, zeros, group_size: int, stream=0, rows: int | None = None,
-                       warps: int | None = None, flat: bool = False):
+                       warps: int | None = None):
     """out (1, N) float32 = x (1, K) float32 @ W.T, W 4-bit as quant.dequant_matvec takes it (words
     uint32 (N, K/8), scales float32 and zeros uint8 (N, K/group_size)); K a multiple of 32, group_size
     of 16, x on a 16-byte boundary. x may also come rounded already: quantize_x16's (xq, xs, xsum).
     rows: a block's rows (ROW_CHOICES), warps its warps (1 to 8); by default rows_warps_for(N, K, pre).
     (Running the next RMSNorm in the last block to finish, counted in by an atomic, saved two graph
     nodes a layer but measured slower: 107.4 against 116.8 tokens/s at Qwen3-32B's shapes, stop 16.)
-    flat: the group's uint64 count a compile-time constant, scales and zeros read as flat arrays from
-    32-bit row offsets, every hot index unsigned (Numba adds negative-index wraparound to signed ones):
-    ptxas counts 245 instructions a lane a turn of 8 rows instead of 345 (the 64-bit division for the
-    group and the 2-D indexing), 88 registers instead of 128. Written after ncu found the kernel
-    nearer issue-bound than memory-bound (stop 18); not yet run on a GPU, so off by default."""
+    The group size is compiled in and the hot indices are unsigned 32-bit (the flat kernel, stop 19): ptxas
+    counts 245 instructions a lane a turn of 8 rows instead of 345 (a 64-bit division for the group, 2-D
+    indexing, wraparound code) and 88 registers instead of 128; ncu had found the kernel nearer issue-bound
+    than memory-bound (stop 18). Qwen3-32B decode on an H200: 128.6 -> 139.9 tokens/s at 1k context."""
     pre = isinstance(x, tuple)
     M, K = (1, 4 * x[0].shape[0]) if pre else x.shape
     if M != 1 or K % 32 or group_size % CHUNK:
@@ -297,9 +285,7 @@ def dequant_matvec4_a8(out, x, words, scales, zeros, group_size: int, stream=0, 
         raise ValueError(f"dequant_matvec4_a8: rows a block must be one of {sorted(ROW_CHOICES)}, got {rows}")
     if not 1 <= warps <= 8:
         raise ValueError(f"dequant_matvec4_a8: 1 to 8 warps a block, got {warps}")
-    if flat and scales.flags.c_contiguous and zeros.flags.c_contiguous:
-        _kernel(rows, pre, warps, group_size // CHUNK)[(N + rows - 1) // rows, 32 * warps, stream](
-            out, x, words.view(np.uint64), scales.reshape(-1), zeros.reshape(-1), group_size)
-        return
-    _kernel(rows, pre, warps)[(N + rows - 1) // rows, 32 * warps, stream](
-        out, x, words.view(np.uint64), scales, zeros, group_size)
+    if not (scales.flags.c_contiguous and zeros.flags.c_contiguous):
+        raise ValueError("dequant_matvec4_a8: scales and zeros must be C-contiguous (N, K/group_size)")
+    _kernel(rows, pre, warps, group_size // CHUNK)[(N + rows - 1) // rows, 32 * warps, stream](
+        out, x, words.view(np.uint64), scales.reshape(-1), zeros.reshape(-1))

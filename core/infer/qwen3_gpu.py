@@ -228,9 +228,6 @@ class Qwen3GPU:
         # decode: each kernel's launch overlaps the end of the one before it (programmatic dependent launch,
         # koifish_cuda.pdl; sm_90+, else nothing changes). H200, stop 17: +1.2% at 1k context and 8k
         self.pdl = True
-        # the W4A8 GEMV with its group size compiled in and unsigned flat indexing (dequant_matvec4_a8 flat=:
-        # 245 instead of 345 instructions a turn, not yet run on a GPU); bench_qwen3_decode.py --sweep gemv_flat=1
-        self.gemv_flat = False
         self.layers: list[dict] = []
         self.embed = self.head = self.norm = None
         self.batch = self.max_len = 0
@@ -499,8 +496,7 @@ class Qwen3GPU:
             xq = self._xq(x.shape[1])
             if not rounded:
                 quantize_x16(x, *xq, stream=self.ns)
-            dequant_matvec4_a8(out, xq, lin.words, lin.scales, lin.zeros, lin.group_size, self.ns,
-                               flat=self.gemv_flat)
+            dequant_matvec4_a8(out, xq, lin.words, lin.scales, lin.zeros, lin.group_size, self.ns)
         elif lin.quantized:
             dequant_matvec(out, x, lin.words, lin.scales, lin.zeros, lin.bits, lin.group_size, self.ns)
         else:
