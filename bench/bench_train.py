@@ -29,16 +29,15 @@ def flops_per_token(L, C, T, n_params):
     return 6 * n_params + 12 * L * T * C
 
 
-def run_koifish(size, B, T, steps, warmup, remat=0, dist=None, collective=None, rank=0, compute="bf16",
-                attention="auto", options=None):
-    """koifish's CUDA engine on random tokens: tokens/s of this process, first-step latency, memory.
-    dist/collective: a data-parallel rank's case block and collective (bench_dist.py); options: the
-    parsed engine_options flags (bench_common), None for the engine's defaults."""
+def koifish_step(size, B, T, remat=0, dist=None, collective=None, rank=0, compute="bf16", attention="auto",
+                 options=None):
+    """koifish's CUDA engine for GPT-2 `size` on random tokens: returns (step, eng, chosen); step() runs
+    one train_step on a fresh batch and returns its result. dist/collective: a data-parallel rank's case
+    block and collective (bench_dist.py); options: the parsed engine_options flags (bench_common), None
+    for the engine's defaults; chosen: what they set."""
     import numpy as np
 
     import koifish_cuda.compat  # noqa: F401
-    import cupy as cp
-
     from koifish_core.config.load import build_case
     from koifish_core.engine.cuda_gpt2 import CUDAEngine
 
@@ -47,20 +46,29 @@ def run_koifish(size, B, T, steps, warmup, remat=0, dist=None, collective=None, 
                        "data": {"batch_size": B, "seq_len": T}, "train": {"device": "cuda"},
                        "precision": {"compute": compute, "residual": getattr(options, "residual", "fp32")},
                        "dist": dist or {}}, "bench")
-    t0 = time.perf_counter()
     eng = CUDAEngine(case, attention=attention)
     chosen = apply_engine_options(eng, options) if options is not None else {}
     eng.attach_collective(collective, case.dist)
     rng = np.random.default_rng(rank)  # each rank its own rows
     batch = lambda: (rng.integers(0, 50257, (B, T)), rng.integers(0, 50257, (B, T)))  # noqa: E731
-    eng.train_step([batch()], 1e-4)
+    return (lambda: eng.train_step([batch()], 1e-4)), eng, chosen
+
+
+def run_koifish(size, B, T, steps, warmup, remat=0, dist=None, collective=None, rank=0, compute="bf16",
+                attention="auto", options=None):
+    """koifish_step's engine timed: tokens/s of this process, first-step latency, memory."""
+    import cupy as cp
+
+    t0 = time.perf_counter()
+    step, eng, chosen = koifish_step(size, B, T, remat, dist, collective, rank, compute, attention, options)
+    step()
     first = time.perf_counter() - t0
     for _ in range(warmup):
-        eng.train_step([batch()], 1e-4)
+        step()
     cp.cuda.Device().synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
-        r = eng.train_step([batch()], 1e-4)
+        r = step()
     cp.cuda.Device().synchronize()
     dt = time.perf_counter() - t0
     free, total = cp.cuda.runtime.memGetInfo()

@@ -1,0 +1,132 @@
+"""Where a training step's GPU time goes, kernel by kernel, for koifish and PyTorch alike: each
+framework's step (bench_train.py's: koifish's CUDA engine; PyTorch with compile, bf16 autocast, SDPA,
+fused AdamW, clipping) under torch.profiler, which records every kernel of the process through CUPTI
+(koifish's inside its CUDA graphs too). Both are grouped by kernel name the same way, so the two
+tables read side by side.
+
+    python bench/profile_kernels.py --size 124M --batch 16 --frameworks koifish,torch --out bench/kernels_step.json
+
+Each framework runs in its own process after warm-up: `--steps` steps timed with CUDA events, then
+`--steps` profiled steps give each kernel's GPU time a step. torch is a benchmark reference only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import commit, gpu_name, write_json  # noqa: E402
+
+# First match wins. Inductor names its Triton kernels after the ops they fuse; Numba's mangled names
+# carry koifish's module and function names.
+GROUPS = (
+    ("bias gradients", r"bias_grad"),
+    ("attention", r"flash|fmha|cudnn|attention|sdpa"),
+    ("GEMMs", r"gemm|nvjet|xmma|cutlass|splitkreduce"),
+    ("grad norm", r"sum_squares|lpnorm"),
+    ("instability statistics", r"update_stats"),
+    ("AdamW", r"adam"),
+    ("grad norm", r"multi_tensor|foreach|reduce_kernel"),
+    ("layernorm", r"layer_norm|layernorm"),
+    ("classifier (softmax, cross-entropy)", r"classifier|softmax|nll|cross_entropy|logsumexp"),
+    ("embedding", r"embedding|encoder"),
+    ("gelu", r"gelu|tanh"),
+    ("memset / copy", r"memset|memcpy|copy"),
+)
+
+
+def group_of(name: str) -> str:
+    low = name.lower()
+    for group, pattern in GROUPS:
+        if re.search(pattern, low):
+            return group
+    return "triton, other" if "triton" in low else "other"
+
+
+def profile_step(fw: str, size: str, B: int, T: int, steps: int) -> dict:
+    """One framework's step timed (CUDA events, no profiler) and profiled: kernel name -> [ms a step, calls a step]."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench_train import koifish_step, torch_step
+
+    step = koifish_step(size, B, T)[0] if fw == "koifish" else torch_step(size, B, T)[0]
+    for _ in range(4):
+        step()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(steps):
+        step()
+    b.record()
+    b.synchronize()
+    step_ms = a.elapsed_time(b) / steps
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels: dict[str, list] = {}
+    for e in prof.events():
+        if not str(e.device_type).endswith("CUDA"):
+            continue
+        us = getattr(e, "device_time", None)
+        k = kernels.setdefault(e.name, [0.0, 0])
+        k[0] += (e.cuda_time if us is None else us) / 1000 / steps
+        k[1] += 1 / steps
+    return {"step_ms": step_ms, "kernels": kernels}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="124M")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--frameworks", default="koifish,torch")
+    ap.add_argument("--top", type=int, default=20, help="kernels listed by name, per framework")
+    ap.add_argument("--out", default="bench/kernels_step.json")
+    ap.add_argument("--child", default=None)
+    args = ap.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(profile_step(args.child, args.size, args.batch, args.seq, args.steps)), flush=True)
+        return
+    results = {}
+    for fw in args.frameworks.split(","):
+        proc = subprocess.run([sys.executable, __file__, "--child", fw, "--size", args.size, "--batch", str(args.batch),
+                               "--seq", str(args.seq), "--steps", str(args.steps)], capture_output=True, text=True)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not line:
+            raise SystemExit(f"{fw} failed:\n{(proc.stderr or proc.stdout)[-3000:]}")
+        results[fw] = json.loads(line[0][7:])
+    fws = list(results)
+    groups = {fw: {} for fw in fws}
+    for fw in fws:
+        for name, (ms, _) in results[fw]["kernels"].items():
+            groups[fw][group_of(name)] = groups[fw].get(group_of(name), 0.0) + ms
+    print(f"{args.size} B={args.batch} T={args.seq}, ms a step (kernel time from CUPTI; step from CUDA events)")
+    print(f"{'group':<38}" + "".join(f"{fw:>10}" for fw in fws))
+    order = sorted({g for fw in fws for g in groups[fw]}, key=lambda g: -max(groups[fw].get(g, 0) for fw in fws))
+    for g in order:
+        print(f"{g:<38}" + "".join(f"{groups[fw].get(g, 0.0):>10.3f}" for fw in fws))
+    print(f"{'kernels busy':<38}" + "".join(f"{sum(groups[fw].values()):>10.3f}" for fw in fws))
+    print(f"{'step':<38}" + "".join(f"{results[fw]['step_ms']:>10.3f}" for fw in fws))
+    print(f"{'tokens/s':<38}" + "".join(f"{args.batch * args.seq / results[fw]['step_ms'] * 1e3:>10,.0f}" for fw in fws))
+    for fw in fws:
+        print(f"\n{fw}: {'kernel (top by time)':<66} {'ms':>7} {'calls':>5}  group")
+        for name, (ms, calls) in sorted(results[fw]["kernels"].items(), key=lambda kv: -kv[1][0])[: args.top]:
+            print(f"  {name[:74]:<74} {ms:>7.3f} {calls:>5.0f}  {group_of(name)}")
+    write_json(args.out, {"gpu": gpu_name(), "commit": commit(), "size": args.size, "batch": args.batch,
+                          "seq": args.seq, "steps": args.steps,
+                          **{fw: {"step_ms": results[fw]["step_ms"], "groups": groups[fw],
+                                  "kernels": [{"name": n, "ms": ms, "calls": c, "group": group_of(n)} for n, (ms, c) in
+                                              sorted(results[fw]["kernels"].items(), key=lambda kv: -kv[1][0])]}
+                             for fw in fws}})
+
+
+if __name__ == "__main__":
+    main()
