@@ -6,7 +6,7 @@ tables read side by side.
 
     python bench/profile_kernels.py --size 124M --batch 16 --frameworks koifish,torch --out bench/kernels_step.json
 
-Each framework runs in its own process after warm-up: `--steps` steps timed with CUDA events, then
+Each framework runs in its own process after warm-up: `--steps` steps timed (wall clock, synchronized), then
 `--steps` profiled steps give each kernel's GPU time a step. torch is a benchmark reference only.
 """
 
@@ -16,6 +16,7 @@ import argparse
 import json
 import re
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def group_of(name: str) -> str:
 
 
 def profile_step(fw: str, size: str, B: int, T: int, steps: int) -> dict:
-    """One framework's step timed (CUDA events, no profiler) and profiled: kernel name -> [ms a step, calls a step]."""
+    """One framework's step timed (wall clock, no profiler) and profiled: kernel name -> [ms a step, calls a step]."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -59,13 +60,11 @@ def profile_step(fw: str, size: str, B: int, T: int, steps: int) -> dict:
     for _ in range(4):
         step()
     torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
+    t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    b.record()
-    b.synchronize()
-    step_ms = a.elapsed_time(b) / steps
+    torch.cuda.synchronize()
+    step_ms = (time.perf_counter() - t0) * 1e3 / steps  # wall time, as bench_train's (koifish's stream is not torch's)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
@@ -108,7 +107,7 @@ def main():
     for fw in fws:
         for name, (ms, _) in results[fw]["kernels"].items():
             groups[fw][group_of(name)] = groups[fw].get(group_of(name), 0.0) + ms
-    print(f"{args.size} B={args.batch} T={args.seq}, ms a step (kernel time from CUPTI; step from CUDA events)")
+    print(f"{args.size} B={args.batch} T={args.seq}, ms a step (kernel time from CUPTI; step: wall clock)")
     print(f"{'group':<38}" + "".join(f"{fw:>10}" for fw in fws))
     order = sorted({g for fw in fws for g in groups[fw]}, key=lambda g: -max(groups[fw].get(g, 0) for fw in fws))
     for g in order:
