@@ -44,6 +44,7 @@ from koifish_cuda.update_stats import CHUNK as STAT_CHUNK
 from koifish_core.config.plan import head_rows
 from koifish_core.engine.base import StepResult
 from koifish_core.engine.cuda_dp import GradSync, ZeroShards, block_of, host_spans
+from koifish_core.engine.staging import Staging
 from koifish_core.errors import KoifishError
 from koifish_core.train.instability import InstabilityConfig
 from koifish_core.models.gpt2 import GPT2, GPT2Config, _views
@@ -76,6 +77,7 @@ class CUDAEngine:
         self.attention = attention
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.ns = cuda.external_stream(self.stream.ptr)
+        self.staging = Staging(self.stream)  # the step's uploads, queued without a sync
         with self.stream:
             self.lt = CublasLt(self.stream, tf32=True)  # every GEMM but the cuBLAS attention's, with epilogues
             self.params = cp.asarray(host.params)
