@@ -70,6 +70,7 @@ def profile_step(fw: str, size: str, B: int, T: int, steps: int) -> dict:
             step()
         torch.cuda.synchronize()
     kernels: dict[str, list] = {}
+    spans = []
     for e in prof.events():
         if not str(e.device_type).endswith("CUDA"):
             continue
@@ -77,7 +78,28 @@ def profile_step(fw: str, size: str, B: int, T: int, steps: int) -> dict:
         k = kernels.setdefault(e.name, [0.0, 0])
         k[0] += (e.cuda_time if us is None else us) / 1000 / steps
         k[1] += 1 / steps
-    return {"step_ms": step_ms, "kernels": kernels}
+        spans.append((e.time_range.start, e.time_range.end, e.name))
+    return {"step_ms": step_ms, "kernels": kernels, "idle": idle_gaps(spans, steps)}
+
+
+GAP_BINS = ((0, 3), (3, 20), (20, 200), (200, float("inf")))  # microseconds
+
+
+def idle_gaps(spans, steps: int, top: int = 8) -> dict:
+    """Where the GPU ran no kernel, from the profiled kernels' (start, end, name) in microseconds: idle
+    ms a step in gaps of each size (GAP_BINS; the small ones are launch latency between kernels, the
+    large ones the host's stalls) and the largest gaps with the kernels around them."""
+    spans.sort()
+    gaps, end, last = [], None, ""
+    for start, stop, name in spans:
+        if end is not None and start > end:
+            gaps.append((start - end, last, name))
+        if end is None or stop > end:
+            end, last = stop, name
+    bins = [{"us": f"{lo:g}-{hi:g}", "gaps": sum(lo <= g < hi for g, _, _ in gaps) / steps,
+             "ms": sum(g for g, _, _ in gaps if lo <= g < hi) / 1000 / steps} for lo, hi in GAP_BINS]
+    largest = [{"us": g, "after": a[:60], "before": b[:60]} for g, a, b in sorted(gaps, reverse=True)[:top]]
+    return {"ms": sum(g for g, _, _ in gaps) / 1000 / steps, "bins": bins, "largest": largest}
 
 
 def main():
@@ -113,15 +135,22 @@ def main():
     for g in order:
         print(f"{g:<38}" + "".join(f"{groups[fw].get(g, 0.0):>10.3f}" for fw in fws))
     print(f"{'kernels busy':<38}" + "".join(f"{sum(groups[fw].values()):>10.3f}" for fw in fws))
+    for i, (lo, hi) in enumerate(GAP_BINS):
+        print(f"{f'idle in gaps of {lo:g}-{hi:g} us (count)':<38}" + "".join(
+            f"{results[fw]['idle']['bins'][i]['ms']:>6.3f}{results[fw]['idle']['bins'][i]['gaps']:>4.0f}" for fw in fws))
     print(f"{'step':<38}" + "".join(f"{results[fw]['step_ms']:>10.3f}" for fw in fws))
     print(f"{'tokens/s':<38}" + "".join(f"{args.batch * args.seq / results[fw]['step_ms'] * 1e3:>10,.0f}" for fw in fws))
+    for fw in fws:
+        print(f"\n{fw}: largest idle gaps (us, the kernels around them)")
+        for g in results[fw]["idle"]["largest"]:
+            print(f"  {g['us']:>8.1f}  after {g['after']}  before {g['before']}")
     for fw in fws:
         print(f"\n{fw}: {'kernel (top by time)':<66} {'ms':>7} {'calls':>5}  group")
         for name, (ms, calls) in sorted(results[fw]["kernels"].items(), key=lambda kv: -kv[1][0])[: args.top]:
             print(f"  {name[:74]:<74} {ms:>7.3f} {calls:>5.0f}  {group_of(name)}")
     write_json(args.out, {"gpu": gpu_name(), "commit": commit(), "size": args.size, "batch": args.batch,
                           "seq": args.seq, "steps": args.steps,
-                          **{fw: {"step_ms": results[fw]["step_ms"], "groups": groups[fw],
+                          **{fw: {"step_ms": results[fw]["step_ms"], "groups": groups[fw], "idle": results[fw]["idle"],
                                   "kernels": [{"name": n, "ms": ms, "calls": c, "group": group_of(n)} for n, (ms, c) in
                                               sorted(results[fw]["kernels"].items(), key=lambda kv: -kv[1][0])]}
                              for fw in fws}})
