@@ -128,3 +128,4 @@ def test_gpu_inf_param_rolls_back_bit_for_bit(tmp_path, tiny_case, rollback_spy)
     assert all(np.array_equal(saved[k], restored["weights"][k]) for k in saved)
     assert all(np.array_equal(optim[k], restored["optim"][k]) for k in ("m", "v", "step"))
     assert res.steps == 40 and math.isfinite(res.final_loss)
+

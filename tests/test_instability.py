@@ -198,3 +198,25 @@ def test_settings_are_validated():
         InstabilityConfig.from_dict({"min_history": 0}, "my.json")
     cfg = InstabilityConfig.from_dict({"z_threshold": 8, "enabled": False})
     assert (cfg.z_threshold, cfg.enabled) == (8.0, False)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_signals_of_a_report_are_those_of_group_ratios(seed):
+    """CUDAEngine._signals (bincount by group, no GPU needed) against instability.group_ratios and
+    largest_tensor on the same per-tensor sums."""
+    from types import SimpleNamespace
+
+    from koifish_core.engine.cuda_gpt2 import CUDAEngine
+    from koifish_core.train.instability import group_ratios, largest_tensor
+
+    names = ["wte", "wpe", "h.0.ln_1.w", "h.0.attn.c_attn.w", "h.0.attn.c_attn.b", "h.0.mlp.c_fc.w", "h.1.mlp.c_fc.w",
+             "h.1.ln_2.b", "ln_f.w"]
+    r = np.random.default_rng(seed)
+    host = r.random(3 + 3 * len(names)).astype(np.float32)
+    fake = SimpleNamespace(spans=[SimpleNamespace(name=n) for n in names], _groups=None)
+    got = CUDAEngine._signals(fake, host)
+    stats = host[3:].reshape(-1, 3).astype(np.float64)
+    want = group_ratios(dict(zip(names, stats[:, 0])), dict(zip(names, stats[:, 1])))
+    assert list(got["update_ratio"]) == list(want)
+    assert all(math.isclose(got["update_ratio"][g], want[g], rel_tol=1e-12) for g in want)
+    assert got["tensor"] == largest_tensor(dict(zip(names, stats[:, 2]))) and got["max_logit"] == float(host[2])
