@@ -29,6 +29,7 @@ def main():
     from koifish_cuda.adamw import adamw_update, sum_squares
     from koifish_cuda.attention import softmax_causal_forward
     from koifish_cuda.classifier import fused_classifier
+    from koifish_cuda.embedding import encoder_backward, encoder_forward
     from koifish_cuda.gelu import bias_gelu_forward, gelu_backward, gelu_forward
     from koifish_cuda.layernorm import layernorm_backward, layernorm_forward
     from koifish_cuda.matmul import bias_grad
@@ -58,6 +59,8 @@ def main():
     bf = lambda *s: (rnd(*s).view(cp.uint32) >> 16).astype(cp.uint16)  # noqa: E731  (bf16 bits, truncated)
     out16, dx16, act16, pre16, logits16 = bf(N, C), bf(N, C), bf(N, F4), bf(N, F4), bf(N, Vp)
     db4 = rnd(F4)
+    idx, wte, wpe = cp.random.randint(0, V, (B, T)).astype(cp.int32), rnd(Vp, C), rnd(T, C)
+    dwte, dwpe = cp.zeros((Vp, C), cp.float32), cp.zeros((T, C), cp.float32)
     cases = [
         ("layernorm_forward", lambda s: layernorm_forward(out, mean, rstd, x, w, b, s), (2 * N * C + 2 * N) * f),
         ("layernorm_backward", lambda s: layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, s), (4 * N * C + 2 * N) * f),
@@ -80,8 +83,11 @@ def main():
         ("sum_squares (124M)", lambda s: sum_squares(norm_sq, grads, s), n_par * f),
         ("sum_squares (124M) scalar loads", lambda s: sum_squares(norm_sq, grads, s, vector=False), n_par * f),
         ("adamw (124M)", lambda s: adamw_update(params, grads, m, v, mask, norm_sq, hyper, s), (7 * n_par * f + n_par)),
-        ("adamw (124M) 16-byte loads", lambda s: adamw_update(params, grads, m, v, mask, norm_sq, hyper, s, vector=True),
+        ("adamw (124M) scalar", lambda s: adamw_update(params, grads, m, v, mask, norm_sq, hyper, s, vector=False),
          (7 * n_par * f + n_par)),
+        # wte rows read and out written; backward: dout read, each value reduced into a dwte row (in L2)
+        ("encoder_forward", lambda s: encoder_forward(out, idx, wte, wpe, s), 2 * N * C * f),
+        ("encoder_backward", lambda s: encoder_backward(dwte, dwpe, dout, idx, s), 2 * N * C * f),
     ]
     rows = []
     print(f"{'kernel':<30} {'time ms':>9} {'GB/s':>8} {'% copy':>7}")

@@ -3,6 +3,7 @@
     load2(a, idx) -> (a[idx], a[idx + 1])                  a of a 32- or 64-bit dtype
     load4(a, idx) -> (a[idx], ..., a[idx + 3])             a of a 16- or 32-bit dtype
     store4(a, idx, v0, v1, v2, v3): a[idx + k] = vk        a of a 16- or 32-bit dtype
+    red_add4(a, idx, v0, v1, v2, v3): a[idx + k] += vk     a float32, atomically (a gradient many threads add to)
     (idx + k: along the last axis; the element at idx must be aligned to the whole vector's size)
 
 Numba emits one memory instruction per element; a kernel that must keep many bytes in flight per
@@ -45,6 +46,15 @@ if config.ENABLE_CUDASIM:
     def store4(a, idx, v0, v1, v2, v3):
         for k, v in enumerate((v0, v1, v2, v3)):
             a[_at(idx, k)] = v
+
+    import threading
+
+    _RED_LOCK = threading.Lock()  # the simulator's threads are Python threads
+
+    def red_add4(a, idx, v0, v1, v2, v3):
+        with _RED_LOCK:
+            for k, v in enumerate((v0, v1, v2, v3)):
+                a[_at(idx, k)] += v
 
 else:
     from llvmlite import ir
@@ -107,6 +117,28 @@ else:
             asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [ptr.type] + [elt] * 4),
                                f"st.global.v4.{ptx} [$0], {{$1, $2, $3, $4}};",
                                "l," + ",".join([letter] * 4) + ",~{memory}", side_effect=True)
+            builder.call(asm, [ptr] + vals)
+            return context.get_dummy_value()
+
+        return types.void(a, idx, v0, v1, v2, v3), codegen
+
+    @intrinsic
+    def red_add4(typingctx, a, idx, v0, v1, v2, v3):
+        """One red.global.add.v4.f32 on sm_90 and later (a quarter of the atomic instructions), else four
+        scalar reds; the result is not returned (reductions, not atomics that read back)."""
+        if not isinstance(a, types.Array) or a.dtype != types.float32:
+            return None
+
+        def codegen(context, builder, sig, args):
+            from koifish_cuda.compat import compiles_for
+
+            aty, ity = sig.args[:2]
+            ptr = _pointer(context, builder, aty, ity, args[0], args[1])
+            vals = [context.cast(builder, v, t, aty.dtype) for v, t in zip(args[2:], sig.args[2:])]
+            text = ("red.global.add.v4.f32 [$0], {$1, $2, $3, $4};" if compiles_for((9, 0)) else
+                    " ".join(f"red.global.add.f32 [$0+{4 * k}], ${k + 1};" for k in range(4)))
+            asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [ptr.type] + [ir.FloatType()] * 4), text,
+                               "l,f,f,f,f,~{memory}", side_effect=True)
             builder.call(asm, [ptr] + vals)
             return context.get_dummy_value()
 
