@@ -1,14 +1,13 @@
-"""The training engine's GEMMs, each timed three ways on the same operands in one process: koifish's
-cuBLASLt plan (the algorithm it tunes), cuBLAS's GemmEx (the library's own choice, as torch.mm
-makes it), and PyTorch (torch.mm / addmm on the same memory), with the kernel each one ran.
+"""The training engine's GEMMs, each timed five ways on the same operands in one process, by GPU kernel
+time (torch.profiler's CUPTI records, what a call costs inside a CUDA graph): as the engine makes it
+(epilogue, C), koifish's cuBLASLt plain into the engine's output type and into bf16, cuBLAS's GemmEx
+(the library's own choice) and PyTorch's torch.mm (into bf16, its operands' type), with the kernels
+each ran.
 
     python bench/bench_gemm.py --size 124M --batch 16 --out bench/gemm.json
 
 The calls are recorded from one forward + backward of the engine (as profile_step's GEMM table), so
-the shapes, transposes, output types and epilogues are the engine's. Epilogue columns time the call
-as the engine makes it; the other columns the plain product into a scratch output of the same type
-(PyTorch's into bf16: its mm gives the operands' type). Kernel names come from torch.profiler, which
-sees every kernel of the process (CUPTI). torch is a benchmark reference only.
+the shapes, transposes, output types and epilogues are the engine's. torch is a benchmark reference only.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import commit, gpu_name, median_time, write_json  # noqa: E402
+from bench_common import commit, gpu_name, write_json  # noqa: E402
 
 
 def loaded(fragment: str) -> list[str]:
@@ -27,32 +26,22 @@ def loaded(fragment: str) -> list[str]:
         return sorted({line.split()[-1] for line in f if fragment in line})
 
 
-def kernel_names(fn) -> list[str]:
+def kernel_time(fn, reps: int = 20) -> tuple[float, list[str]]:
+    """(ms of GPU kernel time a call, the kernels one call runs) from torch.profiler (CUPTI): what a call
+    costs inside a CUDA graph, without the launch gaps that event timing of single calls adds."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    for _ in range(3):  # first calls tune a new plan
         fn()
-        torch.cuda.synchronize()
-    return [e.name for e in prof.events() if str(e.device_type).endswith("CUDA")]
-
-
-def torch_time(fn, reps=5, per=20) -> float:
-    """Median seconds of one fn() from CUDA events around `per` back-to-back calls (torch's launches,
-    ~10 us, stay ahead of GEMMs this long; no graph capture, which torch's cuBLAS may refuse)."""
-    import torch
-
-    fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(torch.cuda.current_stream())
-        for _ in range(per):
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
             fn()
-        b.record(torch.cuda.current_stream())
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / per)
-    return sorted(times)[reps // 2]
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if str(e.device_type).endswith("CUDA")]
+    us = sum(getattr(e, "device_time", None) or e.cuda_time for e in events)
+    return us / 1000 / reps, list(dict.fromkeys(e.name for e in events))
 
 
 def main():
@@ -110,36 +99,30 @@ def main():
         return t.view(torch.bfloat16) if x.dtype == np.uint16 else t
 
     rows = []
-    print(f"libcublasLt loaded: {loaded('cublasLt')}")
-    print(f"{'M':>6} {'N':>6} {'K':>6} {'op':>2} {'epilogue':>14} {'out':>7} {'n':>3} {'lt epi':>7} {'lt':>7} "
-          f"{'gemmEx':>7} {'torch':>7}  ms; kernels lt / gemmEx / torch")
+    cols = ("engine", "lt", "lt_bf16", "gemm_ex", "torch")
+    print(f"libcublasLt loaded: {loaded('cublasLt')}\nGPU kernel ms a call (CUPTI): engine = the call as the engine "
+          f"makes it (epilogue, C); lt = cuBLASLt plain into the engine's output type; lt_bf16 = into bf16; "
+          f"gemm_ex = cuBLAS GemmEx plain; torch = torch.mm into bf16")
+    print(f"{'M':>6} {'N':>6} {'K':>6} {'op':>2} {'epilogue':>14} {'out':>7} {'n':>3}" + "".join(f"{c:>8}" for c in cols)
+          + "  kernels engine / lt_bf16 / torch")
     for (M, N, K, op, epi, odt), (count, (out, a, b, kw)) in distinct.items():
         ta, tb = kw.get("trans_a", False), kw.get("trans_b", False)
         scratch, scratch16 = cp.empty_like(out), cp.empty(out.shape, dtype=a.dtype)
         at, bt, ot = as_torch(a), as_torch(b), as_torch(scratch16)
         at, bt = (at.t() if ta else at), (bt.t() if tb else bt)
-
-        def run_lt(s=None):
-            original(scratch, a, b, trans_a=ta, trans_b=tb)
-
-        def run_ex(s=None):
-            blas.gemm(scratch, a, b, trans_a=ta, trans_b=tb)
-
-        def run_torch(s=None):
-            torch.mm(at, bt, out=ot)
-
-        t = {"lt_epilogue": median_time(lambda s: original(out, a, b, **kw), 10, 10, eng.stream),
-             "lt": median_time(run_lt, 10, 10, eng.stream), "gemm_ex": median_time(run_ex, 10, 10, eng.stream),
-             "torch": torch_time(run_torch)}
-        names = {k: kernel_names(f) for k, f in (("lt", run_lt), ("gemm_ex", run_ex), ("torch", run_torch))}
+        fns = {"engine": lambda: original(out, a, b, **kw),
+               "lt": lambda: original(scratch, a, b, trans_a=ta, trans_b=tb),
+               "lt_bf16": lambda: original(scratch16, a, b, trans_a=ta, trans_b=tb),
+               "gemm_ex": lambda: blas.gemm(scratch, a, b, trans_a=ta, trans_b=tb),
+               "torch": lambda: torch.mm(at, bt, out=ot)}
+        timed = {k: kernel_time(f) for k, f in fns.items()}
         row = {"M": M, "N": N, "K": K, "op": op, "epilogue": epi, "out": odt, "calls": count,
-               **{k + "_ms": v * 1e3 for k, v in t.items()}, "kernels": names}
+               **{k + "_ms": v[0] for k, v in timed.items()}, "kernels": {k: v[1] for k, v in timed.items()}}
         rows.append(row)
-        short = lambda ns: "+".join(n.split("(")[0][:44] for n in ns)  # noqa: E731
-        print(f"{M:>6} {N:>6} {K:>6} {op:>2} {epi:>14} {odt:>7} {count:>3} {row['lt_epilogue_ms']:>7.3f} "
-              f"{row['lt_ms']:>7.3f} {row['gemm_ex_ms']:>7.3f} {row['torch_ms']:>7.3f}  "
-              f"{short(names['lt'])} / {short(names['gemm_ex'])} / {short(names['torch'])}", flush=True)
-    total = {k: sum(r[k + "_ms"] * r["calls"] for r in rows) for k in ("lt_epilogue", "lt", "gemm_ex", "torch")}
+        short = lambda ns: "+".join(n.split("(")[0][:40] for n in ns if not n.startswith("Memset"))  # noqa: E731
+        print(f"{M:>6} {N:>6} {K:>6} {op:>2} {epi:>14} {odt:>7} {count:>3}" + "".join(f"{row[c + '_ms']:>8.3f}" for c in cols)
+              + f"  {short(timed['engine'][1])} / {short(timed['lt_bf16'][1])} / {short(timed['torch'][1])}", flush=True)
+    total = {k: sum(r[k + "_ms"] * r["calls"] for r in rows) for k in cols}
     print("a micro-batch's GEMMs, ms: " + ", ".join(f"{k} {v:.2f}" for k, v in total.items()))
     write_json(args.out, {"gpu": gpu_name(), "commit": commit(), "torch": torch.__version__, "size": args.size,
                           "batch": B, "seq": T, "tune": args.tune, "cublaslt": loaded("cublasLt"),
