@@ -20,7 +20,7 @@ def encoder_backward_ref(dwte: np.ndarray, dwpe: np.ndarray, dout: np.ndarray, i
 
 # ---- CUDA ------------------------------------------------------------------------------------
 import koifish_cuda.compat  # noqa: E402,F401  (before numba compiles)
-from koifish_cuda.bf16 import load_4, store, store_4  # noqa: E402
+from koifish_cuda.bf16 import load, load_4, store, store_4  # noqa: E402
 from koifish_cuda.vload import aligned, red_add4  # noqa: E402
 from numba import cuda, float32, uint32  # noqa: E402
 
@@ -79,14 +79,15 @@ def encoder_forward_kernel(out, idx, wte, wpe):
 
 @cuda.jit(cache=True)
 def encoder_backward_kernel(dwte, dwpe, dout, idx):
-    """Atomic adds: rows sharing a token (or a position) add into the same weights. Any C and alignment."""
+    """Atomic adds: rows sharing a token (or a position) add into the same weights. Any C and alignment;
+    dout float32 or bf16 bits."""
     N, C = dout.shape
     T = idx.shape[1]
     i = cuda.grid(1)
     if i < N * C:
         row, c = i // C, i % C
         b, t = row // T, row % T
-        g = dout[row, c]
+        g = load(dout, (row, c))
         cuda.atomic.add(dwte, (idx[b, t], c), g)
         cuda.atomic.add(dwpe, (t, c), g)
 

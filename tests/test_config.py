@@ -135,6 +135,12 @@ def test_bf16_residual_needs_bf16_compute_and_halves_the_streams_bytes():
                   for r in ("fp32", "bf16"))
     # x0 and every layer's res2 and res3: 2 bytes a value fewer
     assert fp32.memory_total - bf16.memory_total == 16 * 1024 * 768 * 2 * (1 + 2 * 12)
+    with pytest.raises(ConfigError, match="precision.residual_grad: bf16 needs precision.residual bf16, got residual fp32"):
+        build_case({**base, "precision": {"compute": "bf16", "residual_grad": "bf16"}}, "case")
+    grad16 = make_plan(build_case({**base, "precision": {"compute": "bf16", "residual": "bf16", "residual_grad": "bf16"}},
+                                  "case"))
+    # dres in bf16 (2 bytes fewer a value) and no bf16 copy of it (2 more)
+    assert bf16.memory_total - grad16.memory_total == 16 * 1024 * 768 * 4
 
 
 # Peak VRAM of the CUDA engine in bf16 measured on an H200 (bench/results/train_h200_*_s13.json; CuPy's

@@ -61,6 +61,39 @@ def test_layernorm_writes_bf16_and_its_backward_a_bf16_copy_of_dx():
     assert np.array_equal(host(dx16), to_bf16_ref(host(dx)))
 
 
+def test_layernorm_backward_adds_into_a_bf16_dx():
+    """precision.residual_grad bf16: the residual's gradient held in bf16, read and written in place by
+    the LayerNorm backward (no copy); the sums in float32, the stored value rounded once."""
+    from koifish_cuda.layernorm import layernorm_backward, layernorm_backward_ref, layernorm_forward_ref
+
+    r = rng()
+    N, C = (4096, 768) if ON_GPU else (5, 40)
+    x, w, b = r.standard_normal((N, C)) + 0.5, r.standard_normal(C), r.standard_normal(C)
+    _, rm, rr = layernorm_forward_ref(x.astype(np.float32).astype(np.float64), w.astype(np.float32),
+                                      b.astype(np.float32))
+    (dout16, dv), (dx, dx0) = bf(r.standard_normal((N, C))), bf(r.standard_normal((N, C)))
+    layernorm_backward(dx, f32(np.zeros(C)), f32(np.zeros(C)), dout16, f32(x), f32(w), f32(rm), f32(rr))
+    ref = layernorm_backward_ref(dv, x, w, rm, rr)[0] + dx0
+    assert np.all(np.abs(val(dx) - ref) <= BF16 * np.abs(ref) + 1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("C", [8, 6])
+def test_embedding_backward_of_a_bf16_gradient(C):
+    """The embedding's backward reads the residual's gradient in bf16 (residual_grad bf16): both kernels
+    (four columns a thread at C = 8, one element at C = 6) against the reference on the exact values."""
+    from koifish_cuda.embedding import encoder_backward, encoder_backward_ref
+
+    r = rng()
+    B, T, V = 3, 5, 11
+    idx = r.integers(0, V, (B, T)).astype(np.int32)
+    dout16, dv = bf(r.standard_normal((B * T, C)))
+    ref_wte, ref_wpe = np.zeros((V, C)), np.zeros((T + 2, C))
+    encoder_backward_ref(ref_wte, ref_wpe, dv.reshape(B, T, C), idx)
+    gwte, gwpe = f32(np.zeros((V, C))), f32(np.zeros((T + 2, C)))
+    encoder_backward(gwte, gwpe, dout16, dev(idx))
+    assert rel_err(host(gwte), ref_wte) < 1e-5 and rel_err(host(gwpe), ref_wpe) < 1e-5
+
+
 def test_residual_stream_in_bf16():
     """The engine's bf16 residual stream: the embedding writes it, LayerNorm's forward and backward
     read it (statistics and dx stay float32)."""

@@ -97,6 +97,8 @@ def _semantic_checks(case: Case, errors: list[str]) -> None:
         errors.append(f"data.seq_len: expected at most model.n_ctx ({m.n_ctx}), got {d.seq_len}")
     if case.precision.residual == "bf16" and case.precision.compute != "bf16":
         errors.append(f"precision.residual: bf16 needs precision.compute bf16, got compute {case.precision.compute}")
+    if case.precision.residual_grad == "bf16" and case.precision.residual != "bf16":
+        errors.append(f"precision.residual_grad: bf16 needs precision.residual bf16, got residual {case.precision.residual}")
     from koifish_core.train.instability import InstabilityConfig
 
     errors += InstabilityConfig.parse(case.instability)[1]  # a bad setting fails at load, not at step 1

@@ -83,7 +83,8 @@ def cuda_activation_bytes(case: Case) -> int:
     kept = L * sum(v for k, v in row.items() if k not in shared) + sum(row[k] for k in shared)
     top = res * C + a * C + 8 + 4  # x0, lnf and its statistics, losses
     logits = a * Vp * head_rows(B * T, Vp, a)  # one chunk of rows at a time
-    scratch = 4 * C + a * C + (a * C if a == 2 else 0) + a * 3 * C + a * C  # dres, dln, dres_g, dqkv, datty
+    dres = 2 * C if case.precision.residual_grad == "bf16" else 4 * C + (a * C if a == 2 else 0)  # + its bf16 copy
+    scratch = dres + a * C + a * 3 * C + a * C  # dres (and dres_g), dln, dqkv, datty
     if a == 4:
         scratch += 5 * 4 * C + 4 * nh * T  # the cuBLAS attention's head copies and score gradient
     return B * T * (kept + top + scratch) + logits

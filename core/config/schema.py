@@ -62,8 +62,12 @@ class PrecisionConfig:
     """Per-tensor bits: {tensor-name glob: bits}, e.g. {"h.*.mlp.*.weight": 4}."""
     residual: str = field(default="fp32", metadata={"choices": COMPUTE})
     """The CUDA engine's residual stream (the blocks' inputs and outputs) under compute bf16: fp32, or
-    bf16 as llm.c keeps it (half its bytes and memory; its gradient and the LayerNorm statistics stay
-    fp32). The CPU engine computes in fp32 either way."""
+    bf16 as llm.c keeps it (half its bytes and memory; the LayerNorm statistics stay fp32). The CPU
+    engine computes in fp32 either way."""
+    residual_grad: str = field(default="fp32", metadata={"choices": COMPUTE})
+    """The residual stream's gradient in the CUDA engine's backward: fp32, or bf16 (needs residual bf16;
+    llm.c's: each LayerNorm backward reads and writes half the bytes, and no bf16 copy of it is made for
+    the GEMMs)."""
 
 
 @dataclass

@@ -193,11 +193,12 @@ class CUDAEngine:
         self.lnf, self.mf, self.rf = h(N, C), f(N), f(N)
         self.head_rows = head_rows(N, Vp, 2 if self.bf16 else 4)  # the LM head's chunk (_head)
         self.logits, self.losses, self.loss_sum = h(self.head_rows, Vp), f(N), f(1)
-        # scratch shared by the layers; dres is the residual stream's gradient (float32), dres_g its
-        # GEMM operand (a bf16 copy written by the LayerNorm backward, or dres itself); dln, a
+        # scratch shared by the layers; dres is the residual stream's gradient (precision.residual_grad),
+        # dres_g its GEMM operand (a bf16 copy written by the LayerNorm backward, or dres itself); dln, a
         # LayerNorm output's gradient, is a GEMM's product (bf16 under bf16)
-        self.dres, self.dln = f(N, C), h(N, C)
-        self.dres_g = h(N, C) if self.bf16 else self.dres
+        grad16 = self.case.precision.residual_grad == "bf16"
+        self.dres, self.dln = (h if grad16 else f)(N, C), h(N, C)
+        self.dres_g = h(N, C) if self.bf16 and not grad16 else self.dres
         self.dqkv, self.datty = h(N, 3 * C), h(N, C)  # the MLP's dGELU output goes over the layer's fch_gelu
         self.norm_sq = f(1)
         self.hyper = f(8)
@@ -291,7 +292,7 @@ class CUDAEngine:
         def grad(name, dout, x):  # g[name] += dout^T x: a weight's gradient, accumulated over micro-batches
             gemm(g[name], dout, x, trans_a=True, c=g[name])
 
-        dres, dres_g = self.dres, self.dres_g  # float32, and the GEMMs' copy of it
+        dres, dres_g = self.dres, self.dres_g  # the residual's gradient, and the GEMMs' copy of it
         quads = self.variants["bias_grad"] == "quads"
         copy = dres_g if dres_g is not dres else None
 
