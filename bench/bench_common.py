@@ -85,6 +85,14 @@ def engine_options(ap) -> None:
     ap.add_argument("--tune", type=int, default=8, help="cuBLASLt algorithms timed per GEMM shape")
     ap.add_argument("--update-sample", type=int, default=None, help="instability.update_sample (default: the case's)")
     ap.add_argument("--residual", default="fp32", choices=("fp32", "bf16"), help="the case's precision.residual")
+    ap.add_argument("--residual-grad", default="fp32", choices=("fp32", "bf16"), help="the case's precision.residual_grad")
+
+
+def engine_flags(args) -> list[str]:
+    """engine_options' flags as parsed, back as a command line (for a child process to parse again)."""
+    flags = ["--variants", args.variants, "--tune", str(args.tune), "--residual", args.residual,
+             "--residual-grad", args.residual_grad]
+    return flags + ([] if args.update_sample is None else ["--update-sample", str(args.update_sample)])
 
 
 def apply_engine_options(eng, args) -> dict:

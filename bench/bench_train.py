@@ -19,7 +19,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import apply_engine_options, commit, engine_options, gpu_name, write_json  # noqa: E402
+from bench_common import apply_engine_options, commit, engine_flags, engine_options, gpu_name, write_json  # noqa: E402
 
 SIZES = {"124M": (12, 12, 768), "355M": (24, 16, 1024), "774M": (36, 20, 1280), "1558M": (48, 25, 1600)}
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM, for MFU
@@ -44,7 +44,8 @@ def koifish_step(size, B, T, remat=0, dist=None, collective=None, rank=0, comput
     L, H, C = SIZES[size]
     case = build_case({"model": {"n_layer": L, "n_head": H, "n_embd": C, "n_ctx": T, "remat": remat},
                        "data": {"batch_size": B, "seq_len": T}, "train": {"device": "cuda"},
-                       "precision": {"compute": compute, "residual": getattr(options, "residual", "fp32")},
+                       "precision": {"compute": compute, "residual": getattr(options, "residual", "fp32"),
+                                     "residual_grad": getattr(options, "residual_grad", "fp32")},
                        "dist": dist or {}}, "bench")
     eng = CUDAEngine(case, attention=attention)
     chosen = apply_engine_options(eng, options) if options is not None else {}
@@ -189,9 +190,7 @@ def main():
         for fw in args.frameworks.split(","):
             cmd = [sys.executable, __file__, "--child", fw, "--size", size, "--batch", str(args.batch),
                    "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--remat", str(args.remat),
-                   "--compute", args.compute, "--attention", args.attention, "--variants", args.variants,
-                   "--tune", str(args.tune), "--residual", args.residual] + ([] if args.update_sample is None else
-                                                ["--update-sample", str(args.update_sample)])
+                   "--compute", args.compute, "--attention", args.attention] + engine_flags(args)
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if proc.returncode or not line:
@@ -205,7 +204,7 @@ def main():
             print(f"{size} {fw}: {res['tokens_per_s']:,.0f} tok/s, MFU {res['mfu']:.1%}, "
                   f"peak {res['peak_vram_bytes'] / 2**30:.1f} GiB, first step {res['first_step_s']:.1f} s", flush=True)
     report = {"gpu": gpu_name(), "commit": commit(), "remat": args.remat, "compute": args.compute,
-              "residual": args.residual, "batch": args.batch, "seq": args.seq, "steps": args.steps, "rows": rows}
+              "residual": args.residual, "residual_grad": args.residual_grad, "batch": args.batch, "seq": args.seq, "steps": args.steps, "rows": rows}
     print(f"\n{'size':>6} {'framework':>9} {'tok/s':>10} {'MFU':>6} {'VRAM GiB':>9} {'1st step s':>10}")
     for r in rows:
         if "error" in r:

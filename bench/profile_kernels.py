@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import commit, gpu_name, write_json  # noqa: E402
+from bench_common import commit, engine_flags, engine_options, gpu_name, write_json  # noqa: E402
 
 # First match wins. Inductor names its Triton kernels after the ops they fuse; Numba's mangled names
 # carry koifish's module and function names.
@@ -49,14 +49,15 @@ def group_of(name: str) -> str:
     return "triton, other" if "triton" in low else "other"
 
 
-def profile_step(fw: str, size: str, B: int, T: int, steps: int) -> dict:
-    """One framework's step timed (wall clock, no profiler) and profiled: kernel name -> [ms a step, calls a step]."""
+def profile_step(fw: str, size: str, B: int, T: int, steps: int, options=None) -> dict:
+    """One framework's step timed (wall clock, no profiler) and profiled: kernel name -> [ms a step, calls a step].
+    options: koifish's engine_options flags (bench_common)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from bench_train import koifish_step, torch_step
 
-    step = koifish_step(size, B, T)[0] if fw == "koifish" else torch_step(size, B, T)[0]
+    step = koifish_step(size, B, T, options=options)[0] if fw == "koifish" else torch_step(size, B, T)[0]
     for _ in range(4):
         step()
     torch.cuda.synchronize()
@@ -111,15 +112,18 @@ def main():
     ap.add_argument("--frameworks", default="koifish,torch")
     ap.add_argument("--top", type=int, default=20, help="kernels listed by name, per framework")
     ap.add_argument("--out", default="bench/kernels_step.json")
+    engine_options(ap)  # koifish's
     ap.add_argument("--child", default=None)
     args = ap.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(profile_step(args.child, args.size, args.batch, args.seq, args.steps)), flush=True)
+        print("RESULT " + json.dumps(profile_step(args.child, args.size, args.batch, args.seq, args.steps, args)),
+              flush=True)
         return
     results = {}
     for fw in args.frameworks.split(","):
         proc = subprocess.run([sys.executable, __file__, "--child", fw, "--size", args.size, "--batch", str(args.batch),
-                               "--seq", str(args.seq), "--steps", str(args.steps)], capture_output=True, text=True)
+                               "--seq", str(args.seq), "--steps", str(args.steps)] + engine_flags(args),
+                              capture_output=True, text=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not line:
             raise SystemExit(f"{fw} failed:\n{(proc.stderr or proc.stdout)[-3000:]}")
@@ -148,7 +152,8 @@ def main():
         print(f"\n{fw}: {'kernel (top by time)':<66} {'ms':>7} {'calls':>5}  group")
         for name, (ms, calls) in sorted(results[fw]["kernels"].items(), key=lambda kv: -kv[1][0])[: args.top]:
             print(f"  {name[:74]:<74} {ms:>7.3f} {calls:>5.0f}  {group_of(name)}")
-    write_json(args.out, {"gpu": gpu_name(), "commit": commit(), "size": args.size, "batch": args.batch,
+    write_json(args.out, {"gpu": gpu_name(), "commit": commit(), "koifish_flags": engine_flags(args), "size": args.size,
+                          "batch": args.batch,
                           "seq": args.seq, "steps": args.steps,
                           **{fw: {"step_ms": results[fw]["step_ms"], "groups": groups[fw], "idle": results[fw]["idle"],
                                   "kernels": [{"name": n, "ms": ms, "calls": c, "group": group_of(n)} for n, (ms, c) in

@@ -71,7 +71,8 @@ def main():
     B, T = args.batch, args.seq
     case = build_case({"model": {"n_layer": L, "n_head": H, "n_embd": C, "n_ctx": T},
                        "data": {"batch_size": B, "seq_len": T}, "train": {"device": "cuda"},
-                       "precision": {"compute": args.compute, "residual": args.residual}}, "profile")
+                       "precision": {"compute": args.compute, "residual": args.residual,
+                                     "residual_grad": args.residual_grad}}, "profile")
     eng = CUDAEngine(case, attention=args.attention)
     options = apply_engine_options(eng, args)
     rng = np.random.default_rng(0)
@@ -118,7 +119,7 @@ def main():
     print(f"GEMMs of a micro-batch: {sum(r['ms'] * r['calls'] for r in gemms):.2f} ms "
           f"({sum(r['plain_ms'] * r['calls'] for r in gemms):.2f} without epilogues)")
     write_json(args.out, {"gpu": gpu, "commit": commit(), "size": args.size, "batch": B, "seq": T,
-                          "compute": args.compute, "residual": args.residual, "attention": eng.attn.name, **options,
+                          "compute": args.compute, "residual": args.residual, "residual_grad": args.residual_grad, "attention": eng.attn.name, **options,
                           "rows": rows, "gemms": gemms})
 
 
