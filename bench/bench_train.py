@@ -1,6 +1,7 @@
 """GPT-2 training throughput: koifish's CUDA engine against PyTorch on the same GPU, same run.
 
     python bench/bench_train.py --sizes 124M,355M --batch 16 --steps 30 --out bench/train.json
+    python bench/bench_train.py --sizes 124M --batch 4,8,16,32      # a batch sweep, each B in both frameworks
 
 Each framework runs in its own subprocess (so peak memory is its own): random tokens, T=1024,
 warm-up steps, then `--steps` timed steps. PyTorch gets what a user would pick: torch.compile,
@@ -160,17 +161,17 @@ def run_torch(size, B, T, steps, warmup):
 
 def child(args):
     if args.child == "koifish":
-        res = run_koifish(args.size, args.batch, args.seq, args.steps, args.warmup, args.remat, compute=args.compute,
+        res = run_koifish(args.size, int(args.batch), args.seq, args.steps, args.warmup, args.remat, compute=args.compute,
                           attention=args.attention, options=args)
     else:
-        res = run_torch(args.size, args.batch, args.seq, args.steps, args.warmup)
+        res = run_torch(args.size, int(args.batch), args.seq, args.steps, args.warmup)
     print("RESULT " + json.dumps(res), flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="124M")
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", default="16", help="B, or several: 4,8,16,32")
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
@@ -186,32 +187,38 @@ def main():
     if args.child:
         return child(args)
     rows = []
-    for size in args.sizes.split(","):
-        for fw in args.frameworks.split(","):
-            cmd = [sys.executable, __file__, "--child", fw, "--size", size, "--batch", str(args.batch),
-                   "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--remat", str(args.remat),
-                   "--compute", args.compute, "--attention", args.attention] + engine_flags(args)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-            if proc.returncode or not line:
-                rows.append({"size": size, "framework": fw, "error": (proc.stderr or proc.stdout)[-1500:]})
-                print(f"{size} {fw}: FAILED\n{rows[-1]['error']}", flush=True)
-                continue
-            res = json.loads(line[0][7:])
-            L, H, C = SIZES[size]
-            res["mfu"] = flops_per_token(L, C, args.seq, res["n_params"]) * res["tokens_per_s"] / H100_BF16_PEAK
-            rows.append({"size": size, "framework": fw, **res})
-            print(f"{size} {fw}: {res['tokens_per_s']:,.0f} tok/s, MFU {res['mfu']:.1%}, "
-                  f"peak {res['peak_vram_bytes'] / 2**30:.1f} GiB, first step {res['first_step_s']:.1f} s", flush=True)
+    for size, batch, fw in ((s, b, f) for s in args.sizes.split(",") for b in args.batch.split(",")
+                            for f in args.frameworks.split(",")):
+        # one child process a (size, B, framework): its peak memory is its own
+        cmd = [sys.executable, __file__, "--child", fw, "--size", size, "--batch", batch,
+               "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--remat", str(args.remat),
+               "--compute", args.compute, "--attention", args.attention] + engine_flags(args)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode or not line:
+            rows.append({"size": size, "batch": int(batch), "framework": fw, "error": (proc.stderr or proc.stdout)[-1500:]})
+            print(f"{size} B={batch} {fw}: FAILED\n{rows[-1]['error']}", flush=True)
+            continue
+        res = json.loads(line[0][7:])
+        L, H, C = SIZES[size]
+        res["mfu"] = flops_per_token(L, C, args.seq, res["n_params"]) * res["tokens_per_s"] / H100_BF16_PEAK
+        rows.append({"size": size, "batch": int(batch), "framework": fw, **res})
+        print(f"{size} B={batch} {fw}: {res['tokens_per_s']:,.0f} tok/s, MFU {res['mfu']:.1%}, "
+              f"peak {res['peak_vram_bytes'] / 2**30:.1f} GiB, first step {res['first_step_s']:.1f} s", flush=True)
     report = {"gpu": gpu_name(), "commit": commit(), "remat": args.remat, "compute": args.compute,
-              "residual": args.residual, "residual_grad": args.residual_grad, "batch": args.batch, "seq": args.seq, "steps": args.steps, "rows": rows}
-    print(f"\n{'size':>6} {'framework':>9} {'tok/s':>10} {'MFU':>6} {'VRAM GiB':>9} {'1st step s':>10}")
+              "residual": args.residual, "residual_grad": args.residual_grad,
+              "batch": int(args.batch) if "," not in args.batch else [int(b) for b in args.batch.split(",")],
+              "seq": args.seq, "steps": args.steps, "rows": rows}
+    print(f"\n{'size':>6} {'B':>3} {'framework':>9} {'tok/s':>10} {'ratio':>6} {'MFU':>6} {'VRAM GiB':>9} {'1st step s':>10}")
+    ok = {(r["size"], r["batch"], r["framework"]): r for r in rows if "error" not in r}
     for r in rows:
         if "error" in r:
-            print(f"{r['size']:>6} {r['framework']:>9} {'failed':>10}")
-        else:
-            print(f"{r['size']:>6} {r['framework']:>9} {r['tokens_per_s']:>10,.0f} {r['mfu']:>6.1%} "
-                  f"{r['peak_vram_bytes'] / 2**30:>9.1f} {r['first_step_s']:>10.1f}")
+            print(f"{r['size']:>6} {r['batch']:>3} {r['framework']:>9} {'failed':>10}")
+            continue
+        ref = ok.get((r["size"], r["batch"], "torch"))
+        ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref and r["framework"] != "torch" else ""
+        print(f"{r['size']:>6} {r['batch']:>3} {r['framework']:>9} {r['tokens_per_s']:>10,.0f} {ratio:>6} {r['mfu']:>6.1%} "
+              f"{r['peak_vram_bytes'] / 2**30:>9.1f} {r['first_step_s']:>10.1f}")
     write_json(args.out, report)
 
 
