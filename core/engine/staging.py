@@ -15,16 +15,17 @@ import numpy as np
 class Staging:
     def __init__(self, stream, slots: int = 2):
         self.stream, self.slots = stream, slots
-        self._rings: dict[int, list] = {}
+        self._rings: dict[tuple, list] = {}
 
     def upload(self, dst, src) -> None:
         """dst (a CuPy array) = src (anything NumPy casts to dst's shape and dtype), queued on the stream."""
         import cupy as cp
         import cupyx
 
-        ring = self._rings.get(id(dst))
+        key = (id(dst), dst.shape, dst.dtype.str)  # shape and type too: an id can be reused by a later array
+        ring = self._rings.get(key)
         if ring is None:
-            ring = self._rings[id(dst)] = [0, [[cupyx.empty_pinned(dst.shape, dst.dtype), None] for _ in range(self.slots)]]
+            ring = self._rings[key] = [0, [[cupyx.empty_pinned(dst.shape, dst.dtype), None] for _ in range(self.slots)]]
         turn, bufs = ring
         buf = bufs[turn]
         ring[0] = (turn + 1) % self.slots
