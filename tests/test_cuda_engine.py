@@ -176,3 +176,20 @@ def test_sampled_update_statistics_estimate_the_exact_ones(tiny_case):
         assert exact["update_ratio"].keys() == sampled["update_ratio"].keys()
         for group, ratio in exact["update_ratio"].items():
             assert sampled["update_ratio"][group] == pytest.approx(ratio, rel=0.1), group
+
+
+def test_staging_queues_uploads_to_one_buffer_in_order():
+    """Five uploads to one device buffer through two pinned slots, each read on the stream before the
+    next overwrites it: every reader sees its own upload (a slot is reused only once its copy ran)."""
+    import cupy as cp
+
+    from koifish_core.engine.staging import Staging
+
+    stream = cp.cuda.Stream(non_blocking=True)
+    staging, dst, seen = Staging(stream, slots=2), cp.zeros(1 << 20, cp.int32), []
+    with stream:
+        for i in range(5):
+            staging.upload(dst, np.full(1 << 20, i, np.int64))  # cast to the buffer's int32 on the way
+            seen.append(dst.copy())
+    stream.synchronize()
+    assert [np.unique(s.get()).tolist() for s in seen] == [[i] for i in range(5)]
