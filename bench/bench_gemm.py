@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import commit, gpu_name, write_json  # noqa: E402
+from bench_common import commit, engine_options, gpu_name, write_json  # noqa: E402
 
 
 def loaded(fragment: str) -> list[str]:
@@ -48,51 +48,23 @@ def main():
     import numpy as np
     import torch
 
-    from bench_train import SIZES
-
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="124M")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=1024)
-    ap.add_argument("--tune", type=int, default=8, help="cuBLASLt candidates koifish times per shape")
+    engine_options(ap)
     ap.add_argument("--out", default="bench/gemm.json")
     args = ap.parse_args()
 
-    import koifish_cuda.compat  # noqa: F401
-    from koifish_core.config.load import build_case
-    from koifish_core.engine.cuda_gpt2 import CUDAEngine
+    from bench_train import koifish_step
     from koifish_cuda.cublas_raw import Cublas
+    from profile_step import distinct_gemms
 
-    L, H, C = SIZES[args.size]
-    B, T = args.batch, args.seq
-    case = build_case({"model": {"n_layer": L, "n_head": H, "n_embd": C, "n_ctx": T},
-                       "data": {"batch_size": B, "seq_len": T}, "train": {"device": "cuda"},
-                       "precision": {"compute": "bf16"}}, "gemm")
-    eng = CUDAEngine(case)
-    eng.lt.tune = args.tune
-    rng = np.random.default_rng(0)
-    eng.train_step([(rng.integers(0, 50257, (B, T)), rng.integers(0, 50257, (B, T)))], 1e-4)
-    cp, lt = eng.cp, eng.lt
+    step, eng, _ = koifish_step(args.size, args.batch, args.seq, options=args)
+    step()  # tunes every GEMM's algorithm as the engine would
+    cp, original = eng.cp, eng.lt.matmul
     blas = Cublas(eng.stream)
-
-    calls, original = [], lt.matmul
-
-    def record(out, a, b, **kw):
-        calls.append((out, a, b, kw))
-        return original(out, a, b, **kw)
-
-    lt.matmul = record
-    with eng.stream:
-        eng._forward(1.0 / eng.N, backward=True)
-        eng._backward()
-        eng.stream.synchronize()
-    lt.matmul = original
-    distinct = {}
-    for out, a, b, kw in calls:
-        ta, tb = kw.get("trans_a", False), kw.get("trans_b", False)
-        key = (*out.shape, a.shape[0] if ta else a.shape[1], ("T" if ta else "N") + ("T" if tb else "N"),
-               kw.get("epilogue", "default") + ("+c" if kw.get("c") is not None else ""), out.dtype.name)
-        distinct.setdefault(key, [0, (out, a, b, kw)])[0] += 1
+    distinct = distinct_gemms(eng)
 
     def as_torch(x):
         t = torch.from_dlpack(x)
@@ -125,7 +97,7 @@ def main():
     total = {k: sum(r[k + "_ms"] * r["calls"] for r in rows) for k in cols}
     print("a micro-batch's GEMMs, ms: " + ", ".join(f"{k} {v:.2f}" for k, v in total.items()))
     write_json(args.out, {"gpu": gpu_name(), "commit": commit(), "torch": torch.__version__, "size": args.size,
-                          "batch": B, "seq": T, "tune": args.tune, "cublaslt": loaded("cublasLt"),
+                          "batch": args.batch, "seq": args.seq, "tune": args.tune, "cublaslt": loaded("cublasLt"),
                           "totals_ms": total, "rows": rows})
 
 

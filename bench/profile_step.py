@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import apply_engine_options, commit, engine_options, gpu_name, write_json  # noqa: E402
+from bench_common import commit, engine_options, gpu_name, write_json  # noqa: E402
 
 GROUPS = {
     "embedding": ("koifish_cuda.embedding", ("encoder_forward", "encoder_backward")),
@@ -49,9 +49,7 @@ def replay_ms(eng, reps=10, name=None):
 def main():
     import importlib
 
-    import numpy as np
-
-    from bench_train import SIZES
+    from bench_train import koifish_step
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="124M")
@@ -63,20 +61,9 @@ def main():
     ap.add_argument("--out", default="bench/profile.json")
     args = ap.parse_args()
 
-    import koifish_cuda.compat  # noqa: F401
-    from koifish_core.config.load import build_case
-    from koifish_core.engine.cuda_gpt2 import CUDAEngine
-
-    L, H, C = SIZES[args.size]
     B, T = args.batch, args.seq
-    case = build_case({"model": {"n_layer": L, "n_head": H, "n_embd": C, "n_ctx": T},
-                       "data": {"batch_size": B, "seq_len": T}, "train": {"device": "cuda"},
-                       "precision": {"compute": args.compute, "residual": args.residual,
-                                     "residual_grad": args.residual_grad}}, "profile")
-    eng = CUDAEngine(case, attention=args.attention)
-    options = apply_engine_options(eng, args)
-    rng = np.random.default_rng(0)
-    eng.train_step([(rng.integers(0, 50257, (B, T)), rng.integers(0, 50257, (B, T)))], 1e-4)
+    step, eng, options = koifish_step(args.size, B, T, compute=args.compute, attention=args.attention, options=args)
+    step()
     rows = [{"group": "full micro-batch graph", "ms": replay_ms(eng)}]
 
     # group -> (owner of the launchers: a module or an object, their names)
@@ -140,11 +127,9 @@ def step_ms(eng, B, T, steps=10):
     return (time.perf_counter() - t) / steps * 1e3
 
 
-def gemm_rows(eng):
-    """Each distinct cuBLASLt call of one forward + backward, timed alone (graph replays) with its
-    epilogue and as a plain product of the same shape (its operands, a scratch output)."""
-    from bench_common import median_time
-
+def distinct_gemms(eng) -> dict:
+    """The cuBLASLt calls of one forward + backward of the engine, recorded as made: {(M, N, K, op, epilogue,
+    out dtype): [calls, (out, a, b, keywords) of the first]}; op is 'NT' for out = a @ b.T, and so on."""
     calls, original = [], eng.lt.matmul
 
     def record(out, a, b, **kw):
@@ -152,21 +137,30 @@ def gemm_rows(eng):
         return original(out, a, b, **kw)
 
     eng.lt.matmul = record
-    with eng.stream:
-        eng._forward(1.0 / eng.N, backward=True)
-        eng._backward()
-        eng.stream.synchronize()
-    eng.lt.matmul = original
+    try:
+        with eng.stream:
+            eng._forward(1.0 / eng.N, backward=True)
+            eng._backward()
+            eng.stream.synchronize()
+    finally:
+        eng.lt.matmul = original
     distinct = {}
     for out, a, b, kw in calls:
-        M, N = out.shape
         ta, tb = kw.get("trans_a", False), kw.get("trans_b", False)
-        K = a.shape[0] if ta else a.shape[1]
-        op = ("T" if ta else "N") + ("T" if tb else "N")
-        epi = kw.get("epilogue", "default") + ("+c" if kw.get("c") is not None else "")
-        distinct.setdefault((M, N, K, op, epi), [0, (out, a, b, kw)])[0] += 1
+        key = (*out.shape, a.shape[0] if ta else a.shape[1], ("T" if ta else "N") + ("T" if tb else "N"),
+               kw.get("epilogue", "default") + ("+c" if kw.get("c") is not None else ""), out.dtype.name)
+        distinct.setdefault(key, [0, (out, a, b, kw)])[0] += 1
+    return distinct
+
+
+def gemm_rows(eng):
+    """Each distinct cuBLASLt call of one forward + backward, timed alone (graph replays) with its
+    epilogue and as a plain product of the same shape (its operands, a scratch output)."""
+    from bench_common import median_time
+
+    original = eng.lt.matmul
     rows = []
-    for (M, N, K, op, epi), (count, (out, a, b, kw)) in distinct.items():
+    for (M, N, K, op, epi, _), (count, (out, a, b, kw)) in distinct_gemms(eng).items():
         ms = median_time(lambda s: original(out, a, b, **kw), 10, 10, eng.stream) * 1e3
         scratch = eng.cp.empty_like(out)
         plain = dict(trans_a=kw.get("trans_a", False), trans_b=kw.get("trans_b", False))
