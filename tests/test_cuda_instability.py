@@ -26,6 +26,21 @@ def _setup(tiny_case, accum=2):
     return case, CUDAEngine(case), loader
 
 
+def test_nonfinite_weights_are_found_after_an_update_and_after_a_poke(tiny_case):
+    """nonfinite_tensor right after an update reads the sum of squares the update graph took of the
+    weights it wrote; weights written any other way (poison_params, or a refused update after one) get
+    the exact check, which names the tensor."""
+    case, gpu, loader = _setup(tiny_case, accum=1)
+    assert gpu.train_step([loader.next_batch()], 1e-3).applied
+    assert gpu._params_summed and math.isfinite(float(gpu.params_sq.get()[0]))
+    assert gpu.nonfinite_tensor() is None and not gpu._params_summed  # read once
+    gpu.poison_params()
+    first = next(span.name for span in gpu.spans if span.start == 0)  # poison_params writes params[0]
+    assert gpu.nonfinite_tensor() == first
+    res = gpu.train_step([loader.next_batch()], 1e-3)  # non-finite loss and gradient: no update
+    assert not res.applied and gpu.nonfinite_tensor() == first
+
+
 def test_gpu_signals_are_those_of_the_update_it_would_apply(tiny_case):
     from koifish_cuda.update_stats import update_stats_ref
 

@@ -100,6 +100,7 @@ class CUDAEngine:
         self.stat_chunk = STAT_CHUNK
         self._chunks = None  # (what it was made from, chunk rows, weights) on the device: _update_stats
         self._groups = None  # (tensor names, groups, each tensor's group): _signals
+        self._params_summed = False  # params_sq holds the current weights' sum of squares (nonfinite_tensor)
         self.graphs = None
         self.collective = None  # data-parallel (attach_collective): NCCL between ranks
         self.sync = None  # GradSync: bucket all-reduces captured inside the last micro-batch graph
@@ -201,6 +202,7 @@ class CUDAEngine:
         self.dres_g = h(N, C) if self.bf16 and not grad16 else self.dres
         self.dqkv, self.datty = h(N, 3 * C), h(N, C)  # the MLP's dGELU output goes over the layer's fch_gelu
         self.norm_sq = f(1)
+        self.params_sq = f(1)  # written by the update graph, read by nonfinite_tensor
         self.hyper = f(8)
         self.stat_phase = cp.zeros(1, dtype=cp.int32)  # which sampled chunks this step's statistics read
         # Instability signals, read at the step's one sync (_read_report): loss, squared gradient
@@ -344,12 +346,15 @@ class CUDAEngine:
         self._collect_signals()
 
     def _update(self) -> None:
-        from koifish_cuda.adamw import adamw_update
+        from koifish_cuda.adamw import adamw_update, sum_squares
 
         # the bf16 copy is refreshed in the same pass; with ZeRO-1 after the all-gather (train_step)
         fresh16 = self.params16 if self.bf16 and self.zero is None else None
         adamw_update(*self._opt_arrays(), self.norm_sq, self.hyper, self.ns, params16=fresh16,
                      vector=self.variants["adamw"] == "vector")
+        if self.zero is None:  # the weights' sum of squares, finite when they all are (nonfinite_tensor)
+            self.params_sq.fill(0)
+            sum_squares(self.params_sq, self.params, self.ns)
 
     def _capture(self, accum: int) -> None:
         """Run each phase once eagerly (kernels compile, cuBLAS sets up its workspace), then capture."""
@@ -427,6 +432,7 @@ class CUDAEngine:
         applied = math.isfinite(norm) and (gate is None or gate(loss, norm, self._signals(host)))
         if applied:
             self.graphs["update"].launch(self.stream)
+            self._params_summed = self.zero is None  # params_sq is of the weights the update just wrote
             if self.zero is not None:  # every rank updated its slice: share them
                 lo, hi = self.zero.lo, self.zero.hi
                 self.collective.all_gather(self.params[lo:hi], self.params)
@@ -450,12 +456,20 @@ class CUDAEngine:
         c.all_reduce_mean(self.loss_sum)
 
     def poison_params(self) -> None:
+        self._params_summed = False
         with self.stream:
             self.params[:1].fill(float("inf"))
             self._refresh_weights16()
 
     def nonfinite_tensor(self) -> str | None:
+        """The first tensor holding a non-finite weight, or None. Right after an update, from the sum of
+        squares its graph took of the weights it wrote (one float read, where isfinite over every weight
+        took two passes and a temporary); a sum that is not finite (or weights written since) gets the
+        exact check."""
+        summed, self._params_summed = self._params_summed, False
         with self.stream:
+            if summed and math.isfinite(float(self.params_sq.get(stream=self.stream)[0])):
+                return None
             if bool(self.cp.isfinite(self.params).all().get()):
                 return None
             return next(k for k, v in self.p.items() if not bool(self.cp.isfinite(v).all().get()))
