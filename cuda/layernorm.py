@@ -53,6 +53,10 @@ BUF = 32 * ROWS  # a compile-time constant for the shared array of the simulator
 BACK_ROWS = 1
 MAX_C = 32 * 64  # widest row: 64 values a lane (GPT-2 1558M has C = 1600)
 BACKWARD_BLOCKS = 528  # the backward's grid (4 blocks an SM of an H100/H200)
+# the forward's grid at most (8 blocks an SM), the rows past it walked grid-stride: at 16384 x 768 on the
+# H200 0.0357 / 0.0384 ms with a block for every ROWS rows (2048) against 0.0317 / 0.0339 with 1056, in two
+# runs (bench_kernels --sweep, stop 18; results/kernels_sweep_s18*.json); at C = 1600 the same either way
+FORWARD_BLOCKS = 1056
 
 
 @cuda.jit(device=True, inline=True)
@@ -252,13 +256,13 @@ def _vector(C: int, arrays, vector: bool) -> bool:
 
 
 def layernorm_forward(out, mean, rstd, x, w, b, stream=0, eps=EPS, blocks=None, vector=True):
-    """blocks: the grid (default a block for every ROWS rows; fewer walk the rows grid-stride, to be
-    measured with bench_kernels.py --sweep). vector=False: scalar loads even where vectors would do."""
+    """blocks: the grid (default a block for every ROWS rows up to FORWARD_BLOCKS; fewer walk the rows
+    grid-stride; bench_kernels.py --sweep). vector=False: scalar loads even where vectors would do."""
     C = x.shape[1]
     kernel = _forward_kernel(-(-C // 128), _vector(C, (out, x, w, b), vector))
     grid = -(-x.shape[0] // ROWS)
     # np.float32: a Python float is typed float64 and drags the row's arithmetic into float64
-    kernel[min(blocks or grid, grid), 32 * ROWS, stream](out, mean, rstd, x, w.reshape(1, C), b.reshape(1, C),
+    kernel[min(blocks or FORWARD_BLOCKS, grid), 32 * ROWS, stream](out, mean, rstd, x, w.reshape(1, C), b.reshape(1, C),
                                                          np.float32(eps))
 
 
