@@ -80,6 +80,8 @@ def main():
          2 * N * Vp * h),
         ("fused_classifier bf16 split", lambda s: fused_classifier(logits16, losses, loss_sum, targets, V, 1.0 / N,
                                                                    s, variant="split"), 2 * N * Vp * h),
+        ("fused_classifier bf16 stream", lambda s: fused_classifier(logits16, losses, loss_sum, targets, V, 1.0 / N,
+                                                                    s, variant="stream"), 2 * N * Vp * h),
         ("sum_squares (124M)", lambda s: sum_squares(norm_sq, grads, s), n_par * f),
         ("sum_squares (124M) scalar loads", lambda s: sum_squares(norm_sq, grads, s, vector=False), n_par * f),
         ("adamw (124M)", lambda s: adamw_update(params, grads, m, v, mask, norm_sq, hyper, s), (7 * n_par * f + n_par)),

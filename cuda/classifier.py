@@ -237,6 +237,110 @@ def _bf16_plan(Vp: int, variant: str = "registers"):
     return (per4, shk, nt, 1 if variant == "registers" else 2) if 4 * per4 <= MAX_PER else None
 
 
+# The "stream" kernel's block at most (GPT-2's 25152-word rows: ~12 groups of four a thread a pass) and
+# blocks an SM: ptxas gives it 57 registers, so 512 x 2 fit with no spills (1024 x 2 spilled at 32).
+STREAM_THREADS, STREAM_PER_SM = 512, 2
+STREAM_ROWS = 264  # its blocks (2 an SM of an H100/H200), each walking rows: the rows being read at once
+# (~100 KB each, 26 MB in all) stay in L2 until the second pass reads them again
+STREAM_UNROLL = 2  # groups a thread loads before it uses them (bytes in flight)
+PAD_LIMIT = float32(-1e38)  # below any real logit, above PAD_WORD's -3e38
+
+
+@cuda.jit(device=True, inline=True)
+def _load_group(words, row, j, W, V):
+    """Group j (four words at j) of a row as (x0, x1, x2, x3), PAD_WORD past W and its padding columns
+    (at or past V) masked; j a multiple of 4, the row's words a multiple of 4 and aligned."""
+    if j >= W:
+        return PAD_WORD, PAD_WORD, PAD_WORD, PAD_WORD
+    x0, x1, x2, x3 = load4(words, (row, j))
+    if int32(2 * j + 8) > V:
+        x0, x1 = _mask_padding(x0, 2 * j, V), _mask_padding(x1, 2 * j + 2, V)
+        x2, x3 = _mask_padding(x2, 2 * j + 4, V), _mask_padding(x3, 2 * j + 6, V)
+    return x0, x1, x2, x3
+
+
+@cuda.jit(device=True, inline=True)
+def _group_max(x0, x1, x2, x3):
+    return max(max(max(word_lo(x0), word_hi(x0)), max(word_lo(x1), word_hi(x1))),
+               max(max(word_lo(x2), word_hi(x2)), max(word_lo(x3), word_hi(x3))))
+
+
+@cuda.jit(device=True, inline=True)
+def _group_sum(x0, x1, x2, x3, ml):
+    a0, b0 = _word_exps(x0, ml)
+    a1, b1 = _word_exps(x1, ml)
+    a2, b2 = _word_exps(x2, ml)
+    a3, b3 = _word_exps(x3, ml)
+    return ((a0 + b0) + (a1 + b1)) + ((a2 + b2) + (a3 + b3))
+
+
+@functools.lru_cache(maxsize=None)
+def _bf16_stream_kernel(NT: int, U: int, PER_SM: int = 2):
+    """The "stream" variant: a block of NT threads walks rows (grid-stride); a row is read twice in groups
+    of four words (16-byte loads, U in flight a thread), the first pass keeping a running maximum and
+    sum of exponentials (the sum rescaled when the maximum grows), the second writing the gradient over
+    the logits. Registers hold a few groups, not the row, so two blocks share an SM and one's loads
+    overlap the other's arithmetic and stores, where the "registers" kernel (one row an SM) waits on
+    its loads; the second read finds the row in L2 (STREAM_ROWS rows, ~26 MB, are read at once)."""
+    BUF = NT if config.ENABLE_CUDASIM else 1
+    XS = 4 * U  # a local array's size must be a plain constant, not an expression
+    bounds = {} if config.ENABLE_CUDASIM else {"launch_bounds": (NT, PER_SM)}
+
+    @cuda.jit(cache=True, fastmath=True, **bounds)
+    def kernel(words, losses, loss_sum, targets, V, dloss, max_logit):
+        N, W = words.shape
+        W = int32(W)
+        V = int32(V)
+        buf = cuda.shared.array(BUF, float32)
+        wbuf = cuda.shared.array(32, float32)
+        t = int32(cuda.threadIdx.x)
+        xs = cuda.local.array(XS, uint32)
+        step = int32(4 * NT * U)
+        for row in range(cuda.blockIdx.x, N, cuda.gridDim.x):
+            tgt = int32(targets[row])
+            xt = ZERO
+            w = uint32(0)
+            if t == 0:  # before any thread can overwrite the row (the first barrier is in the reduction)
+                w = words[row, tgt // 2]
+                xt = word_lo(w) if tgt % 2 == 0 else word_hi(w)
+            mt = NEG_INF
+            st = ZERO
+            for base in range(4 * t, W, step):
+                for u in range(U):  # the loads first: they are what the pass waits on
+                    xs[4 * u], xs[4 * u + 1], xs[4 * u + 2], xs[4 * u + 3] = _load_group(words, row, base + 4 * NT * u, W, V)
+                for u in range(U):
+                    mg = _group_max(xs[4 * u], xs[4 * u + 1], xs[4 * u + 2], xs[4 * u + 3])
+                    if mg < PAD_LIMIT:  # all padding: nothing to add (and -3e38 * L2E would overflow)
+                        continue
+                    if mg > mt:
+                        st *= math.exp2((mt - mg) * L2E)
+                        mt = mg
+                    st += _group_sum(xs[4 * u], xs[4 * u + 1], xs[4 * u + 2], xs[4 * u + 3], mt * L2E)
+            m = block_reduce_warps(mt, buf, wbuf, True)
+            s = block_reduce_warps(st * math.exp2((mt - m) * L2E) if st > ZERO else ZERO, buf, wbuf, False)
+            ml = m * L2E
+            inv = ONE / s
+            f = inv * dloss
+            for base in range(4 * t, W, step):
+                for u in range(U):
+                    xs[4 * u], xs[4 * u + 1], xs[4 * u + 2], xs[4 * u + 3] = _load_group(words, row, base + 4 * NT * u, W, V)
+                for u in range(U):
+                    j = base + 4 * NT * u
+                    if j < W:
+                        store4(words, (row, j), _word_grad_fast(xs[4 * u], ml, f), _word_grad_fast(xs[4 * u + 1], ml, f),
+                               _word_grad_fast(xs[4 * u + 2], ml, f), _word_grad_fast(xs[4 * u + 3], ml, f))
+            cuda.syncthreads()  # the target's word is rewritten after its owner stored it without the one-hot
+            if t == 0:
+                words[row, tgt // 2] = _word_grad(w, tgt - tgt % 2, V, m, inv, tgt, dloss)
+                loss = math.log(s) + m - xt
+                losses[row] = loss
+                cuda.atomic.add(loss_sum, 0, loss * dloss)
+                cuda.atomic.max(max_logit, 0, m)
+            cuda.syncthreads()  # the block's threads start the next row together
+
+    return kernel
+
+
 @cuda.jit(cache=True, fastmath=True)  # __expf: 2 ulp, far inside what a loss and its gradient need
 def fused_classifier_kernel(logits, losses, loss_sum, targets, V, dloss, max_logit):
     """One block per row of logits (N, Vp): loss of the row, and the row overwritten by
@@ -278,12 +382,24 @@ def fused_classifier_kernel(logits, losses, loss_sum, targets, V, dloss, max_log
 def fused_classifier(logits, losses, loss_sum, targets, V, dloss, stream=0, max_logit=None, variant="registers"):
     """max_logit: a 1-element float32 device buffer raised to the largest logit of these rows
     (None: a scratch buffer, not recorded). variant: the bf16 row kernel's plan, "registers" (one
-    row an SM, all of it in registers) or "split" (two rows an SM, part of each in shared memory).
+    row an SM, all of it in registers), "split" (two rows an SM, part of each in shared memory) or
+    "stream" (_bf16_stream_kernel: rows read twice, the second time from L2; widths a multiple of 8,
+    else "registers"; written for measurement, not yet run on a GPU).
     On an H200 (GPT-2 124M, B=16, the step's four 4096-row chunks, bench/profile_step.py) with
     16-byte loads: registers 2.00 ms, split 2.51; with 4-byte loads split had won (2.64 vs 2.95)."""
     if max_logit is None:  # a scratch maximum, nobody's
         max_logit = koifish_cuda.compat.device_constant((1,), np.float32)
-    plan = _bf16_plan(logits.shape[1], variant) if logits.dtype == np.uint16 else None
+    if variant == "stream" and logits.dtype == np.uint16 and logits.shape[1] % 8 == 0:
+        words = logits.view(np.uint32)
+        if aligned(words, 4):  # every row start on a 16-byte boundary
+            nt = 32  # whole warps, up to a group a thread a turn of the row
+            while nt < STREAM_THREADS and 4 * STREAM_UNROLL * nt < words.shape[1]:
+                nt *= 2
+            _bf16_stream_kernel(nt, STREAM_UNROLL, STREAM_PER_SM)[min(logits.shape[0], STREAM_ROWS), nt, stream](
+                words, losses, loss_sum, targets, V, np.float32(dloss), max_logit)
+            return
+    plan = _bf16_plan(logits.shape[1], "registers" if variant == "stream" else variant) \
+        if logits.dtype == np.uint16 else None
     if plan is not None:  # bf16 rows: a row kernel (GPT-2's 50304 columns: 25 words x 1024 threads)
         words = logits.view(np.uint32)
         vec = words.shape[1] % 4 == 0 and aligned(words, 4)  # (aligned: every row start too)

@@ -180,14 +180,19 @@ def test_heads_split_from_and_merge_into_bf16_rows():
     assert np.array_equal(host(rows), to_bf16_ref(y.reshape(B, nh, T, hs).transpose(0, 2, 1, 3).reshape(B * T, C)))
 
 
-@pytest.mark.parametrize("variant", ["registers", "split"])
+@pytest.mark.parametrize("variant", ["registers", "split", "stream"])
 @pytest.mark.parametrize("shape", ["gpt2", "narrow", "ragged", "odd"])
-def test_fused_classifier_on_bf16_logits(shape, variant):
+def test_fused_classifier_on_bf16_logits(shape, variant, monkeypatch):
     """Even widths run a row kernel (two logits a 32-bit word; the row in registers, or split between
     registers and shared memory: one group of words a thread ("narrow"), several ("gpt2"), the last
     ones partly past the row; words a multiple of 4: a group is a 16-byte load, else ("ragged", 27
-    words) four scalar ones); an odd width the generic kernel."""
+    words) four scalar ones); an odd width the generic kernel. "stream" (widths a multiple of 8): the
+    rows read twice with a running maximum, blocks walking rows (fewer blocks than rows on the GPU),
+    threads whose groups are all padding ("narrow": 32 words)."""
+    from koifish_cuda import classifier
     from koifish_cuda.classifier import _bf16_plan, fused_classifier, fused_classifier_ref
+
+    monkeypatch.setattr(classifier, "STREAM_ROWS", 2)  # fewer blocks than rows: each walks several
 
     r = rng()
     N, V, Vp = {"gpt2": (1024, 50257, 50304) if ON_GPU else (3, 601, 640), "narrow": (4, 50, 64),
