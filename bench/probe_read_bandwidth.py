@@ -13,6 +13,10 @@ quant_a8's kernel does; once on the row-major matrix the GEMV reads, once on a t
 block's turn (R rows x BUF lanes) lies contiguous. If the row-major pattern alone reads at the GEMV's
 rate, the pattern (not the arithmetic) is what holds the GEMV; if the tiled one reads faster, a tiled
 weight layout is the fix.
+
+Last, what writing costs (`stream_kernel`): a 1 GiB float32 buffer copied to another, updated in place,
+or filled, in 16-byte loads and stores: whether a kernel writing a new buffer (LayerNorm's output) can
+move bytes as fast as one updating in place (AdamW, the classifier).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import sys
 
 import koifish_cuda.compat  # noqa: F401
 from koifish_cuda.vload import load4
-from numba import cuda, uint32, uint64
+from numba import cuda, float32, uint32, uint64
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import commit, copy_bandwidth, gpu_name, median_time, write_json  # noqa: E402
@@ -90,6 +94,51 @@ def read_ceiling() -> float:
     return read / median_time(lambda s: k[grid, threads, s](out, a), 10, 4)
 
 
+@functools.lru_cache(maxsize=None)
+def stream_kernel(U: int, mode: str):
+    """Grid-stride over float32 x in 16-byte groups, U loads in flight a thread: "copy" y = x (another buffer),
+    "inplace" x = 1.0001 x (the read line written back, as AdamW and the classifier do), "fill" y = 0
+    (writes only). Whole turns only (the probe's sizes are multiples)."""
+    from koifish_cuda.vload import store4
+
+    @cuda.jit
+    def kernel(y, x):
+        nt = cuda.gridsize(1)
+        v = cuda.local.array((U, 4), float32)
+        for base in range(cuda.grid(1), x.size // 4, nt * U):
+            if mode != "fill":
+                for u in range(U):
+                    v[u, 0], v[u, 1], v[u, 2], v[u, 3] = load4(x, 4 * (base + u * nt))
+            for u in range(U):
+                if mode == "copy":
+                    store4(y, 4 * (base + u * nt), v[u, 0], v[u, 1], v[u, 2], v[u, 3])
+                elif mode == "inplace":
+                    c = float32(1.0001)
+                    store4(x, 4 * (base + u * nt), v[u, 0] * c, v[u, 1] * c, v[u, 2] * c, v[u, 3] * c)
+                else:
+                    store4(y, 4 * (base + u * nt), float32(0.0), float32(0.0), float32(0.0), float32(0.0))
+
+    return kernel
+
+
+def write_patterns(cp, sms: int, copy: float) -> list[dict]:
+    """What writing costs: copy to another buffer, update in place, fill; read + write bytes a second. The
+    memory-bound kernels are measured against a device-to-device copy, yet AdamW (in place) moved 154% of
+    its bytes a second (stop 19): this says whether a kernel writing a new buffer can."""
+    rows = []
+    n = (1 << 30) // 4
+    x, y = cp.ones(n, cp.float32), cp.zeros(n, cp.float32)
+    for mode in ("copy", "inplace", "fill"):
+        for per_sm, U in ((4, 2), (4, 4), (8, 2)):
+            grid, threads = sms * per_sm, 256
+            k = stream_kernel(U, mode)
+            sec = median_time(lambda s: k[grid, threads, s](y, x), 10, 2)
+            moved = x.nbytes * (1 if mode == "fill" else 2)
+            rows.append({"mode": mode, "blocks_per_sm": per_sm, "U": U, "GBps": moved / sec / 1e9,
+                         "share_of_copy": moved / sec / copy})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results/read_bandwidth.json")
@@ -147,8 +196,13 @@ def main() -> None:
         name = f"{r['shape']} {r['rows']}x{r['warps']}w {'tiled' if r['tiled'] else 'row-major'}"
         print(f"{name:<34}{r['GBps']:>8.0f}{r['share_of_copy']:>9.0%}{r['us']:>8.1f}")
     print(f"best read: {best['GBps']:.0f} GB/s ({best['share_of_copy']:.0%} of copy), {best['kernel']}")
+    writes = write_patterns(cp, sms, copy)
+    print(f"{'write pattern (read + write bytes)':<34}{'GB/s':>8}{'of copy':>9}")
+    for r in writes:
+        label = f"{r['mode']} {r['blocks_per_sm']}/SM U={r['U']}"
+        print(f"{label:<34}{r['GBps']:>8.0f}{r['share_of_copy']:>9.0%}")
     write_json(args.out, {"gpu": gpu_name(), "commit": commit(), "copy_GBps": copy / 1e9, "rows": rows,
-                          "best_read_GBps": best["GBps"], "gemv_pattern": pattern})
+                          "best_read_GBps": best["GBps"], "gemv_pattern": pattern, "write_patterns": writes})
 
 
 if __name__ == "__main__":
