@@ -27,10 +27,11 @@ def _setup(tiny_case, accum=2):
 
 
 def test_nonfinite_weights_are_found_after_an_update_and_after_a_poke(tiny_case):
-    """nonfinite_tensor right after an update reads the sum of squares the update graph took of the
-    weights it wrote; weights written any other way (poison_params, or a refused update after one) get
-    the exact check, which names the tensor."""
+    """Watched (watch_weights), nonfinite_tensor right after an update reads the sum of squares the update
+    graph took of the weights it wrote; weights written any other way (poison_params, or a refused
+    update after one) get the exact check, which names the tensor."""
     case, gpu, loader = _setup(tiny_case, accum=1)
+    gpu.watch_weights(True)  # as the trainer does with instability on, before the first step
     assert gpu.train_step([loader.next_batch()], 1e-3).applied
     assert gpu._params_summed and math.isfinite(float(gpu.params_sq.get()[0]))
     assert gpu.nonfinite_tensor() is None and not gpu._params_summed  # read once

@@ -43,6 +43,10 @@ class Engine(Protocol):
     def nonfinite_tensor(self) -> str | None:
         """Name of the first parameter tensor holding NaN or Inf, if any."""
 
+    def watch_weights(self, on: bool) -> None:
+        """Whether nonfinite_tensor will be asked after every step (the instability monitor's check),
+        before the first step: an engine may then prepare a cheaper answer as it updates."""
+
     def eval_loss(self, x: np.ndarray, y: np.ndarray) -> float:
         """Mean loss of one batch, no gradients."""
 

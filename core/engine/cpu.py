@@ -106,6 +106,9 @@ class CPUEngine:
         """Fault injection: one weight becomes infinite."""
         self.model.params[0] = np.inf
 
+    def watch_weights(self, on: bool) -> None:
+        pass  # nonfinite_tensor reads the host arrays directly
+
     def nonfinite_tensor(self) -> str | None:
         """Name of the first parameter tensor holding NaN or Inf, if any."""
         if np.isfinite(self.model.params).all():

@@ -100,6 +100,7 @@ class CUDAEngine:
         self.stat_chunk = STAT_CHUNK
         self._chunks = None  # (what it was made from, chunk rows, weights) on the device: _update_stats
         self._groups = None  # (tensor names, groups, each tensor's group): _signals
+        self._watch = False  # watch_weights: the update graph sums the squares of the weights it writes
         self._params_summed = False  # params_sq holds the current weights' sum of squares (nonfinite_tensor)
         self.graphs = None
         self.collective = None  # data-parallel (attach_collective): NCCL between ranks
@@ -352,7 +353,7 @@ class CUDAEngine:
         fresh16 = self.params16 if self.bf16 and self.zero is None else None
         adamw_update(*self._opt_arrays(), self.norm_sq, self.hyper, self.ns, params16=fresh16,
                      vector=self.variants["adamw"] == "vector")
-        if self.zero is None:  # the weights' sum of squares, finite when they all are (nonfinite_tensor)
+        if self.zero is None and self._watch:  # the weights' sum of squares: finite when they all are
             self.params_sq.fill(0)
             sum_squares(self.params_sq, self.params, self.ns)
 
@@ -432,7 +433,7 @@ class CUDAEngine:
         applied = math.isfinite(norm) and (gate is None or gate(loss, norm, self._signals(host)))
         if applied:
             self.graphs["update"].launch(self.stream)
-            self._params_summed = self.zero is None  # params_sq is of the weights the update just wrote
+            self._params_summed = self.zero is None and self._watch  # params_sq: the weights just written
             if self.zero is not None:  # every rank updated its slice: share them
                 lo, hi = self.zero.lo, self.zero.hi
                 self.collective.all_gather(self.params[lo:hi], self.params)
@@ -454,6 +455,11 @@ class CUDAEngine:
         elif self.sync is None:
             c.all_reduce_mean(self.grads)
         c.all_reduce_mean(self.loss_sum)
+
+    def watch_weights(self, on: bool) -> None:
+        """Before the first step (the update graph is captured then): with on, the update graph also sums
+        the squares of the weights it wrote (0.12 ms at 124M), which nonfinite_tensor then reads."""
+        self._watch = on
 
     def poison_params(self) -> None:
         self._params_summed = False

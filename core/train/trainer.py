@@ -173,6 +173,7 @@ def train(loaded: LoadedCase, run_dir: str | Path, steps: int | None = None, dev
     from koifish_core.train.run_hooks import RunHooks
 
     hooks = RunHooks(case, inject or [], run_dir, log=lambda *a, **k: log(*a, **k))
+    engine.watch_weights(hooks.cfg.enabled)  # after_step asks nonfinite_tensor every step
     if case.checkpoint.init_from and not resume:
         _init_from(engine, case.checkpoint.init_from)
 
