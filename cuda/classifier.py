@@ -117,6 +117,28 @@ def _word_grad_fast(u, ml, f):
     return pack_word(lo * f, hi * f)
 
 
+@cuda.jit(device=True, inline=True)
+def _target_word(words, row, tgt, t):
+    """(word, logit) of the row's target for thread 0 ((0, 0) for the others): read before any thread
+    can overwrite the row (the row kernels' first barrier is in their reduction)."""
+    if t != 0:
+        return uint32(0), ZERO
+    w = words[row, tgt // 2]
+    return w, (word_lo(w) if tgt % 2 == 0 else word_hi(w))
+
+
+@cuda.jit(device=True, inline=True)
+def _finish_row(words, row, tgt, t, w, xt, V, m, s, dloss, losses, loss_sum, max_logit):
+    """After a barrier behind the row's stores (the target's owner stored its word without the one-hot):
+    thread 0 rewrites the target's word from w, and records the loss, the loss sum and the maximum."""
+    if t == 0:
+        words[row, tgt // 2] = _word_grad(w, tgt - tgt % 2, V, m, ONE / s, tgt, dloss)
+        loss = math.log(s) + m - xt
+        losses[row] = loss
+        cuda.atomic.add(loss_sum, 0, loss * dloss)
+        cuda.atomic.max(max_logit, 0, m)
+
+
 @functools.lru_cache(maxsize=None)
 def _bf16_rows_kernel(PER4: int, SHK: int, NT: int, PER_SM: int, VEC: bool):
     """A block of NT threads per row: the groups of four words t + NT k (k < PER4) in each thread's
@@ -151,11 +173,7 @@ def _bf16_rows_kernel(PER4: int, SHK: int, NT: int, PER_SM: int, VEC: bool):
         sh = cuda.shared.array(SHW, uint32)
         row, t = cuda.blockIdx.x, int32(cuda.threadIdx.x)
         tgt = int32(targets[row])
-        xt = ZERO
-        w = uint32(0)
-        if t == 0:  # before any thread can overwrite the row (the first barrier is in the reduction)
-            w = words[row, tgt // 2]
-            xt = word_lo(w) if tgt % 2 == 0 else word_hi(w)
+        w, xt = _target_word(words, row, tgt, t)
         x = cuda.local.array(PER, uint32)
         mt = NEG_INF
         for k in range(PER4):
@@ -208,13 +226,8 @@ def _bf16_rows_kernel(PER4: int, SHK: int, NT: int, PER_SM: int, VEC: bool):
             j = REG + t + k * NT
             if j < W:
                 words[row, j] = _word_grad(sh[t + k * NT], 2 * j, V, m, inv, tgt, dloss)
-        cuda.syncthreads()  # the target's word is rewritten after its owner stored it without the one-hot
-        if t == 0:
-            words[row, tgt // 2] = _word_grad(w, tgt - tgt % 2, V, m, inv, tgt, dloss)
-            loss = math.log(s) + m - xt
-            losses[row] = loss
-            cuda.atomic.add(loss_sum, 0, loss * dloss)
-            cuda.atomic.max(max_logit, 0, m)
+        cuda.syncthreads()
+        _finish_row(words, row, tgt, t, w, xt, V, m, s, dloss, losses, loss_sum, max_logit)
 
     return kernel
 
@@ -298,11 +311,7 @@ def _bf16_stream_kernel(NT: int, U: int, PER_SM: int = 2):
         step = int32(4 * NT * U)
         for row in range(cuda.blockIdx.x, N, cuda.gridDim.x):
             tgt = int32(targets[row])
-            xt = ZERO
-            w = uint32(0)
-            if t == 0:  # before any thread can overwrite the row (the first barrier is in the reduction)
-                w = words[row, tgt // 2]
-                xt = word_lo(w) if tgt % 2 == 0 else word_hi(w)
+            w, xt = _target_word(words, row, tgt, t)
             mt = NEG_INF
             st = ZERO
             for base in range(4 * t, W, step):
@@ -329,13 +338,8 @@ def _bf16_stream_kernel(NT: int, U: int, PER_SM: int = 2):
                     if j < W:
                         store4(words, (row, j), _word_grad_fast(xs[4 * u], ml, f), _word_grad_fast(xs[4 * u + 1], ml, f),
                                _word_grad_fast(xs[4 * u + 2], ml, f), _word_grad_fast(xs[4 * u + 3], ml, f))
-            cuda.syncthreads()  # the target's word is rewritten after its owner stored it without the one-hot
-            if t == 0:
-                words[row, tgt // 2] = _word_grad(w, tgt - tgt % 2, V, m, inv, tgt, dloss)
-                loss = math.log(s) + m - xt
-                losses[row] = loss
-                cuda.atomic.add(loss_sum, 0, loss * dloss)
-                cuda.atomic.max(max_logit, 0, m)
+            cuda.syncthreads()
+            _finish_row(words, row, tgt, t, w, xt, V, m, s, dloss, losses, loss_sum, max_logit)
             cuda.syncthreads()  # the block's threads start the next row together
 
     return kernel
