@@ -202,8 +202,8 @@ def test_settings_are_validated():
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_signals_of_a_report_are_those_of_group_ratios(seed):
-    """CUDAEngine._signals (bincount by group, no GPU needed) against instability.group_ratios and
-    largest_tensor on the same per-tensor sums."""
+    """CUDAEngine._signals (no GPU needed) reads the report's per-tensor sums in the spans' order: the same
+    groups, ratios and blamed tensor as instability.group_ratios and largest_tensor on those sums."""
     from types import SimpleNamespace
 
     from koifish_core.engine.cuda_gpt2 import CUDAEngine

@@ -99,7 +99,7 @@ class CUDAEngine:
         self.stat_sample = InstabilityConfig.from_dict(case.instability).update_sample
         self.stat_chunk = STAT_CHUNK
         self._chunks = None  # (what it was made from, chunk rows, weights) on the device: _update_stats
-        self._groups = None  # (tensor names, groups, each tensor's group): _signals
+        self._groups = None  # instability.TensorGroups of self.spans: _signals
         self._watch = False  # watch_weights: the update graph sums the squares of the weights it writes
         self._params_summed = False  # params_sq holds the current weights' sum of squares (nonfinite_tensor)
         self.graphs = None
@@ -582,18 +582,13 @@ class CUDAEngine:
         return float(host[0]), math.sqrt(float(host[1])), host
 
     def _signals(self, host: np.ndarray) -> dict:
-        """The instability signals in a read report: update_ratio per tensor group (as
-        instability.group_ratios), max_logit, tensor (the one with the largest gradient norm). Summed
-        by group with bincount: the gate waits on this with the GPU idle (a dict a tensor took ~0.25 ms)."""
-        from koifish_core.train.instability import tensor_group
+        """The instability signals in a read report: update_ratio per tensor group (instability.TensorGroups,
+        made once), max_logit, tensor (the one with the largest gradient norm)."""
+        from koifish_core.train.instability import TensorGroups
 
         if self._groups is None:
-            names = [span.name for span in self.spans]
-            groups = list(dict.fromkeys(tensor_group(n) for n in names))
-            self._groups = names, groups, np.array([groups.index(tensor_group(n)) for n in names])
-        names, groups, index = self._groups
+            self._groups = TensorGroups(span.name for span in self.spans)
+        names = self._groups.names
         stats = host[3:].reshape(-1, 3).astype(np.float64)
-        num = np.sqrt(np.bincount(index, weights=stats[:, 0], minlength=len(groups)))
-        den = np.maximum(np.sqrt(np.bincount(index, weights=stats[:, 1], minlength=len(groups))), 1e-12)
-        return {"update_ratio": dict(zip(groups, (num / den).tolist())), "max_logit": float(host[2]),
+        return {"update_ratio": self._groups.ratios(stats[:, 0], stats[:, 1]), "max_logit": float(host[2]),
                 "tensor": names[int(np.argmax(stats[:, 2]))] if names else None}

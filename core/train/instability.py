@@ -192,15 +192,29 @@ def update_ratios(weights: dict, updates: dict) -> dict[str, float]:
     return group_ratios(upd_sq, w_sq)
 
 
+class TensorGroups:
+    """Tensor names mapped once to their groups (tensor_group, in order of first appearance), so that
+    per-tensor sums in the names' order are summed by group with one bincount: the CUDA engine's gate
+    waits on this every step with the GPU idle (dicts built a tensor at a time took ~0.25 ms)."""
+
+    def __init__(self, names):
+        self.names = list(names)
+        self.groups = list(dict.fromkeys(tensor_group(n) for n in self.names))
+        self.index = np.array([self.groups.index(tensor_group(n)) for n in self.names], dtype=np.intp)
+
+    def ratios(self, upd_sq, w_sq) -> dict[str, float]:
+        """Per group, sqrt(sum of squared updates) / sqrt(sum of squared weights) (at least 1e-12)."""
+        n = len(self.groups)
+        num = np.sqrt(np.bincount(self.index, weights=np.asarray(upd_sq, np.float64), minlength=n))
+        den = np.sqrt(np.bincount(self.index, weights=np.asarray(w_sq, np.float64), minlength=n))
+        return dict(zip(self.groups, (num / np.maximum(den, 1e-12)).tolist()))
+
+
 def group_ratios(upd_sq: dict[str, float], w_sq: dict[str, float]) -> dict[str, float]:
     """Per tensor group, sqrt(sum of squared updates) / sqrt(sum of squared weights), from the
     per-tensor sums (what the CUDA engine's update_stats kernel measures)."""
-    num, den = {}, {}
-    for name, u in upd_sq.items():
-        g = tensor_group(name)
-        num[g] = num.get(g, 0.0) + float(u)
-        den[g] = den.get(g, 0.0) + float(w_sq[name])
-    return {g: math.sqrt(num[g]) / max(math.sqrt(den[g]), 1e-12) for g in num}
+    names = list(upd_sq)
+    return TensorGroups(names).ratios([upd_sq[n] for n in names], [w_sq[n] for n in names])
 
 
 def max_abs_logit(logits) -> float:
