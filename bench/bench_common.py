@@ -30,6 +30,27 @@ def commit() -> str:
         return ""
 
 
+def child_result(cmd: list[str], tail: int = 2000) -> dict:
+    """Run a benchmark's child process (a framework or size in a process of its own, so that its peak memory
+    is its own): the JSON it printed after "RESULT ", or {"error": the last `tail` characters it wrote}."""
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not line:
+        return {"error": (proc.stderr or proc.stdout)[-tail:]}
+    return json.loads(line[0][7:])
+
+
+def gpu_kernels(prof) -> list[tuple[int, int, str]]:
+    """(start ns, duration ns, name) of each GPU activity a torch.profiler run recorded (its CUPTI records
+    see every kernel of the process, those inside CUDA graphs too); a bench-only reader."""
+    try:
+        return [(e.start_ns(), e.duration_ns(), e.name()) for e in prof.profiler.kineto_results.events()
+                if e.device_type().name == "CUDA"]
+    except AttributeError:  # another torch: the function events, in microseconds
+        return [(int(e.time_range.start * 1e3), int(e.time_range.elapsed_us() * 1e3), e.name)
+                for e in prof.events() if e.device_type.name == "CUDA"]
+
+
 def write_json(path: str, report: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:

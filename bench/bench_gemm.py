@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import commit, engine_options, gpu_name, write_json  # noqa: E402
+from bench_common import commit, engine_options, gpu_kernels, gpu_name, write_json  # noqa: E402
 
 
 def loaded(fragment: str) -> list[str]:
@@ -39,9 +39,8 @@ def kernel_time(fn, reps: int = 20) -> tuple[float, list[str]]:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
-    events = [e for e in prof.events() if str(e.device_type).endswith("CUDA")]
-    us = sum(getattr(e, "device_time", None) or e.cuda_time for e in events)
-    return us / 1000 / reps, list(dict.fromkeys(e.name for e in events))
+    kernels = gpu_kernels(prof)
+    return sum(d for _, d, _ in kernels) / 1e6 / reps, list(dict.fromkeys(n for _, _, n in kernels))
 
 
 def main():

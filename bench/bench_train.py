@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import apply_engine_options, commit, engine_flags, engine_options, gpu_name, write_json  # noqa: E402
+from bench_common import apply_engine_options, child_result, commit, engine_flags, engine_options, gpu_name, write_json  # noqa: E402
 
 SIZES = {"124M": (12, 12, 768), "355M": (24, 16, 1024), "774M": (36, 20, 1280), "1558M": (48, 25, 1600)}
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM, for MFU
@@ -193,13 +192,11 @@ def main():
         cmd = [sys.executable, __file__, "--child", fw, "--size", size, "--batch", batch,
                "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--remat", str(args.remat),
                "--compute", args.compute, "--attention", args.attention] + engine_flags(args)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if proc.returncode or not line:
-            rows.append({"size": size, "batch": int(batch), "framework": fw, "error": (proc.stderr or proc.stdout)[-1500:]})
+        res = child_result(cmd, tail=1500)
+        if "error" in res:
+            rows.append({"size": size, "batch": int(batch), "framework": fw, "error": res["error"]})
             print(f"{size} B={batch} {fw}: FAILED\n{rows[-1]['error']}", flush=True)
             continue
-        res = json.loads(line[0][7:])
         L, H, C = SIZES[size]
         res["mfu"] = flops_per_token(L, C, args.seq, res["n_params"]) * res["tokens_per_s"] / H100_BF16_PEAK
         rows.append({"size": size, "batch": int(batch), "framework": fw, **res})

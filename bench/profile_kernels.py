@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import time
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import commit, engine_flags, engine_options, gpu_name, write_json  # noqa: E402
+from bench_common import child_result, commit, engine_flags, engine_options, gpu_kernels, gpu_name, write_json  # noqa: E402
 
 # First match wins. Inductor names its Triton kernels after the ops they fuse; Numba's mangled names
 # carry koifish's module and function names.
@@ -71,15 +70,11 @@ def profile_step(fw: str, size: str, B: int, T: int, steps: int, options=None) -
             step()
         torch.cuda.synchronize()
     kernels: dict[str, list] = {}
-    spans = []
-    for e in prof.events():
-        if not str(e.device_type).endswith("CUDA"):
-            continue
-        us = getattr(e, "device_time", None)
-        k = kernels.setdefault(e.name, [0.0, 0])
-        k[0] += (e.cuda_time if us is None else us) / 1000 / steps
+    spans = gpu_kernels(prof)
+    for _, ns, name in spans:
+        k = kernels.setdefault(name, [0.0, 0])
+        k[0] += ns / 1e6 / steps
         k[1] += 1 / steps
-        spans.append((e.time_range.start, e.time_range.end, e.name))
     return {"step_ms": step_ms, "kernels": kernels, "idle": idle_gaps(spans, steps)}
 
 
@@ -87,12 +82,11 @@ GAP_BINS = ((0, 3), (3, 20), (20, 200), (200, float("inf")))  # microseconds
 
 
 def idle_gaps(spans, steps: int, top: int = 8) -> dict:
-    """Where the GPU ran no kernel, from the profiled kernels' (start, end, name) in microseconds: idle
-    ms a step in gaps of each size (GAP_BINS; the small ones are launch latency between kernels, the
-    large ones the host's stalls) and the largest gaps with the kernels around them."""
-    spans.sort()
+    """Where the GPU ran no kernel, from the profiled kernels' (start ns, duration ns, name): idle ms a step
+    in gaps of each size (GAP_BINS; the small ones are launch latency between kernels, the large ones the
+    host's stalls) and the largest gaps (us) with the kernels around them."""
     gaps, end, last = [], None, ""
-    for start, stop, name in spans:
+    for start, stop, name in sorted((s / 1e3, (s + d) / 1e3, n) for s, d, n in spans):  # microseconds
         if end is not None and start > end:
             gaps.append((start - end, last, name))
         if end is None or stop > end:
@@ -121,13 +115,11 @@ def main():
         return
     results = {}
     for fw in args.frameworks.split(","):
-        proc = subprocess.run([sys.executable, __file__, "--child", fw, "--size", args.size, "--batch", str(args.batch),
-                               "--seq", str(args.seq), "--steps", str(args.steps)] + engine_flags(args),
-                              capture_output=True, text=True)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not line:
-            raise SystemExit(f"{fw} failed:\n{(proc.stderr or proc.stdout)[-3000:]}")
-        results[fw] = json.loads(line[0][7:])
+        res = child_result([sys.executable, __file__, "--child", fw, "--size", args.size, "--batch", str(args.batch),
+                            "--seq", str(args.seq), "--steps", str(args.steps)] + engine_flags(args), tail=3000)
+        if "error" in res:
+            raise SystemExit(f"{fw} failed:\n{res['error']}")
+        results[fw] = res
     fws = list(results)
     groups = {fw: {} for fw in fws}
     for fw in fws:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import apply_settings, commit, copy_bandwidth, gpu_name, parse_settings, write_json  # noqa: E402
+from bench_common import apply_settings, commit, copy_bandwidth, gpu_kernels, gpu_name, parse_settings, write_json  # noqa: E402
 
 GROUPS = (  # (group, pattern in the mangled kernel name), first match wins
     ("gemv w4a8", r"quant_a8.*kernel"),
@@ -37,16 +37,6 @@ def group_of(name: str) -> str:
         if re.search(pat, name):
             return g
     return re.sub(r"\d+", "", name)[:40]
-
-
-def _kernels(prof):
-    """(start ns, duration ns, name) of each GPU activity the profiler recorded."""
-    try:
-        return [(e.start_ns(), e.duration_ns(), e.name()) for e in prof.profiler.kineto_results.events()
-                if e.device_type().name == "CUDA"]
-    except AttributeError:  # another torch: the function events, in microseconds
-        return [(int(e.time_range.start * 1e3), int(e.time_range.elapsed_us() * 1e3), e.name)
-                for e in prof.events() if e.device_type.name == "CUDA"]
 
 
 def main() -> None:
@@ -86,7 +76,7 @@ def main() -> None:
                 eng.seek(cache, args.context)
                 eng.decode_sample(cache)
             eng.sync()
-        kern = sorted(k for k in _kernels(prof) if "memcpy" not in k[2].lower() and "memset" not in k[2].lower())
+        kern = sorted(k for k in gpu_kernels(prof) if "memcpy" not in k[2].lower() and "memset" not in k[2].lower())
         # steps: split where the embedding kernel starts
         starts = [i for i, (_, _, n) in enumerate(kern) if group_of(n) == "embed"]
         steps = [kern[a:b] for a, b in zip(starts, starts[1:] + [len(kern)])][-max(1, args.steps - 1):]
