@@ -262,8 +262,8 @@ def layernorm_forward(out, mean, rstd, x, w, b, stream=0, eps=EPS, blocks=None, 
     kernel = _forward_kernel(-(-C // 128), _vector(C, (out, x, w, b), vector))
     grid = -(-x.shape[0] // ROWS)
     # np.float32: a Python float is typed float64 and drags the row's arithmetic into float64
-    kernel[min(blocks or FORWARD_BLOCKS, grid), 32 * ROWS, stream](out, mean, rstd, x, w.reshape(1, C), b.reshape(1, C),
-                                                         np.float32(eps))
+    kernel[min(blocks or FORWARD_BLOCKS, grid), 32 * ROWS, stream](out, mean, rstd, x, w.reshape(1, C),
+                                                                   b.reshape(1, C), np.float32(eps))
 
 
 def layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, stream=0, blocks=None, dx16=None, dsum=None,
