@@ -104,16 +104,18 @@ def main():
 
 def sweep(args):
     """LayerNorm at the engine's shapes (B=16, T=1024; GPT-2 124M and 1558M widths): the forward's
-    grid, the backward's grid and rows in flight (bf16 out / bf16 dout and dx copy, as the engine)."""
+    grid, the backward's grid and rows in flight (bf16 out / bf16 dout and dx copy, as the engine with a
+    float32 residual; then all bf16 with dx in place, as with precision.residual_grad bf16)."""
     import cupy as cp
 
+    from koifish_cuda import layernorm_bf16
     from koifish_cuda.layernorm import layernorm_backward, layernorm_forward
 
     copy_bw = copy_bandwidth()
     N, f, h = 16384, 4, 2
     rows = []
     print(f"{'kernel':<44} {'time ms':>9} {'GB/s':>8} {'% copy':>7}")
-    for C in (768, 1600):
+    for C in (768, 1024, 1600):
         rnd = lambda *s: cp.random.standard_normal(s, dtype=cp.float32)  # noqa: E731
         bf = lambda *s: (rnd(*s).view(cp.uint32) >> 16).astype(cp.uint16)  # noqa: E731
         x, w, b, mean, rstd, dx, dw, db = rnd(N, C), rnd(C), rnd(C), rnd(N), cp.abs(rnd(N)), rnd(N, C), rnd(C), rnd(C)
@@ -126,6 +128,23 @@ def sweep(args):
                                                                    dx16=dx16, rows=r, fit=fit),
                    N * C * (3 * f + 2 * h) + 2 * N * f)
                   for r in (1, 2) for g in (528, 792, 1056) for fit in (False, True)]
+        # precision.residual (and residual_grad) bf16: x, dout and dx bf16, dx in place, its column sums (dsum)
+        x16, ds = bf(N, C), rnd(C)
+        # (wide: layernorm_bf16's warp-per-row kernels, at the widths they take)
+        cases += [(f"C={C} bf16 residual forward blocks={g}{' wide' if wide else ''}",
+                   lambda s, g=g, wide=wide: layernorm_forward(out16, mean, rstd, x16, w, b, s, blocks=g, wide=wide),
+                   2 * N * C * h + 2 * N * f) for wide in (False, True) for g in (132 * 4, 132 * 8, 132 * 16)]
+        if layernorm_bf16.fits(C, (out16, x16), (w, b)):
+            cases += [(f"C={C} bf16 residual forward blocks={g} wide rows={r}",
+                       lambda s, g=g, r=r: layernorm_bf16.forward(out16, mean, rstd, x16, w, b, s, blocks=g, rows=r),
+                       2 * N * C * h + 2 * N * f) for r in (1, 4) for g in (132 * 4, 132 * 8, 132 * 16)]
+        cases += [(f"C={C} bf16 residual backward rows={r} blocks={g}",
+                   lambda s, r=r, g=g: layernorm_backward(dx16, dw, db, dout16, x16, w, mean, rstd, s, blocks=g,
+                                                          dsum=ds, rows=r, wide=False),
+                   4 * N * C * h + 2 * N * f) for r in (1, 2) for g in (528, 1056)]
+        cases += [(f"C={C} bf16 residual backward blocks={g} wide",
+                   lambda s, g=g: layernorm_backward(dx16, dw, db, dout16, x16, w, mean, rstd, s, blocks=g, dsum=ds),
+                   4 * N * C * h + 2 * N * f) for g in (132, 264, 396, 528)]
         for name, fn, nbytes in cases:
             t = median_time(fn)
             bw = nbytes / t

@@ -98,14 +98,14 @@ def read_ceiling() -> float:
 def stream_kernel(U: int, mode: str):
     """Grid-stride over float32 x in 16-byte groups, U loads in flight a thread: "copy" y = x (another buffer),
     "inplace" x = 1.0001 x (the read line written back, as AdamW and the classifier do), "fill" y = 0
-    (writes only). Whole turns only (the probe's sizes are multiples)."""
+    (writes only). Whole turns only: the tail past the last whole turn is left out (and not counted)."""
     from koifish_cuda.vload import store4
 
     @cuda.jit
     def kernel(y, x):
         nt = cuda.gridsize(1)
         v = cuda.local.array((U, 4), float32)
-        for base in range(cuda.grid(1), x.size // 4, nt * U):
+        for base in range(cuda.grid(1), x.size // 4 // (nt * U) * (nt * U), nt * U):
             if mode != "fill":
                 for u in range(U):
                     v[u, 0], v[u, 1], v[u, 2], v[u, 3] = load4(x, 4 * (base + u * nt))
@@ -133,7 +133,8 @@ def write_patterns(cp, sms: int, copy: float) -> list[dict]:
             grid, threads = sms * per_sm, 256
             k = stream_kernel(U, mode)
             sec = median_time(lambda s: k[grid, threads, s](y, x), 10, 2)
-            moved = x.nbytes * (1 if mode == "fill" else 2)
+            turn = grid * threads * U * 16
+            moved = x.nbytes // turn * turn * (1 if mode == "fill" else 2)
             rows.append({"mode": mode, "blocks_per_sm": per_sm, "U": U, "GBps": moved / sec / 1e9,
                          "share_of_copy": moved / sec / copy})
     return rows

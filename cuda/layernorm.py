@@ -40,6 +40,7 @@ import math  # noqa: E402
 
 
 import koifish_cuda.compat  # noqa: E402,F401
+from koifish_cuda import layernorm_bf16  # noqa: E402
 from koifish_cuda.bf16 import load, load_4, store, store_4  # noqa: E402
 from koifish_cuda.reduce import THREADS, warp_sum  # noqa: E402
 from koifish_cuda.vload import aligned  # noqa: E402
@@ -255,10 +256,14 @@ def _vector(C: int, arrays, vector: bool) -> bool:
     return vector and C % 4 == 0 and all(a.size == 0 or aligned(a, 4) for a in arrays)
 
 
-def layernorm_forward(out, mean, rstd, x, w, b, stream=0, eps=EPS, blocks=None, vector=True):
+def layernorm_forward(out, mean, rstd, x, w, b, stream=0, eps=EPS, blocks=None, vector=True, wide=True):
     """blocks: the grid (default a block for every ROWS rows up to FORWARD_BLOCKS; fewer walk the rows
-    grid-stride; bench_kernels.py --sweep). vector=False: scalar loads even where vectors would do."""
+    grid-stride; bench_kernels.py --sweep). vector=False: scalar loads even where vectors would do.
+    wide: x and out bf16 of a width layernorm_bf16 takes go to its warp-per-row kernel (False: this
+    file's, to measure one against the other)."""
     C = x.shape[1]
+    if wide and vector and layernorm_bf16.fits(C, (out, x), (w, b)):
+        return layernorm_bf16.forward(out, mean, rstd, x, w, b, stream, eps, blocks)
     kernel = _forward_kernel(-(-C // 128), _vector(C, (out, x, w, b), vector))
     grid = -(-x.shape[0] // ROWS)
     # np.float32: a Python float is typed float64 and drags the row's arithmetic into float64
@@ -267,15 +272,18 @@ def layernorm_forward(out, mean, rstd, x, w, b, stream=0, eps=EPS, blocks=None, 
 
 
 def layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, stream=0, blocks=None, dx16=None, dsum=None,
-                       rows=BACK_ROWS, vector=True, fit=True):
+                       rows=BACK_ROWS, vector=True, fit=True, wide=True):
     """Adds into dx, dw and db; dout float32 or bf16 bits. dx16 (bf16 bits, dx's shape), if given,
     receives a copy of the new dx; dsum (C,) float32, if given, += the new dx's column sums.
     blocks (the grid) and rows (a block's rows in flight) are there to be measured
     (bench_kernels.py --sweep); vector as layernorm_forward's. fit: a block of C/4 threads rounded up to
     whole warps (192 at C = 768, 416 at 1600: a group of four columns each), not THREADS (128: one or two
     groups at 768, the threads past the row idle half the time): at 16384 rows on the H200, 0.098 -> 0.080
-    ms at C = 768 (74% -> 91% of copy), 0.218 -> 0.145 at 1600 (70% -> 104%; bench_kernels --sweep, stop 18)."""
+    ms at C = 768 (74% -> 91% of copy), 0.218 -> 0.145 at 1600 (70% -> 104%; bench_kernels --sweep, stop 18).
+    wide: dx, dout and x bf16 (no dx16) of a width layernorm_bf16 takes go to its warp-per-row kernel."""
     N, C = x.shape
+    if wide and vector and dx16 is None and layernorm_bf16.fits(C, (dx, dout, x), (w, dw, db, dsum)):
+        return layernorm_bf16.backward(dx, dw, db, dout, x, w, mean, rstd, stream, dsum, blocks)
     if dx16 is None:  # no rows: no bf16 copy of dx
         dx16 = koifish_cuda.compat.device_constant((0, 1), np.uint16)
     if dsum is None:

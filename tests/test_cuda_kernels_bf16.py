@@ -77,6 +77,34 @@ def test_layernorm_backward_adds_into_a_bf16_dx():
     assert np.all(np.abs(val(dx) - ref) <= BF16 * np.abs(ref) + 1e-4 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("blocks", [None, 1])
+def test_layernorm_all_bf16_rows_warp_per_row(blocks):
+    """precision.residual and residual_grad bf16: x, out, dout and dx all bf16 at a width of 256 k, which
+    layernorm_bf16's warp-per-row kernels take (16-byte loads; one block walking every row, too), against
+    the float64 reference on the exact bf16 values; dsum, dw and db to float32 sums' accuracy."""
+    from koifish_cuda import layernorm_bf16
+    from koifish_cuda.layernorm import layernorm_backward, layernorm_backward_ref, layernorm_forward, layernorm_forward_ref
+
+    r = rng()
+    N, C = (4099, 768) if ON_GPU else (13, 256)
+    (x, xv), w, b = bf(r.standard_normal((N, C)) + 0.5), r.standard_normal(C), r.standard_normal(C)
+    out, mean, rstd = dev(np.zeros((N, C), np.uint16)), f32(np.zeros(N)), f32(np.zeros(N))
+    assert layernorm_bf16.fits(C, (out, x), (f32(w), f32(b)))
+    layernorm_forward(out, mean, rstd, x, f32(w), f32(b), blocks=blocks)
+    ro, rm, rr = layernorm_forward_ref(xv, w.astype(np.float32), b.astype(np.float32))
+    assert np.all(np.abs(val(out) - ro) <= BF16 * np.abs(ro) + 1e-4 * np.abs(ro).max())
+    assert rel_err(host(mean), rm) < 1e-6 and rel_err(host(rstd), rr) < 1e-5
+    (dout, gv), (dx, dx0) = bf(r.standard_normal((N, C))), bf(r.standard_normal((N, C)))
+    dw, db, dsum = f32(np.full(C, 1.0)), f32(np.full(C, 2.0)), f32(np.full(C, 3.0))
+    assert layernorm_bf16.fits(C, (dx, dout, x), (dw, db, dsum))
+    layernorm_backward(dx, dw, db, dout, x, f32(w), mean, rstd, dsum=dsum, blocks=blocks)
+    rdx, rdw, rdb = layernorm_backward_ref(gv, xv, w, rm, rr)
+    ref = rdx + dx0
+    assert np.all(np.abs(val(dx) - ref) <= BF16 * np.abs(ref) + 1e-4 * np.abs(ref).max())
+    assert rel_err(host(dw), rdw + 1) < 1e-5 and rel_err(host(db), rdb + 2) < 1e-5
+    assert rel_err(host(dsum), ref.sum(axis=0) + 3) < 1e-4  # the sums of the float32 dx, before rounding
+
+
 @pytest.mark.parametrize("C", [8, 6])
 def test_embedding_backward_of_a_bf16_gradient(C):
     """The embedding's backward reads the residual's gradient in bf16 (residual_grad bf16): both kernels
