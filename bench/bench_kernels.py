@@ -142,9 +142,10 @@ def sweep(args):
                    lambda s, r=r, g=g: layernorm_backward(dx16, dw, db, dout16, x16, w, mean, rstd, s, blocks=g,
                                                           dsum=ds, rows=r, wide=False),
                    4 * N * C * h + 2 * N * f) for r in (1, 2) for g in (528, 1056)]
-        cases += [(f"C={C} bf16 residual backward blocks={g} wide",
-                   lambda s, g=g: layernorm_backward(dx16, dw, db, dout16, x16, w, mean, rstd, s, blocks=g, dsum=ds),
-                   4 * N * C * h + 2 * N * f) for g in (132, 264, 396, 528)]
+        if layernorm_bf16.fits(C, (dx16, dout16, x16), (w, dw, db, ds)):
+            cases += [(f"C={C} bf16 residual backward wide {p} an SM, blocks={g}",
+                       lambda s, g=g, p=p: layernorm_bf16.backward(dx16, dw, db, dout16, x16, w, mean, rstd, s, ds, g, p),
+                       4 * N * C * h + 2 * N * f) for p in (2, 3, 4) for g in (p * 132, 2 * p * 132)]
         for name, fn, nbytes in cases:
             t = median_time(fn)
             bw = nbytes / t

@@ -22,13 +22,16 @@ import koifish_cuda.compat  # noqa: F401
 from koifish_cuda.bf16 import pack_word, word_hi, word_lo
 from koifish_cuda.reduce import warp_sum
 from koifish_cuda.vload import aligned, load4, red_add4, store4
-from numba import cuda, float32, uint32
+from numba import config, cuda, float32, uint32
 
 WARPS = 4  # warps (rows in flight, R each) a block
 FORWARD_ROWS = 2  # rows a warp of the forward loads before it reduces any
 MAX_G = 4  # C up to 1024 (GPT-2 124M and 355M); wider rows hold too many registers: layernorm.py's kernels
 FORWARD_BLOCKS = 1056  # the forward's grid at most (eight blocks an SM of an H100/H200), walked grid-stride
-BACKWARD_BLOCKS = 396  # the backward's: its lanes hold ~170 registers, three 128-thread blocks an SM
+# the backward's 128-thread blocks an SM (its launch bounds; its grid is that many an SM): three at C = 768
+# (168 registers, no spills), two wider (three spill at C = 1024)
+BACKWARD_PER_SM = {3: 3}
+SMS = 132  # an H100/H200's: the grids above are counted in them
 
 
 def fits(C: int, rows, vectors) -> bool:
@@ -94,101 +97,117 @@ def _forward_kernel(G: int, R: int):
     return kernel
 
 
-@cuda.jit(device=True, inline=True)
-def _unpack4(dst, o, u0, u1, u2, u3):
-    """dst[o .. o + 7] = the eight bf16 values of four words."""
-    dst[o], dst[o + 1], dst[o + 2], dst[o + 3] = word_lo(u0), word_hi(u0), word_lo(u1), word_hi(u1)
-    dst[o + 4], dst[o + 5], dst[o + 6], dst[o + 7] = word_lo(u2), word_hi(u2), word_lo(u3), word_hi(u3)
-
-
 @functools.lru_cache(maxsize=None)
-def _backward_kernel(G: int):
+def _backward_kernel(G: int, PER_SM: int):
     K = 8 * G  # columns a lane
-    C3 = 3 * 256 * G  # the block's dw, db and dsum partial sums
+    KW = 4 * G  # their words
+    PART = 32 * K  # one warp's sums of one kind (C of them), lane-minor: column 8 (l + 32 k) + e at (8 k + e) 32 + l
+    SUMS = 2 * WARPS * PART  # the warps' dw and db sums; at the end, their dsum sums
     BUF = 32 * WARPS
+    bounds = {} if config.ENABLE_CUDASIM else {"launch_bounds": (32 * WARPS, PER_SM)}
 
-    @cuda.jit(cache=True)
+    @cuda.jit(cache=True, **bounds)
     def kernel(dx, dsum, dw, db, dout, x, w, mean, rstd):
         """dx, dout, x (N, C / 2) uint32 words of bf16 pairs; dx += LayerNorm's backward of dout, in place;
         dw, db (C,) += the column sums of dout * xhat and dout; dsum (C,), unless empty, += the new dx's.
-        w (1, C) float32. Warp j takes row base + j of each block-uniform turn."""
+        w (1, C) float32. Warp j takes row base + j of each block-uniform turn. The lanes' dw/db sums live
+        in shared memory (lane-minor: no bank conflicts), their dsum sums in registers; PER_SM blocks an SM
+        (launch bounds: ptxas gives it 168 registers unbounded at C = 768, 128 with 164 bytes of spills
+        at four)."""
         N = x.shape[0]
         C = 2 * x.shape[1]
         total = dsum.shape[0] > 0
         buf = cuda.shared.array(BUF, float32)
-        sums = cuda.shared.array(C3, float32)
-        lane, warp = cuda.threadIdx.x % 32, cuda.threadIdx.x // 32
-        wr = cuda.local.array(K, float32)
-        xv = cuda.local.array(K, float32)
-        gv = cuda.local.array(K, float32)
-        dv = cuda.local.array(K, float32)
-        aw = cuda.local.array(K, float32)
-        ab = cuda.local.array(K, float32)
-        asum = cuda.local.array(K, float32)
-        for k in range(G):
-            c = 8 * (lane + 32 * k)
-            wr[8 * k], wr[8 * k + 1], wr[8 * k + 2], wr[8 * k + 3] = load4(w, (0, c))
-            wr[8 * k + 4], wr[8 * k + 5], wr[8 * k + 6], wr[8 * k + 7] = load4(w, (0, c + 4))
+        sums = cuda.shared.array(SUMS, float32)
+        t = cuda.threadIdx.x
+        lane, warp = t % 32, t // 32
+        mine = 2 * warp * PART + lane  # this lane's dw sums, stride 32; its db sums PART further
+        xs = cuda.local.array(K, float32)  # the row's x, then its normalised x
+        gs = cuda.local.array(KW, uint32)
+        ds = cuda.local.array(KW, uint32)
+        acc = cuda.local.array(K, float32)  # dsum
+        for i in range(t, SUMS, cuda.blockDim.x):
+            sums[i] = float32(0.0)
         for i in range(K):
-            aw[i] = float32(0.0)
-            ab[i] = float32(0.0)
-            asum[i] = float32(0.0)
+            acc[i] = float32(0.0)
+        cuda.syncthreads()
         for base in range(cuda.blockIdx.x * WARPS, N, cuda.gridDim.x * WARPS):
             row = base + warp
             live = row < N
             for k in range(G):
-                u0 = u1 = u2 = u3 = g0 = g1 = g2 = g3 = d0 = d1 = d2 = d3 = uint32(0)
+                u0 = u1 = u2 = u3 = uint32(0)
+                for i in range(4):
+                    gs[4 * k + i] = uint32(0)
+                    ds[4 * k + i] = uint32(0)
                 if live:
                     j = (row, 4 * (lane + 32 * k))
                     u0, u1, u2, u3 = load4(x, j)
-                    g0, g1, g2, g3 = load4(dout, j)
-                    d0, d1, d2, d3 = load4(dx, j)
-                _unpack4(xv, 8 * k, u0, u1, u2, u3)
-                _unpack4(gv, 8 * k, g0, g1, g2, g3)
-                _unpack4(dv, 8 * k, d0, d1, d2, d3)
+                    gs[4 * k], gs[4 * k + 1], gs[4 * k + 2], gs[4 * k + 3] = load4(dout, j)
+                    ds[4 * k], ds[4 * k + 1], ds[4 * k + 2], ds[4 * k + 3] = load4(dx, j)
+                o = 8 * k
+                xs[o], xs[o + 1], xs[o + 2], xs[o + 3] = word_lo(u0), word_hi(u0), word_lo(u1), word_hi(u1)
+                xs[o + 4], xs[o + 5], xs[o + 6], xs[o + 7] = word_lo(u2), word_hi(u2), word_lo(u3), word_hi(u3)
             m = mean[row] if live else float32(0.0)
             r = rstd[row] if live else float32(0.0)
             a = float32(0.0)
             bs = float32(0.0)
-            for i in range(K):  # a dead row's dout is 0: it adds nothing
-                n = (xv[i] - m) * r
-                xv[i] = n
-                dn = gv[i] * wr[i]
-                a += dn
-                bs += dn * n
-                aw[i] += gv[i] * n
-                ab[i] += gv[i]
+            for k in range(G):  # a dead row's dout is 0: it adds nothing
+                c = 8 * (lane + 32 * k)
+                w0, w1, w2, w3 = load4(w, (0, c))
+                w4, w5, w6, w7 = load4(w, (0, c + 4))
+                for e in range(8):
+                    i = 8 * k + e
+                    g = word_lo(gs[i // 2]) if e % 2 == 0 else word_hi(gs[i // 2])
+                    we = (w0, w1, w2, w3, w4, w5, w6, w7)[e]
+                    n = (xs[i] - m) * r
+                    xs[i] = n
+                    dn = g * we
+                    a += dn
+                    bs += dn * n
+                    sums[mine + 32 * i] += g * n
+                    sums[mine + PART + 32 * i] += g
             a = warp_sum(a, buf) / float32(C)
             bs = warp_sum(bs, buf) / float32(C)
             if live:
-                for i in range(K):  # += : dx also carries the residual path
-                    dv[i] += r * (gv[i] * wr[i] - a - xv[i] * bs)
-                    asum[i] += dv[i]
                 for k in range(G):
-                    o = 8 * k
-                    store4(dx, (row, 4 * (lane + 32 * k)), pack_word(dv[o], dv[o + 1]), pack_word(dv[o + 2], dv[o + 3]),
-                           pack_word(dv[o + 4], dv[o + 5]), pack_word(dv[o + 6], dv[o + 7]))
-        # the block's sums: the warps add theirs into shared memory in turn, then one vector add a thread
-        for i in range(cuda.threadIdx.x, C3, cuda.blockDim.x):
-            sums[i] = float32(0.0)
+                    c = 8 * (lane + 32 * k)
+                    w0, w1, w2, w3 = load4(w, (0, c))
+                    w4, w5, w6, w7 = load4(w, (0, c + 4))
+                    for h in range(4):  # += : dx also carries the residual path
+                        i = 8 * k + 2 * h
+                        wl = (w0, w2, w4, w6)[h]
+                        wh = (w1, w3, w5, w7)[h]
+                        v0 = word_lo(ds[i // 2]) + r * (word_lo(gs[i // 2]) * wl - a - xs[i] * bs)
+                        v1 = word_hi(ds[i // 2]) + r * (word_hi(gs[i // 2]) * wh - a - xs[i + 1] * bs)
+                        acc[i] += v0
+                        acc[i + 1] += v1
+                        ds[i // 2] = pack_word(v0, v1)
+                    store4(dx, (row, 4 * (lane + 32 * k)), ds[4 * k], ds[4 * k + 1], ds[4 * k + 2], ds[4 * k + 3])
+        # the block's sums into dw, db (and dsum): a column's warps added here, one vector add a thread
         cuda.syncthreads()
-        for turn in range(WARPS):
-            if warp == turn:
-                for k in range(G):
-                    for e in range(8):
-                        c = 8 * (lane + 32 * k) + e
-                        sums[c] += aw[8 * k + e]
-                        sums[C + c] += ab[8 * k + e]
-                        sums[2 * C + c] += asum[8 * k + e]
+        _add_block_sums(dw, sums, 0, C, t)
+        _add_block_sums(db, sums, PART, C, t)
+        if total:
             cuda.syncthreads()
-        for i in range(4 * cuda.threadIdx.x, 3 * C, 4 * cuda.blockDim.x):
-            part, c = i // C, i % C
-            if part == 0:
-                red_add4(dw, c, sums[i], sums[i + 1], sums[i + 2], sums[i + 3])
-            elif part == 1:
-                red_add4(db, c, sums[i], sums[i + 1], sums[i + 2], sums[i + 3])
-            elif total:
-                red_add4(dsum, c, sums[i], sums[i + 1], sums[i + 2], sums[i + 3])
+            for i in range(K):
+                sums[2 * warp * PART + lane + 32 * i] = acc[i]
+            cuda.syncthreads()
+            _add_block_sums(dsum, sums, 0, C, t)
+
+    @cuda.jit(device=True, inline=True)
+    def _add_block_sums(out, sums, part, C, t):
+        """out[c] += the WARPS warps' sums of column c (lane-minor, `part` into each warp's 2 PART)."""
+        for c in range(4 * t, C, 4 * 32 * WARPS):
+            lane, k = (c // 8) % 32, c // 256
+            e = c % 8  # 0 or 4
+            v0 = v1 = v2 = v3 = float32(0.0)
+            for q in range(WARPS):
+                at = 2 * q * PART + part + (8 * k + e) * 32 + lane
+                v0 += sums[at]
+                v1 += sums[at + 32]
+                v2 += sums[at + 64]
+                v3 += sums[at + 96]
+            red_add4(out, c, v0, v1, v2, v3)
 
     return kernel
 
@@ -202,12 +221,13 @@ def forward(out, mean, rstd, x, w, b, stream=0, eps=1e-5, blocks=None, rows=FORW
         out.view(np.uint32), mean, rstd, x.view(np.uint32), w.reshape(1, C), b.reshape(1, C), np.float32(eps))
 
 
-def backward(dx, dw, db, dout, x, w, mean, rstd, stream=0, dsum=None, blocks=None) -> None:
-    """layernorm_backward with dx, dout and x bf16 (fits), dx updated in place; blocks: the grid
-    (default BACKWARD_BLOCKS at most)."""
+def backward(dx, dw, db, dout, x, w, mean, rstd, stream=0, dsum=None, blocks=None, per_sm=None) -> None:
+    """layernorm_backward with dx, dout and x bf16 (fits), dx updated in place; per_sm: the kernel's
+    launch bounds (blocks an SM); blocks: the grid (default per_sm an SM)."""
     N, C = x.shape
     if dsum is None:
         dsum = koifish_cuda.compat.device_constant((0,), np.float32)
-    grid = min(blocks or BACKWARD_BLOCKS, -(-N // WARPS))
-    _backward_kernel(C // 256)[grid, 32 * WARPS, stream](dx.view(np.uint32), dsum, dw, db, dout.view(np.uint32),
-                                                         x.view(np.uint32), w.reshape(1, C), mean, rstd)
+    per_sm = per_sm or BACKWARD_PER_SM.get(C // 256, 2)
+    grid = min(blocks or per_sm * SMS, -(-N // WARPS))
+    _backward_kernel(C // 256, per_sm)[grid, 32 * WARPS, stream](dx.view(np.uint32), dsum, dw, db, dout.view(np.uint32),
+                                                                 x.view(np.uint32), w.reshape(1, C), mean, rstd)
