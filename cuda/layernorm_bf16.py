@@ -28,9 +28,9 @@ WARPS = 4  # warps (rows in flight, R each) a block
 FORWARD_ROWS = 2  # rows a warp of the forward loads before it reduces any
 MAX_G = 4  # C up to 1024 (GPT-2 124M and 355M); wider rows hold too many registers: layernorm.py's kernels
 FORWARD_BLOCKS = 1056  # the forward's grid at most (eight blocks an SM of an H100/H200), walked grid-stride
-# the backward's 128-thread blocks an SM (its launch bounds; its grid is that many an SM): two (223
-# registers at C = 768 with the next row in flight; three spill)
-BACKWARD_PER_SM = 2
+# the backward's 128-thread blocks an SM (its launch bounds; its grid is that many an SM): three at C = 768
+# (168 registers, no spills), two wider (three spill at C = 1024)
+BACKWARD_PER_SM = {3: 3}
 SMS = 132  # an H100/H200's: the grids above are counted in them
 
 
@@ -110,10 +110,10 @@ def _backward_kernel(G: int, PER_SM: int):
     def kernel(dx, dsum, dw, db, dout, x, w, mean, rstd):
         """dx, dout, x (N, C / 2) uint32 words of bf16 pairs; dx += LayerNorm's backward of dout, in place;
         dw, db (C,) += the column sums of dout * xhat and dout; dsum (C,), unless empty, += the new dx's.
-        w (1, C) float32. Warp j takes row base + j of each block-uniform turn, and loads its next turn's
-        row before it works on this one (a warp's arithmetic on a row took as long as its loads). The
-        lanes' dw/db sums live in shared memory (lane-minor: no bank conflicts), their dsum sums in
-        registers; PER_SM blocks an SM (launch bounds)."""
+        w (1, C) float32. Warp j takes row base + j of each block-uniform turn. The lanes' dw/db sums live
+        in shared memory (lane-minor: no bank conflicts), their dsum sums in registers; PER_SM blocks an SM
+        (launch bounds: ptxas gives it 168 registers unbounded at C = 768, 128 with 164 bytes of spills
+        at four)."""
         N = x.shape[0]
         C = 2 * x.shape[1]
         total = dsum.shape[0] > 0
@@ -122,27 +122,31 @@ def _backward_kernel(G: int, PER_SM: int):
         t = cuda.threadIdx.x
         lane, warp = t % 32, t // 32
         mine = 2 * warp * PART + lane  # this lane's dw sums, stride 32; its db sums PART further
-        xs = cuda.local.array(KW, uint32)  # this turn's row: x, dout, dx (bf16 pairs)
+        xs = cuda.local.array(K, float32)  # the row's x, then its normalised x
         gs = cuda.local.array(KW, uint32)
         ds = cuda.local.array(KW, uint32)
-        xn = cuda.local.array(KW, uint32)  # the next turn's
-        gn = cuda.local.array(KW, uint32)
-        dn = cuda.local.array(KW, uint32)
         acc = cuda.local.array(K, float32)  # dsum
         for i in range(t, SUMS, cuda.blockDim.x):
             sums[i] = float32(0.0)
         for i in range(K):
             acc[i] = float32(0.0)
         cuda.syncthreads()
-        stride = cuda.gridDim.x * WARPS
-        base0 = cuda.blockIdx.x * WARPS
-        _load_row(xn, gn, dn, x, dout, dx, base0 + warp, N, lane)
-        for base in range(base0, N, stride):
+        for base in range(cuda.blockIdx.x * WARPS, N, cuda.gridDim.x * WARPS):
             row = base + warp
             live = row < N
-            for i in range(KW):
-                xs[i], gs[i], ds[i] = xn[i], gn[i], dn[i]
-            _load_row(xn, gn, dn, x, dout, dx, row + stride, N, lane)  # in flight while this row is worked
+            for k in range(G):
+                u0 = u1 = u2 = u3 = uint32(0)
+                for i in range(4):
+                    gs[4 * k + i] = uint32(0)
+                    ds[4 * k + i] = uint32(0)
+                if live:
+                    j = (row, 4 * (lane + 32 * k))
+                    u0, u1, u2, u3 = load4(x, j)
+                    gs[4 * k], gs[4 * k + 1], gs[4 * k + 2], gs[4 * k + 3] = load4(dout, j)
+                    ds[4 * k], ds[4 * k + 1], ds[4 * k + 2], ds[4 * k + 3] = load4(dx, j)
+                o = 8 * k
+                xs[o], xs[o + 1], xs[o + 2], xs[o + 3] = word_lo(u0), word_hi(u0), word_lo(u1), word_hi(u1)
+                xs[o + 4], xs[o + 5], xs[o + 6], xs[o + 7] = word_lo(u2), word_hi(u2), word_lo(u3), word_hi(u3)
             m = mean[row] if live else float32(0.0)
             r = rstd[row] if live else float32(0.0)
             a = float32(0.0)
@@ -151,18 +155,17 @@ def _backward_kernel(G: int, PER_SM: int):
                 c = 8 * (lane + 32 * k)
                 w0, w1, w2, w3 = load4(w, (0, c))
                 w4, w5, w6, w7 = load4(w, (0, c + 4))
-                for h in range(4):
-                    i = 8 * k + 2 * h
-                    n0 = (word_lo(xs[i // 2]) - m) * r
-                    n1 = (word_hi(xs[i // 2]) - m) * r
-                    g0, g1 = word_lo(gs[i // 2]), word_hi(gs[i // 2])
-                    d0, d1 = g0 * (w0, w2, w4, w6)[h], g1 * (w1, w3, w5, w7)[h]
-                    a += d0 + d1
-                    bs += d0 * n0 + d1 * n1
-                    sums[mine + 32 * i] += g0 * n0
-                    sums[mine + 32 * i + 32] += g1 * n1
-                    sums[mine + PART + 32 * i] += g0
-                    sums[mine + PART + 32 * i + 32] += g1
+                for e in range(8):
+                    i = 8 * k + e
+                    g = word_lo(gs[i // 2]) if e % 2 == 0 else word_hi(gs[i // 2])
+                    we = (w0, w1, w2, w3, w4, w5, w6, w7)[e]
+                    n = (xs[i] - m) * r
+                    xs[i] = n
+                    dn = g * we
+                    a += dn
+                    bs += dn * n
+                    sums[mine + 32 * i] += g * n
+                    sums[mine + PART + 32 * i] += g
             a = warp_sum(a, buf) / float32(C)
             bs = warp_sum(bs, buf) / float32(C)
             if live:
@@ -172,10 +175,10 @@ def _backward_kernel(G: int, PER_SM: int):
                     w4, w5, w6, w7 = load4(w, (0, c + 4))
                     for h in range(4):  # += : dx also carries the residual path
                         i = 8 * k + 2 * h
-                        n0 = (word_lo(xs[i // 2]) - m) * r
-                        n1 = (word_hi(xs[i // 2]) - m) * r
-                        v0 = word_lo(ds[i // 2]) + r * (word_lo(gs[i // 2]) * (w0, w2, w4, w6)[h] - a - n0 * bs)
-                        v1 = word_hi(ds[i // 2]) + r * (word_hi(gs[i // 2]) * (w1, w3, w5, w7)[h] - a - n1 * bs)
+                        wl = (w0, w2, w4, w6)[h]
+                        wh = (w1, w3, w5, w7)[h]
+                        v0 = word_lo(ds[i // 2]) + r * (word_lo(gs[i // 2]) * wl - a - xs[i] * bs)
+                        v1 = word_hi(ds[i // 2]) + r * (word_hi(gs[i // 2]) * wh - a - xs[i + 1] * bs)
                         acc[i] += v0
                         acc[i + 1] += v1
                         ds[i // 2] = pack_word(v0, v1)
@@ -190,20 +193,6 @@ def _backward_kernel(G: int, PER_SM: int):
                 sums[2 * warp * PART + lane + 32 * i] = acc[i]
             cuda.syncthreads()
             _add_block_sums(dsum, sums, 0, C, t)
-
-    @cuda.jit(device=True, inline=True)
-    def _load_row(xs, gs, ds, x, dout, dx, row, N, lane):
-        """A lane's words of row `row` of x, dout and dx (zeros past N)."""
-        for k in range(G):
-            for i in range(4):
-                xs[4 * k + i] = uint32(0)
-                gs[4 * k + i] = uint32(0)
-                ds[4 * k + i] = uint32(0)
-            if row < N:
-                j = (row, 4 * (lane + 32 * k))
-                xs[4 * k], xs[4 * k + 1], xs[4 * k + 2], xs[4 * k + 3] = load4(x, j)
-                gs[4 * k], gs[4 * k + 1], gs[4 * k + 2], gs[4 * k + 3] = load4(dout, j)
-                ds[4 * k], ds[4 * k + 1], ds[4 * k + 2], ds[4 * k + 3] = load4(dx, j)
 
     @cuda.jit(device=True, inline=True)
     def _add_block_sums(out, sums, part, C, t):
@@ -238,7 +227,7 @@ def backward(dx, dw, db, dout, x, w, mean, rstd, stream=0, dsum=None, blocks=Non
     N, C = x.shape
     if dsum is None:
         dsum = koifish_cuda.compat.device_constant((0,), np.float32)
-    per_sm = per_sm or BACKWARD_PER_SM
+    per_sm = per_sm or BACKWARD_PER_SM.get(C // 256, 2)
     grid = min(blocks or per_sm * SMS, -(-N // WARPS))
     _backward_kernel(C // 256, per_sm)[grid, 32 * WARPS, stream](dx.view(np.uint32), dsum, dw, db, dout.view(np.uint32),
                                                                  x.view(np.uint32), w.reshape(1, C), mean, rstd)
