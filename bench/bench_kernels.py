@@ -37,7 +37,9 @@ def main():
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/kernels.json")
-    ap.add_argument("--sweep", action="store_true", help="LayerNorm forward/backward over grids and rows in flight")
+    ap.add_argument("--sweep", action="store_true",
+                    help="LayerNorm forward/backward over grids and rows in flight; the stream classifier's unroll and grid")
+    ap.add_argument("--match", default="", help="with --sweep: only the cases whose name holds this")
     args = ap.parse_args()
     if args.sweep:
         return sweep(args)
@@ -143,15 +145,47 @@ def sweep(args):
                                                           dsum=ds, rows=r, wide=False),
                    4 * N * C * h + 2 * N * f) for r in (1, 2) for g in (528, 1056)]
         if layernorm_bf16.fits(C, (dx16, dout16, x16), (w, dw, db, ds)):
-            cases += [(f"C={C} bf16 residual backward wide {p} an SM, blocks={g}",
-                       lambda s, g=g, p=p: layernorm_bf16.backward(dx16, dw, db, dout16, x16, w, mean, rstd, s, ds, g, p),
-                       4 * N * C * h + 2 * N * f) for p in (2, 3, 4) for g in (p * 132, 2 * p * 132)]
-        for name, fn, nbytes in cases:
-            t = median_time(fn)
-            bw = nbytes / t
-            rows.append({"kernel": name, "ms": t * 1e3, "GBps": bw / 1e9, "share_of_copy": bw / copy_bw})
-            print(f"{name:<44} {t * 1e3:>9.3f} {bw / 1e9:>8.0f} {bw / copy_bw:>7.0%}")
+            cases += [(f"C={C} bf16 residual backward wide {p} an SM{' prefetch' if pf else ''}",
+                       lambda s, p=p, pf=pf: layernorm_bf16.backward(dx16, dw, db, dout16, x16, w, mean, rstd, s, ds,
+                                                                     per_sm=p, prefetch=pf),
+                       4 * N * C * h + 2 * N * f) for p in (2, 3) for pf in (False, True)]
+        rows += _timed(cases, args.match, copy_bw)
+    rows += _timed(_classifier_stream_cases(cp), args.match, copy_bw)
     write_json(args.out, {"gpu": gpu_name(), "commit": commit(), "copy_GBps": copy_bw / 1e9, "rows": rows})
+
+
+def _timed(cases, match: str, copy_bw: float) -> list[dict]:
+    rows = []
+    for name, fn, nbytes in cases:
+        if match not in name:
+            continue
+        t = median_time(fn)
+        bw = nbytes / t
+        rows.append({"kernel": name, "ms": t * 1e3, "GBps": bw / 1e9, "share_of_copy": bw / copy_bw})
+        print(f"{name:<44} {t * 1e3:>9.3f} {bw / 1e9:>8.0f} {bw / copy_bw:>7.0%}")
+    return rows
+
+
+def _classifier_stream_cases(cp) -> list:
+    """The stream classifier on one of the engine's 4096-row chunks of GPT-2's logits: groups in flight a
+    thread (STREAM_UNROLL) and blocks (STREAM_ROWS, each walking rows), set for the call."""
+    from koifish_cuda import classifier
+
+    N, V, Vp = 4096, 50257, 50304
+    logits = (cp.random.standard_normal((N, Vp), dtype=cp.float32).view(cp.uint32) >> 16).astype(cp.uint16)
+    losses, loss_sum = cp.zeros(N, cp.float32), cp.zeros(1, cp.float32)
+    targets = cp.random.randint(0, V, N).astype(cp.int32)
+
+    def run(s, U, rows):
+        keep = classifier.STREAM_UNROLL, classifier.STREAM_ROWS
+        classifier.STREAM_UNROLL, classifier.STREAM_ROWS = U, rows
+        try:
+            classifier.fused_classifier(logits, losses, loss_sum, targets, V, 1.0 / N, s, variant="stream")
+        finally:
+            classifier.STREAM_UNROLL, classifier.STREAM_ROWS = keep
+
+    return [(f"classifier stream U={U} blocks={rows}", lambda s, U=U, rows=rows: run(s, U, rows), 2 * N * Vp * 2)
+            for U in (1, 2, 4) for rows in (132, 264, 528)]
 
 
 if __name__ == "__main__":

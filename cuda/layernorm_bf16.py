@@ -28,9 +28,11 @@ WARPS = 4  # warps (rows in flight, R each) a block
 FORWARD_ROWS = 2  # rows a warp of the forward loads before it reduces any
 MAX_G = 4  # C up to 1024 (GPT-2 124M and 355M); wider rows hold too many registers: layernorm.py's kernels
 FORWARD_BLOCKS = 1056  # the forward's grid at most (eight blocks an SM of an H100/H200), walked grid-stride
-# the backward's 128-thread blocks an SM (its launch bounds; its grid is that many an SM): three at C = 768
-# (168 registers, no spills), two wider (three spill at C = 1024)
-BACKWARD_PER_SM = {3: 3}
+# the backward's 128-thread blocks an SM (its launch bounds; its grid is that many an SM). At 16384 x 768 on
+# an H200 (bench_kernels --sweep, stop 20): two 0.043 ms, three 0.055, four (spilling) 0.046; at 1024 two
+# 0.053. A variant that loaded each warp's next row before working on this one took 0.056.
+BACKWARD_PER_SM = 2
+BACKWARD_PREFETCH = False
 SMS = 132  # an H100/H200's: the grids above are counted in them
 
 
@@ -98,7 +100,7 @@ def _forward_kernel(G: int, R: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _backward_kernel(G: int, PER_SM: int):
+def _backward_kernel(G: int, PER_SM: int, PREFETCH: bool):
     K = 8 * G  # columns a lane
     KW = 4 * G  # their words
     PART = 32 * K  # one warp's sums of one kind (C of them), lane-minor: column 8 (l + 32 k) + e at (8 k + e) 32 + l
@@ -110,78 +112,71 @@ def _backward_kernel(G: int, PER_SM: int):
     def kernel(dx, dsum, dw, db, dout, x, w, mean, rstd):
         """dx, dout, x (N, C / 2) uint32 words of bf16 pairs; dx += LayerNorm's backward of dout, in place;
         dw, db (C,) += the column sums of dout * xhat and dout; dsum (C,), unless empty, += the new dx's.
-        w (1, C) float32. Warp j takes row base + j of each block-uniform turn. The lanes' dw/db sums live
-        in shared memory (lane-minor: no bank conflicts), their dsum sums in registers; PER_SM blocks an SM
-        (launch bounds: ptxas gives it 168 registers unbounded at C = 768, 128 with 164 bytes of spills
-        at four)."""
+        w (1, C) float32. Warp j takes row base + j of each block-uniform turn (PREFETCH: its next turn's row
+        loaded before this one is worked). w and the lanes' dw/db sums live in shared memory, lane-minor
+        (no bank conflicts); their dsum sums in registers. PER_SM blocks an SM (launch bounds)."""
         N = x.shape[0]
         C = 2 * x.shape[1]
         total = dsum.shape[0] > 0
         buf = cuda.shared.array(BUF, float32)
         sums = cuda.shared.array(SUMS, float32)
+        wsh = cuda.shared.array(PART, float32)  # w, lane-minor
         t = cuda.threadIdx.x
         lane, warp = t % 32, t // 32
         mine = 2 * warp * PART + lane  # this lane's dw sums, stride 32; its db sums PART further
-        xs = cuda.local.array(K, float32)  # the row's x, then its normalised x
+        xs = cuda.local.array(KW, uint32)  # this turn's row: x, dout, dx (bf16 pairs)
         gs = cuda.local.array(KW, uint32)
         ds = cuda.local.array(KW, uint32)
+        xn = cuda.local.array(KW, uint32)  # PREFETCH: the next turn's
+        gn = cuda.local.array(KW, uint32)
+        dn = cuda.local.array(KW, uint32)
         acc = cuda.local.array(K, float32)  # dsum
         for i in range(t, SUMS, cuda.blockDim.x):
             sums[i] = float32(0.0)
+        for c in range(t, C, cuda.blockDim.x):
+            wsh[((c // 256) * 8 + c % 8) * 32 + (c // 8) % 32] = w[0, c]
         for i in range(K):
             acc[i] = float32(0.0)
         cuda.syncthreads()
-        for base in range(cuda.blockIdx.x * WARPS, N, cuda.gridDim.x * WARPS):
+        stride = cuda.gridDim.x * WARPS
+        if PREFETCH:
+            _load_row(xn, gn, dn, x, dout, dx, cuda.blockIdx.x * WARPS + warp, N, lane)
+        for base in range(cuda.blockIdx.x * WARPS, N, stride):
             row = base + warp
             live = row < N
-            for k in range(G):
-                u0 = u1 = u2 = u3 = uint32(0)
-                for i in range(4):
-                    gs[4 * k + i] = uint32(0)
-                    ds[4 * k + i] = uint32(0)
-                if live:
-                    j = (row, 4 * (lane + 32 * k))
-                    u0, u1, u2, u3 = load4(x, j)
-                    gs[4 * k], gs[4 * k + 1], gs[4 * k + 2], gs[4 * k + 3] = load4(dout, j)
-                    ds[4 * k], ds[4 * k + 1], ds[4 * k + 2], ds[4 * k + 3] = load4(dx, j)
-                o = 8 * k
-                xs[o], xs[o + 1], xs[o + 2], xs[o + 3] = word_lo(u0), word_hi(u0), word_lo(u1), word_hi(u1)
-                xs[o + 4], xs[o + 5], xs[o + 6], xs[o + 7] = word_lo(u2), word_hi(u2), word_lo(u3), word_hi(u3)
+            if PREFETCH:
+                for i in range(KW):
+                    xs[i], gs[i], ds[i] = xn[i], gn[i], dn[i]
+                _load_row(xn, gn, dn, x, dout, dx, row + stride, N, lane)  # in flight while this row is worked
+            else:
+                _load_row(xs, gs, ds, x, dout, dx, row, N, lane)
             m = mean[row] if live else float32(0.0)
             r = rstd[row] if live else float32(0.0)
             a = float32(0.0)
             bs = float32(0.0)
-            for k in range(G):  # a dead row's dout is 0: it adds nothing
-                c = 8 * (lane + 32 * k)
-                w0, w1, w2, w3 = load4(w, (0, c))
-                w4, w5, w6, w7 = load4(w, (0, c + 4))
-                for e in range(8):
-                    i = 8 * k + e
-                    g = word_lo(gs[i // 2]) if e % 2 == 0 else word_hi(gs[i // 2])
-                    we = (w0, w1, w2, w3, w4, w5, w6, w7)[e]
-                    n = (xs[i] - m) * r
-                    xs[i] = n
-                    dn = g * we
-                    a += dn
-                    bs += dn * n
-                    sums[mine + 32 * i] += g * n
-                    sums[mine + PART + 32 * i] += g
+            for i in range(0, K, 2):  # a dead row's dout is 0: it adds nothing
+                n0 = (word_lo(xs[i // 2]) - m) * r
+                n1 = (word_hi(xs[i // 2]) - m) * r
+                g0, g1 = word_lo(gs[i // 2]), word_hi(gs[i // 2])
+                d0, d1 = g0 * wsh[32 * i + lane], g1 * wsh[32 * i + 32 + lane]
+                a += d0 + d1
+                bs += d0 * n0 + d1 * n1
+                sums[mine + 32 * i] += g0 * n0
+                sums[mine + 32 * i + 32] += g1 * n1
+                sums[mine + PART + 32 * i] += g0
+                sums[mine + PART + 32 * i + 32] += g1
             a = warp_sum(a, buf) / float32(C)
             bs = warp_sum(bs, buf) / float32(C)
             if live:
+                for i in range(0, K, 2):  # += : dx also carries the residual path
+                    n0 = (word_lo(xs[i // 2]) - m) * r
+                    n1 = (word_hi(xs[i // 2]) - m) * r
+                    v0 = word_lo(ds[i // 2]) + r * (word_lo(gs[i // 2]) * wsh[32 * i + lane] - a - n0 * bs)
+                    v1 = word_hi(ds[i // 2]) + r * (word_hi(gs[i // 2]) * wsh[32 * i + 32 + lane] - a - n1 * bs)
+                    acc[i] += v0
+                    acc[i + 1] += v1
+                    ds[i // 2] = pack_word(v0, v1)
                 for k in range(G):
-                    c = 8 * (lane + 32 * k)
-                    w0, w1, w2, w3 = load4(w, (0, c))
-                    w4, w5, w6, w7 = load4(w, (0, c + 4))
-                    for h in range(4):  # += : dx also carries the residual path
-                        i = 8 * k + 2 * h
-                        wl = (w0, w2, w4, w6)[h]
-                        wh = (w1, w3, w5, w7)[h]
-                        v0 = word_lo(ds[i // 2]) + r * (word_lo(gs[i // 2]) * wl - a - xs[i] * bs)
-                        v1 = word_hi(ds[i // 2]) + r * (word_hi(gs[i // 2]) * wh - a - xs[i + 1] * bs)
-                        acc[i] += v0
-                        acc[i + 1] += v1
-                        ds[i // 2] = pack_word(v0, v1)
                     store4(dx, (row, 4 * (lane + 32 * k)), ds[4 * k], ds[4 * k + 1], ds[4 * k + 2], ds[4 * k + 3])
         # the block's sums into dw, db (and dsum): a column's warps added here, one vector add a thread
         cuda.syncthreads()
@@ -193,6 +188,20 @@ def _backward_kernel(G: int, PER_SM: int):
                 sums[2 * warp * PART + lane + 32 * i] = acc[i]
             cuda.syncthreads()
             _add_block_sums(dsum, sums, 0, C, t)
+
+    @cuda.jit(device=True, inline=True)
+    def _load_row(xs, gs, ds, x, dout, dx, row, N, lane):
+        """A lane's words of row `row` of x, dout and dx (zeros past N)."""
+        for k in range(G):
+            for i in range(4):
+                xs[4 * k + i] = uint32(0)
+                gs[4 * k + i] = uint32(0)
+                ds[4 * k + i] = uint32(0)
+            if row < N:
+                j = (row, 4 * (lane + 32 * k))
+                xs[4 * k], xs[4 * k + 1], xs[4 * k + 2], xs[4 * k + 3] = load4(x, j)
+                gs[4 * k], gs[4 * k + 1], gs[4 * k + 2], gs[4 * k + 3] = load4(dout, j)
+                ds[4 * k], ds[4 * k + 1], ds[4 * k + 2], ds[4 * k + 3] = load4(dx, j)
 
     @cuda.jit(device=True, inline=True)
     def _add_block_sums(out, sums, part, C, t):
@@ -221,13 +230,15 @@ def forward(out, mean, rstd, x, w, b, stream=0, eps=1e-5, blocks=None, rows=FORW
         out.view(np.uint32), mean, rstd, x.view(np.uint32), w.reshape(1, C), b.reshape(1, C), np.float32(eps))
 
 
-def backward(dx, dw, db, dout, x, w, mean, rstd, stream=0, dsum=None, blocks=None, per_sm=None) -> None:
+def backward(dx, dw, db, dout, x, w, mean, rstd, stream=0, dsum=None, blocks=None, per_sm=None,
+             prefetch=BACKWARD_PREFETCH) -> None:
     """layernorm_backward with dx, dout and x bf16 (fits), dx updated in place; per_sm: the kernel's
-    launch bounds (blocks an SM); blocks: the grid (default per_sm an SM)."""
+    launch bounds (blocks an SM); blocks: the grid (default per_sm an SM); prefetch: each warp's next row
+    loaded before it works on this one."""
     N, C = x.shape
     if dsum is None:
         dsum = koifish_cuda.compat.device_constant((0,), np.float32)
-    per_sm = per_sm or BACKWARD_PER_SM.get(C // 256, 2)
+    per_sm = per_sm or BACKWARD_PER_SM
     grid = min(blocks or per_sm * SMS, -(-N // WARPS))
-    _backward_kernel(C // 256, per_sm)[grid, 32 * WARPS, stream](dx.view(np.uint32), dsum, dw, db, dout.view(np.uint32),
-                                                                 x.view(np.uint32), w.reshape(1, C), mean, rstd)
+    _backward_kernel(C // 256, per_sm, prefetch)[grid, 32 * WARPS, stream](
+        dx.view(np.uint32), dsum, dw, db, dout.view(np.uint32), x.view(np.uint32), w.reshape(1, C), mean, rstd)

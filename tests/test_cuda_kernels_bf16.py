@@ -225,7 +225,7 @@ def test_fused_classifier_on_bf16_logits(shape, variant, monkeypatch):
     r = rng()
     N, V, Vp = {"gpt2": (1024, 50257, 50304) if ON_GPU else (3, 601, 640), "narrow": (4, 50, 64),
                 "ragged": (4, 50, 54), "odd": (4, 50, 51)}[shape]
-    plan = _bf16_plan(Vp, variant)
+    plan = _bf16_plan(Vp, "registers" if variant == "stream" else variant)  # stream's fallback: registers
     assert (plan is None) == (shape == "odd")
     if variant == "split" and shape == "gpt2":
         assert plan[1] > 0  # part of the row in shared memory
