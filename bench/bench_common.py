@@ -105,8 +105,10 @@ def engine_options(ap) -> None:
     ap.add_argument("--variants", default="", help="kernel variants, e.g. classifier=registers")
     ap.add_argument("--tune", type=int, default=8, help="cuBLASLt algorithms timed per GEMM shape")
     ap.add_argument("--update-sample", type=int, default=None, help="instability.update_sample (default: the case's)")
-    ap.add_argument("--residual", default="fp32", choices=("fp32", "bf16"), help="the case's precision.residual")
-    ap.add_argument("--residual-grad", default="fp32", choices=("fp32", "bf16"), help="the case's precision.residual_grad")
+    ap.add_argument("--residual", default="bf16", choices=("fp32", "bf16"),
+                    help="the case's precision.residual (default bf16, as cases/gpt2_*.json; fp32 under --compute fp32)")
+    ap.add_argument("--residual-grad", default="bf16", choices=("fp32", "bf16"),
+                    help="the case's precision.residual_grad (default bf16, as cases/gpt2_*.json; fp32 with --residual fp32)")
 
 
 def engine_flags(args) -> list[str]:

@@ -145,10 +145,9 @@ def sweep(args):
                                                           dsum=ds, rows=r, wide=False),
                    4 * N * C * h + 2 * N * f) for r in (1, 2) for g in (528, 1056)]
         if layernorm_bf16.fits(C, (dx16, dout16, x16), (w, dw, db, ds)):
-            cases += [(f"C={C} bf16 residual backward wide {p} an SM{' prefetch' if pf else ''}",
-                       lambda s, p=p, pf=pf: layernorm_bf16.backward(dx16, dw, db, dout16, x16, w, mean, rstd, s, ds,
-                                                                     per_sm=p, prefetch=pf),
-                       4 * N * C * h + 2 * N * f) for p in (2, 3) for pf in (False, True)]
+            cases += [(f"C={C} bf16 residual backward wide {p} an SM",
+                       lambda s, p=p: layernorm_bf16.backward(dx16, dw, db, dout16, x16, w, mean, rstd, s, ds, per_sm=p),
+                       4 * N * C * h + 2 * N * f) for p in (2, 3)]
         rows += _timed(cases, args.match, copy_bw)
     rows += _timed(_classifier_stream_cases(cp), args.match, copy_bw)
     write_json(args.out, {"gpu": gpu_name(), "commit": commit(), "copy_GBps": copy_bw / 1e9, "rows": rows})

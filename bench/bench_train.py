@@ -42,10 +42,12 @@ def koifish_step(size, B, T, remat=0, dist=None, collective=None, rank=0, comput
     from koifish_core.engine.cuda_gpt2 import CUDAEngine
 
     L, H, C = SIZES[size]
+    # the residual stream and its gradient as cases/gpt2_*.json keep them (bf16), where compute allows
+    residual = getattr(options, "residual", "bf16") if compute == "bf16" else "fp32"
+    residual_grad = getattr(options, "residual_grad", "bf16") if residual == "bf16" else "fp32"
     case = build_case({"model": {"n_layer": L, "n_head": H, "n_embd": C, "n_ctx": T, "remat": remat},
                        "data": {"batch_size": B, "seq_len": T}, "train": {"device": "cuda"},
-                       "precision": {"compute": compute, "residual": getattr(options, "residual", "fp32"),
-                                     "residual_grad": getattr(options, "residual_grad", "fp32")},
+                       "precision": {"compute": compute, "residual": residual, "residual_grad": residual_grad},
                        "dist": dist or {}}, "bench")
     eng = CUDAEngine(case, attention=attention)
     chosen = apply_engine_options(eng, options) if options is not None else {}

@@ -388,7 +388,7 @@ def fused_classifier(logits, losses, loss_sum, targets, V, dloss, stream=0, max_
     (None: a scratch buffer, not recorded). variant: the bf16 row kernel's plan, "registers" (one
     row an SM, all of it in registers), "split" (two rows an SM, part of each in shared memory) or
     "stream" (_bf16_stream_kernel: rows read twice, the second time from L2; widths a multiple of 8,
-    else "registers"; written for measurement, not yet run on a GPU).
+    else "registers"; the training engine's: bench_kernels at 8192 x 50304 0.698 -> 0.610 ms, stop 20).
     On an H200 (GPT-2 124M, B=16, the step's four 4096-row chunks, bench/profile_step.py) with
     16-byte loads: registers 2.00 ms, split 2.51; with 4-byte loads split had won (2.64 vs 2.95)."""
     if max_logit is None:  # a scratch maximum, nobody's

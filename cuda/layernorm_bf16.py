@@ -1,14 +1,15 @@
 """LayerNorm on an all-bf16 row (precision.residual and residual_grad bf16): a warp per row, 16-byte loads.
 
 The general kernels (layernorm.py) take a row's columns four at a time, 8 bytes of bf16 a load, and the
-backward walks a row per block with two barriers; at 16384 x 768 on an H200 they moved 1.8 TB/s
-(forward) and 1.6 TB/s (backward) of bf16 where a copy kernel moves 3.9 (probe_read_bandwidth, stop 20).
-Here a warp owns a row and lane l its columns 8 (l + 32 k) .. + 7, k < G (C = 256 G): every load is 16
-bytes (four uint32 words of bf16 pairs), the row's reductions are shuffles, and no barrier stands
-between rows. The backward's column sums (dw, db, and dsum, the new dx's) stay in each lane's registers
-for all the rows its warp takes; the block adds its warps' sums in shared memory once, and each block
-adds its sums into dw/db/dsum once (red.global.add.v4). Same arithmetic as layernorm.py's kernels
-(float32, the row's mean and rstd from its registers), so layernorm_forward_ref/_backward_ref check both.
+backward walks a row per block with two barriers a row; at 16384 x 768 on an H200 they took 0.028 ms
+(forward, 1.8 TB/s) and 0.063 ms (backward, 1.6 TB/s) where a copy kernel moves 3.9 TB/s
+(probe_read_bandwidth, stop 20). Here a warp owns a row and lane l its columns 8 (l + 32 k) .. + 7, k < G
+(C = 256 G): every load is 16 bytes (four uint32 words of bf16 pairs), the row's reductions are shuffles,
+and no barrier stands between rows: 0.018 ms (2.8 TB/s) and 0.045 ms (2.3 TB/s). The backward's column
+sums over the rows a warp takes stay on chip (dw and db per warp in shared memory, dsum, the new dx's, in
+registers); each block adds its warps' sums once, a 16-byte red.global.add a thread. Same arithmetic as
+layernorm.py's kernels (float32; the row's mean and rstd from its registers), checked against the same
+references (layernorm_forward_ref, layernorm_backward_ref).
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ FORWARD_ROWS = 2  # rows a warp of the forward loads before it reduces any
 MAX_G = 4  # C up to 1024 (GPT-2 124M and 355M); wider rows hold too many registers: layernorm.py's kernels
 FORWARD_BLOCKS = 1056  # the forward's grid at most (eight blocks an SM of an H100/H200), walked grid-stride
 # the backward's 128-thread blocks an SM (its launch bounds; its grid is that many an SM). At 16384 x 768 on
-# an H200 (bench_kernels --sweep, stop 20): two 0.043 ms, three 0.055, four (spilling) 0.046; at 1024 two
-# 0.053. A variant that loaded each warp's next row before working on this one took 0.056.
+# an H200 (bench_kernels --sweep, stop 20): two 0.045 ms (214 registers), three 0.056 (168, spilling); at
+# 1024 two 0.053. Variants measured and dropped: every sum in registers (220 registers, 0.043 ms), and each
+# warp loading its next row before working on this one (0.055: 252 registers).
 BACKWARD_PER_SM = 2
-BACKWARD_PREFETCH = False
 SMS = 132  # an H100/H200's: the grids above are counted in them
 
 
@@ -100,7 +101,7 @@ def _forward_kernel(G: int, R: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _backward_kernel(G: int, PER_SM: int, PREFETCH: bool):
+def _backward_kernel(G: int, PER_SM: int):
     K = 8 * G  # columns a lane
     KW = 4 * G  # their words
     PART = 32 * K  # one warp's sums of one kind (C of them), lane-minor: column 8 (l + 32 k) + e at (8 k + e) 32 + l
@@ -112,9 +113,9 @@ def _backward_kernel(G: int, PER_SM: int, PREFETCH: bool):
     def kernel(dx, dsum, dw, db, dout, x, w, mean, rstd):
         """dx, dout, x (N, C / 2) uint32 words of bf16 pairs; dx += LayerNorm's backward of dout, in place;
         dw, db (C,) += the column sums of dout * xhat and dout; dsum (C,), unless empty, += the new dx's.
-        w (1, C) float32. Warp j takes row base + j of each block-uniform turn (PREFETCH: its next turn's row
-        loaded before this one is worked). w and the lanes' dw/db sums live in shared memory, lane-minor
-        (no bank conflicts); their dsum sums in registers. PER_SM blocks an SM (launch bounds)."""
+        w (1, C) float32. Warp j takes row base + j of each block-uniform turn. w and the lanes' dw/db sums
+        live in shared memory, lane-minor (no bank conflicts); their dsum sums in registers. PER_SM blocks
+        an SM (launch bounds)."""
         N = x.shape[0]
         C = 2 * x.shape[1]
         total = dsum.shape[0] > 0
@@ -127,9 +128,6 @@ def _backward_kernel(G: int, PER_SM: int, PREFETCH: bool):
         xs = cuda.local.array(KW, uint32)  # this turn's row: x, dout, dx (bf16 pairs)
         gs = cuda.local.array(KW, uint32)
         ds = cuda.local.array(KW, uint32)
-        xn = cuda.local.array(KW, uint32)  # PREFETCH: the next turn's
-        gn = cuda.local.array(KW, uint32)
-        dn = cuda.local.array(KW, uint32)
         acc = cuda.local.array(K, float32)  # dsum
         for i in range(t, SUMS, cuda.blockDim.x):
             sums[i] = float32(0.0)
@@ -138,18 +136,10 @@ def _backward_kernel(G: int, PER_SM: int, PREFETCH: bool):
         for i in range(K):
             acc[i] = float32(0.0)
         cuda.syncthreads()
-        stride = cuda.gridDim.x * WARPS
-        if PREFETCH:
-            _load_row(xn, gn, dn, x, dout, dx, cuda.blockIdx.x * WARPS + warp, N, lane)
-        for base in range(cuda.blockIdx.x * WARPS, N, stride):
+        for base in range(cuda.blockIdx.x * WARPS, N, cuda.gridDim.x * WARPS):
             row = base + warp
             live = row < N
-            if PREFETCH:
-                for i in range(KW):
-                    xs[i], gs[i], ds[i] = xn[i], gn[i], dn[i]
-                _load_row(xn, gn, dn, x, dout, dx, row + stride, N, lane)  # in flight while this row is worked
-            else:
-                _load_row(xs, gs, ds, x, dout, dx, row, N, lane)
+            _load_row(xs, gs, ds, x, dout, dx, row, N, lane)
             m = mean[row] if live else float32(0.0)
             r = rstd[row] if live else float32(0.0)
             a = float32(0.0)
@@ -230,15 +220,13 @@ def forward(out, mean, rstd, x, w, b, stream=0, eps=1e-5, blocks=None, rows=FORW
         out.view(np.uint32), mean, rstd, x.view(np.uint32), w.reshape(1, C), b.reshape(1, C), np.float32(eps))
 
 
-def backward(dx, dw, db, dout, x, w, mean, rstd, stream=0, dsum=None, blocks=None, per_sm=None,
-             prefetch=BACKWARD_PREFETCH) -> None:
+def backward(dx, dw, db, dout, x, w, mean, rstd, stream=0, dsum=None, blocks=None, per_sm=None) -> None:
     """layernorm_backward with dx, dout and x bf16 (fits), dx updated in place; per_sm: the kernel's
-    launch bounds (blocks an SM); blocks: the grid (default per_sm an SM); prefetch: each warp's next row
-    loaded before it works on this one."""
+    launch bounds (blocks an SM); blocks: the grid (default per_sm an SM)."""
     N, C = x.shape
     if dsum is None:
         dsum = koifish_cuda.compat.device_constant((0,), np.float32)
     per_sm = per_sm or BACKWARD_PER_SM
     grid = min(blocks or per_sm * SMS, -(-N // WARPS))
-    _backward_kernel(C // 256, per_sm, prefetch)[grid, 32 * WARPS, stream](
+    _backward_kernel(C // 256, per_sm)[grid, 32 * WARPS, stream](
         dx.view(np.uint32), dsum, dw, db, dout.view(np.uint32), x.view(np.uint32), w.reshape(1, C), mean, rstd)
