@@ -39,7 +39,7 @@ def main():
     ap.add_argument("--out", default="bench/kernels.json")
     ap.add_argument("--sweep", action="store_true",
                     help="LayerNorm forward/backward over grids and rows in flight; the stream classifier's unroll and grid")
-    ap.add_argument("--match", default="", help="with --sweep: only the cases whose name holds this")
+    ap.add_argument("--match", default="", help="with --sweep: only the cases whose name holds one of these (comma-separated)")
     args = ap.parse_args()
     if args.sweep:
         return sweep(args)
@@ -147,22 +147,39 @@ def sweep(args):
         if layernorm_bf16.fits(C, (dx16, dout16, x16), (w, dw, db, ds)):
             cases += [(f"C={C} bf16 residual backward wide {p} an SM",
                        lambda s, p=p: layernorm_bf16.backward(dx16, dw, db, dout16, x16, w, mean, rstd, s, ds, per_sm=p),
-                       4 * N * C * h + 2 * N * f) for p in (2, 3)]
+                       4 * N * C * h + 2 * N * f) for p in (2, 3, 4, 5)]
         rows += _timed(cases, args.match, copy_bw)
     rows += _timed(_classifier_stream_cases(cp), args.match, copy_bw)
+    rows += _timed(_bias_grad_cases(cp), args.match, copy_bw)
     write_json(args.out, {"gpu": gpu_name(), "commit": commit(), "copy_GBps": copy_bw / 1e9, "rows": rows})
 
 
 def _timed(cases, match: str, copy_bw: float) -> list[dict]:
     rows = []
     for name, fn, nbytes in cases:
-        if match not in name:
+        if not any(m in name for m in match.split(",")):
             continue
         t = median_time(fn)
         bw = nbytes / t
         rows.append({"kernel": name, "ms": t * 1e3, "GBps": bw / 1e9, "share_of_copy": bw / copy_bw})
         print(f"{name:<44} {t * 1e3:>9.3f} {bw / 1e9:>8.0f} {bw / copy_bw:>7.0%}")
     return rows
+
+
+def _bias_grad_cases(cp) -> list:
+    """The engine's bias gradients (c_fc's over (N, 4C), c_attn's over (N, 3C), bf16) at B=16, T=1024: the
+    32-bit kernel (64-row slabs) and the row-group blocks over slabs of 128 to 512 rows."""
+    from koifish_cuda.matmul import bias_grad
+
+    cases = []
+    for width in (3072, 2304):
+        dout = (cp.random.standard_normal((16384, width), dtype=cp.float32).view(cp.uint32) >> 16).astype(cp.uint16)
+        db = cp.zeros(width, cp.float32)
+        cases.append((f"bias_grad (16384, {width}) pairs", lambda s, d=dout, b=db: bias_grad(b, d, s), dout.nbytes))
+        cases += [(f"bias_grad (16384, {width}) groups rows={g}",
+                   lambda s, d=dout, b=db, g=g: bias_grad(b, d, s, vector=True, group_rows=g), dout.nbytes)
+                  for g in (128, 256, 512)]
+    return cases
 
 
 def _classifier_stream_cases(cp) -> list:

@@ -124,7 +124,10 @@ def _backward_kernel(G: int, PER_SM: int):
         wsh = cuda.shared.array(PART, float32)  # w, lane-minor
         t = cuda.threadIdx.x
         lane, warp = t % 32, t // 32
-        mine = 2 * warp * PART + lane  # this lane's dw sums, stride 32; its db sums PART further
+        # shared-memory indices unsigned: Numba adds a negative-index check to a signed one, and the checked
+        # addresses of the unrolled loops stayed live in registers (214 a thread at C = 768)
+        ul = uint32(lane)
+        mine = uint32(2 * warp * PART) + ul  # this lane's dw sums, stride 32; its db sums PART further
         xs = cuda.local.array(KW, uint32)  # this turn's row: x, dout, dx (bf16 pairs)
         gs = cuda.local.array(KW, uint32)
         ds = cuda.local.array(KW, uint32)
@@ -148,21 +151,23 @@ def _backward_kernel(G: int, PER_SM: int):
                 n0 = (word_lo(xs[i // 2]) - m) * r
                 n1 = (word_hi(xs[i // 2]) - m) * r
                 g0, g1 = word_lo(gs[i // 2]), word_hi(gs[i // 2])
-                d0, d1 = g0 * wsh[32 * i + lane], g1 * wsh[32 * i + 32 + lane]
+                o = uint32(32 * i)
+                d0, d1 = g0 * wsh[o + ul], g1 * wsh[o + uint32(32) + ul]
                 a += d0 + d1
                 bs += d0 * n0 + d1 * n1
-                sums[mine + 32 * i] += g0 * n0
-                sums[mine + 32 * i + 32] += g1 * n1
-                sums[mine + PART + 32 * i] += g0
-                sums[mine + PART + 32 * i + 32] += g1
+                sums[mine + o] += g0 * n0
+                sums[mine + o + uint32(32)] += g1 * n1
+                sums[mine + o + uint32(PART)] += g0
+                sums[mine + o + uint32(PART + 32)] += g1
             a = warp_sum(a, buf) / float32(C)
             bs = warp_sum(bs, buf) / float32(C)
             if live:
                 for i in range(0, K, 2):  # += : dx also carries the residual path
                     n0 = (word_lo(xs[i // 2]) - m) * r
                     n1 = (word_hi(xs[i // 2]) - m) * r
-                    v0 = word_lo(ds[i // 2]) + r * (word_lo(gs[i // 2]) * wsh[32 * i + lane] - a - n0 * bs)
-                    v1 = word_hi(ds[i // 2]) + r * (word_hi(gs[i // 2]) * wsh[32 * i + 32 + lane] - a - n1 * bs)
+                    o = uint32(32 * i)
+                    v0 = word_lo(ds[i // 2]) + r * (word_lo(gs[i // 2]) * wsh[o + ul] - a - n0 * bs)
+                    v1 = word_hi(ds[i // 2]) + r * (word_hi(gs[i // 2]) * wsh[o + uint32(32) + ul] - a - n1 * bs)
                     acc[i] += v0
                     acc[i + 1] += v1
                     ds[i // 2] = pack_word(v0, v1)
@@ -175,7 +180,7 @@ def _backward_kernel(G: int, PER_SM: int):
         if total:
             cuda.syncthreads()
             for i in range(K):
-                sums[2 * warp * PART + lane + 32 * i] = acc[i]
+                sums[mine + uint32(32 * i)] = acc[i]
             cuda.syncthreads()
             _add_block_sums(dsum, sums, 0, C, t)
 

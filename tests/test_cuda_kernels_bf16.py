@@ -182,12 +182,13 @@ def test_bias_add_and_bias_grad_on_bf16_rows():
     add_bias(x, f32(b))
     assert np.all(np.abs(val(x) - (xv + b)) <= BF16 * np.abs(xv + b) + 1e-6)
     # an even width is read two columns a 32-bit word, an odd one is not; vector: eight columns a 16-byte
-    # load (a multiple of 8), slabs of 6 rows: a turn of R4 rows in flight and a tail of two
+    # load (a multiple of 8) in blocks of row groups, slabs of 22 rows: each group a turn of R4 rows in flight
+    # and a tail (one group none), the last slab short
     for width, vector in ((C, False), (C + 1, False), (C - C % 8 + 8, True)):
         dout, dv = bf(r.standard_normal((N, width)))
-        db = f32(np.zeros(width))
-        bias_grad(db, dout, rows_per_block=6 if vector else 8, vector=vector)
-        assert rel_err(host(db), dv.sum(0)) < 1e-5, vector  # float32 sums of exact bf16 values
+        db = f32(np.ones(width))
+        bias_grad(db, dout, rows_per_block=8, vector=vector, group_rows=22)
+        assert rel_err(host(db), dv.sum(0) + 1) < 1e-5, vector  # float32 sums of exact bf16 values
 
 
 def test_heads_split_from_and_merge_into_bf16_rows():
