@@ -5,7 +5,7 @@ backward walks a row per block with two barriers a row; at 16384 x 768 on an H20
 (forward, 1.8 TB/s) and 0.063 ms (backward, 1.6 TB/s) where a copy kernel moves 3.9 TB/s
 (probe_read_bandwidth, stop 20). Here a warp owns a row and lane l its columns 8 (l + 32 k) .. + 7, k < G
 (C = 256 G): every load is 16 bytes (four uint32 words of bf16 pairs), the row's reductions are shuffles,
-and no barrier stands between rows: 0.018 ms (2.8 TB/s) and 0.045 ms (2.3 TB/s). The backward's column
+and no barrier stands between rows: 0.018 ms (2.8 TB/s) and 0.034 ms (3.0 TB/s). The backward's column
 sums over the rows a warp takes stay on chip (dw and db per warp in shared memory, dsum, the new dx's, in
 registers); each block adds its warps' sums once, a 16-byte red.global.add a thread. Same arithmetic as
 layernorm.py's kernels (float32; the row's mean and rstd from its registers), checked against the same
@@ -30,10 +30,11 @@ FORWARD_ROWS = 2  # rows a warp of the forward loads before it reduces any
 MAX_G = 4  # C up to 1024 (GPT-2 124M and 355M); wider rows hold too many registers: layernorm.py's kernels
 FORWARD_BLOCKS = 1056  # the forward's grid at most (eight blocks an SM of an H100/H200), walked grid-stride
 # the backward's 128-thread blocks an SM (its launch bounds; its grid is that many an SM). At 16384 x 768 on
-# an H200 (bench_kernels --sweep, stop 20): two 0.045 ms (214 registers), three 0.056 (168, spilling); at
-# 1024 two 0.053. Variants measured and dropped: every sum in registers (220 registers, 0.043 ms), and each
-# warp loading its next row before working on this one (0.055: 252 registers).
-BACKWARD_PER_SM = 2
+# an H200 (bench_kernels --sweep, stop 20): two 0.038 ms, three 0.034 (145 registers), four 0.042 (127),
+# five (spilling) 0.040; at 1024 three 0.041. Variants measured and dropped: every sum in registers (0.043
+# ms), each warp loading its next row before working on this one (0.055), both before the indices were
+# unsigned (214 registers and more).
+BACKWARD_PER_SM = 3
 SMS = 132  # an H100/H200's: the grids above are counted in them
 
 

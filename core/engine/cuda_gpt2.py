@@ -92,10 +92,11 @@ class CUDAEngine:
         self.adam_step = 0
         # kernel variants written for measurement beside the measured ones (bench/profile_step.py
         # --variants); set before the first step (the graphs capture them)
-        # bias_grad "quads": 16-byte loads (bench_kernels, stop 19: 2,385 -> 2,453 GB/s); adamw "scalar": the
-        # 4-byte kernel the 16-byte one replaced (0.923 -> 0.848 ms at 124M); classifier "registers": the row
-        # kernel "stream" replaced (a 4096-row chunk of GPT-2's logits 0.35 -> 0.30 ms, stop 20)
-        self.variants = {"classifier": "stream", "bias_grad": "pairs", "adamw": "vector"}
+        # bias_grad "pairs": the 32-bit kernel "groups" replaced (16384 x 3072 bf16 0.039 -> 0.029 ms, x 2304
+        # 0.029 -> 0.021, stop 20); adamw "scalar": the 4-byte kernel the 16-byte one replaced (0.923 -> 0.848
+        # ms at 124M); classifier "registers": the row kernel "stream" replaced (a 4096-row chunk of GPT-2's
+        # logits 0.35 -> 0.30 ms, stop 20)
+        self.variants = {"classifier": "stream", "bias_grad": "groups", "adamw": "vector"}
         # the update statistics: large tensors sampled (instability.update_sample; koifish_cuda.update_stats)
         self.stat_sample = InstabilityConfig.from_dict(case.instability).update_sample
         self.stat_chunk = STAT_CHUNK
@@ -297,7 +298,7 @@ class CUDAEngine:
             gemm(g[name], dout, x, trans_a=True, c=g[name])
 
         dres, dres_g = self.dres, self.dres_g  # the residual's gradient, and the GEMMs' copy of it
-        quads = self.variants["bias_grad"] == "quads"
+        groups = self.variants["bias_grad"] == "groups"
         copy = dres_g if dres_g is not dres else None
 
         def ln_backward(name, x, mean, rstd, proj_bias):
@@ -318,7 +319,7 @@ class CUDAEngine:
             grad(h + "mlp.c_proj.weight", dres_g, a["fch_gelu"])
             dfch = a["fch_gelu"]  # GELU's output is spent: its buffer takes the pre-activation's gradient
             gemm(dfch, dres_g, w[h + "mlp.c_proj.weight"], epilogue="dgelu", aux=a["fch"])
-            bias_grad(g[h + "mlp.c_fc.bias"], dfch, s, vector=quads)
+            bias_grad(g[h + "mlp.c_fc.bias"], dfch, s, vector=groups)
             grad(h + "mlp.c_fc.weight", dfch, a["ln2"])
             gemm(self.dln, dfch, w[h + "mlp.c_fc.weight"])
             ln_backward(h + "ln_2", a["res2"], a["m2"], a["r2"], h + "attn.c_proj.bias")
@@ -326,7 +327,7 @@ class CUDAEngine:
             grad(h + "attn.c_proj.weight", dres_g, a["atty"])
             gemm(self.datty, dres_g, w[h + "attn.c_proj.weight"])
             self.attn.backward(a, self.datty, self.dqkv)
-            bias_grad(g[h + "attn.c_attn.bias"], self.dqkv, s, vector=quads)
+            bias_grad(g[h + "attn.c_attn.bias"], self.dqkv, s, vector=groups)
             grad(h + "attn.c_attn.weight", self.dqkv, a["ln1"])
             gemm(self.dln, self.dqkv, w[h + "attn.c_attn.weight"])
             ln_backward(h + "ln_1", resid_in, a["m1"], a["r1"], f"h.{l - 1}.mlp.c_proj.bias" if l else None)
