@@ -78,19 +78,24 @@ def test_first_50_steps_follow_the_cpu(tiny_case, compute, attention):
     assert gpu_losses[-1] < gpu_losses[0] - 2.0
 
 
-@pytest.mark.parametrize("remat,grad", [(0, "fp32"), (2, "fp32"), (0, "bf16"), (2, "bf16")])
-def test_bf16_residual_stream_follows_the_cpu(tiny_case, remat, grad):
+@pytest.mark.parametrize("remat,grad,C", [(0, "fp32", 64), (2, "fp32", 64), (0, "bf16", 64), (2, "bf16", 64),
+                                          (0, "bf16", 256), (2, "bf16", 256)])
+def test_bf16_residual_stream_follows_the_cpu(tiny_case, remat, grad, C):
     """precision.residual bf16: the blocks' inputs and outputs held as bf16 (remat 2 rebuilds each block
-    from its bf16 input); residual_grad bf16: their gradient too. First gradients within twice the bf16
-    bound of the CPU's, 20 steps' losses within 2e-3."""
+    from its bf16 input); residual_grad bf16: their gradient too (C = 256: through layernorm_bf16's
+    warp-per-row kernels). First gradients within twice the bf16 bound of the CPU's, 20 steps' losses
+    within 2e-3."""
     from koifish_core.engine.cpu import CPUEngine
+    from koifish_cuda import layernorm_bf16
 
-    case = load_case(tiny_case(model={"n_embd": 64, "n_head": 4, "n_ctx": 64, "remat": remat},
+    case = load_case(tiny_case(model={"n_embd": C, "n_head": 4, "n_ctx": 64, "remat": remat},
                                data={"seq_len": 64, "batch_size": 4}, optimizer={"grad_accum": 2},
                                precision={"compute": "bf16", "residual": "bf16", "residual_grad": grad})).case
     cpu, gpu = CPUEngine(case), engine(case)
     assert gpu.x0.dtype == np.uint16 and gpu.act[-1]["res3"].dtype == np.uint16
     assert (gpu.dres.dtype == np.uint16) == (grad == "bf16") and (gpu.dres_g is gpu.dres) == (grad == "bf16")
+    assert layernorm_bf16.fits(C, (gpu.x0, gpu.dres), (gpu.p["ln_f.weight"], gpu.g["ln_f.weight"])) == \
+        (C == 256 and grad == "bf16")
     loader = TokenLoader(case.data.train, 4, 64)
     batches = [loader.next_batch() for _ in range(2)]
     cpu.model.zero_grad()
