@@ -29,13 +29,10 @@ def flops_per_token(L, C, T, n_params):
     return 6 * n_params + 12 * L * T * C
 
 
-POOL = 8  # random batches koifish's benchmark step cycles through
-
-
 def koifish_step(size, B, T, remat=0, dist=None, collective=None, rank=0, compute="bf16", attention="auto",
                  options=None):
     """koifish's CUDA engine for GPT-2 `size` on random tokens: returns (step, eng, chosen); step() runs
-    one train_step on the next of POOL random batches and returns its result. dist/collective: a data-parallel rank's case
+    one train_step on a fresh batch and returns its result. dist/collective: a data-parallel rank's case
     block and collective (bench_dist.py); options: the parsed engine_options flags (bench_common), None
     for the engine's defaults; chosen: what they set."""
     import numpy as np
@@ -55,13 +52,9 @@ def koifish_step(size, B, T, remat=0, dist=None, collective=None, rank=0, comput
     eng = CUDAEngine(case, attention=attention)
     chosen = apply_engine_options(eng, options) if options is not None else {}
     eng.attach_collective(collective, case.dist)
-    # each rank its own rows; drawn before the clock starts, as a loader hands batches over (drawing two
-    # (B, T) int64 arrays on the host took ~0.2 ms a step inside the timed loop, where the GPU then waited
-    # for the next batch's upload: stop 20; PyTorch draws its tokens on the GPU, a kernel of a few us)
-    rng = np.random.default_rng(rank)
-    pool = [tuple(rng.integers(0, 50257, (B, T), dtype=np.int32) for _ in "xy") for _ in range(POOL)]
-    turn = iter(range(1 << 62))
-    return (lambda: eng.train_step([pool[next(turn) % POOL]], 1e-4)), eng, chosen
+    rng = np.random.default_rng(rank)  # each rank its own rows
+    batch = lambda: (rng.integers(0, 50257, (B, T)), rng.integers(0, 50257, (B, T)))  # noqa: E731
+    return (lambda: eng.train_step([batch()], 1e-4)), eng, chosen
 
 
 def run_koifish(size, B, T, steps, warmup, remat=0, dist=None, collective=None, rank=0, compute="bf16",
