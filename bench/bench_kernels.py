@@ -60,6 +60,7 @@ def main():
     f, h = 4, 2  # bytes per float32, per bf16
     bf = lambda *s: (rnd(*s).view(cp.uint32) >> 16).astype(cp.uint16)  # noqa: E731  (bf16 bits, truncated)
     out16, dx16, act16, pre16, logits16 = bf(N, C), bf(N, C), bf(N, F4), bf(N, F4), bf(N, Vp)
+    x16, dout16, dxb16, dsum = bf(N, C), bf(N, C), bf(N, C), rnd(C)  # precision.residual(_grad) bf16
     db4 = rnd(F4)
     idx, wte, wpe = cp.random.randint(0, V, (B, T)).astype(cp.int32), rnd(Vp, C), rnd(T, C)
     dwte, dwpe = cp.zeros((Vp, C), cp.float32), cp.zeros((T, C), cp.float32)
@@ -75,9 +76,13 @@ def main():
          N * C * (f + h) + 2 * N * f),
         ("layernorm_backward + bf16 dx", lambda s: layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, s, dx16=dx16),
          (4 * N * C + 2 * N) * f + N * C * h),
+        ("layernorm_forward all bf16 (a warp a row)", lambda s: layernorm_forward(out16, mean, rstd, x16, w, b, s),
+         2 * N * C * h + 2 * N * f),
+        ("layernorm_backward all bf16 (a warp a row)",
+         lambda s: layernorm_backward(dxb16, dw, db, dout16, x16, w, mean, rstd, s, dsum=dsum), 4 * N * C * h + 2 * N * f),
         ("gelu_forward bf16 (remat 1)", lambda s: gelu_forward(act16, pre16, s), 2 * N * F4 * h),
         ("bias_grad bf16 (N, 4C)", lambda s: bias_grad(db4, act16, s), N * F4 * h),
-        ("bias_grad bf16 (N, 4C) 16-byte loads", lambda s: bias_grad(db4, act16, s, vector=True), N * F4 * h),
+        ("bias_grad bf16 (N, 4C) row groups", lambda s: bias_grad(db4, act16, s, vector=True), N * F4 * h),
         ("fused_classifier bf16", lambda s: fused_classifier(logits16, losses, loss_sum, targets, V, 1.0 / N, s),
          2 * N * Vp * h),
         ("fused_classifier bf16 split", lambda s: fused_classifier(logits16, losses, loss_sum, targets, V, 1.0 / N,
