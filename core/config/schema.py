@@ -67,7 +67,7 @@ class PrecisionConfig:
     residual_grad: str = field(default="fp32", metadata={"choices": COMPUTE})
     """The residual stream's gradient in the CUDA engine's backward: fp32, or bf16 (needs residual bf16;
     llm.c's: each LayerNorm backward reads and writes half the bytes, and no bf16 copy of it is made for
-    the GEMMs)."""
+    the GEMMs). cases/gpt2_*.json set both bf16 (docs/case-format.md: what was measured)."""
 
 
 @dataclass
