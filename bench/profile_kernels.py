@@ -75,7 +75,8 @@ def profile_step(fw: str, size: str, B: int, T: int, steps: int, options=None) -
         k = kernels.setdefault(name, [0.0, 0])
         k[0] += ns / 1e6 / steps
         k[1] += 1 / steps
-    return {"step_ms": step_ms, "kernels": kernels, "idle": idle_gaps(spans, steps)}
+    return {"step_ms": step_ms, "kernels": kernels, "idle": idle_gaps(spans, steps),
+            "memsets": memset_followers(spans, steps)}
 
 
 GAP_BINS = ((0, 3), (3, 20), (20, 200), (200, float("inf")))  # microseconds
@@ -95,6 +96,21 @@ def idle_gaps(spans, steps: int, top: int = 8) -> dict:
              "ms": sum(g for g, _, _ in gaps if lo <= g < hi) / 1000 / steps} for lo, hi in GAP_BINS]
     largest = [{"us": g, "after": a[:60], "before": b[:60]} for g, a, b in sorted(gaps, reverse=True)[:top]]
     return {"ms": sum(g for g, _, _ in gaps) / 1000 / steps, "bins": bins, "largest": largest}
+
+
+def memset_followers(spans, steps: int, top: int = 8) -> list[dict]:
+    """The memsets of a step (libraries insert them: cuBLASLt's workspace flags, cuDNN's accumulators) by the
+    kernel that runs next: which calls bring them, each a node of its own in a CUDA graph."""
+    order = sorted(spans)
+    counts: dict[str, list] = {}
+    for i, (_, ns, name) in enumerate(order):
+        if not name.startswith("Memset"):
+            continue
+        after = next((n for _, _, n in order[i + 1:] if not n.startswith("Memset")), "(none)")
+        c = counts.setdefault(after[:70], [0.0, 0.0])
+        c[0] += 1 / steps
+        c[1] += ns / 1e6 / steps
+    return [{"before": k, "per_step": n, "ms": ms} for k, (n, ms) in sorted(counts.items(), key=lambda kv: -kv[1][0])[:top]]
 
 
 def main():
@@ -141,6 +157,10 @@ def main():
         for g in results[fw]["idle"]["largest"]:
             print(f"  {g['us']:>8.1f}  after {g['after']}  before {g['before']}")
     for fw in fws:
+        print(f"\n{fw}: memsets a step, by the kernel after them")
+        for m in results[fw]["memsets"]:
+            print(f"  {m['per_step']:>6.1f} {m['ms']:>7.3f} ms  before {m['before']}")
+    for fw in fws:
         print(f"\n{fw}: {'kernel (top by time)':<66} {'ms':>7} {'calls':>5}  group")
         for name, (ms, calls) in sorted(results[fw]["kernels"].items(), key=lambda kv: -kv[1][0])[: args.top]:
             print(f"  {name[:74]:<74} {ms:>7.3f} {calls:>5.0f}  {group_of(name)}")
@@ -148,6 +168,7 @@ def main():
                           "batch": args.batch,
                           "seq": args.seq, "steps": args.steps,
                           **{fw: {"step_ms": results[fw]["step_ms"], "groups": groups[fw], "idle": results[fw]["idle"],
+                                  "memsets": results[fw]["memsets"],
                                   "kernels": [{"name": n, "ms": ms, "calls": c, "group": group_of(n)} for n, (ms, c) in
                                               sorted(results[fw]["kernels"].items(), key=lambda kv: -kv[1][0])]}
                              for fw in fws}})
