@@ -98,14 +98,9 @@ def main():
         ("encoder_forward", lambda s: encoder_forward(out, idx, wte, wpe, s), 2 * N * C * f),
         ("encoder_backward", lambda s: encoder_backward(dwte, dwpe, dout, idx, s), 2 * N * C * f),
     ]
-    rows = []
-    print(f"{'kernel':<30} {'time ms':>9} {'GB/s':>8} {'% copy':>7}")
-    for name, fn, nbytes in cases:
-        t = median_time(fn)
-        bw = nbytes / t
-        rows.append({"kernel": name, "ms": t * 1e3, "GBps": bw / 1e9, "share_of_copy": bw / copy_bw})
-        print(f"{name:<30} {t * 1e3:>9.3f} {bw / 1e9:>8.0f} {bw / copy_bw:>7.0%}")
-    print(f"{'device copy':<30} {'':>9} {copy_bw / 1e9:>8.0f} {1:>7.0%}")
+    print(f"{'kernel':<44} {'time ms':>9} {'GB/s':>8} {'% copy':>7}")
+    rows = _timed(cases, "", copy_bw)
+    print(f"{'device copy':<44} {'':>9} {copy_bw / 1e9:>8.0f} {1:>7.0%}")
     write_json(args.out, {"gpu": gpu_name(), "commit": commit(), "copy_GBps": copy_bw / 1e9, "rows": rows})
 
 
@@ -160,6 +155,8 @@ def sweep(args):
 
 
 def _timed(cases, match: str, copy_bw: float) -> list[dict]:
+    """Each (name, fn, bytes) case whose name holds one of match's comma-separated parts ("" takes all)
+    timed, printed as a row and returned."""
     rows = []
     for name, fn, nbytes in cases:
         if not any(m in name for m in match.split(",")):
