@@ -104,6 +104,9 @@ def engine_options(ap) -> None:
     """The CUDA engine's options still being measured, as command-line flags (apply_engine_options)."""
     ap.add_argument("--variants", default="", help="kernel variants, e.g. classifier=registers")
     ap.add_argument("--tune", type=int, default=8, help="cuBLASLt algorithms timed per GEMM shape")
+    ap.add_argument("--gemm-workspace", type=int, default=None,
+                    help="MiB of workspace cuBLASLt's heuristic may plan for (default all 32; 0: algorithms without one)")
+    ap.add_argument("--tune-graph", action="store_true", help="time cuBLASLt's candidates as CUDA-graph replays")
     ap.add_argument("--update-sample", type=int, default=None, help="instability.update_sample (default: the case's)")
     ap.add_argument("--residual", default="bf16", choices=("fp32", "bf16"),
                     help="the case's precision.residual (default bf16, as cases/gpt2_*.json; fp32 under --compute fp32)")
@@ -114,7 +117,8 @@ def engine_options(ap) -> None:
 def engine_flags(args) -> list[str]:
     """engine_options' flags as parsed, back as a command line (for a child process to parse again)."""
     flags = ["--variants", args.variants, "--tune", str(args.tune), "--residual", args.residual,
-             "--residual-grad", args.residual_grad]
+             "--residual-grad", args.residual_grad] + (["--tune-graph"] if args.tune_graph else [])
+    flags += [] if args.gemm_workspace is None else ["--gemm-workspace", str(args.gemm_workspace)]
     return flags + ([] if args.update_sample is None else ["--update-sample", str(args.update_sample)])
 
 
@@ -126,9 +130,13 @@ def apply_engine_options(eng, args) -> dict:
             raise SystemExit(f"--variants: no kernel {kernel!r} (one of {', '.join(eng.variants)})")
         eng.variants[kernel] = variant
     eng.lt.tune = args.tune  # candidates timed per GEMM shape (the first step tunes them)
+    eng.lt.tune_in_graph = args.tune_graph
+    if args.gemm_workspace is not None:
+        eng.lt.max_workspace = args.gemm_workspace << 20
     if args.update_sample is not None:
         eng.stat_sample = args.update_sample
-    return {"variants": dict(eng.variants), "tune": args.tune, "update_sample": eng.stat_sample}
+    return {"variants": dict(eng.variants), "tune": args.tune, "tune_graph": args.tune_graph,
+            "gemm_workspace_mib": args.gemm_workspace, "update_sample": eng.stat_sample}
 
 
 def parse_settings(text: str) -> list[dict]:

@@ -84,6 +84,12 @@ class CublasLt:
         import cupy as cp
 
         self.lib, self.stream, self.tf32, self.tune = _load(), stream, tf32, tune
+        # for measurement, set before the first GEMM of a shape: the workspace the heuristic may plan for
+        # (None: all of it; 0 leaves out the algorithms that need one, split-K's and those whose calls add
+        # a memset node to a captured graph), and candidates timed as graph replays (graph nodes' gaps and
+        # the memsets some algorithms add counted) instead of back-to-back launches
+        self.max_workspace: int | None = None
+        self.tune_in_graph = False
         self.handle = ctypes.c_void_p()
         _check(self.lib.cublasLtCreate(ctypes.byref(self.handle)), "cublasLtCreate")
         self.workspace = cp.empty(workspace_bytes, dtype=cp.uint8)
@@ -118,7 +124,8 @@ class CublasLt:
         d_lay = self._layout(td, m, n, ldd)
         pref = ctypes.c_void_p()
         _check(lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "preference")
-        ws = ctypes.c_uint64(self.workspace.nbytes)
+        ws = ctypes.c_uint64(self.workspace.nbytes if self.max_workspace is None
+                             else min(self.max_workspace, self.workspace.nbytes))
         _check(lib.cublasLtMatmulPreferenceSetAttribute(pref, PREF_MAX_WORKSPACE_BYTES, ctypes.cast(ctypes.byref(ws), _P),
                                                         ctypes.sizeof(ws)), "preference attribute")
         results, count = (_Heuristic * self.tune)(), ctypes.c_int(0)
@@ -147,10 +154,20 @@ class CublasLt:
         for algo in plan.algos:
             if self._run(plan, algo, a, b, src, scratch, beta) != 0:
                 continue  # a candidate that cannot run these operands
+            graph = None
+            if self.tune_in_graph:
+                self.stream.begin_capture()
+                for _ in range(3):
+                    self._run(plan, algo, a, b, src, scratch, beta)
+                graph = self.stream.end_capture()
+                graph.launch(self.stream)  # the first replay uploads the graph
             start, stop = cp.cuda.Event(), cp.cuda.Event()
             start.record(self.stream)
-            for _ in range(3):
-                self._run(plan, algo, a, b, src, scratch, beta)
+            if graph is not None:
+                graph.launch(self.stream)
+            else:
+                for _ in range(3):
+                    self._run(plan, algo, a, b, src, scratch, beta)
             stop.record(self.stream)
             stop.synchronize()
             best = min(best, (cp.cuda.get_elapsed_time(start, stop), algo), key=lambda t: t[0])
