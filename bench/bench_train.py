@@ -29,12 +29,20 @@ def flops_per_token(L, C, T, n_params):
     return 6 * n_params + 12 * L * T * C
 
 
+def precision(compute: str, options=None) -> dict:
+    """The case's precision block koifish_step runs: the residual stream and its gradient as the engine
+    options ask, else as cases/gpt2_*.json keep them (bf16), where compute allows (fp32 under fp32)."""
+    residual = getattr(options, "residual", "bf16") if compute == "bf16" else "fp32"
+    residual_grad = getattr(options, "residual_grad", "bf16") if residual == "bf16" else "fp32"
+    return {"compute": compute, "residual": residual, "residual_grad": residual_grad}
+
+
 def koifish_step(size, B, T, remat=0, dist=None, collective=None, rank=0, compute="bf16", attention="auto",
                  options=None):
     """koifish's CUDA engine for GPT-2 `size` on random tokens: returns (step, eng, chosen); step() runs
     one train_step on a fresh batch and returns its result. dist/collective: a data-parallel rank's case
     block and collective (bench_dist.py); options: the parsed engine_options flags (bench_common), None
-    for the engine's defaults; chosen: what they set."""
+    for the engine's defaults (precision: the cases'); chosen: what they set."""
     import numpy as np
 
     import koifish_cuda.compat  # noqa: F401
@@ -42,13 +50,9 @@ def koifish_step(size, B, T, remat=0, dist=None, collective=None, rank=0, comput
     from koifish_core.engine.cuda_gpt2 import CUDAEngine
 
     L, H, C = SIZES[size]
-    # the residual stream and its gradient as cases/gpt2_*.json keep them (bf16), where compute allows
-    residual = getattr(options, "residual", "bf16") if compute == "bf16" else "fp32"
-    residual_grad = getattr(options, "residual_grad", "bf16") if residual == "bf16" else "fp32"
     case = build_case({"model": {"n_layer": L, "n_head": H, "n_embd": C, "n_ctx": T, "remat": remat},
                        "data": {"batch_size": B, "seq_len": T}, "train": {"device": "cuda"},
-                       "precision": {"compute": compute, "residual": residual, "residual_grad": residual_grad},
-                       "dist": dist or {}}, "bench")
+                       "precision": precision(compute, options), "dist": dist or {}}, "bench")
     eng = CUDAEngine(case, attention=attention)
     chosen = apply_engine_options(eng, options) if options is not None else {}
     eng.attach_collective(collective, case.dist)
@@ -204,8 +208,7 @@ def main():
         rows.append({"size": size, "batch": int(batch), "framework": fw, **res})
         print(f"{size} B={batch} {fw}: {res['tokens_per_s']:,.0f} tok/s, MFU {res['mfu']:.1%}, "
               f"peak {res['peak_vram_bytes'] / 2**30:.1f} GiB, first step {res['first_step_s']:.1f} s", flush=True)
-    report = {"gpu": gpu_name(), "commit": commit(), "remat": args.remat, "compute": args.compute,
-              "residual": args.residual, "residual_grad": args.residual_grad,
+    report = {"gpu": gpu_name(), "commit": commit(), "remat": args.remat, **precision(args.compute, args),
               "batch": int(args.batch) if "," not in args.batch else [int(b) for b in args.batch.split(",")],
               "seq": args.seq, "steps": args.steps, "rows": rows}
     print(f"\n{'size':>6} {'B':>3} {'framework':>9} {'tok/s':>10} {'ratio':>6} {'MFU':>6} {'VRAM GiB':>9} {'1st step s':>10}")

@@ -49,7 +49,7 @@ def replay_ms(eng, reps=10, name=None):
 def main():
     import importlib
 
-    from bench_train import koifish_step
+    from bench_train import koifish_step, precision
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="124M")
@@ -106,7 +106,7 @@ def main():
     print(f"GEMMs of a micro-batch: {sum(r['ms'] * r['calls'] for r in gemms):.2f} ms "
           f"({sum(r['plain_ms'] * r['calls'] for r in gemms):.2f} without epilogues)")
     write_json(args.out, {"gpu": gpu, "commit": commit(), "size": args.size, "batch": B, "seq": T,
-                          "compute": args.compute, "residual": args.residual, "residual_grad": args.residual_grad, "attention": eng.attn.name, **options,
+                          **precision(args.compute, args), "attention": eng.attn.name, **options,
                           "rows": rows, "gemms": gemms})
 
 
