@@ -162,6 +162,24 @@ def test_remat_gives_the_same_steps(tiny_case, remat, compute, attention):
         assert rebuilt.train_step(batches, 1e-2).loss == pytest.approx(base.train_step(batches, 1e-2).loss, rel=1e-3)
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_a_nonfinite_gradient_moves_nothing(tiny_case, gated):
+    """Without a gate the update is queued before the host reads the norm, and the kernel itself must
+    leave weights, moments and Adam's clock alone; with one, the host holds it back."""
+    case = small_case(tiny_case, "bf16", accum=1)
+    gpu = engine(case)
+    loader = TokenLoader(case.data.train, 4, 64)
+    gpu.train_step([loader.next_batch()], 1e-3)
+    before = [a.get() for a in (gpu.params, gpu.params16, gpu.m, gpu.v)]
+    gate = (lambda loss, norm, signals: True) if gated else None
+    r = gpu.train_step([loader.next_batch()], 1e-3, gate=gate, poison_grads=True)
+    assert not r.applied and gpu.adam_step == 1
+    for was, now in zip(before, (gpu.params, gpu.params16, gpu.m, gpu.v)):
+        np.testing.assert_array_equal(now.get(), was)
+    assert gpu.train_step([loader.next_batch()], 1e-3, gate=gate).applied and gpu.adam_step == 2
+    assert not np.array_equal(gpu.params.get(), before[0])
+
+
 def test_sampled_update_statistics_estimate_the_exact_ones(tiny_case):
     """instability.update_sample: the engine measures large tensors on one chunk in S (a different
     one each step), scaled to the tensor; the update ratios it reports stay within a few per cent

@@ -431,10 +431,16 @@ class CUDAEngine:
             self.collective.all_reduce_mean(self.norm_sq)
             with self.stream:
                 self.norm_sq *= self.collective.world_size
-        loss, norm, host = self._read_report()  # one sync per step, before the update
+        # With nothing to judge, the update is queued before the sync, so the GPU does not wait on the host
+        # (its kernel leaves everything alone on a non-finite norm). ZeRO-1's statistics run after the sync.
+        early = gate is None and self.zero is None
+        if early:
+            self.graphs["update"].launch(self.stream)
+        loss, norm, host = self._read_report()  # one sync per step
         applied = math.isfinite(norm) and (gate is None or gate(loss, norm, self._signals(host)))
         if applied:
-            self.graphs["update"].launch(self.stream)
+            if not early:
+                self.graphs["update"].launch(self.stream)
             self._params_summed = self.zero is None and self._watch  # params_sq: the weights just written
             if self.zero is not None:  # every rank updated its slice: share them
                 lo, hi = self.zero.lo, self.zero.hi
