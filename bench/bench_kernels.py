@@ -186,7 +186,10 @@ def _bias_grad_cases(cp) -> list:
 
 def _classifier_stream_cases(cp) -> list:
     """The stream classifier on one of the engine's 4096-row chunks of GPT-2's logits: groups in flight a
-    thread (STREAM_UNROLL) and blocks (STREAM_ROWS, each walking rows), set for the call."""
+    thread (STREAM_UNROLL) and blocks (STREAM_ROWS, each walking rows), set for the call; then its block
+    (classifier.stream_threads: 544 threads take a 25152-word row in six turns of two groups a thread, 512
+    in seven). Measured and dropped (stop 21): each block asking L2 for its next row as its second pass
+    began (0.354 ms against 0.300), and rows taken last to first in the step (no change)."""
     from koifish_cuda import classifier
 
     N, V, Vp = 4096, 50257, 50304
@@ -194,16 +197,19 @@ def _classifier_stream_cases(cp) -> list:
     losses, loss_sum = cp.zeros(N, cp.float32), cp.zeros(1, cp.float32)
     targets = cp.random.randint(0, V, N).astype(cp.int32)
 
-    def run(s, U, rows):
+    def run(s, U, rows, threads=None):
         keep = classifier.STREAM_UNROLL, classifier.STREAM_ROWS
         classifier.STREAM_UNROLL, classifier.STREAM_ROWS = U, rows
         try:
-            classifier.fused_classifier(logits, losses, loss_sum, targets, V, 1.0 / N, s, variant="stream")
+            classifier.fused_classifier(logits, losses, loss_sum, targets, V, 1.0 / N, s, variant="stream",
+                                        threads=threads)
         finally:
             classifier.STREAM_UNROLL, classifier.STREAM_ROWS = keep
 
-    return [(f"classifier stream U={U} blocks={rows}", lambda s, U=U, rows=rows: run(s, U, rows), 2 * N * Vp * 2)
-            for U in (1, 2, 4) for rows in (132, 264, 528)]
+    cases = [(f"classifier stream U={U} blocks={rows}", lambda s, U=U, rows=rows: run(s, U, rows), 2 * N * Vp * 2)
+             for U in (1, 2, 4) for rows in (132, 264, 528)]
+    return cases + [(f"classifier stream threads={t}", lambda s, t=t: run(s, 2, 264, t), 2 * N * Vp * 2)
+                    for t in (512, 544)]
 
 
 if __name__ == "__main__":

@@ -69,19 +69,12 @@ def summary(path: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--summary", metavar="CSV", help="print the metrics that matter from ncu's --csv output")
+    ap.add_argument("--only", choices=("decode", "training"), default=None, help="one engine's kernels")
     args = ap.parse_args()
     if args.summary:
         return summary(args.summary)
 
     import cupy as cp
-
-    from koifish_cuda.adamw import sum_squares
-    from koifish_cuda.attention_decode import attention_decode, attention_scratch
-    from koifish_cuda.classifier import fused_classifier
-    from koifish_cuda.layernorm import layernorm_backward
-    from koifish_cuda.quant_a8 import dequant_matvec4_a8, quantize_x16
-    from koifish_cuda.rmsnorm import add_rmsnorm_x16
-    from koifish_cuda.rope import rope_tables
 
     rng = np.random.default_rng(0)
 
@@ -92,7 +85,20 @@ def main() -> None:
         cp.cuda.Device().synchronize()
         print(f"launched: {what}", file=sys.stderr, flush=True)
 
-    # decode (Qwen3-32B shapes, batch 1: the decode engine's five matrices, as bench_quant_gemv --cold times them)
+    if args.only != "training":
+        decode_kernels(rng, f32, launched)
+    if args.only != "decode":
+        training_kernels(rng, f32, launched)
+
+
+def decode_kernels(rng, f32, launched) -> None:
+    """Qwen3-32B shapes, batch 1: the decode engine's five matrices, as bench_quant_gemv --cold times them."""
+    import cupy as cp
+
+    from koifish_cuda.attention_decode import attention_decode, attention_scratch
+    from koifish_cuda.quant_a8 import dequant_matvec4_a8, quantize_x16
+    from koifish_cuda.rmsnorm import add_rmsnorm_x16
+    from koifish_cuda.rope import rope_tables
     from bench_quant_gemv import ENGINE, HEAD_DIM as hd, HEADS as heads, HIDDEN as hidden, KV as kv
 
     group = 128
@@ -118,21 +124,35 @@ def main() -> None:
     add_rmsnorm_x16(f32(1, hidden), xq, f32(1, hidden), f32(1, hidden), f32(hidden), 1e-6)
     launched("rmsnorm x16 1 x 5120")
 
-    # training (GPT-2 124M, B=16, T=1024, bf16 compute)
+
+
+def training_kernels(rng, f32, launched) -> None:
+    """GPT-2 124M, B=16, T=1024, as cases/gpt2_124M.json runs them: bf16 compute, residual stream and its
+    gradient in bf16, the engine's kernel variants."""
+    import cupy as cp
+
+    from koifish_cuda.adamw import sum_squares
+    from koifish_cuda.classifier import fused_classifier
+    from koifish_cuda.layernorm import layernorm_backward, layernorm_forward
+    from koifish_cuda.matmul import bias_grad
+
     N, C, V, Vp = 16384, 768, 50257, 50304
 
     def bf16(*shape):
         return (f32(*shape).view(cp.uint32) >> 16).astype(cp.uint16)
 
-    x, w, mean, rstd = f32(N, C), f32(C), f32(N), cp.abs(f32(N))
-    dx, dw, db = f32(N, C), f32(C), f32(C)
-    layernorm_backward(dx, dw, db, bf16(N, C), x, w, mean, rstd, dx16=bf16(N, C))
-    launched(f"layernorm backward {N} x {C}, bf16 dout, bf16 dx copy")
+    x, w, b, mean, rstd = bf16(N, C), f32(C), f32(C), f32(N), cp.abs(f32(N))
+    layernorm_forward(bf16(N, C), mean, rstd, x, w, b)
+    launched(f"layernorm forward {N} x {C}, bf16 in and out")
+    layernorm_backward(bf16(N, C), f32(C), f32(C), bf16(N, C), x, w, mean, rstd, dsum=f32(C))
+    launched(f"layernorm backward {N} x {C}, bf16 residual gradient in place, projection bias sums")
+    bias_grad(f32(4 * C), bf16(N, 4 * C), vector=True)
+    launched(f"bias gradient {N} x {4 * C} bf16")
     rows = 4096  # the engine's LM-head chunk at B=16
     logits = bf16(rows, Vp)
     fused_classifier(logits, cp.zeros(rows, cp.float32), cp.zeros(1, cp.float32),
-                     cp.asarray(rng.integers(0, V, rows), np.int32), V, 1.0 / rows)
-    launched(f"classifier bf16 {rows} x {Vp}")
+                     cp.asarray(rng.integers(0, V, rows), np.int32), V, 1.0 / rows, variant="stream")
+    launched(f"classifier bf16 {rows} x {Vp}, stream")
     sum_squares(cp.zeros(1, cp.float32), f32(124_475_904))
     launched("sum_squares 124M")
 

@@ -250,9 +250,12 @@ def _bf16_plan(Vp: int, variant: str = "registers"):
     return (per4, shk, nt, 1 if variant == "registers" else 2) if 4 * per4 <= MAX_PER else None
 
 
-# The "stream" kernel's block at most (GPT-2's 25152-word rows: ~12 groups of four a thread a pass) and
-# blocks an SM: ptxas gives it 57 registers, so 512 x 2 fit with no spills (1024 x 2 spilled at 32).
-STREAM_THREADS, STREAM_PER_SM = 512, 2
+# The "stream" kernel's block at most and blocks an SM: ptxas gives it 53-59 registers, so 544 x 2 fit
+# with no spills (1024 x 2 spilled at 32). Its block is the fewest whole warps that take a row in as few
+# turns as STREAM_THREADS would (stream_threads): at GPT-2's 25152 words 544 threads take six turns of two
+# groups a thread where 512 took seven, the last 14% full (bench_kernels --sweep, a 4096-row chunk on an
+# H200: 0.300 -> 0.293 ms, stop 21).
+STREAM_THREADS, STREAM_PER_SM = 544, 2
 STREAM_ROWS = 264  # its blocks (2 an SM of an H100/H200), each walking rows: the rows being read at once
 # (~100 KB each, 26 MB in all) stay in L2 until the second pass reads them again
 STREAM_UNROLL = 2  # groups a thread loads before it uses them (bytes in flight)
@@ -383,12 +386,20 @@ def fused_classifier_kernel(logits, losses, loss_sum, targets, V, dloss, max_log
         cuda.atomic.max(max_logit, 0, m)
 
 
-def fused_classifier(logits, losses, loss_sum, targets, V, dloss, stream=0, max_logit=None, variant="registers"):
+def stream_threads(W: int, U: int) -> int:
+    """The stream kernel's block for rows of W words, U groups of four a thread a turn (see STREAM_THREADS)."""
+    turns = -(-W // (4 * U * STREAM_THREADS))
+    return 32 * -(-W // (4 * U * turns * 32))
+
+
+def fused_classifier(logits, losses, loss_sum, targets, V, dloss, stream=0, max_logit=None, variant="registers",
+                     threads=None):
     """max_logit: a 1-element float32 device buffer raised to the largest logit of these rows
     (None: a scratch buffer, not recorded). variant: the bf16 row kernel's plan, "registers" (one
     row an SM, all of it in registers), "split" (two rows an SM, part of each in shared memory) or
     "stream" (_bf16_stream_kernel: rows read twice, the second time from L2; widths a multiple of 8,
-    else "registers"; the training engine's: bench_kernels at 8192 x 50304 0.698 -> 0.610 ms, stop 20).
+    else "registers"; the training engine's: bench_kernels at 8192 x 50304 0.698 -> 0.610 ms, stop 20); threads:
+    its block (a multiple of 32; default stream_threads).
     On an H200 (GPT-2 124M, B=16, the step's four 4096-row chunks, bench/profile_step.py) with
     16-byte loads: registers 2.00 ms, split 2.51; with 4-byte loads split had won (2.64 vs 2.95)."""
     if max_logit is None:  # a scratch maximum, nobody's
@@ -396,9 +407,7 @@ def fused_classifier(logits, losses, loss_sum, targets, V, dloss, stream=0, max_
     if variant == "stream" and logits.dtype == np.uint16 and logits.shape[1] % 8 == 0:
         words = logits.view(np.uint32)
         if aligned(words, 4):  # every row start on a 16-byte boundary
-            nt = 32  # whole warps, up to a group a thread a turn of the row
-            while nt < STREAM_THREADS and 4 * STREAM_UNROLL * nt < words.shape[1]:
-                nt *= 2
+            nt = threads or stream_threads(words.shape[1], STREAM_UNROLL)
             _bf16_stream_kernel(nt, STREAM_UNROLL, STREAM_PER_SM)[min(logits.shape[0], STREAM_ROWS), nt, stream](
                 words, losses, loss_sum, targets, V, np.float32(dloss), max_logit)
             return

@@ -28,12 +28,13 @@ def small_case(tiny_case, compute, accum=2):
                                optimizer={"grad_accum": accum}, precision={"compute": compute})).case
 
 
-@pytest.mark.parametrize("accum,chunked,variants", [(1, False, {}), (2, False, {}), (2, True, {}),
+@pytest.mark.parametrize("accum,chunked,variants", [(1, False, {}), (2, False, {}), (3, False, {}), (2, True, {}),
                                                     (2, False, {"classifier": "split"}),
                                                     (2, False, {"bias_grad": "pairs", "adamw": "scalar"})])
 @pytest.mark.parametrize("compute,attention", PATHS)
 def test_first_gradients_match_the_cpu(tiny_case, compute, attention, accum, chunked, variants, monkeypatch):
-    """Every tensor's gradient of one step (one or two micro-batches) against the CPU engine's float32;
+    """Every tensor's gradient of one step (one to three micro-batches: the first writes the weight gradients,
+    the others add to them) against the CPU engine's float32;
     chunked: the LM head in two chunks of 128 rows (GPT-2 124M at B=16 runs it in four); variants:
     the kernels written for measurement in place of the engine's."""
     from koifish_core.engine.cpu import CPUEngine

@@ -353,3 +353,19 @@ def test_update_stats_clip_off_accumulation_and_nonfinite_norm():
     got = host(out)[0]
     assert got[0] == 0 and got[1] == pytest.approx(float(a[0] @ a[0]), rel=3e-6)
     assert update_stats_ref(*a, np.float32(np.nan), hyper_h)[0] == 0.0
+
+
+def test_zero_spans():
+    """Only the listed spans become zero (pieces cut shorter than the spans, and an empty span)."""
+    from koifish_cuda.zero_spans import span_pieces, zero_spans, zero_spans_ref
+
+    r = rng()
+    x = r.standard_normal(300).astype(np.float32)
+    spans = [(0, 5), (17, 17), (40, 131), (299, 300)]
+    pieces = span_pieces(spans, piece=32)
+    assert (pieces[:, 1] - pieces[:, 0]).max() <= 32 and (pieces[:, 1] - pieces[:, 0]).sum() == 5 + 91 + 1
+    ref = x.copy()
+    zero_spans_ref(ref, spans)
+    got = dev(x)
+    zero_spans(got, dev(pieces))
+    np.testing.assert_array_equal(host(got), ref)

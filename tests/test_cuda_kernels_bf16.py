@@ -230,18 +230,19 @@ def test_fused_classifier_on_bf16_logits(shape, variant, monkeypatch):
     assert (plan is None) == (shape == "odd")
     if variant == "split" and shape == "gpt2":
         assert plan[1] > 0  # part of the row in shared memory
-    logits, lv = bf(r.standard_normal((N, Vp)) * 3)
-    targets = r.integers(0, V, N)
-    targets[0] = V - 1  # the row's last real column (GPT-2's is the odd half of a word)
-    ref_losses, ref_d = fused_classifier_ref(lv[:, :V].copy(), targets, 1.0 / N)
-    losses, loss_sum, top = f32(np.zeros(N)), f32(np.zeros(1)), f32([-np.inf])
-    fused_classifier(logits, losses, loss_sum, dev(targets.astype(np.int32)), V, 1.0 / N, max_logit=top,
-                     variant=variant)
-    assert rel_err(host(losses), ref_losses) < 1e-5  # the loss is computed in float32 from exact values
-    assert abs(host(loss_sum)[0] - ref_losses.mean()) < 1e-5 * ref_losses.mean()
-    assert host(top)[0] == lv[:, :V].max()
-    got = val(logits)
-    assert np.all(np.abs(got[:, :V] - ref_d) <= BF16 * np.abs(ref_d) + 1e-9) and np.all(got[:, V:] == 0)
+    for threads in (None, 96) if variant == "stream" else (None,):  # 96: a block need not be a power of two
+        logits, lv = bf(r.standard_normal((N, Vp)) * 3)
+        targets = r.integers(0, V, N)
+        targets[0] = V - 1  # the row's last real column (GPT-2's is the odd half of a word)
+        ref_losses, ref_d = fused_classifier_ref(lv[:, :V].copy(), targets, 1.0 / N)
+        losses, loss_sum, top = f32(np.zeros(N)), f32(np.zeros(1)), f32([-np.inf])
+        fused_classifier(logits, losses, loss_sum, dev(targets.astype(np.int32)), V, 1.0 / N, max_logit=top,
+                         variant=variant, threads=threads)
+        assert rel_err(host(losses), ref_losses) < 1e-5  # the loss is computed in float32 from exact values
+        assert abs(host(loss_sum)[0] - ref_losses.mean()) < 1e-5 * ref_losses.mean()
+        assert host(top)[0] == lv[:, :V].max()
+        got = val(logits)
+        assert np.all(np.abs(got[:, :V] - ref_d) <= BF16 * np.abs(ref_d) + 1e-9) and np.all(got[:, V:] == 0)
 
 
 @pytest.mark.gpu

@@ -51,6 +51,14 @@ from koifish_core.models.gpt2 import GPT2, GPT2Config, _views
 from koifish_core.train.checkpoint import copy_into
 
 
+# the gradients a step's first micro-batch writes with beta = 0 GEMMs (_head, _backward's grad): _zero leaves them
+GEMM_WRITTEN = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def _gemm_written(name: str) -> bool:
+    return name == "wte" or name.endswith(GEMM_WRITTEN)
+
+
 class CUDAEngine:
     def __init__(self, case, seed: int | None = None, attention: str = "auto"):
         """attention: auto (cuDNN's under bf16 when it loads, else cuBLAS'), cudnn or cublas (cuda_attention.py)."""
@@ -100,6 +108,7 @@ class CUDAEngine:
         # the update statistics: large tensors sampled (instability.update_sample; koifish_cuda.update_stats)
         self.stat_sample = InstabilityConfig.from_dict(case.instability).update_sample
         self.stat_chunk = STAT_CHUNK
+        self._zero_pieces = None  # the gradient spans _zero clears (koifish_cuda.zero_spans), on the device
         self._chunks = None  # (what it was made from, chunk rows, weights) on the device: _update_stats
         self._groups = None  # instability.TensorGroups of self.spans: _signals
         self._watch = False  # watch_weights: the update graph sums the squares of the weights it writes
@@ -112,7 +121,7 @@ class CUDAEngine:
     # ---- data parallel ------------------------------------------------------------------------
     def attach_collective(self, collective, dist_cfg) -> None:
         """Join a data-parallel job: before the first step and before a checkpoint is loaded."""
-        self.collective, self.graphs = collective, None
+        self.collective, self.graphs, self._zero_pieces = collective, None, None
         if collective is None or collective.world_size == 1:
             return
         collective.stream = self.stream  # NCCL queues behind the kernels: no host sync
@@ -216,8 +225,9 @@ class CUDAEngine:
         self.max_logit = cp.full(1, -math.inf, dtype=cp.float32)  # raised by the forward's classifier (eval's too)
 
     # ---- the step, as kernels -----------------------------------------------------------------
-    def _forward(self, dloss: float, backward: bool = False) -> None:
-        """Forward and loss; with backward, the LM head's gradients too (_head)."""
+    def _forward(self, dloss: float, backward: bool = False, first: bool = False) -> None:
+        """Forward and loss; with backward, the LM head's gradients too (_head); first: the step's first
+        micro-batch, whose weight-gradient GEMMs write their gradients instead of adding (beta = 0)."""
         from koifish_cuda.embedding import encoder_forward
         from koifish_cuda.layernorm import layernorm_forward
 
@@ -228,9 +238,9 @@ class CUDAEngine:
             self._block_forward(l, resid)
             resid = self.act[l]["res3"]
         layernorm_forward(self.lnf, self.mf, self.rf, resid, p["ln_f.weight"], p["ln_f.bias"], s)
-        self._head(dloss, backward)
+        self._head(dloss, backward, first)
 
-    def _head(self, dloss: float, backward: bool) -> None:
+    def _head(self, dloss: float, backward: bool, first: bool = False) -> None:
         """Logits, loss and (backward) their gradients, head_rows rows at a time: the logits buffer
         holds one chunk (the whole (N, Vp) logits are GPT-2's largest activation), the classifier
         writes the chunk's gradient over it, and with backward the chunk's share of wte's gradient
@@ -245,7 +255,8 @@ class CUDAEngine:
             fused_classifier(logits, self.losses[rows], self.loss_sum, self.targets[rows], self.cfg.vocab_size, dloss,
                              s, max_logit=self.max_logit, variant=self.variants["classifier"])
             if backward:
-                self.lt.matmul(g["wte"], logits, self.lnf[rows], trans_a=True, c=g["wte"])  # (Vp, C) += dlogits^T lnf
+                self.lt.matmul(g["wte"], logits, self.lnf[rows], trans_a=True,  # (Vp, C) += dlogits^T lnf
+                               c=None if first and r0 == 0 else g["wte"])
                 self.lt.matmul(self.dln[rows], logits, w["wte"])  # (R, C)
 
     def _bias(self, name: str, out):
@@ -286,7 +297,7 @@ class CUDAEngine:
             layernorm_forward(a["ln2"], a["m2"], a["r2"], a["res2"], p[h + "ln_2.weight"], p[h + "ln_2.bias"], s)
             gelu_forward(a["fch_gelu"], a["fch"], s)  # fch holds the pre-activation, bias included
 
-    def _backward(self) -> None:
+    def _backward(self, first: bool = False) -> None:
         from koifish_cuda.embedding import encoder_backward
         from koifish_cuda.layernorm import layernorm_backward
         from koifish_cuda.matmul import bias_grad
@@ -295,7 +306,7 @@ class CUDAEngine:
         gemm = self.lt.matmul
 
         def grad(name, dout, x):  # g[name] += dout^T x: a weight's gradient, accumulated over micro-batches
-            gemm(g[name], dout, x, trans_a=True, c=g[name])
+            gemm(g[name], dout, x, trans_a=True, c=None if first else g[name])  # (first: written, not added)
 
         dres, dres_g = self.dres, self.dres_g  # the residual's gradient, and the GEMMs' copy of it
         groups = self.variants["bias_grad"] == "groups"
@@ -336,7 +347,14 @@ class CUDAEngine:
         self._ready(("wte", "wpe"))
 
     def _zero(self) -> None:
-        self.grads.fill(0)
+        """What the first micro-batch adds into: the gradients no beta = 0 GEMM writes (GEMM_WRITTEN)."""
+        from koifish_cuda.zero_spans import span_pieces, zero_spans
+
+        if self._zero_pieces is None:
+            spans = [(sp.start, sp.stop) for sp in self.spans if not _gemm_written(sp.name)]
+            spans.append((self.n_flat, self.grads.size))  # ZeRO-1's padding
+            self._zero_pieces = self.cp.asarray(span_pieces(spans))
+        zero_spans(self.grads, self._zero_pieces, self.ns)
         self.loss_sum.fill(0)
         self.norm_sq.fill(0)
 
@@ -366,19 +384,22 @@ class CUDAEngine:
         cp = self.cp
         dloss = 1.0 / (self.N * accum)
 
-        def micro(last: bool):
+        def micro(first: bool, last: bool):
             def run():
                 if self.sync is not None:
                     self.sync.begin(last)  # the last micro-batch all-reduces the gradient buckets
-                self._forward(dloss, backward=True)
-                self._backward()
+                self._forward(dloss, backward=True, first=first)
+                self._backward(first)
                 if self.sync is not None:
                     self.sync.end()
             return run
 
-        phases = {"zero": self._zero, "micro_last": micro(True), "norm": self._norm, "update": self._update}
+        phases = {"zero": self._zero, "micro_last": micro(accum == 1, True), "norm": self._norm,
+                  "update": self._update}
         if accum > 1:
-            phases["micro"] = micro(False)
+            phases["micro_first"] = micro(True, False)
+        if accum > 2:
+            phases["micro"] = micro(False, False)
         # The eager warm-up updates only a short prefix (it compiles the same kernel), restored
         # after: it must not count as a step, and a full copy of the state would not fit beside
         # the largest models. It also makes the first NCCL calls, which set up connections and
@@ -419,7 +440,7 @@ class CUDAEngine:
         self.graphs["zero"].launch(self.stream)
         for i, (x, y) in enumerate(batches):
             self._load_batch(x, y)
-            self.graphs["micro_last" if i == len(batches) - 1 else "micro"].launch(self.stream)
+            self.graphs[self._micro_graph(i, len(batches))].launch(self.stream)
         if poison_grads:  # fault injection: a non-finite gradient
             with self.stream:
                 self.grads[:1].fill(float("nan"))
@@ -450,6 +471,11 @@ class CUDAEngine:
         else:
             self.adam_step -= 1  # no update: Adam's clock does not move
         return StepResult(loss, norm, applied=applied)
+
+    @staticmethod
+    def _micro_graph(i: int, n: int) -> str:
+        """The graph micro-batch i of n runs: the first writes the weight gradients, the last ends the step."""
+        return "micro_last" if i == n - 1 else "micro_first" if i == 0 else "micro"
 
     def _average_gradients(self) -> None:
         """After the micro-batches: the mean gradient and loss over the ranks (the buckets were
