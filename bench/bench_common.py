@@ -108,6 +108,8 @@ def engine_options(ap) -> None:
                     help="MiB of workspace cuBLASLt's heuristic may plan for (default all 32; 0: algorithms without one)")
     ap.add_argument("--tune-graph", action="store_true", help="time cuBLASLt's candidates as CUDA-graph replays")
     ap.add_argument("--update-sample", type=int, default=None, help="instability.update_sample (default: the case's)")
+    ap.add_argument("--head-mib", type=int, default=None,
+                    help="the LM head's logits buffer (koifish_core.config.plan.HEAD_BYTES, default 1024): its chunks of rows")
     ap.add_argument("--residual", default="bf16", choices=("fp32", "bf16"),
                     help="the case's precision.residual (default bf16, as cases/gpt2_*.json; fp32 under --compute fp32)")
     ap.add_argument("--residual-grad", default="bf16", choices=("fp32", "bf16"),
@@ -119,6 +121,7 @@ def engine_flags(args) -> list[str]:
     flags = ["--variants", args.variants, "--tune", str(args.tune), "--residual", args.residual,
              "--residual-grad", args.residual_grad] + (["--tune-graph"] if args.tune_graph else [])
     flags += [] if args.gemm_workspace is None else ["--gemm-workspace", str(args.gemm_workspace)]
+    flags += [] if args.head_mib is None else ["--head-mib", str(args.head_mib)]
     return flags + ([] if args.update_sample is None else ["--update-sample", str(args.update_sample)])
 
 
@@ -136,7 +139,7 @@ def apply_engine_options(eng, args) -> dict:
     if args.update_sample is not None:
         eng.stat_sample = args.update_sample
     return {"variants": dict(eng.variants), "tune": args.tune, "tune_graph": args.tune_graph,
-            "gemm_workspace_mib": args.gemm_workspace, "update_sample": eng.stat_sample}
+            "gemm_workspace_mib": args.gemm_workspace, "update_sample": eng.stat_sample, "head_rows": eng.head_rows}
 
 
 def parse_settings(text: str) -> list[dict]:

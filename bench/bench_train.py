@@ -50,6 +50,10 @@ def koifish_step(size, B, T, remat=0, dist=None, collective=None, rank=0, comput
     from koifish_core.engine.cuda_gpt2 import CUDAEngine
 
     L, H, C = SIZES[size]
+    if getattr(options, "head_mib", None) is not None:  # read when the engine sizes its buffers
+        import koifish_core.config.plan as plan
+
+        plan.HEAD_BYTES = options.head_mib << 20
     case = build_case({"model": {"n_layer": L, "n_head": H, "n_embd": C, "n_ctx": T, "remat": remat},
                        "data": {"batch_size": B, "seq_len": T}, "train": {"device": "cuda"},
                        "precision": precision(compute, options), "dist": dist or {}}, "bench")
@@ -181,6 +185,8 @@ def main():
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--frameworks", default="koifish,torch")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs of each framework, alternating (koifish, torch, koifish, ...); the table gives medians")
     ap.add_argument("--remat", type=int, default=0, help="koifish's model.remat (0, 1, 2)")
     ap.add_argument("--compute", default="bf16", choices=("bf16", "fp32"), help="koifish's precision.compute")
     ap.add_argument("--attention", default="auto", choices=("auto", "cudnn", "cublas"), help="koifish's attention")
@@ -192,36 +198,63 @@ def main():
     if args.child:
         return child(args)
     rows = []
-    for size, batch, fw in ((s, b, f) for s in args.sizes.split(",") for b in args.batch.split(",")
-                            for f in args.frameworks.split(",")):
+    for size, batch, rep, fw in ((s, b, k, f) for s in args.sizes.split(",") for b in args.batch.split(",")
+                                 for k in range(args.repeats) for f in args.frameworks.split(",")):
         # one child process a (size, B, framework): its peak memory is its own
         cmd = [sys.executable, __file__, "--child", fw, "--size", size, "--batch", batch,
                "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--remat", str(args.remat),
                "--compute", args.compute, "--attention", args.attention] + engine_flags(args)
         res = child_result(cmd, tail=1500)
         if "error" in res:
-            rows.append({"size": size, "batch": int(batch), "framework": fw, "error": res["error"]})
+            rows.append({"size": size, "batch": int(batch), "framework": fw, "repeat": rep, "error": res["error"]})
             print(f"{size} B={batch} {fw}: FAILED\n{rows[-1]['error']}", flush=True)
             continue
         L, H, C = SIZES[size]
         res["mfu"] = flops_per_token(L, C, args.seq, res["n_params"]) * res["tokens_per_s"] / H100_BF16_PEAK
-        rows.append({"size": size, "batch": int(batch), "framework": fw, **res})
+        rows.append({"size": size, "batch": int(batch), "framework": fw, "repeat": rep, **res})
         print(f"{size} B={batch} {fw}: {res['tokens_per_s']:,.0f} tok/s, MFU {res['mfu']:.1%}, "
               f"peak {res['peak_vram_bytes'] / 2**30:.1f} GiB, first step {res['first_step_s']:.1f} s", flush=True)
     report = {"gpu": gpu_name(), "commit": commit(), "remat": args.remat, **precision(args.compute, args),
               "batch": int(args.batch) if "," not in args.batch else [int(b) for b in args.batch.split(",")],
-              "seq": args.seq, "steps": args.steps, "rows": rows}
-    print(f"\n{'size':>6} {'B':>3} {'framework':>9} {'tok/s':>10} {'ratio':>6} {'MFU':>6} {'VRAM GiB':>9} {'1st step s':>10}")
-    ok = {(r["size"], r["batch"], r["framework"]): r for r in rows if "error" not in r}
-    for r in rows:
-        if "error" in r:
+              "seq": args.seq, "steps": args.steps, "repeats": args.repeats, "rows": rows,
+              "summary": summarize(rows)}
+    print(f"\n{'size':>6} {'B':>3} {'framework':>9} {'tok/s':>10} {'ratio':>6} {'MFU':>6} {'VRAM GiB':>9} {'1st step s':>10}"
+          + ("  runs (tok/s)" if args.repeats > 1 else ""))
+    for r in report["summary"]:
+        if r["runs"] == 0:
             print(f"{r['size']:>6} {r['batch']:>3} {r['framework']:>9} {'failed':>10}")
             continue
-        ref = ok.get((r["size"], r["batch"], "torch"))
-        ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref and r["framework"] != "torch" else ""
+        ratio = f"{r['ratio']:.3f}x" if r.get("ratio") else ""
+        runs = "  " + " ".join(f"{t:,.0f}" for t in r["tokens_per_s_runs"]) if args.repeats > 1 else ""
         print(f"{r['size']:>6} {r['batch']:>3} {r['framework']:>9} {r['tokens_per_s']:>10,.0f} {ratio:>6} {r['mfu']:>6.1%} "
-              f"{r['peak_vram_bytes'] / 2**30:>9.1f} {r['first_step_s']:>10.1f}")
+              f"{r['peak_vram_bytes'] / 2**30:>9.1f} {r['first_step_s']:>10.1f}{runs}")
     write_json(args.out, report)
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """A row a (size, B, framework): the median tokens/s (and MFU) of its runs, every run's tokens/s, the
+    largest peak VRAM, the first run's first-step latency, and (not torch) the ratio of its median to
+    torch's median."""
+    import statistics
+
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["size"], r["batch"], r["framework"]), []).append(r)
+    out = []
+    for (size, batch, fw), runs in groups.items():
+        good = [r for r in runs if "error" not in r]
+        row = {"size": size, "batch": batch, "framework": fw, "runs": len(good)}
+        if good:
+            row.update(tokens_per_s=statistics.median(r["tokens_per_s"] for r in good),
+                       tokens_per_s_runs=[r["tokens_per_s"] for r in good], mfu=statistics.median(r["mfu"] for r in good),
+                       peak_vram_bytes=max(r["peak_vram_bytes"] for r in good), first_step_s=good[0]["first_step_s"])
+        out.append(row)
+    medians = {(r["size"], r["batch"], r["framework"]): r.get("tokens_per_s") for r in out}
+    for r in out:
+        ref = medians.get((r["size"], r["batch"], "torch"))
+        if r["framework"] != "torch" and ref and r.get("tokens_per_s"):
+            r["ratio"] = r["tokens_per_s"] / ref
+    return out
 
 
 if __name__ == "__main__":

@@ -143,14 +143,19 @@ def test_bf16_residual_needs_bf16_compute_and_halves_the_streams_bytes():
     assert bf16.memory_total - grad16.memory_total == 16 * 1024 * 768 * 4
 
 
-# Peak VRAM of the CUDA engine in bf16 measured on an H200 (bench/results/train_h200_*_s13.json; CuPy's
-# pool, GiB): the plan counts the engine's own buffers
-@pytest.mark.parametrize("layers,heads,width,batch,remat,measured", [
-    (12, 12, 768, 16, 0, 8.1), (12, 12, 768, 16, 1, 6.5), (12, 12, 768, 16, 2, 3.9),
-    (24, 16, 1024, 16, 0, 20.7), (36, 20, 1280, 4, 0, 20.6), (48, 25, 1600, 4, 0, 38.7)])
-def test_cuda_plan_matches_the_measured_peak_memory(layers, heads, width, batch, remat, measured):
+# Peak VRAM of the CUDA engine in bf16 measured on an H200 (CuPy's pool, GiB): the plan counts the engine's own
+# buffers. Float32 residual stream, 512 MiB logits buffer: bench/results/train_h200_*_s13.json; the cases'
+# bf16 residual stream and its gradient, 1 GiB logits buffer (the default since stop 21): train_s21_b*_head1024.json
+@pytest.mark.parametrize("layers,heads,width,batch,remat,residual,head_mib,measured", [
+    (12, 12, 768, 16, 0, "fp32", 512, 8.1), (12, 12, 768, 16, 1, "fp32", 512, 6.5),
+    (12, 12, 768, 16, 2, "fp32", 512, 3.9), (24, 16, 1024, 16, 0, "fp32", 512, 20.7),
+    (36, 20, 1280, 4, 0, "fp32", 512, 20.6), (48, 25, 1600, 4, 0, "fp32", 512, 38.7),
+    (12, 12, 768, 16, 0, "bf16", 1024, 7.82), (12, 12, 768, 32, 0, "bf16", 1024, 12.64)])
+def test_cuda_plan_matches_the_measured_peak_memory(layers, heads, width, batch, remat, residual, head_mib, measured,
+                                                    monkeypatch):
+    monkeypatch.setattr("koifish_core.config.plan.HEAD_BYTES", head_mib << 20)
     case = build_case({"model": {"n_layer": layers, "n_head": heads, "n_embd": width, "n_ctx": 1024, "remat": remat},
                        "data": {"batch_size": batch, "seq_len": 1024}, "train": {"device": "cuda"},
-                       "precision": {"compute": "bf16"}}, "plan")
+                       "precision": {"compute": "bf16", "residual": residual, "residual_grad": residual}}, "plan")
     estimate = make_plan(case).memory_total / 2**30
     assert 0.94 * measured < estimate <= measured  # measured 2-5% above: the pool's rounding, cuDNN's workspace

@@ -35,7 +35,7 @@ def small_case(tiny_case, compute, accum=2):
 def test_first_gradients_match_the_cpu(tiny_case, compute, attention, accum, chunked, variants, monkeypatch):
     """Every tensor's gradient of one step (one to three micro-batches: the first writes the weight gradients,
     the others add to them) against the CPU engine's float32;
-    chunked: the LM head in two chunks of 128 rows (GPT-2 124M at B=16 runs it in four); variants:
+    chunked: the LM head in two chunks of 128 rows (GPT-2 124M at B=16 runs it in two of 8192); variants:
     the kernels written for measurement in place of the engine's."""
     from koifish_core.engine.cpu import CPUEngine
 
