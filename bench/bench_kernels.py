@@ -208,7 +208,8 @@ def _classifier_stream_cases(cp) -> list:
 
     cases = [(f"classifier stream U={U} blocks={rows}", lambda s, U=U, rows=rows: run(s, U, rows), 2 * N * Vp * 2)
              for U in (1, 2, 4) for rows in (132, 264, 528)]
-    return cases + [(f"classifier stream threads={t}", lambda s, t=t: run(s, 2, 264, t), 2 * N * Vp * 2)
+    U, rows = classifier.STREAM_UNROLL, classifier.STREAM_ROWS
+    return cases + [(f"classifier stream threads={t}", lambda s, t=t: run(s, U, rows, t), 2 * N * Vp * 2)
                     for t in (512, 544)]
 
 

@@ -125,7 +125,6 @@ def decode_kernels(rng, f32, launched) -> None:
     launched("rmsnorm x16 1 x 5120")
 
 
-
 def training_kernels(rng, f32, launched) -> None:
     """GPT-2 124M, B=16, T=1024, as cases/gpt2_124M.json runs them: bf16 compute, residual stream and its
     gradient in bf16, the engine's kernel variants."""

@@ -394,12 +394,10 @@ class CUDAEngine:
                     self.sync.end()
             return run
 
-        phases = {"zero": self._zero, "micro_last": micro(accum == 1, True), "norm": self._norm,
-                  "update": self._update}
-        if accum > 1:
-            phases["micro_first"] = micro(True, False)
-        if accum > 2:
-            phases["micro"] = micro(False, False)
+        # a micro-batch of each graph _micro_graph names, in a step's order
+        micros = {self._micro_graph(i, accum): micro(i == 0, i == accum - 1)
+                  for i in sorted({0, min(1, accum - 1), accum - 1})}
+        phases = {"zero": self._zero, **micros, "norm": self._norm, "update": self._update}
         # The eager warm-up updates only a short prefix (it compiles the same kernel), restored
         # after: it must not count as a step, and a full copy of the state would not fit beside
         # the largest models. It also makes the first NCCL calls, which set up connections and
