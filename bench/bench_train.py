@@ -2,6 +2,7 @@
 
     python bench/bench_train.py --sizes 124M,355M --batch 16 --steps 30 --out bench/train.json
     python bench/bench_train.py --sizes 124M --batch 4,8,16,32      # a batch sweep, each B in both frameworks
+    python bench/bench_train.py --batch 32 --repeats 3 --frameworks koifish,koifish:gelu=kernel,torch  # an A/B
 
 Each framework runs in its own subprocess (so peak memory is its own): random tokens, T=1024,
 warm-up steps, then `--steps` timed steps. PyTorch gets what a user would pick: torch.compile,
@@ -184,7 +185,9 @@ def main():
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--frameworks", default="koifish,torch")
+    ap.add_argument("--frameworks", default="koifish,torch",
+                    help="koifish, torch, and koifish:KERNEL=VARIANT[+KERNEL=VARIANT] (koifish with these --variants "
+                         "added: an A/B in the same call, e.g. koifish,koifish:gelu=kernel,torch)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs of each framework, alternating (koifish, torch, koifish, ...); the table gives medians")
     ap.add_argument("--remat", type=int, default=0, help="koifish's model.remat (0, 1, 2)")
@@ -201,9 +204,13 @@ def main():
     for size, batch, rep, fw in ((s, b, k, f) for s in args.sizes.split(",") for b in args.batch.split(",")
                                  for k in range(args.repeats) for f in args.frameworks.split(",")):
         # one child process a (size, B, framework): its peak memory is its own
-        cmd = [sys.executable, __file__, "--child", fw, "--size", size, "--batch", batch,
+        base, _, extra = fw.partition(":")
+        flags = engine_flags(args)
+        at = flags.index("--variants") + 1
+        flags[at] = ",".join(filter(None, (flags[at], extra.replace("+", ","))))
+        cmd = [sys.executable, __file__, "--child", base, "--size", size, "--batch", batch,
                "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--remat", str(args.remat),
-               "--compute", args.compute, "--attention", args.attention] + engine_flags(args)
+               "--compute", args.compute, "--attention", args.attention] + flags
         res = child_result(cmd, tail=1500)
         if "error" in res:
             rows.append({"size": size, "batch": int(batch), "framework": fw, "repeat": rep, "error": res["error"]})

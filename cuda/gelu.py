@@ -25,7 +25,7 @@ import math  # noqa: E402
 
 import koifish_cuda.compat  # noqa: E402,F401
 from koifish_cuda.bf16 import load, pack_word, rounded, store, word_hi, word_lo  # noqa: E402
-from koifish_cuda.vload import aligned  # noqa: E402
+from koifish_cuda.vload import aligned, load4, store4  # noqa: E402
 from numba import cuda, float32  # noqa: E402
 
 # float32 constants: Python floats would make the arithmetic, and tanh with it, float64 on the GPU
@@ -73,6 +73,24 @@ def gelu_pairs_kernel(out, pre):
 
 
 @cuda.jit(cache=True, fastmath=True)
+def gelu_quads_kernel(out, pre):
+    """gelu_pairs_kernel with four words (eight values) a 16-byte load and store: the pairs' 4-byte
+    accesses need four times the loads in flight for the same bytes. The flat words start aligned to
+    16 bytes; a length not a multiple of four ends in single words."""
+    n = pre.size
+    quads = n // 4
+    for q in range(cuda.grid(1), quads, cuda.gridsize(1)):
+        u0, u1, u2, u3 = load4(pre, 4 * q)
+        store4(out, 4 * q, pack_word(_gelu(word_lo(u0)), _gelu(word_hi(u0))),
+               pack_word(_gelu(word_lo(u1)), _gelu(word_hi(u1))), pack_word(_gelu(word_lo(u2)), _gelu(word_hi(u2))),
+               pack_word(_gelu(word_lo(u3)), _gelu(word_hi(u3))))
+    i = 4 * quads + cuda.grid(1)
+    if i < n:
+        u = pre[i]
+        out[i] = pack_word(_gelu(word_lo(u)), _gelu(word_hi(u)))
+
+
+@cuda.jit(cache=True, fastmath=True)
 def gelu_backward_kernel(dpre, pre, dout):
     N, F = pre.shape
     c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
@@ -97,12 +115,18 @@ def bias_gelu_forward(out, pre, bias, stream=0):
     bias_gelu_forward_kernel[_grid(*pre.shape), 256, stream](out, pre, bias, True)
 
 
-def gelu_forward(out, pre, stream=0):
-    """out = gelu(pre), pre left as it is (the training engine's GELU rebuild under remat 1)."""
+def gelu_forward(out, pre, stream=0, vector=True):
+    """out = gelu(pre), pre left as it is (the training engine's GELU after its c_fc GEMM, or its rebuild
+    under remat 1). bf16 rows of even widths go two values a 32-bit word: eight a 16-byte access where
+    both arrays start on a 16-byte boundary (vector), else two."""
     if out.dtype == pre.dtype == np.uint16 and _packed(out) and _packed(pre) and out.shape == pre.shape:
-        words = pre.size // 2
-        grid = koifish_cuda.compat.stride_blocks((words + 255) // 256, 8192)
-        gelu_pairs_kernel[grid, 256, stream](out.reshape(-1).view(np.uint32), pre.reshape(-1).view(np.uint32))
+        o, p = out.reshape(-1).view(np.uint32), pre.reshape(-1).view(np.uint32)
+        if vector and aligned(o, 4) and aligned(p, 4):
+            grid = koifish_cuda.compat.stride_blocks((o.size // 4 + 255) // 256, 8192)
+            gelu_quads_kernel[grid, 256, stream](o, p)
+            return
+        grid = koifish_cuda.compat.stride_blocks((o.size + 255) // 256, 8192)
+        gelu_pairs_kernel[grid, 256, stream](o, p)
         return
     bias_gelu_forward_kernel[_grid(*pre.shape), 256, stream](out, pre, pre[0], False)
 

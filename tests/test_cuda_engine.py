@@ -30,7 +30,7 @@ def small_case(tiny_case, compute, accum=2):
 
 @pytest.mark.parametrize("accum,chunked,variants", [(1, False, {}), (2, False, {}), (3, False, {}), (2, True, {}),
                                                     (2, False, {"classifier": "split"}),
-                                                    (2, False, {"bias_grad": "pairs", "adamw": "scalar"})])
+                                                    (2, False, {"bias_grad": "pairs", "adamw": "scalar", "gelu": "kernel"})])
 @pytest.mark.parametrize("compute,attention", PATHS)
 def test_first_gradients_match_the_cpu(tiny_case, compute, attention, accum, chunked, variants, monkeypatch):
     """Every tensor's gradient of one step (one to three micro-batches: the first writes the weight gradients,

@@ -152,7 +152,7 @@ def test_gelu_on_bf16_rows():
     from koifish_cuda.gelu import bias_gelu_forward, gelu_backward, gelu_backward_ref, gelu_forward, gelu_forward_ref
 
     r = rng()
-    N, F = (2048, 3072) if ON_GPU else (3, 20)
+    N, F = (2048, 3070) if ON_GPU else (3, 20)  # N F / 2 words: not a multiple of four
     (pre, pre_v), bias = bf(r.standard_normal((N, F)) * 2), r.standard_normal(F).astype(np.float32)
     out = dev(np.zeros((N, F), np.uint16))
     bias_gelu_forward(out, pre, f32(bias))
@@ -160,12 +160,13 @@ def test_gelu_on_bf16_rows():
     assert np.all(np.abs(biased - (pre_v + bias)) <= BF16 * np.abs(pre_v + bias) + 1e-6)
     ref = gelu_forward_ref(biased)
     assert np.all(np.abs(val(out) - ref) <= BF16 * np.abs(ref) + 1e-5)
-    # remat 1's rebuild: GELU alone, two values a 32-bit word (even widths), else the generic kernel
-    for width in (F, F - 1):
+    # GELU alone (after a bias-only c_fc GEMM, or remat 1's rebuild): eight values a 16-byte access, the
+    # flat words' last (N F / 2 % 4) one at a time; two values a 32-bit word; odd widths the generic kernel
+    for width, vector in ((F, True), (F, False), (F - 1, True)):
         again = dev(np.zeros((N, width), np.uint16))
         src = pre if width == F else dev(host(pre)[:, :width].copy())
-        gelu_forward(again, src)
-        assert np.array_equal(host(again), host(out)[:, :width]), width
+        gelu_forward(again, src, vector=vector)
+        assert np.array_equal(host(again), host(out)[:, :width]), (width, vector)
     dout, dout_v = bf(r.standard_normal((N, F)))
     dpre = dev(np.zeros((N, F), np.uint16))
     gelu_backward(dpre, pre, dout)

@@ -103,8 +103,10 @@ class CUDAEngine:
         # bias_grad "pairs": the 32-bit kernel "groups" replaced (16384 x 3072 bf16 0.039 -> 0.029 ms, x 2304
         # 0.029 -> 0.021, stop 20); adamw "scalar": the 4-byte kernel the 16-byte one replaced (0.923 -> 0.848
         # ms at 124M); classifier "registers": the row kernel "stream" replaced (a 4096-row chunk of GPT-2's
-        # logits 0.35 -> 0.30 ms, stop 20)
-        self.variants = {"classifier": "stream", "bias_grad": "groups", "adamw": "vector"}
+        # logits 0.35 -> 0.30 ms, stop 20); gelu "kernel": c_fc's GEMM with the bias epilogue alone and GELU as
+        # a 16-byte pass, PyTorch's split (its step at 124M B=16 on an H200: GEMM 87 us + GELU 63 us a layer,
+        # where the GELU epilogue's GEMM took 160 us; results/kernels_step_124M_s21a.json); not yet measured here
+        self.variants = {"classifier": "stream", "bias_grad": "groups", "adamw": "vector", "gelu": "epilogue"}
         # the update statistics: large tensors sampled (instability.update_sample; koifish_cuda.update_stats)
         self.stat_sample = InstabilityConfig.from_dict(case.instability).update_sample
         self.stat_chunk = STAT_CHUNK
@@ -267,6 +269,7 @@ class CUDAEngine:
         """Block l from its input `resid`; full=False stops before the MLP's output projection
         (all a rebuild for the backward needs, and it leaves the block's output untouched).
         Biases, residual adds and GELU ride in the GEMMs' epilogues (koifish_cuda.cublaslt)."""
+        from koifish_cuda.gelu import gelu_forward
         from koifish_cuda.layernorm import layernorm_forward
 
         p, w, s, a, h = self.p, self.pw, self.ns, self.act[l], f"h.{l}."
@@ -278,8 +281,13 @@ class CUDAEngine:
         linear(a["res2"], a["atty"], w[h + "attn.c_proj.weight"], trans_b=True, epilogue="bias",
                bias=self._bias(h + "attn.c_proj.bias", a["res2"]), c=resid)  # res2 = resid + attention's projection
         layernorm_forward(a["ln2"], a["m2"], a["r2"], a["res2"], p[h + "ln_2.weight"], p[h + "ln_2.bias"], s)
-        linear(a["fch_gelu"], a["ln2"], w[h + "mlp.c_fc.weight"], trans_b=True, epilogue="gelu_aux_bias",
-               bias=self._bias(h + "mlp.c_fc.bias", a["fch_gelu"]), aux=a["fch"])  # fch: the pre-activation
+        if self.variants["gelu"] == "kernel":  # the bias in the GEMM, GELU a pass of its own
+            linear(a["fch"], a["ln2"], w[h + "mlp.c_fc.weight"], trans_b=True, epilogue="bias",
+                   bias=self._bias(h + "mlp.c_fc.bias", a["fch"]))
+            gelu_forward(a["fch_gelu"], a["fch"], s)
+        else:
+            linear(a["fch_gelu"], a["ln2"], w[h + "mlp.c_fc.weight"], trans_b=True, epilogue="gelu_aux_bias",
+                   bias=self._bias(h + "mlp.c_fc.bias", a["fch_gelu"]), aux=a["fch"])  # fch: the pre-activation
         if full:
             linear(a["res3"], a["fch_gelu"], w[h + "mlp.c_proj.weight"], trans_b=True, epilogue="bias",
                    bias=self._bias(h + "mlp.c_proj.bias", a["res3"]), c=a["res2"])
